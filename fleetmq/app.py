@@ -1,0 +1,135 @@
+"""Wiring and lifecycle: builds every part from ``Settings`` and runs them together.
+
+``FleetService`` is ready when ``__aenter__`` returns (REST bound; the broker connection comes
+up in the background and ``/readyz`` follows it). Shutdown runs in reverse: REST stops taking
+requests and finishes those in flight, the loops stop, the manager publishes its offline status
+and disconnects cleanly, then the embedded broker (if any) stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AsyncExitStack
+
+from fleetmq.broker import EmbeddedBroker
+from fleetmq.clock import Clock, SystemClock
+from fleetmq.config import Settings
+from fleetmq.fleet import Fleet
+from fleetmq.http import HttpServer, RestApi
+from fleetmq.ingest import MqttIngest
+from fleetmq.metrics import Metrics
+from fleetmq.mqtt import MqttLink, Will
+from fleetmq.publisher import Publisher
+from fleetmq.registry import Registry
+from fleetmq.topics import Topics
+from fleetmq.views import manager_status_payload
+
+log = logging.getLogger(__name__)
+
+EXPIRY_TICK_S = 0.2
+GOODBYE_TIMEOUT_S = 3.0
+
+
+class FleetService:
+    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+        self.settings = settings
+        self.clock = clock or SystemClock()
+        self.topics = Topics(settings.topic_root)
+        self.metrics = Metrics()
+        self.registry = Registry(settings.heartbeat_interval_s, settings.default_timeout_s)
+        self.link = MqttLink(
+            settings.broker,
+            settings.mqtt_client_id,
+            subscriptions=[self.topics.register_filter, self.topics.heartbeat_filter],
+            will=Will(self.topics.manager_status,
+                      manager_status_payload("offline", None, "connection_lost")),
+            keepalive_s=settings.keepalive_s,
+            prefer_mqtt5=not settings.broker.embedded,  # amqtt speaks 3.1.1 only
+            monotonic=lambda: self.clock.now().mono,
+        )
+        self.publisher = Publisher(self.link, self.topics, self.registry, self.metrics)
+        self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics)
+        self.ingest = MqttIngest(self.link, self.topics, self.fleet, self.publisher, self.metrics)
+        self.api = RestApi(self.fleet, self.registry, self.link, self.publisher, self.metrics,
+                           settings.http, settings.topic_root)
+        self.http = HttpServer(self.api, settings.http)
+        self._stack = AsyncExitStack()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._group: asyncio.TaskGroup | None = None
+
+    @property
+    def http_port(self) -> int:
+        return self.http.port
+
+    async def __aenter__(self) -> FleetService:
+        stack = self._stack
+        try:
+            broker = self.settings.broker
+            if broker.embedded:
+                await stack.enter_async_context(EmbeddedBroker(broker.host, broker.port))
+            self.fleet.grant_grace()
+            await stack.enter_async_context(self.link)
+            stack.push_async_callback(self._say_goodbye)
+            group = self._group = await stack.enter_async_context(asyncio.TaskGroup())
+            stack.callback(self._cancel_tasks)
+            for name, coro in (
+                ("ingest", self.ingest.run()),
+                ("publisher", self.publisher.run()),
+                ("expiry", self._expire_loop()),
+                ("connection", self._watch_connection()),
+            ):
+                self._tasks.append(group.create_task(coro, name=f"fleetmq-{name}"))
+            await stack.enter_async_context(self.http)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._stack.aclose()
+
+    def _cancel_tasks(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+
+    async def _say_goodbye(self) -> None:
+        payload = manager_status_payload("offline", self.clock.now().wall, "shutdown")
+        if self.publisher.publish_presence(payload):
+            acked = await self.link.flush(GOODBYE_TIMEOUT_S)
+            log.info("manager_offline_published acknowledged=%s", acked)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(EXPIRY_TICK_S)
+            if not self.link.connected:
+                continue  # no heartbeats can be seen: no node goes offline by timeout
+            try:
+                self.fleet.expire(limit=self.link.oldest_pending())
+                self.metrics.expiry_passes += 1
+            except Exception:
+                log.exception("expiry_failed")
+
+    async def _watch_connection(self) -> None:
+        handled = 0
+        reconciled = False
+        while True:
+            await self.link.wait_state_change()
+            if not self.link.connected or self.link.connections == handled:
+                continue
+            handled = self.link.connections
+            # Nobody saw heartbeats while we were away: a full timeout of grace for every node.
+            self.fleet.grant_grace()
+            self.publisher.publish_presence(
+                manager_status_payload("online", self.clock.now().wall))
+            self.publisher.republish_all()
+            if not reconciled and self._group is not None:
+                reconciled = True
+                task = self._group.create_task(self._reconcile(), name="fleetmq-reconcile")
+                self._tasks.append(task)
+
+    async def _reconcile(self) -> None:
+        try:
+            await self.ingest.reconcile()
+        except Exception:
+            log.exception("reconcile_failed")

@@ -1,0 +1,70 @@
+"""The embedded MQTT broker (amqtt) behind one small async context manager.
+
+It is the zero-setup default for development and small fleets (a few thousand messages per
+second, MQTT 3.1.1 only); production belongs on Mosquitto or EMQX. amqtt's configuration and
+its log noise stay in here.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from typing import Any
+
+from fleetmq.errors import BrokerError
+
+log = logging.getLogger(__name__)
+
+_NOISY_LOGGERS = ("amqtt", "transitions")
+
+
+def _config(host: str, port: int) -> dict[str, Any]:
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        # An explicit plugin list: amqtt's defaults add $SYS, event and packet logging.
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+    }
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise BrokerError(
+                f"cannot start the embedded MQTT broker: {host}:{port} is already in use "
+                f"({exc.strerror}); another MQTT broker may be running there: pass "
+                f"--broker mqtt://{host}:{port} to use it, or "
+                f"--broker embedded://{host}:<free port> to run the embedded one elsewhere"
+            ) from exc
+
+
+class EmbeddedBroker:
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self._broker: Any = None
+
+    async def __aenter__(self) -> EmbeddedBroker:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+        _check_port_free(self.host, self.port)
+        from amqtt.broker import Broker  # noqa: PLC0415 (heavy import, only when embedded)
+
+        broker = Broker(_config(self.host, self.port))
+        try:
+            await broker.start()
+        except Exception as exc:
+            raise BrokerError(f"cannot start the embedded MQTT broker on "
+                              f"{self.host}:{self.port}: {exc}") from exc
+        self._broker = broker
+        log.info("embedded_broker_started address=%s:%d", self.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._broker is not None:
+            await self._broker.shutdown()
+            self._broker = None
+            log.info("embedded_broker_stopped")

@@ -1,0 +1,139 @@
+"""The command line: argv and ``FLEETMQ_*`` variables -> ``Settings`` -> run.
+
+Flags win over the environment, which wins over defaults. Only the CLI configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fleetmq import __version__
+from fleetmq.app import FleetService
+from fleetmq.config import HttpSettings, Settings, parse_broker, parse_hostport
+from fleetmq.errors import ConfigError, FleetmqError
+
+log = logging.getLogger("fleetmq")
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _int(option: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:
+            raise ConfigError(f"{option} {text!r} is not a whole number") from None
+    return parse
+
+
+def _float(option: str) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            raise ConfigError(f"{option} {text!r} is not a number of seconds") from None
+    return parse
+
+
+# option, default, help; the environment variable is FLEETMQ_<OPTION>.
+SERVE_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
+    ("--broker", "embedded",
+     "embedded, embedded://HOST:PORT, mqtt://[user:pass@]host:port or mqtts://... "
+     "(default: embedded, an amqtt broker on 127.0.0.1:1883)"),
+    ("--http", "127.0.0.1:8080", "HOST:PORT of the REST API (default: 127.0.0.1:8080)"),
+    ("--topic-root", "fleet", "first MQTT topic level (default: fleet)"),
+    ("--heartbeat-interval", "60",
+     "heartbeat interval in seconds of nodes that declare none (default: 60)"),
+    ("--offline-after", None,
+     "timeout in seconds of nodes that declare no interval (default: 3 x --heartbeat-interval)"),
+    ("--client-id", None, "the manager's MQTT client id, beginning with _fleetmq "
+                          "(default: _fleetmq-<topic root>)"),
+    ("--keepalive", "60", "MQTT keepalive in seconds (default: 60)"),
+    ("--log-level", "info", "debug, info, warning or error (default: info)"),
+)
+
+
+def env_name(option: str) -> str:
+    return "FLEETMQ_" + option.lstrip("-").replace("-", "_").upper()
+
+
+def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleetmq", description="MQTT-native fleet manager for edge agents.")
+    parser.add_argument("--version", action="version", version=f"fleetmq {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve", help="run the manager (registry, MQTT ingest, status publishing, REST API)",
+        description="Run the fleet manager. Every option can also be set with the environment "
+                    "variable shown; flags win over the environment.")
+    for option, default, text in SERVE_OPTIONS:
+        var = env_name(option)
+        serve.add_argument(option, default=env.get(var, default), help=f"{text} [env: {var}]")
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    host, port = parse_hostport(args.http, "--http")
+    if args.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    return Settings(
+        broker=parse_broker(args.broker),
+        http=HttpSettings(host=host, port=port),
+        topic_root=args.topic_root,
+        heartbeat_interval_s=_int("--heartbeat-interval")(args.heartbeat_interval),
+        offline_after_s=(_float("--offline-after")(args.offline_after)
+                         if args.offline_after not in (None, "") else None),
+        client_id=args.client_id or None,
+        keepalive_s=_int("--keepalive")(args.keepalive),
+        log_level=args.log_level.lower(),
+    )
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def serve(settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with FleetService(settings) as service:
+        log.info("fleetmq_ready_to_serve version=%s http=%s:%d broker=%s root=%s",
+                 __version__, settings.http.host, service.http_port,
+                 settings.broker.describe(), settings.topic_root)
+        await stop.wait()
+        log.info("fleetmq_stopping")
+    log.info("fleetmq_stopped")
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    args: Any = build_parser(os.environ if env is None else env).parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ConfigError as exc:
+        print(f"fleetmq: error: {exc}", file=sys.stderr)  # noqa: T201 (the CLI talks to users)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except FleetmqError as exc:
+        print(f"fleetmq: error: {exc}", file=sys.stderr)  # noqa: T201
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The only place that reads time.
+
+Deadlines use the monotonic clock, timestamps use UTC wall time; both travel together as an
+``Instant`` so the registry stays free of I/O and tests drive it with ``FakeClock``.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import NamedTuple, Protocol
+
+
+class Instant(NamedTuple):
+    """One moment, read once from both clocks."""
+
+    mono: float
+    """Monotonic seconds: for deadlines and durations."""
+    wall: float
+    """UTC epoch seconds: for timestamps shown to users."""
+
+
+class Clock(Protocol):
+    def now(self) -> Instant: ...
+
+
+class SystemClock:
+    def now(self) -> Instant:
+        return Instant(time.monotonic(), time.time())
+
+
+class FakeClock:
+    """A clock that moves only when told to."""
+
+    def __init__(self, wall: float = 1_771_230_600.0, mono: float = 1000.0) -> None:
+        self._mono = mono
+        self._wall = wall
+
+    def now(self) -> Instant:
+        return Instant(self._mono, self._wall)
+
+    def advance(self, seconds: float) -> Instant:
+        self._mono += seconds
+        self._wall += seconds
+        return self.now()
+
+
+def format_timestamp(wall: float) -> str:
+    """RFC 3339, UTC, milliseconds, ending in ``Z``: ``2026-02-16T08:30:00.000Z``."""
+    millis = round(wall * 1000)
+    seconds, ms = divmod(millis, 1000)
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{ms:03d}Z"

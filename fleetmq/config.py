@@ -1,0 +1,130 @@
+"""One frozen settings tree, built once by the CLI; components receive their slice.
+
+Nothing else in fleetmq reads the environment or parses option strings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from fleetmq.errors import ConfigError
+from fleetmq.topics import is_valid_root
+
+BrokerScheme = Literal["embedded", "mqtt", "mqtts"]
+DEFAULT_PORTS: dict[str, int] = {"embedded": 1883, "mqtt": 1883, "mqtts": 8883}
+CLIENT_ID_PREFIX = "_fleetmq"
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    scheme: BrokerScheme = "embedded"
+    host: str = "127.0.0.1"
+    port: int = 1883
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def embedded(self) -> bool:
+        return self.scheme == "embedded"
+
+    def describe(self) -> str:
+        """The URL without its password, for logs and errors."""
+        user = f"{self.username}@" if self.username else ""
+        return f"{self.scheme}://{user}{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"BrokerSettings({self.describe()!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    body_timeout_s: float = 15.0
+    idle_timeout_s: float = 60.0
+    shutdown_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    broker: BrokerSettings = BrokerSettings()
+    http: HttpSettings = HttpSettings()
+    topic_root: str = "fleet"
+    heartbeat_interval_s: int = 60
+    offline_after_s: float | None = None
+    """Timeout of nodes that declare no interval; None means 3 x heartbeat_interval_s."""
+    client_id: str | None = None
+    """The manager's MQTT client id; None means ``_fleetmq-<root>``."""
+    keepalive_s: int = 60
+    log_level: str = "info"
+
+    @property
+    def default_timeout_s(self) -> float:
+        if self.offline_after_s is not None:
+            return self.offline_after_s
+        return 3.0 * self.heartbeat_interval_s
+
+    @property
+    def mqtt_client_id(self) -> str:
+        if self.client_id is not None:
+            return self.client_id
+        return f"{CLIENT_ID_PREFIX}-{self.topic_root.replace('/', '-')}"
+
+    def __post_init__(self) -> None:
+        if not is_valid_root(self.topic_root):
+            raise ConfigError(
+                f"--topic-root {self.topic_root!r} is not a plain topic: use letters, digits and "
+                "'_.:-' in levels separated by '/', without wildcards, '$' or empty levels"
+            )
+        if not 1 <= self.heartbeat_interval_s <= 86_400:
+            raise ConfigError(
+                f"--heartbeat-interval {self.heartbeat_interval_s} is out of range: "
+                "give whole seconds from 1 to 86400"
+            )
+        if self.offline_after_s is not None and not 0 < self.offline_after_s <= 3 * 86_400:
+            raise ConfigError(
+                f"--offline-after {self.offline_after_s} is out of range: "
+                "give seconds above 0 and at most 259200"
+            )
+        if self.client_id is not None and not self.client_id.startswith(CLIENT_ID_PREFIX):
+            raise ConfigError(
+                f"--client-id {self.client_id!r} must begin with {CLIENT_ID_PREFIX!r}, "
+                "which no node id can, so no device can take over the manager's session"
+            )
+
+
+def parse_broker(text: str) -> BrokerSettings:
+    """``embedded``, ``embedded://HOST:PORT``, ``mqtt://[user:pass@]host[:port]``, ``mqtts://``."""
+    if text == "embedded":
+        return BrokerSettings()
+    parts = urlsplit(text)
+    scheme = parts.scheme
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise ConfigError(
+            f"--broker {text!r} is not a broker URL: use embedded, embedded://HOST:PORT, "
+            "mqtt://[user:pass@]host:port or mqtts://[user:pass@]host:port"
+        )
+    try:
+        port = parts.port or DEFAULT_PORTS[scheme]
+    except ValueError as exc:
+        raise ConfigError(f"--broker {text!r} has an invalid port: give 1 to 65535") from exc
+    if scheme == "embedded" and (parts.username or parts.password):
+        raise ConfigError("--broker embedded://... takes no user or password")
+    return BrokerSettings(
+        scheme=scheme,  # type: ignore[arg-type]  # checked against DEFAULT_PORTS above
+        host=parts.hostname,
+        port=port,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+def parse_hostport(text: str, option: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``:PORT`` (all interfaces) or ``[v6]:PORT``."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{option} {text!r} is not HOST:PORT (for example 127.0.0.1:8080)")
+    host = host.strip("[]") or "0.0.0.0"
+    return host, int(port_text)

@@ -1,0 +1,19 @@
+"""The exception tree of fleetmq: one root, one subclass per boundary.
+
+Third-party errors are translated where that library is used (``raise ... from exc``), so
+callers only ever catch these.
+"""
+
+from __future__ import annotations
+
+
+class FleetmqError(Exception):
+    """Root of every error fleetmq raises on purpose."""
+
+
+class ConfigError(FleetmqError):
+    """A setting is invalid: the message names the option, the value and the fix."""
+
+
+class BrokerError(FleetmqError):
+    """The MQTT broker (embedded or external) cannot be started or reached."""

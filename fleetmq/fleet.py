@@ -1,0 +1,64 @@
+"""The single write path into the registry, shared by MQTT ingest and the REST facade.
+
+It reads the clock, applies a validated request, and hands the resulting events to the
+publisher and the counters. Readers (REST GETs, the publisher) only read the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fleetmq.clock import Clock, Instant
+from fleetmq.events import Event, NodeTransitioned
+from fleetmq.metrics import Metrics
+from fleetmq.models import HeartbeatRequest, RegisterRequest
+from fleetmq.publisher import Publisher
+from fleetmq.registry import HeartbeatApplied, Registered, Registry
+
+log = logging.getLogger(__name__)
+
+
+class Fleet:
+    def __init__(self, registry: Registry, clock: Clock, publisher: Publisher,
+                 metrics: Metrics) -> None:
+        self.registry = registry
+        self.clock = clock
+        self._publisher = publisher
+        self._metrics = metrics
+
+    def register(self, node_id: str, req: RegisterRequest) -> tuple[Registered, Instant]:
+        now = self.clock.now()
+        result = self.registry.register(node_id, req, now)
+        if result.created:
+            log.info("node_registered node_id=%s type=%s", node_id, req.node_type)
+        self._emit(result.events)
+        return result, now
+
+    def heartbeat(self, node_id: str, req: HeartbeatRequest) -> tuple[HeartbeatApplied, Instant]:
+        now = self.clock.now()
+        result = self.registry.heartbeat(node_id, req, now)
+        if result.events:
+            self._emit(result.events)
+        return result, now
+
+    def delete(self, node_id: str) -> None:
+        self._emit(self.registry.delete(node_id))
+        log.info("node_deleted node_id=%s", node_id)
+
+    def expire(self, limit: float | None) -> int:
+        events = self.registry.expire(self.clock.now(), limit)
+        if events:
+            self._emit(events)
+            log.info("nodes_expired count=%d", len(events))
+        return len(events)
+
+    def grant_grace(self) -> None:
+        self.registry.grant_grace(self.clock.now())
+
+    def _emit(self, events: list[Event]) -> None:
+        for event in events:
+            if isinstance(event, NodeTransitioned):
+                self._metrics.transitions[event.status] += 1
+                log.debug("node_status node_id=%s status=%s reason=%s",
+                          event.node_id, event.status, event.reason)
+        self._publisher.on_events(events)

@@ -1,0 +1,336 @@
+"""The REST facade (contract §4) over aiohttp: the same registry for HTTP-only agents and tools.
+
+Writes go through ``Fleet`` like MQTT messages do; reads serve each node's cached JSON form.
+Every error on every route is ``{"error", "message"}`` JSON with the right status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from fleetmq.config import HttpSettings
+from fleetmq.errors import ConfigError
+from fleetmq.fleet import Fleet
+from fleetmq.ingest import conflict, not_found
+from fleetmq.metrics import Metrics
+from fleetmq.models import (
+    MAX_PAYLOAD_BYTES,
+    STATUSES,
+    HeartbeatRequest,
+    RegisterRequest,
+    Rejection,
+    describe_error,
+    quote,
+    require_node_id,
+)
+from fleetmq.mqtt import MqttLink
+from fleetmq.openapi import openapi_document
+from fleetmq.publisher import Publisher
+from fleetmq.registry import Node, NodeConflictError, NodeNotFoundError, Registry
+from fleetmq.topics import is_valid_node_id
+from fleetmq.views import dumps, heartbeat_reply, node_json, register_reply
+
+log = logging.getLogger(__name__)
+
+PREFIX = "/api/v1/fleet"
+JSON = "application/json"
+STREAM_CHUNK = 1000
+"""Nodes serialized between two yields to the event loop when listing without ``limit``."""
+MAX_LIMIT = 10_000
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
+                  ) -> web.Response:
+    return web.Response(body=dumps(body), status=status, content_type=JSON, headers=headers)
+
+
+def error_response(status: int, title: str, message: str,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    return json_response({"error": title, "message": message}, status, headers)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except Rejection as rej:
+        return error_response(rej.code, rej.title, rej.message)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        message = {
+            404: f"No route for {request.method} {quote(request.path)}",
+            405: f"Method {request.method} is not allowed here; allowed: "
+                 f"{exc.headers.get('Allow', '')}",
+            413: f"Request body is over the {MAX_PAYLOAD_BYTES} byte limit",
+        }.get(exc.status, exc.text or exc.reason)
+        return error_response(exc.status, exc.reason, message, headers)
+
+
+class RestApi:
+    def __init__(self, fleet: Fleet, registry: Registry, link: MqttLink, publisher: Publisher,
+                 metrics: Metrics, settings: HttpSettings, topic_root: str) -> None:
+        self._fleet = fleet
+        self._registry = registry
+        self._link = link
+        self._publisher = publisher
+        self._metrics = metrics
+        self._settings = settings
+        self._openapi = dumps(openapi_document(topic_root))
+        self.ready_reasons: list[str] = []
+        """Why the manager is not ready, besides the broker; empty when it is."""
+
+    def build(self) -> web.Application:
+        app = web.Application(middlewares=[json_errors], client_max_size=MAX_PAYLOAD_BYTES)
+        r = app.router
+        r.add_post(f"{PREFIX}/register", self.register)
+        r.add_post(f"{PREFIX}/heartbeat", self.heartbeat)
+        r.add_get(f"{PREFIX}/nodes", self.list_nodes)
+        r.add_get(f"{PREFIX}/nodes/{{node_id}}", self.get_node)
+        r.add_delete(f"{PREFIX}/nodes/{{node_id}}", self.delete_node)
+        r.add_get("/healthz", self.healthz)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics)
+        r.add_get("/api/v1/openapi.json", self.openapi)
+        return app
+
+    async def _body(self, request: web.Request) -> bytes:
+        try:
+            async with asyncio.timeout(self._settings.body_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            raise Rejection(408, "Request timeout",
+                            "Request body did not arrive within "
+                            f"{self._settings.body_timeout_s:g} s",
+                            "timeout") from None
+
+    # --- writes ----------------------------------------------------------------------------
+
+    async def register(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        try:
+            req = RegisterRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise describe_error(exc) from None
+        node_id = require_node_id(req.node_id)
+        try:
+            result, now = self._fleet.register(node_id, req)
+        except NodeConflictError as exc:
+            raise conflict(exc) from None
+        return json_response(register_reply(node_id, created=result.created, at=now.wall))
+
+    async def heartbeat(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        try:
+            req = HeartbeatRequest.model_validate_json(body)
+        except ValidationError as exc:
+            raise describe_error(exc) from None
+        node_id = require_node_id(req.node_id)
+        try:
+            result, now = self._fleet.heartbeat(node_id, req)
+        except NodeNotFoundError:
+            raise not_found(node_id) from None
+        return json_response(heartbeat_reply(result.node, now.wall))
+
+    async def delete_node(self, request: web.Request) -> web.Response:
+        node_id = _path_id(request)
+        try:
+            self._fleet.delete(node_id)
+        except NodeNotFoundError:
+            raise _no_such_node(node_id) from None
+        return web.Response(status=204)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    async def get_node(self, request: web.Request) -> web.Response:
+        node_id = _path_id(request)
+        node = self._registry.get(node_id)
+        if node is None:
+            raise _no_such_node(node_id)
+        return web.Response(body=node_json(node), content_type=JSON)
+
+    async def list_nodes(self, request: web.Request) -> web.StreamResponse:
+        match = _filter(request.query)
+        limit = _limit(request.query.get("limit"))
+        after = request.query.get("after")
+        ids = self._registry.sorted_ids()
+        start = bisect.bisect_right(ids, after) if after else 0
+        if limit is not None:
+            return self._page(ids, start, limit, match)
+        if len(ids) - start <= STREAM_CHUNK:
+            parts = [node_json(n) for n in self._nodes(ids[start:]) if match(n)]
+            return web.Response(body=_document(parts, len(parts)), content_type=JSON)
+        return await self._stream(request, ids[start:], match)
+
+    def _nodes(self, ids: list[str]) -> Iterator[Node]:
+        get = self._registry.get
+        for node_id in ids:
+            node = get(node_id)
+            if node is not None:
+                yield node
+
+    def _page(self, ids: list[str], start: int, limit: int,
+              match: Callable[[Node], bool]) -> web.Response:
+        parts: list[bytes] = []
+        last: str | None = None
+        more = False
+        for node in self._nodes(ids[start:]):
+            if not match(node):
+                continue
+            if len(parts) == limit:
+                more = True
+                break
+            parts.append(node_json(node))
+            last = node.id
+        total = sum(1 for n in self._nodes(ids) if match(n)) if match is not _all else len(ids)
+        return web.Response(body=_document(parts, total, last if more else None),
+                            content_type=JSON)
+
+    async def _stream(self, request: web.Request, ids: list[str],
+                      match: Callable[[Node], bool]) -> web.StreamResponse:
+        # A large fleet goes out in chunks, yielding between them, so that listing a million
+        # nodes never stalls ingest. Each node is read as it is when its chunk is written.
+        response = web.StreamResponse(headers={"Content-Type": JSON})
+        await response.prepare(request)
+        await response.write(b'{"nodes":[')
+        count = 0
+        for offset in range(0, len(ids), STREAM_CHUNK):
+            parts = [node_json(n) for n in self._nodes(ids[offset:offset + STREAM_CHUNK])
+                     if match(n)]
+            if parts:
+                await response.write((b"," if count else b"") + b",".join(parts))
+                count += len(parts)
+            await asyncio.sleep(0)
+        await response.write(b'],"count":%d,"total":%d,"next":null}' % (count, count))
+        await response.write_eof()
+        return response
+
+    # --- service routes --------------------------------------------------------------------
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        reasons = list(self.ready_reasons)
+        if not self._link.connected:
+            reasons.insert(0, f"broker connection is down: {self._link.last_error}")
+        if reasons:
+            return error_response(503, "Not ready", "; ".join(reasons))
+        return json_response({"status": "ready", "nodes": len(self._registry),
+                              "mqtt_protocol": self._link.protocol_name})
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        text = self._metrics.render(nodes=len(self._registry), connected=self._link.connected,
+                                    backlog=self._publisher.backlog)
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        return web.Response(body=self._openapi, content_type=JSON)
+
+
+def _document(parts: list[bytes], total: int, next_id: str | None = None) -> bytes:
+    tail = dumps({"count": len(parts), "total": total, "next": next_id})
+    return b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
+
+
+def _path_id(request: web.Request) -> str:
+    node_id = request.match_info["node_id"]
+    if not is_valid_node_id(node_id):
+        raise Rejection(400, "Invalid node id",
+                        f"{quote(node_id)!r} is not a valid node id: use 1 to 128 letters, "
+                        "digits and '._:-', starting with a letter or digit", "invalid_id")
+    return node_id
+
+
+def _no_such_node(node_id: str) -> Rejection:
+    return Rejection(404, "Node not found", f"No node with ID {node_id}", "unknown_node")
+
+
+def _all(_node: Node) -> bool:
+    return True
+
+
+def _filter(query: Any) -> Callable[[Node], bool]:
+    node_type = query.get("node_type")
+    status = query.get("status")
+    location = query.get("location")
+    if status is not None:
+        status = status.lower()
+        if status not in STATUSES:
+            raise Rejection(400, "Invalid parameter",
+                            f"Parameter 'status' must be one of online, degraded, offline, "
+                            f"not {quote(status)!r}", "invalid_query")
+    if node_type is None and status is None and location is None:
+        return _all
+    want_type = node_type.casefold() if node_type is not None else None
+    want_location = location.casefold() if location is not None else None
+
+    def match(node: Node) -> bool:
+        return (
+            (status is None or node.status == status)
+            and (want_type is None or node.type.casefold() == want_type)
+            and (want_location is None
+                 or (node.location is not None and node.location.casefold() == want_location))
+        )
+
+    return match
+
+
+def _limit(text: str | None) -> int | None:
+    if text is None:
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise Rejection(400, "Invalid parameter",
+                        f"Parameter 'limit' must be a whole number from 1 to {MAX_LIMIT}, "
+                        f"not {quote(text)!r}", "invalid_query")
+    return int(text)
+
+
+class HttpServer:
+    """Serves the REST facade; reports the port it really bound (ask for 0 in tests)."""
+
+    def __init__(self, api: RestApi, settings: HttpSettings) -> None:
+        self._api = api
+        self._settings = settings
+        self._runner: web.AppRunner | None = None
+        self.port = settings.port
+
+    async def __aenter__(self) -> HttpServer:
+        runner = web.AppRunner(
+            self._api.build(),
+            access_log=None,
+            keepalive_timeout=self._settings.idle_timeout_s,
+            shutdown_timeout=self._settings.shutdown_timeout_s,
+            handle_signals=False,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self._settings.host, self._settings.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ConfigError(
+                f"cannot serve HTTP on {self._settings.host}:{self._settings.port}: "
+                f"{exc.strerror}; pass --http HOST:PORT with a free port"
+            ) from exc
+        self._runner = runner
+        addresses = runner.addresses
+        if addresses:
+            self.port = addresses[0][1]
+        log.info("http_listening address=%s:%d", self._settings.host, self.port)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

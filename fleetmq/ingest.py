@@ -1,0 +1,199 @@
+"""MQTT ingest: routes each received message by topic, validates it, and applies it.
+
+Bad input is dropped, counted by reason and logged (rate-limited); when the topic's id is
+valid the agent gets an error reply. Nothing here raises into the drain loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from typing import Any
+
+from pydantic import ValidationError
+
+from fleetmq.fleet import Fleet
+from fleetmq.metrics import Metrics, RateLimitedLog
+from fleetmq.models import (
+    BARE_HEARTBEAT,
+    MAX_PAYLOAD_BYTES,
+    HeartbeatRequest,
+    RegisterRequest,
+    Rejection,
+    describe_error,
+)
+from fleetmq.mqtt import Inbound, MqttLink
+from fleetmq.publisher import Publisher
+from fleetmq.registry import NodeConflictError, NodeNotFoundError
+from fleetmq.topics import Kind, Topics, is_valid_node_id
+from fleetmq.views import heartbeat_reply, register_reply
+
+log = logging.getLogger(__name__)
+
+BATCH = 256
+RECONCILE_QUIET_S = 0.5
+RECONCILE_TIMEOUT_S = 30.0
+
+
+def not_found(node_id: str) -> Rejection:
+    return Rejection(404, "Node not found", "Node must register first", "unknown_node")
+
+
+def conflict(exc: NodeConflictError) -> Rejection:
+    return Rejection(
+        409, "Node conflict",
+        f"Node {exc.node_id} is registered as type {exc.existing_type!r}, not "
+        f"{exc.claimed_type[:64]!r}: delete it first to re-register it as another type",
+        "conflict",
+    )
+
+
+class MqttIngest:
+    def __init__(self, link: MqttLink, topics: Topics, fleet: Fleet, publisher: Publisher,
+                 metrics: Metrics) -> None:
+        self._link = link
+        self._topics = topics
+        self._fleet = fleet
+        self._publisher = publisher
+        self._metrics = metrics
+        self._warn = RateLimitedLog(log)
+        self._sync_token: bytes | None = None
+        self._sync_seen = asyncio.Event()
+        self._last_status_at = 0.0
+
+    async def run(self) -> None:
+        link = self._link
+        while True:
+            await link.wait_inbound()
+            for msg in link.take_inbound(BATCH):
+                try:
+                    self.handle(msg)
+                except Exception:
+                    log.exception("ingest_failed topic=%s", msg.topic[:200])
+            await asyncio.sleep(0)  # let REST and expiry in between batches
+
+    def handle(self, msg: Inbound) -> None:
+        self._metrics.mqtt_received += 1
+        parsed = self._topics.parse(msg.topic)
+        if parsed is None:
+            # amqtt pushes retained messages beyond our own filters: route by our topics only.
+            self._metrics.mqtt_ignored_topic += 1
+            return
+        if parsed.kind is Kind.STATUS or parsed.kind is Kind.SYNC:
+            self._reconcile(parsed.kind, parsed.node_id, msg)
+            return
+        if msg.retain:
+            self._drop("retained", msg, "retained message on an ingest topic is ignored")
+            return
+        node_id = parsed.node_id
+        if not is_valid_node_id(node_id):
+            self._drop("invalid_topic_id", msg, "topic id is not a valid node id")
+            return
+        try:
+            if len(msg.payload) > MAX_PAYLOAD_BYTES:
+                raise Rejection(413, "Payload too large",
+                                f"Payload of {len(msg.payload)} bytes is over the "
+                                f"{MAX_PAYLOAD_BYTES} byte limit", "too_large")
+            if parsed.kind is Kind.REGISTER:
+                self._register(node_id, msg)
+            else:
+                self._heartbeat(node_id, msg)
+        except Rejection as rej:
+            self._drop(rej.reason, msg, rej.message)
+            self._reply(node_id, msg, {"error": rej.title, "message": rej.message,
+                                       "code": rej.code})
+        else:
+            self._metrics.mqtt_applied += 1
+
+    def _register(self, node_id: str, msg: Inbound) -> None:
+        try:
+            req = RegisterRequest.model_validate_json(msg.payload)
+        except ValidationError as exc:
+            raise describe_error(exc) from None
+        _check_id(node_id, req.node_id)
+        try:
+            result, now = self._fleet.register(node_id, req)
+        except NodeConflictError as exc:
+            raise conflict(exc) from None
+        self._reply(node_id, msg, register_reply(node_id, created=result.created, at=now.wall))
+
+    def _heartbeat(self, node_id: str, msg: Inbound) -> None:
+        if msg.payload.strip():
+            try:
+                req = HeartbeatRequest.model_validate_json(msg.payload)
+            except ValidationError as exc:
+                raise describe_error(exc) from None
+        else:
+            req = BARE_HEARTBEAT
+        _check_id(node_id, req.node_id)
+        try:
+            result, now = self._fleet.heartbeat(node_id, req)
+        except NodeNotFoundError:
+            raise not_found(node_id) from None
+        if result.ignored is not None:
+            self._metrics.dropped[result.ignored] += 1
+            log.info("offline_ignored node_id=%s reason=%s", node_id, result.ignored)
+            return
+        if msg.response_topic is not None:  # MQTT 5 asks for an answer; 3.1.1 gets none
+            self._reply(node_id, msg, heartbeat_reply(result.node, now.wall))
+
+    def _reply(self, node_id: str, msg: Inbound, body: dict[str, Any]) -> None:
+        topic = msg.response_topic
+        if topic is None or self._topics.is_foreign_reply_target(topic, node_id):
+            topic = self._topics.reply(node_id)
+        self._publisher.reply(topic, body, msg.correlation)
+
+    def _drop(self, reason: str, msg: Inbound, detail: str) -> None:
+        self._metrics.dropped[reason] += 1
+        self._warn.warning(reason, msg.received,
+                           "mqtt_message_dropped reason=%s topic=%s detail=%s",
+                           reason, msg.topic[:200], detail)
+
+    # --- reconciliation of retained statuses (contract §6) -------------------------------
+
+    async def reconcile(self) -> None:
+        """Clear retained statuses of nodes this manager does not know, then unsubscribe."""
+        token = secrets.token_hex(8).encode()
+        self._sync_token = token
+        self._sync_seen.clear()
+        self._last_status_at = asyncio.get_running_loop().time()
+        filters = [self._topics.status_filter, self._topics.sync]
+        try:
+            await self._link.subscribe(filters)
+            self._link.publish(self._topics.sync, token, retain=False)
+            async with asyncio.timeout(RECONCILE_TIMEOUT_S):
+                await self._sync_seen.wait()
+                loop = asyncio.get_running_loop()
+                # The sentinel closes mosquitto's retained burst; amqtt's may trail it a little.
+                # A quiet period is a time condition, not an event: ASYNC110 does not apply.
+                while (quiet := loop.time() - self._last_status_at) < RECONCILE_QUIET_S:  # noqa: ASYNC110
+                    await asyncio.sleep(RECONCILE_QUIET_S - quiet)
+        except TimeoutError:
+            log.warning("reconcile_incomplete reason=no sentinel within %ss", RECONCILE_TIMEOUT_S)
+        finally:
+            self._sync_token = None
+        await self._link.unsubscribe(filters)
+        log.info("reconcile_finished")
+
+    def _reconcile(self, kind: Kind, node_id: str, msg: Inbound) -> None:
+        if self._sync_token is None:
+            self._metrics.mqtt_ignored_topic += 1
+            return
+        if kind is Kind.SYNC:
+            if msg.payload == self._sync_token:
+                self._sync_seen.set()
+            return
+        self._last_status_at = asyncio.get_running_loop().time()
+        if not msg.payload or not is_valid_node_id(node_id):
+            return
+        if self._fleet.registry.get(node_id) is None:
+            log.info("stale_status_cleared node_id=%s", node_id)
+            self._publisher.clear_status(node_id)
+
+
+def _check_id(topic_id: str, payload_id: str | None) -> None:
+    if payload_id is not None and payload_id != topic_id:
+        raise Rejection(400, "Invalid field",
+                        f"Field 'node_id' ({payload_id}) differs from the topic's id ({topic_id})",
+                        "id_mismatch")

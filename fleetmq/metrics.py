@@ -1,0 +1,87 @@
+"""Counters the manager keeps about itself, rendered for ``GET /metrics`` (Prometheus text).
+
+Also the rate limiter for logging bad device input: one misbehaving device must not flood the
+log, yet every drop stays counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+DROP_REASONS = (
+    "invalid_json", "invalid_payload", "invalid_topic_id", "id_mismatch", "too_large",
+    "retained", "unknown_node", "conflict", "late_will",
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.mqtt_received = 0
+        self.mqtt_applied = 0
+        self.mqtt_ignored_topic = 0
+        self.dropped: Counter[str] = Counter()
+        self.http_requests = 0
+        self.transitions: Counter[str] = Counter()
+        self.status_published = 0
+        self.replies_published = 0
+        self.replies_overflowed = 0
+        self.expiry_passes = 0
+
+    def render(self, *, nodes: int, connected: bool, backlog: int) -> str:
+        lines = [
+            "# TYPE fleetmq_nodes gauge",
+            f"fleetmq_nodes {nodes}",
+            "# TYPE fleetmq_broker_connected gauge",
+            f"fleetmq_broker_connected {int(connected)}",
+            "# TYPE fleetmq_mqtt_backlog gauge",
+            f"fleetmq_mqtt_backlog {backlog}",
+            "# TYPE fleetmq_mqtt_messages_received_total counter",
+            f"fleetmq_mqtt_messages_received_total {self.mqtt_received}",
+            "# TYPE fleetmq_mqtt_messages_applied_total counter",
+            f"fleetmq_mqtt_messages_applied_total {self.mqtt_applied}",
+            "# TYPE fleetmq_mqtt_messages_ignored_total counter",
+            f"fleetmq_mqtt_messages_ignored_total {self.mqtt_ignored_topic}",
+            "# TYPE fleetmq_mqtt_messages_dropped_total counter",
+        ]
+        lines += [
+            f'fleetmq_mqtt_messages_dropped_total{{reason="{reason}"}} {self.dropped[reason]}'
+            for reason in DROP_REASONS
+        ]
+        lines.append("# TYPE fleetmq_transitions_total counter")
+        lines += [
+            f'fleetmq_transitions_total{{status="{status}"}} {self.transitions[status]}'
+            for status in ("online", "degraded", "offline")
+        ]
+        lines += [
+            "# TYPE fleetmq_status_published_total counter",
+            f"fleetmq_status_published_total {self.status_published}",
+            "# TYPE fleetmq_replies_published_total counter",
+            f"fleetmq_replies_published_total {self.replies_published}",
+            "# TYPE fleetmq_replies_overflowed_total counter",
+            f"fleetmq_replies_overflowed_total {self.replies_overflowed}",
+        ]
+        return "\n".join(lines) + "\n"
+
+
+class RateLimitedLog:
+    """At most ``burst`` lines per ``window_s`` per key; the rest are summed into the next."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 5, window_s: float = 10.0) -> None:
+        self._log = logger
+        self._burst = burst
+        self._window_s = window_s
+        self._windows: dict[str, tuple[float, int, int]] = {}
+
+    def warning(self, key: str, now: float, msg: str, *args: object) -> None:
+        start, shown, suppressed = self._windows.get(key, (now, 0, 0))
+        if now - start >= self._window_s:
+            if suppressed:
+                self._log.warning("log_suppressed key=%s count=%d", key, suppressed)
+            start, shown, suppressed = now, 0, 0
+        if shown < self._burst:
+            self._log.warning(msg, *args)
+            shown += 1
+        else:
+            suppressed += 1
+        self._windows[key] = (start, shown, suppressed)

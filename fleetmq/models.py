@@ -1,0 +1,135 @@
+"""Wire models: what agents and tools send, validated once at the edge with pydantic.
+
+Past this module there are models, not dicts. Nothing here knows about MQTT or HTTP; the
+transports turn a ``ValidationError`` into their own reply with ``describe_error``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+)
+
+from fleetmq.topics import NODE_ID_PATTERN
+
+MAX_PAYLOAD_BYTES = 64 * 1024
+QUOTE_LIMIT = 64
+MAX_COUNTER = 2**63 - 1
+
+Status = Literal["online", "degraded", "offline"]
+STATUSES: tuple[Status, ...] = ("online", "degraded", "offline")
+Scalar = str | int | float | bool | None
+
+
+def _integral(value: object) -> object:
+    # JSON has one number type: 60.0 is the integer 60, 60.5 is not; "60" and true are refused.
+    if isinstance(value, bool):
+        raise ValueError("must be an integer, not a boolean")
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _printable(value: str) -> str:
+    if not value.isprintable():
+        raise ValueError("must contain printable characters only")
+    return value
+
+
+NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN)]
+Counter = Annotated[int, BeforeValidator(_integral), Field(strict=True, ge=0, le=MAX_COUNTER)]
+Interval = Annotated[int, BeforeValidator(_integral), Field(strict=True, ge=1, le=86_400)]
+SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)]
+Text = Annotated[str, StringConstraints(max_length=256)]
+
+
+class RegisterRequest(BaseModel):
+    """A registration, from ``POST /register`` or ``<root>/<id>/register``."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    node_id: NodeId | None = None
+    node_type: Annotated[
+        str,
+        StringConstraints(min_length=1, max_length=64),
+        Field(validation_alias=AliasChoices("node_type", "type")),
+    ]
+    name: Annotated[Text | None, Field(validation_alias=AliasChoices("name", "node_name"))] = None
+    capabilities: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
+        default_factory=list, max_length=256
+    )
+    location: Text | None = None
+    metadata: dict[str, Scalar] = Field(default_factory=dict)
+    heartbeat_interval_seconds: Interval | None = None
+    session: SessionId | None = None
+
+
+class HeartbeatRequest(BaseModel):
+    """A heartbeat (or an offline report, or a last will), from REST or MQTT."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    node_id: NodeId | None = None
+    uptime_seconds: Counter | None = None
+    free_memory_kb: Counter | None = None
+    sensors_active: Counter | None = None
+    status: Status | None = None
+    reason: Reason | None = None
+    session: SessionId | None = None
+
+
+BARE_HEARTBEAT = HeartbeatRequest()
+
+
+def quote(value: object) -> str:
+    """A value as error messages show it: cut to 64 characters."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
+
+
+class Rejection(Exception):
+    """Input that cannot be accepted: an HTTP-style code, a short title and a detail."""
+
+    def __init__(self, code: int, title: str, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.title = title
+        self.message = message
+        self.reason = reason
+        """Counter label for dropped MQTT messages."""
+
+
+def describe_error(exc: ValidationError) -> Rejection:
+    """Turn pydantic's report into one sentence that names the field and the value."""
+    first = exc.errors(include_url=False)[0]
+    kind = first["type"]
+    if kind == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "not valid JSON")
+        return Rejection(400, "Invalid JSON", f"Request body is not valid JSON: {detail}",
+                         "invalid_json")
+    if kind in ("model_type", "model_attributes_type"):
+        return Rejection(400, "Invalid JSON", "Request body must be a JSON object",
+                         "invalid_json")
+    field = ".".join(str(part) for part in first["loc"])
+    if kind == "missing":
+        return Rejection(400, "Missing field", f"Field '{field}' is required", "invalid_payload")
+    message = first["msg"].removeprefix("Value error, ")
+    shown = quote(first.get("input"))
+    return Rejection(400, "Invalid field", f"Field '{field}' is invalid ({message}): {shown}",
+                     "invalid_payload")
+
+
+def require_node_id(node_id: str | None) -> str:
+    if node_id is None:
+        raise Rejection(400, "Missing field", "Field 'node_id' is required", "invalid_payload")
+    return node_id

@@ -1,0 +1,160 @@
+"""The OpenAPI 3 document of the REST facade, served at ``/api/v1/openapi.json``.
+
+Request schemas come from the pydantic models the server validates with, so they cannot drift;
+responses are written out here beside the shapes ``views.py`` produces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetmq import __version__
+from fleetmq.models import HeartbeatRequest, RegisterRequest
+from fleetmq.topics import NODE_ID_PATTERN
+
+_TS = {"type": "string", "format": "date-time", "example": "2026-02-16T08:30:00.000Z"}
+_COUNTER = {"type": ["integer", "null"], "minimum": 0}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _ok(description: str, schema: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+def _body(schema: str) -> dict[str, Any]:
+    return {"required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+
+
+_NODE_ID_PARAM = {"name": "node_id", "in": "path", "required": True,
+                  "schema": {"type": "string", "pattern": NODE_ID_PATTERN}}
+
+
+def _schemas() -> dict[str, Any]:
+    return {
+        "RegisterRequest": RegisterRequest.model_json_schema(),
+        "HeartbeatRequest": HeartbeatRequest.model_json_schema(),
+        "Error": {
+            "type": "object", "required": ["error", "message"],
+            "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+        },
+        "RegisterResponse": {
+            "type": "object", "required": ["node_id", "status", "message", "timestamp"],
+            "properties": {
+                "node_id": {"type": "string"}, "status": {"const": "registered"},
+                "message": {"enum": ["Node successfully registered", "Node registration updated"]},
+                "timestamp": _TS,
+            },
+        },
+        "HeartbeatResponse": {
+            "type": "object", "required": ["node_id", "received", "next_check_seconds"],
+            "properties": {"node_id": {"type": "string"}, "received": _TS,
+                           "next_check_seconds": {"type": "integer"}},
+        },
+        "Node": {
+            "type": "object",
+            "required": ["id", "name", "type", "capabilities", "location", "metadata", "status",
+                         "status_reason", "status_since", "last_seen", "registered_at",
+                         "heartbeat_interval_seconds", "uptime_seconds", "free_memory_kb",
+                         "sensors_active"],
+            "properties": {
+                "id": {"type": "string", "pattern": NODE_ID_PATTERN},
+                "name": {"type": "string"}, "type": {"type": "string"},
+                "capabilities": {"type": "array", "items": {"type": "string"}},
+                "location": {"type": ["string", "null"]},
+                "metadata": {"type": "object", "additionalProperties": {
+                    "type": ["string", "number", "boolean", "null"]}},
+                "status": {"enum": ["online", "degraded", "offline"]},
+                "status_reason": {"type": "string"},
+                "status_since": _TS, "last_seen": _TS, "registered_at": _TS,
+                "heartbeat_interval_seconds": {"type": "integer"},
+                "uptime_seconds": _COUNTER, "free_memory_kb": _COUNTER,
+                "sensors_active": _COUNTER,
+            },
+        },
+        "NodeList": {
+            "type": "object", "required": ["nodes", "count", "total", "next"],
+            "properties": {
+                "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}},
+                "count": {"type": "integer"}, "total": {"type": "integer"},
+                "next": {"type": ["string", "null"]},
+            },
+        },
+    }
+
+
+def openapi_document(topic_root: str) -> dict[str, Any]:
+    query = [
+        {"name": name, "in": "query", "required": False, "schema": schema,
+         "description": description}
+        for name, schema, description in (
+            ("node_type", {"type": "string"}, "exact match, case-insensitive"),
+            ("status", {"enum": ["online", "degraded", "offline"]}, "exact match"),
+            ("location", {"type": "string"}, "exact match, case-insensitive"),
+            ("limit", {"type": "integer", "minimum": 1, "maximum": 10000},
+             "page size; without it every match is returned"),
+            ("after", {"type": "string"}, "the 'next' value of the previous page"),
+        )
+    ]
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "fleetmq REST API",
+            "version": __version__,
+            "description": (
+                "REST facade of the fleetmq node registry. The same registry is fed over MQTT "
+                f"({topic_root}/<id>/register, {topic_root}/<id>/heartbeat); request bodies are "
+                "JSON whatever the Content-Type says, unknown fields are ignored, bodies over "
+                "64 KiB get 413."
+            ),
+        },
+        "paths": {
+            "/api/v1/fleet/register": {"post": {
+                "summary": "Register a node, or update its registration",
+                "requestBody": _body("RegisterRequest"),
+                "responses": {"200": _ok("Registered", "RegisterResponse"),
+                              "400": _error("Invalid JSON or field"),
+                              "409": _error("The id is registered with another node_type"),
+                              "413": _error("Body over 64 KiB")},
+            }},
+            "/api/v1/fleet/heartbeat": {"post": {
+                "summary": "Report that a node is alive (or degraded, or going offline)",
+                "requestBody": _body("HeartbeatRequest"),
+                "responses": {"200": _ok("Received", "HeartbeatResponse"),
+                              "400": _error("Invalid JSON or field"),
+                              "404": _error("Node must register first"),
+                              "413": _error("Body over 64 KiB")},
+            }},
+            "/api/v1/fleet/nodes": {"get": {
+                "summary": "List nodes, sorted by id",
+                "parameters": query,
+                "responses": {"200": _ok("Matching nodes", "NodeList"),
+                              "400": _error("Invalid status or limit")},
+            }},
+            "/api/v1/fleet/nodes/{node_id}": {
+                "get": {"summary": "One node", "parameters": [_NODE_ID_PARAM],
+                        "responses": {"200": _ok("The node", "Node"),
+                                      "400": _error("Invalid node id"),
+                                      "404": _error("No node with that id")}},
+                "delete": {"summary": "Decommission a node and clear its retained status",
+                           "parameters": [_NODE_ID_PARAM],
+                           "responses": {"204": {"description": "Deleted"},
+                                         "400": _error("Invalid node id"),
+                                         "404": _error("No node with that id")}},
+            },
+            "/healthz": {"get": {"summary": "Liveness",
+                                 "responses": {"200": {"description": "The process serves"}}}},
+            "/readyz": {"get": {"summary": "Readiness: broker connected, subscriptions acked",
+                                "responses": {"200": {"description": "Ready"},
+                                              "503": _error("Not ready, with the reason")}}},
+            "/metrics": {"get": {"summary": "Counters in Prometheus text format",
+                                 "responses": {"200": {"description": "Metrics",
+                                                       "content": {"text/plain": {}}}}}},
+        },
+        "components": {"schemas": _schemas()},
+    }

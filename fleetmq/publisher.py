@@ -1,0 +1,127 @@
+"""Everything the manager publishes: retained node statuses, replies, its own presence.
+
+Statuses are merged per node while they wait (the latest state wins: each is read from the
+registry at send time, so a deleted node's topic is cleared and a newer state is never
+overwritten). In-flight QoS 1 publishes are bounded, since paho refuses new ones once 65,535
+await acknowledgement. Republishing the whole fleet after a (re)connect runs behind live
+changes, in batches that yield to the event loop, so it never blocks ingest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict, deque
+from typing import Any
+
+from fleetmq.events import Event
+from fleetmq.metrics import Metrics
+from fleetmq.mqtt import MqttLink
+from fleetmq.registry import Registry
+from fleetmq.topics import Topics
+from fleetmq.views import dumps, node_status_payload
+
+log = logging.getLogger(__name__)
+
+MAX_IN_FLIGHT = 10_000
+REPLY_BOUND = 10_000
+"""Replies waiting for the broker; past it the oldest is dropped (and counted)."""
+BATCH = 500
+
+
+class Publisher:
+    def __init__(self, link: MqttLink, topics: Topics, registry: Registry, metrics: Metrics,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        self._link = link
+        self._topics = topics
+        self._registry = registry
+        self._metrics = metrics
+        self._max_in_flight = max_in_flight
+        self._pending: OrderedDict[str, None] = OrderedDict()
+        self._replies: deque[tuple[str, bytes, bytes | None]] = deque()
+        self._sweep: list[str] = []
+        self._sweep_pos = 0
+        self._wake = asyncio.Event()
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending) + len(self._replies) + len(self._sweep) - self._sweep_pos
+
+    def on_events(self, events: list[Event]) -> None:
+        for event in events:
+            self._pending[event.node_id] = None
+        if events:
+            self._wake.set()
+
+    def clear_status(self, node_id: str) -> None:
+        """Send the node's current status, or clear its topic if the node is unknown."""
+        self._pending[node_id] = None
+        self._wake.set()
+
+    def reply(self, topic: str, body: dict[str, Any], correlation: bytes | None = None) -> None:
+        if len(self._replies) >= REPLY_BOUND:
+            self._replies.popleft()
+            self._metrics.replies_overflowed += 1
+        self._replies.append((topic, dumps(body), correlation))
+        self._wake.set()
+
+    def republish_all(self) -> None:
+        """Queue every known node's status, behind live changes."""
+        self._sweep = list(self._registry.sorted_ids())
+        self._sweep_pos = 0
+        log.info("republish_started nodes=%d", len(self._sweep))
+        self._wake.set()
+
+    def publish_presence(self, payload: bytes) -> bool:
+        return self._link.publish(self._topics.manager_status, payload, retain=True)
+
+    async def run(self) -> None:
+        while True:
+            if not self.backlog:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._link.wait_credit(self._max_in_flight)
+            self._send_batch(min(BATCH, self._max_in_flight - self._link.in_flight))
+            await asyncio.sleep(0)
+
+    def _send_batch(self, budget: int) -> None:
+        link = self._link
+        metrics = self._metrics
+        while budget > 0 and self._replies:
+            topic, payload, correlation = self._replies[0]
+            if not link.publish(topic, payload, correlation=correlation):
+                return
+            self._replies.popleft()
+            metrics.replies_published += 1
+            budget -= 1
+        while budget > 0 and self._pending:
+            node_id, _ = self._pending.popitem(last=False)
+            if not self._send_status(node_id):
+                self._pending[node_id] = None
+                self._pending.move_to_end(node_id, last=False)
+                return
+            budget -= 1
+        while budget > 0 and self._sweep_pos < len(self._sweep):
+            node_id = self._sweep[self._sweep_pos]
+            node = self._registry.get(node_id)
+            # A deleted node is skipped; a node with a newer state waiting goes out with it.
+            if node is not None and node_id not in self._pending:
+                if not link.publish(self._topics.status(node_id), node_status_payload(node),
+                                    retain=True):
+                    return
+                metrics.status_published += 1
+                budget -= 1
+            self._sweep_pos += 1
+        if self._sweep and self._sweep_pos >= len(self._sweep):
+            log.info("republish_finished nodes=%d", len(self._sweep))
+            self._sweep = []
+            self._sweep_pos = 0
+
+    def _send_status(self, node_id: str) -> bool:
+        node = self._registry.get(node_id)
+        payload = node_status_payload(node) if node is not None else b""
+        sent = self._link.publish(self._topics.status(node_id), payload, retain=True)
+        if sent:
+            self._metrics.status_published += 1
+        return sent

@@ -1,0 +1,271 @@
+"""The node registry: a pure state machine over nodes, deadlines and sessions (contract §3).
+
+It takes validated requests and an ``Instant`` and returns the events they caused. It does no
+I/O and reads no clock, and it has exactly one writer (the app's ingest path on the event loop),
+so readers on the same loop always see a consistent node.
+
+Expiry is deadline-based and costs O(expired) per call: nodes sharing a timeout sit in one
+insertion-ordered map, and since every refresh happens at a later moment than the one before,
+each map is ordered by deadline; expiry only looks at the front of each map.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from fleetmq.clock import Instant
+from fleetmq.events import Event, NodeDeleted, NodeTransitioned
+from fleetmq.models import HeartbeatRequest, RegisterRequest, Scalar, Status
+
+TIMEOUT_FACTOR = 3
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """Registry state of one node. Slotted: a fleet of a million must fit in memory."""
+
+    id: str
+    type: str
+    name: str
+    capabilities: tuple[str, ...]
+    location: str | None
+    metadata: dict[str, Scalar]
+    interval_s: int
+    """Effective heartbeat interval: declared, else the manager's default."""
+    declared_interval: bool
+    timeout_s: float
+    registered_at: float
+    last_seen: float
+    seen_mono: float
+    status: Status
+    status_reason: str
+    status_since: float
+    session: str | None = None
+    uptime_seconds: int | None = None
+    free_memory_kb: int | None = None
+    sensors_active: int | None = None
+    deadline: float | None = None
+    """Monotonic moment of silence after which the node is offline; None while offline."""
+    view: bytes | None = field(default=None, repr=False)
+    """Serialized REST form, kept until the node changes (the HTTP layer fills it)."""
+
+
+class NodeNotFoundError(LookupError):
+    def __init__(self, node_id: str) -> None:
+        super().__init__(node_id)
+        self.node_id = node_id
+
+
+class NodeConflictError(Exception):
+    def __init__(self, node_id: str, existing_type: str, claimed_type: str) -> None:
+        super().__init__(node_id)
+        self.node_id = node_id
+        self.existing_type = existing_type
+        self.claimed_type = claimed_type
+
+
+@dataclass(frozen=True, slots=True)
+class Registered:
+    node: Node
+    created: bool
+    events: list[Event]
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatApplied:
+    node: Node
+    events: list[Event]
+    ignored: str | None = None
+    """Why the message changed nothing on purpose (``late_will``), else None."""
+
+
+class Registry:
+    """All known nodes, their states and their deadlines."""
+
+    def __init__(
+        self, default_interval_s: int = 60, default_timeout_s: float | None = None
+    ) -> None:
+        self.default_interval_s = default_interval_s
+        self.default_timeout_s = (
+            default_timeout_s
+            if default_timeout_s is not None
+            else float(TIMEOUT_FACTOR * default_interval_s)
+        )
+        self._nodes: dict[str, Node] = {}
+        self._sorted_ids: list[str] = []
+        self._queues: dict[float, OrderedDict[str, None]] = {}
+        self._grace_from = float("-inf")
+
+    # --- reading -------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def get(self, node_id: str) -> Node | None:
+        return self._nodes.get(node_id)
+
+    def sorted_ids(self) -> list[str]:
+        """Every id in sorted order; the list is the registry's own: do not mutate it."""
+        return self._sorted_ids
+
+    def nodes(self) -> list[Node]:
+        return list(self._nodes.values())
+
+    def next_deadline(self) -> float | None:
+        """The earliest deadline (monotonic), for sleeping until something can expire."""
+        earliest: float | None = None
+        for timeout, queue in self._queues.items():
+            if not queue:
+                continue
+            first = self._nodes[next(iter(queue))]
+            assert first.deadline is not None
+            due = max(first.deadline, self._grace_from + timeout)
+            earliest = due if earliest is None else min(earliest, due)
+        return earliest
+
+    # --- writing -------------------------------------------------------------------------
+
+    def register(self, node_id: str, req: RegisterRequest, now: Instant) -> Registered:
+        interval = req.heartbeat_interval_seconds
+        timeout = (
+            float(TIMEOUT_FACTOR * interval) if interval is not None else self.default_timeout_s
+        )
+        node = self._nodes.get(node_id)
+        created = node is None
+        if node is None:
+            node = Node(
+                id=node_id, type=req.node_type, name=req.name or node_id,
+                capabilities=tuple(req.capabilities), location=req.location,
+                metadata=dict(req.metadata),
+                interval_s=interval or self.default_interval_s,
+                declared_interval=interval is not None, timeout_s=timeout,
+                registered_at=now.wall, last_seen=now.wall, seen_mono=now.mono,
+                status="online", status_reason="registered", status_since=now.wall,
+                session=req.session,
+            )
+            self._nodes[node_id] = node
+            bisect.insort(self._sorted_ids, node_id)
+        else:
+            if node.type.casefold() != req.node_type.casefold():
+                raise NodeConflictError(node_id, node.type, req.node_type)
+            self._unschedule(node)
+            node.type = req.node_type
+            node.name = req.name or node_id
+            node.capabilities = tuple(req.capabilities)
+            node.location = req.location
+            node.metadata = dict(req.metadata)
+            node.interval_s = interval or self.default_interval_s
+            node.declared_interval = interval is not None
+            node.timeout_s = timeout
+            node.last_seen = now.wall
+            node.seen_mono = now.mono
+            if req.session is not None:
+                node.session = req.session
+        self._schedule(node)
+        event = self._transition(node, "online", "registered", now, first=created)
+        return Registered(node, created, [event])
+
+    def heartbeat(self, node_id: str, req: HeartbeatRequest, now: Instant) -> HeartbeatApplied:
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise NodeNotFoundError(node_id)
+        if req.status == "offline":
+            return self._report_offline(node, req, now)
+        node.last_seen = now.wall
+        node.seen_mono = now.mono
+        node.view = None
+        if req.uptime_seconds is not None:
+            node.uptime_seconds = req.uptime_seconds
+        if req.free_memory_kb is not None:
+            node.free_memory_kb = req.free_memory_kb
+        if req.sensors_active is not None:
+            node.sensors_active = req.sensors_active
+        if req.session is not None:
+            node.session = req.session
+        self._reschedule(node)
+        status: Status = req.status or "online"
+        if status == node.status:
+            return HeartbeatApplied(node, [])
+        return HeartbeatApplied(node, [self._transition(node, status, "heartbeat", now)])
+
+    def delete(self, node_id: str) -> list[Event]:
+        node = self._nodes.pop(node_id, None)
+        if node is None:
+            raise NodeNotFoundError(node_id)
+        self._unschedule(node)
+        index = bisect.bisect_left(self._sorted_ids, node_id)
+        del self._sorted_ids[index]
+        return [NodeDeleted(node_id)]
+
+    def expire(self, now: Instant, limit: float | None = None) -> list[Event]:
+        """Take offline every node whose deadline is at or before ``limit`` (default: now).
+
+        The caller lowers ``limit`` to the receipt time of the oldest message still waiting to
+        be applied, so expiry never runs ahead of ingest.
+        """
+        cutoff = now.mono if limit is None else min(limit, now.mono)
+        events: list[Event] = []
+        for timeout, queue in self._queues.items():
+            if self._grace_from + timeout > cutoff:
+                continue
+            while queue:
+                node = self._nodes[next(iter(queue))]
+                assert node.deadline is not None
+                if node.deadline > cutoff:
+                    break
+                queue.popitem(last=False)
+                node.deadline = None
+                events.append(self._transition(node, "offline", "heartbeat_timeout", now))
+        return events
+
+    def grant_grace(self, now: Instant) -> None:
+        """After a start or reconnect nobody could see heartbeats: no node expires before
+        ``max(last_seen, now) + its timeout``."""
+        self._grace_from = now.mono
+
+    # --- internals -----------------------------------------------------------------------
+
+    def _report_offline(self, node: Node, req: HeartbeatRequest, now: Instant) -> HeartbeatApplied:
+        # An offline report is not proof of life: last_seen and telemetry stay as they are.
+        if req.session is not None and node.session is not None and req.session != node.session:
+            return HeartbeatApplied(node, [], ignored="late_will")
+        if node.status == "offline":
+            return HeartbeatApplied(node, [])
+        self._unschedule(node)
+        event = self._transition(node, "offline", req.reason or "reported", now)
+        return HeartbeatApplied(node, [event])
+
+    def _transition(
+        self, node: Node, status: Status, reason: str, now: Instant, *, first: bool = False
+    ) -> NodeTransitioned:
+        previous = None if first else node.status
+        node.status = status
+        node.status_reason = reason
+        node.status_since = now.wall
+        node.view = None
+        return NodeTransitioned(node.id, status, reason, now.wall, node.last_seen, previous)
+
+    def _schedule(self, node: Node) -> None:
+        node.deadline = node.seen_mono + node.timeout_s
+        queue = self._queues.get(node.timeout_s)
+        if queue is None:
+            queue = self._queues[node.timeout_s] = OrderedDict()
+        queue[node.id] = None
+
+    def _reschedule(self, node: Node) -> None:
+        queue = self._queues.get(node.timeout_s) if node.deadline is not None else None
+        if queue is None:
+            self._schedule(node)
+            return
+        node.deadline = node.seen_mono + node.timeout_s
+        queue.move_to_end(node.id)
+
+    def _unschedule(self, node: Node) -> None:
+        if node.deadline is not None:
+            queue = self._queues[node.timeout_s]
+            del queue[node.id]
+            if not queue:
+                del self._queues[node.timeout_s]
+            node.deadline = None

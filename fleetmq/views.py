@@ -1,0 +1,99 @@
+"""How fleetmq state looks on the wire: REST documents, status payloads and replies.
+
+Every payload an agent may receive stays well under 512 bytes (PubSubClient's buffer).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from fleetmq.clock import format_timestamp
+from fleetmq.events import NodeTransitioned
+from fleetmq.models import Rejection
+from fleetmq.registry import Node
+
+MSG_REGISTERED = "Node successfully registered"
+MSG_UPDATED = "Node registration updated"
+
+
+def dumps(value: Any) -> bytes:
+    return orjson.dumps(value)
+
+
+def node_document(node: Node) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "name": node.name,
+        "type": node.type,
+        "capabilities": list(node.capabilities),
+        "location": node.location,
+        "metadata": node.metadata,
+        "status": node.status,
+        "status_reason": node.status_reason,
+        "status_since": format_timestamp(node.status_since),
+        "last_seen": format_timestamp(node.last_seen),
+        "registered_at": format_timestamp(node.registered_at),
+        "heartbeat_interval_seconds": node.interval_s,
+        "uptime_seconds": node.uptime_seconds,
+        "free_memory_kb": node.free_memory_kb,
+        "sensors_active": node.sensors_active,
+    }
+
+
+def node_json(node: Node) -> bytes:
+    """The node's REST form, serialized once per change of the node."""
+    view = node.view
+    if view is None:
+        view = node.view = orjson.dumps(node_document(node))
+    return view
+
+
+def status_payload(node_id: str, status: str, reason: str, since: float, last_seen: float) -> bytes:
+    return orjson.dumps({
+        "node_id": node_id,
+        "status": status,
+        "reason": reason,
+        "since": format_timestamp(since),
+        "last_seen": format_timestamp(last_seen),
+    })
+
+
+def transition_payload(event: NodeTransitioned) -> bytes:
+    return status_payload(event.node_id, event.status, event.reason, event.since, event.last_seen)
+
+
+def node_status_payload(node: Node) -> bytes:
+    return status_payload(node.id, node.status, node.status_reason, node.status_since,
+                          node.last_seen)
+
+
+def register_reply(node_id: str, *, created: bool, at: float) -> dict[str, Any]:
+    return {
+        "node_id": node_id,
+        "status": "registered",
+        "message": MSG_REGISTERED if created else MSG_UPDATED,
+        "timestamp": format_timestamp(at),
+    }
+
+
+def heartbeat_reply(node: Node, at: float) -> dict[str, Any]:
+    return {
+        "node_id": node.id,
+        "received": format_timestamp(at),
+        "next_check_seconds": node.interval_s,
+    }
+
+
+def error_body(rejection: Rejection) -> dict[str, Any]:
+    return {"error": rejection.title, "message": rejection.message}
+
+
+def manager_status_payload(status: str, since: float | None, reason: str | None = None) -> bytes:
+    body: dict[str, Any] = {"status": status}
+    if since is not None:
+        body["since"] = format_timestamp(since)
+    if reason is not None:
+        body["reason"] = reason
+    return orjson.dumps(body)
