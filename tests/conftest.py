@@ -1,0 +1,291 @@
+"""Shared fixtures: a real Mosquitto on a free port, the embedded broker, a running manager.
+
+Every test gets its own topic root, so retained messages never leak between tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import itertools
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from fleetmq.app import FleetService
+from fleetmq.config import BrokerSettings, HttpSettings, Settings
+
+REPO = Path(__file__).resolve().parent.parent
+# Directives the test broker sets itself; the rest of the repo's mosquitto.conf is kept.
+_OVERRIDDEN = {"listener", "protocol", "persistence", "persistence_location", "persistence_file",
+               "autosave_interval", "log_dest", "user", "password_file", "acl_file", "pid_file"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def eventually(condition: Callable[[], Any], timeout: float = 5.0,
+                     interval: float = 0.02) -> Any:
+    """Poll until ``condition()`` is truthy; fail with the last value after ``timeout``.
+
+    ``condition`` may be a plain function or return an awaitable (an async lambda's call).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+        await asyncio.sleep(interval)
+
+
+class Mosquitto:
+    """A Mosquitto process on a free port, configured from the repo's mosquitto.conf."""
+
+    def __init__(self, workdir: Path, *, persistence: bool = False) -> None:
+        self.port = free_port()
+        self.workdir = workdir
+        self.persistence = persistence
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.conf = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+
+    def _write_config(self) -> None:
+        kept = []
+        for line in (REPO / "mosquitto.conf").read_text().splitlines():
+            words = line.split()
+            if words and not words[0].startswith("#") and words[0] in _OVERRIDDEN:
+                continue
+            kept.append(line)
+        kept += [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"persistence {'true' if self.persistence else 'false'}",
+            f"persistence_location {self.workdir}/",
+            f"log_dest file {self.log}",
+        ]
+        if os.geteuid() == 0:
+            kept.append("user root")  # as root Mosquitto would drop to its own user
+        self.conf.write_text("\n".join(kept) + "\n")
+
+    def start(self) -> None:
+        self._write_config()
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text(errors='replace')}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start listening within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+
+def _require_mosquitto() -> None:
+    if shutil.which("mosquitto") is None:
+        if os.environ.get("FLEETMQ_REQUIRE_MOSQUITTO"):
+            pytest.fail("mosquitto is not installed but FLEETMQ_REQUIRE_MOSQUITTO is set")
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[Mosquitto]:
+    """One Mosquitto for the whole session; tests isolate themselves by topic root."""
+    _require_mosquitto()
+    with tempfile.TemporaryDirectory(prefix="fleetmq-mosq-") as tmp:
+        broker = Mosquitto(Path(tmp))
+        broker.start()
+        try:
+            yield broker
+        finally:
+            broker.stop()
+
+
+@pytest.fixture
+def own_mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto for one test that may stop and restart it."""
+    _require_mosquitto()
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+_roots = itertools.count()
+
+
+@pytest.fixture
+def root() -> str:
+    """A topic root of this test's own."""
+    return f"t{next(_roots)}-{uuid.uuid4().hex[:8]}"
+
+
+def make_settings(broker: str | BrokerSettings, root: str, **overrides: Any) -> Settings:
+    from fleetmq.config import parse_broker
+
+    settings = Settings(
+        broker=parse_broker(broker) if isinstance(broker, str) else broker,
+        http=HttpSettings(host="127.0.0.1", port=0),
+        topic_root=root,
+    )
+    return replace(settings, **overrides)
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[FleetService]:
+    """A manager, ready: REST bound and the broker connection up with subscriptions acked."""
+    async with FleetService(settings) as service:
+        await eventually(lambda: service.link.connected, timeout=10)
+        yield service
+
+
+@dataclass
+class Received:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+@dataclass
+class MqttClient:
+    """A plain paho client for tests: an agent or a dashboard."""
+
+    port: int
+    client_id: str = ""
+    protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv311
+    messages: list[Received] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _client: paho.Client | None = None
+
+    async def connect(self, will: tuple[str, bytes] | None = None) -> MqttClient:
+        client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                             protocol=self.protocol)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=False)
+        connected = threading.Event()
+        client.on_connect = lambda *_a: connected.set()
+        client.on_message = self._on_message
+        client.connect_async("127.0.0.1", self.port, keepalive=30)
+        client.loop_start()
+        # Wait off the event loop: the embedded broker runs on it.
+        if not await asyncio.to_thread(connected.wait, 10):
+            raise RuntimeError("test client could not connect")
+        self._client = client
+        return self
+
+    def _on_message(self, _c: Any, _u: Any, msg: paho.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(Received(msg.topic, msg.payload, bool(msg.retain)))
+
+    async def subscribe(self, topic: str, qos: int = 1) -> None:
+        assert self._client is not None
+        done = threading.Event()
+        self._client.on_subscribe = lambda *_a: done.set()
+        self._client.subscribe(topic, qos)
+        if not await asyncio.to_thread(done.wait, 10):
+            raise RuntimeError(f"no SUBACK for {topic}")
+
+    async def publish(self, topic: str, payload: bytes | str, qos: int = 1,
+                      retain: bool = False, properties: Any = None) -> None:
+        assert self._client is not None
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if qos:
+            await asyncio.to_thread(info.wait_for_publish, 10)
+
+    def received(self, topic: str) -> list[Received]:
+        with self._lock:
+            return [m for m in self.messages if m.topic == topic]
+
+    def kill(self) -> None:
+        """Drop the TCP connection without DISCONNECT: the broker fires the will."""
+        assert self._client is not None
+        sock = self._client.socket()
+        self._client.loop_stop()
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._client = None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+
+@pytest.fixture
+def mqtt_clients() -> Iterator[Callable[..., MqttClient]]:
+    made: list[MqttClient] = []
+
+    def make(port: int, client_id: str = "", **kw: Any) -> MqttClient:
+        client = MqttClient(port, client_id, **kw)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def embedded_url() -> str:
+    return f"embedded://127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(params=["mosquitto", "embedded"])
+def broker_url(request: pytest.FixtureRequest) -> str:
+    """Each test that takes this runs against a real Mosquitto and the embedded amqtt."""
+    if request.param == "mosquitto":
+        broker: Mosquitto = request.getfixturevalue("mosquitto")
+        return broker.url
+    return f"embedded://127.0.0.1:{free_port()}"
+
+
+def broker_port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
