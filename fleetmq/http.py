@@ -253,7 +253,7 @@ def _path_id(request: web.Request) -> str:
 
 
 def _no_such_node(node_id: str) -> Rejection:
-    return Rejection(404, "Node not found", f"No node with ID {node_id}", "unknown_node")
+    return Rejection(404, "Node not found", f"No node with ID {quote(node_id)}", "unknown_node")
 
 
 def _all(_node: Node) -> bool:

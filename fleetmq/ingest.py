@@ -22,6 +22,7 @@ from fleetmq.models import (
     RegisterRequest,
     Rejection,
     describe_error,
+    quote,
 )
 from fleetmq.mqtt import Inbound, MqttLink
 from fleetmq.publisher import Publisher
@@ -43,8 +44,8 @@ def not_found(node_id: str) -> Rejection:
 def conflict(exc: NodeConflictError) -> Rejection:
     return Rejection(
         409, "Node conflict",
-        f"Node {exc.node_id} is registered as type {exc.existing_type!r}, not "
-        f"{exc.claimed_type[:64]!r}: delete it first to re-register it as another type",
+        f"Node {quote(exc.node_id)} is registered as type {exc.existing_type!r}, not "
+        f"{quote(exc.claimed_type)!r}: delete it first to re-register it as another type",
         "conflict",
     )
 
@@ -195,5 +196,6 @@ class MqttIngest:
 def _check_id(topic_id: str, payload_id: str | None) -> None:
     if payload_id is not None and payload_id != topic_id:
         raise Rejection(400, "Invalid field",
-                        f"Field 'node_id' ({payload_id}) differs from the topic's id ({topic_id})",
+                        f"Field 'node_id' ({quote(payload_id)}) differs from the topic's id "
+                        f"({quote(topic_id)})",
                         "id_mismatch")

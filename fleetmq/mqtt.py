@@ -145,14 +145,15 @@ class MqttLink:
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
         client.on_publish = self._on_publish
-        props = None
         if self._protocol is MQTTProtocolVersion.MQTTv5:
+            # Resume the session on every connect, the first included: registrations queued
+            # while the manager restarted are applied, not lost.
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it untyped
             props.SessionExpiryInterval = SESSION_EXPIRY_S
-        client.connect_async(
-            self._broker.host, self._broker.port, keepalive=self._keepalive_s,
-            clean_start=False, properties=props,
-        )
+            client.connect_async(self._broker.host, self._broker.port,
+                                 keepalive=self._keepalive_s, clean_start=False, properties=props)
+        else:
+            client.connect_async(self._broker.host, self._broker.port, keepalive=self._keepalive_s)
         self._client = client
         client.loop_start()
 
