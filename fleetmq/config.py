@@ -107,9 +107,14 @@ def parse_broker(text: str) -> BrokerSettings:
             "mqtt://[user:pass@]host:port or mqtts://[user:pass@]host:port"
         )
     try:
-        port = parts.port or DEFAULT_PORTS[scheme]
+        port = DEFAULT_PORTS[scheme] if parts.port is None else parts.port
     except ValueError as exc:
-        raise ConfigError(f"--broker {text!r} has an invalid port: give 1 to 65535") from exc
+        port = 0
+        cause: Exception | None = exc
+    else:
+        cause = None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--broker {text!r} has an invalid port: give 1 to 65535") from cause
     if scheme == "embedded" and (parts.username or parts.password):
         raise ConfigError("--broker embedded://... takes no user or password")
     return BrokerSettings(

@@ -44,8 +44,9 @@ def not_found(node_id: str) -> Rejection:
 def conflict(exc: NodeConflictError) -> Rejection:
     return Rejection(
         409, "Node conflict",
-        f"Node {quote(exc.node_id)} is registered as type {exc.existing_type!r}, not "
-        f"{quote(exc.claimed_type)!r}: delete it first to re-register it as another type",
+        # Both types may be 64 multi-byte characters: keep the reply under PubSubClient's 512.
+        f"Node {quote(exc.node_id)} is registered with another node_type "
+        f"({quote(exc.existing_type, 32)}): delete it first to re-register it as another type",
         "conflict",
     )
 

@@ -91,10 +91,10 @@ class HeartbeatRequest(BaseModel):
 BARE_HEARTBEAT = HeartbeatRequest()
 
 
-def quote(value: object) -> str:
-    """A value as error messages show it: cut to 64 characters."""
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A value as error messages show it: cut to 64 characters (or ``limit``)."""
     text = value if isinstance(value, str) else repr(value)
-    return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class Rejection(Exception):
@@ -120,7 +120,14 @@ def describe_error(exc: ValidationError) -> Rejection:
     if kind in ("model_type", "model_attributes_type"):
         return Rejection(400, "Invalid JSON", "Request body must be a JSON object",
                          "invalid_json")
-    field = ".".join(str(part) for part in first["loc"])
+    loc = first["loc"]
+    if len(loc) >= 2 and loc[0] == "metadata":
+        # pydantic's loc holds the (device-chosen) key and a union member tag: name the key only.
+        return Rejection(400, "Invalid field",
+                         f"Field 'metadata.{quote(str(loc[1]))}' is invalid (values must be "
+                         f"strings, numbers, booleans or null): {quote(first.get('input'))}",
+                         "invalid_payload")
+    field = ".".join(quote(str(part)) for part in loc)
     if kind == "missing":
         return Rejection(400, "Missing field", f"Field '{field}' is required", "invalid_payload")
     message = first["msg"].removeprefix("Value error, ")

@@ -1,0 +1,280 @@
+"""The registry state machine (contract §3): registration, conflicts, heartbeats, deletion.
+
+Offline reports and sessions are in test_registry_offline.py, deadlines in
+test_registry_expiry.py."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+
+from fleetmq.clock import FakeClock
+from fleetmq.events import NodeDeleted, NodeTransitioned
+from fleetmq.models import HeartbeatRequest, RegisterRequest, Status
+from fleetmq.registry import Node, NodeConflictError, NodeNotFoundError, Registry
+
+NODE = "microclaw-esp32-f4cfa210"
+
+
+def reg(node_type: str = "microclaw", **fields: Any) -> RegisterRequest:
+    return RegisterRequest.model_validate({"node_type": node_type, **fields})
+
+
+def hb(**fields: Any) -> HeartbeatRequest:
+    return HeartbeatRequest.model_validate(fields)
+
+
+def node_of(registry: Registry, node_id: str = NODE) -> Node:
+    node = registry.get(node_id)
+    assert node is not None
+    return node
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def registry() -> Registry:
+    return Registry(60)
+
+
+# --- register ------------------------------------------------------------------------------
+
+
+def test_first_registration_is_an_online_transition_without_previous_state(
+    registry: Registry, clock: FakeClock
+) -> None:
+    now = clock.now()
+    result = registry.register(NODE, reg(), now)
+
+    assert result.created is True
+    assert result.events == [
+        NodeTransitioned(NODE, "online", "registered", now.wall, now.wall, None)
+    ]
+    node = node_of(registry)
+    assert (node.status, node.status_reason) == ("online", "registered")
+    assert node.status_since == node.registered_at == node.last_seen == now.wall
+    assert len(registry) == 1
+
+
+def test_registration_defaults_name_to_id_and_interval_to_the_managers(clock: FakeClock) -> None:
+    registry = Registry(30)
+    node = registry.register(NODE, reg(), clock.now()).node
+
+    assert node.name == NODE
+    assert node.capabilities == ()
+    assert node.location is None
+    assert node.metadata == {}
+    assert node.interval_s == 30
+    assert (node.uptime_seconds, node.free_memory_kb, node.sensors_active) == (None, None, None)
+
+
+def test_registration_stores_the_description(registry: Registry, clock: FakeClock) -> None:
+    node = registry.register(NODE, reg(
+        name="Desk sensor", capabilities=["dht22", "mqtt"], location="office-floor-2",
+        metadata={"gateway": "nanoclaw-pi-01", "rev": 3}, heartbeat_interval_seconds=15,
+    ), clock.now()).node
+
+    assert node.type == "microclaw"
+    assert node.name == "Desk sensor"
+    assert node.capabilities == ("dht22", "mqtt")
+    assert node.location == "office-floor-2"
+    assert node.metadata == {"gateway": "nanoclaw-pi-01", "rev": 3}
+    assert node.interval_s == 15
+
+
+def test_reregistering_replaces_description_and_keeps_registered_at_and_telemetry(
+    registry: Registry, clock: FakeClock
+) -> None:
+    first = clock.now()
+    registry.register(NODE, reg(
+        name="old", capabilities=["dht22"], location="lab", metadata={"fw": "v1"},
+        heartbeat_interval_seconds=10,
+    ), first)
+    registry.heartbeat(NODE, hb(uptime_seconds=50, free_memory_kb=200, sensors_active=2),
+                       clock.advance(5))
+    later = clock.advance(5)
+
+    result = registry.register(NODE, reg(capabilities=["mqtt"]), later)
+
+    assert result.created is False
+    assert result.events == [
+        NodeTransitioned(NODE, "online", "registered", later.wall, later.wall, "online")
+    ]
+    node = result.node
+    assert node.registered_at == first.wall
+    assert node.last_seen == later.wall
+    assert (node.uptime_seconds, node.free_memory_kb, node.sensors_active) == (50, 200, 2)
+    assert node.capabilities == ("mqtt",)
+    # What the new request omits is cleared.
+    assert node.name == NODE
+    assert node.location is None
+    assert node.metadata == {}
+    assert node.interval_s == 60
+
+
+@pytest.mark.parametrize("state", ["degraded", "offline"])
+def test_reregistering_makes_a_node_online_again(
+    registry: Registry, clock: FakeClock, state: Status
+) -> None:
+    registry.register(NODE, reg(), clock.now())
+    registry.heartbeat(NODE, hb(status=state), clock.advance(1))
+    now = clock.advance(1)
+
+    result = registry.register(NODE, reg(), now)
+
+    assert result.events == [
+        NodeTransitioned(NODE, "online", "registered", now.wall, now.wall, state)
+    ]
+    assert node_of(registry).status == "online"
+
+
+def test_registering_as_another_type_is_a_conflict_that_changes_nothing(
+    registry: Registry, clock: FakeClock
+) -> None:
+    registry.register(NODE, reg("microclaw", name="original"), clock.now())
+
+    with pytest.raises(NodeConflictError) as info:
+        registry.register(NODE, reg("picclaw", name="intruder"), clock.advance(1))
+
+    assert (info.value.node_id, info.value.existing_type, info.value.claimed_type) == (
+        NODE, "microclaw", "picclaw")
+    node = node_of(registry)
+    assert (node.type, node.name) == ("microclaw", "original")
+
+
+def test_node_type_comparison_ignores_case(registry: Registry, clock: FakeClock) -> None:
+    registry.register(NODE, reg("MicroClaw"), clock.now())
+
+    result = registry.register(NODE, reg("microclaw"), clock.advance(1))
+
+    assert result.created is False
+    assert result.node.status == "online"
+
+
+def test_node_ids_are_case_sensitive(registry: Registry, clock: FakeClock) -> None:
+    registry.register("node-a", reg("microclaw"), clock.now())
+
+    result = registry.register("NODE-A", reg("picclaw"), clock.now())
+
+    assert result.created is True
+    assert len(registry) == 2
+
+
+# --- heartbeat -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [None, "online", "degraded", "offline"])
+def test_heartbeat_from_an_unknown_node_is_not_found(
+    registry: Registry, clock: FakeClock, status: str | None
+) -> None:
+    with pytest.raises(NodeNotFoundError) as info:
+        registry.heartbeat("ghost", hb(status=status), clock.now())
+    assert info.value.node_id == "ghost"
+
+
+def test_heartbeat_updates_last_seen_and_telemetry_without_an_event(
+    registry: Registry, clock: FakeClock
+) -> None:
+    start = clock.now()
+    registry.register(NODE, reg(), start)
+    now = clock.advance(7)
+
+    result = registry.heartbeat(
+        NODE, hb(uptime_seconds=86400, free_memory_kb=200, sensors_active=2), now)
+
+    assert result.events == []
+    assert result.ignored is None
+    node = result.node
+    assert node.last_seen == now.wall
+    assert (node.uptime_seconds, node.free_memory_kb, node.sensors_active) == (86400, 200, 2)
+    assert (node.status_reason, node.status_since) == ("registered", start.wall)
+
+
+def test_bare_heartbeat_keeps_every_telemetry_field(registry: Registry, clock: FakeClock) -> None:
+    registry.register(NODE, reg(), clock.now())
+    registry.heartbeat(NODE, hb(uptime_seconds=10, free_memory_kb=20, sensors_active=3),
+                       clock.advance(1))
+
+    registry.heartbeat(NODE, hb(), clock.advance(1))
+    node = registry.heartbeat(NODE, hb(free_memory_kb=0), clock.advance(1)).node
+
+    assert (node.uptime_seconds, node.free_memory_kb, node.sensors_active) == (10, 0, 3)
+    assert node.last_seen == clock.now().wall
+
+
+def test_degraded_and_back_to_online_are_heartbeat_transitions(
+    registry: Registry, clock: FakeClock
+) -> None:
+    registry.register(NODE, reg(), clock.now())
+
+    t1 = clock.advance(1)
+    degraded = registry.heartbeat(NODE, hb(status="degraded"), t1)
+    again = registry.heartbeat(NODE, hb(status="degraded"), clock.advance(1))
+    t3 = clock.advance(1)
+    recovered = registry.heartbeat(NODE, hb(), t3)
+
+    assert degraded.events == [
+        NodeTransitioned(NODE, "degraded", "heartbeat", t1.wall, t1.wall, "online")]
+    assert again.events == []
+    assert recovered.events == [
+        NodeTransitioned(NODE, "online", "heartbeat", t3.wall, t3.wall, "degraded")]
+    node = node_of(registry)
+    assert (node.status, node.status_reason, node.status_since) == ("online", "heartbeat", t3.wall)
+
+
+# --- delete and ordering -------------------------------------------------------------------
+
+
+def test_delete_removes_the_node_and_a_second_delete_is_not_found(
+    registry: Registry, clock: FakeClock
+) -> None:
+    registry.register("a", reg(), clock.now())
+    registry.register(NODE, reg(), clock.now())
+
+    assert registry.delete(NODE) == [NodeDeleted(NODE)]
+    assert registry.get(NODE) is None
+    assert registry.sorted_ids() == ["a"]
+    assert [n.id for n in registry.nodes()] == ["a"]
+    assert len(registry) == 1
+    with pytest.raises(NodeNotFoundError):
+        registry.delete(NODE)
+    with pytest.raises(NodeNotFoundError):
+        registry.heartbeat(NODE, hb(), clock.now())
+
+
+def test_deleted_node_can_register_again_as_another_type(
+    registry: Registry, clock: FakeClock
+) -> None:
+    first = clock.now()
+    registry.register(NODE, reg("microclaw"), first)
+    registry.delete(NODE)
+    later = clock.advance(1)
+
+    result = registry.register(NODE, reg("picclaw"), later)
+
+    assert result.created is True
+    assert result.events[0] == NodeTransitioned(
+        NODE, "online", "registered", later.wall, later.wall, None)
+    assert (result.node.type, result.node.registered_at) == ("picclaw", later.wall)
+
+
+def test_sorted_ids_stay_sorted_across_inserts_and_deletes(
+    registry: Registry, clock: FakeClock
+) -> None:
+    rng = random.Random(42)
+    ids = [f"{rng.choice('abcXYZ019')}{rng.randrange(10_000)}" for _ in range(500)]
+    expected: set[str] = set()
+    for node_id in ids:
+        registry.register(node_id, reg(), clock.now())
+        expected.add(node_id)
+        if rng.random() < 0.3:
+            victim = rng.choice(sorted(expected))
+            registry.delete(victim)
+            expected.discard(victim)
+        assert registry.sorted_ids() == sorted(expected)
+    assert len(registry) == len(expected)
