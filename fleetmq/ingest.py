@@ -33,6 +33,10 @@ from fleetmq.views import heartbeat_reply, register_reply
 log = logging.getLogger(__name__)
 
 BATCH = 256
+COALESCE_S = 0.002
+"""After a short batch, let messages gather this long before waiting again: each wake-up costs
+paho's thread a write to the loop's self-pipe, which at 10^4 msg/s is a large share of its time,
+while 2 ms is nothing against a heartbeat's lag budget."""
 RECONCILE_QUIET_S = 0.5
 RECONCILE_TIMEOUT_S = 30.0
 
@@ -68,12 +72,14 @@ class MqttIngest:
         link = self._link
         while True:
             await link.wait_inbound()
-            for msg in link.take_inbound(BATCH):
+            batch = link.take_inbound(BATCH)
+            for msg in batch:
                 try:
                     self.handle(msg)
                 except Exception:
                     log.exception("ingest_failed topic=%s", msg.topic[:200])
-            await asyncio.sleep(0)  # let REST and expiry in between batches
+            # Yield to REST and expiry between batches; after a short one, also let more gather.
+            await asyncio.sleep(0 if len(batch) == BATCH else COALESCE_S)
 
     def handle(self, msg: Inbound) -> None:
         self._metrics.mqtt_received += 1

@@ -11,7 +11,6 @@ import itertools
 import os
 import shutil
 import socket
-import subprocess
 import tempfile
 import threading
 import time
@@ -29,17 +28,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from fleetmq.app import FleetService
 from fleetmq.config import BrokerSettings, HttpSettings, Settings
-
-REPO = Path(__file__).resolve().parent.parent
-# Directives the test broker sets itself; the rest of the repo's mosquitto.conf is kept.
-_OVERRIDDEN = {"listener", "protocol", "persistence", "persistence_location", "persistence_file",
-               "autosave_interval", "log_dest", "user", "password_file", "acl_file", "pid_file"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support import Mosquitto, free_port
 
 
 async def eventually(condition: Callable[[], Any], timeout: float = 5.0,
@@ -58,65 +47,6 @@ async def eventually(condition: Callable[[], Any], timeout: float = 5.0,
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
         await asyncio.sleep(interval)
-
-
-class Mosquitto:
-    """A Mosquitto process on a free port, configured from the repo's mosquitto.conf."""
-
-    def __init__(self, workdir: Path, *, persistence: bool = False) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.persistence = persistence
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.conf = workdir / "mosquitto.conf"
-        self.log = workdir / "mosquitto.log"
-
-    def _write_config(self) -> None:
-        kept = []
-        for line in (REPO / "mosquitto.conf").read_text().splitlines():
-            words = line.split()
-            if words and not words[0].startswith("#") and words[0] in _OVERRIDDEN:
-                continue
-            kept.append(line)
-        kept += [
-            f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
-            f"persistence {'true' if self.persistence else 'false'}",
-            f"persistence_location {self.workdir}/",
-            f"log_dest file {self.log}",
-        ]
-        if os.geteuid() == 0:
-            kept.append("user root")  # as root Mosquitto would drop to its own user
-        self.conf.write_text("\n".join(kept) + "\n")
-
-    def start(self) -> None:
-        self._write_config()
-        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mosquitto exited: {self.log.read_text(errors='replace')}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("mosquitto did not start listening within 10 s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
 
 
 def _require_mosquitto() -> None:

@@ -1,0 +1,193 @@
+"""MQTT heartbeat ingest: fleetmq's applied-messages rate next to a bare paho subscriber.
+
+Starts its own Mosquitto on a free port (config derived from the repo's mosquitto.conf), runs
+``fleetmq serve`` as a subprocess against it, registers N nodes, then publishes heartbeats from
+separate processes as fast as they go. The manager's rate is counted after the registry applied
+the messages (``fleetmq_mqtt_messages_applied_total`` in /metrics); the ceiling is a bare paho
+subscriber that only counts the same stream from the same broker.
+
+    python bench/ingest.py --nodes 100000 --messages 400000 --publishers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.support import Mosquitto, free_port
+
+
+def _publish(port: int, root: str, first: int, count: int, nodes: int, qos: int) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{first}")
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port, keepalive=120)
+    client.loop_start()
+    payload = json.dumps({"uptime_seconds": 1234, "free_memory_kb": 200}).encode()
+    for i in range(first, first + count):
+        info = client.publish(f"{root}/node-{i % nodes:07d}/heartbeat", payload, qos=qos)
+        if i % 1000 == 0:
+            info.wait_for_publish(30)
+    info.wait_for_publish(60)
+    client.disconnect()
+    client.loop_stop()
+
+
+def _blast(port: int, root: str, messages: int, nodes: int, publishers: int, qos: int) -> None:
+    share = messages // publishers
+    procs = [mp.Process(target=_publish, args=(port, root, k * share, share, nodes, qos))
+             for k in range(publishers)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+
+
+def _metric(http_port: int, name: str) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return int(float(line.split()[1]))
+    raise KeyError(name)
+
+
+def _wait(predicate: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError("benchmark condition not met")
+        time.sleep(0.05)
+
+
+def bare_subscriber(port: int, root: str, messages: int, nodes: int, publishers: int,
+                    qos: int) -> float:
+    seen = 0
+    first_at = last_at = 0.0
+    lock = threading.Lock()
+
+    def on_message(*_a: object) -> None:
+        nonlocal seen, first_at, last_at
+        with lock:
+            seen += 1
+            last_at = time.monotonic()
+            if seen == 1:
+                first_at = last_at
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare")
+    client.on_message = on_message
+    client.connect("127.0.0.1", port, keepalive=120)
+    client.subscribe(f"{root}/+/heartbeat", qos=1)
+    client.loop_start()
+    time.sleep(0.5)
+    _blast(port, root, messages, nodes, publishers, qos)
+    _wait(lambda: seen >= messages * 0.999, 300)
+    client.disconnect()
+    client.loop_stop()
+    return seen / (last_at - first_at)
+
+
+def fleetmq_ingest(port: int, root: str, messages: int, nodes: int, publishers: int,
+                   qos: int, wrap: list[str]) -> tuple[float, float]:
+    http_port = free_port()
+    proc = subprocess.Popen(
+        [*wrap, sys.executable, "-m", "fleetmq", "serve", "--broker", f"mqtt://127.0.0.1:{port}",
+         "--http", f"127.0.0.1:{http_port}", "--topic-root", root, "--log-level", "warning"],
+    )
+    try:
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2):
+                    return True
+            except OSError:
+                return False
+
+        _wait(ready, 30)
+        reg = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-reg")
+        reg.max_inflight_messages_set(1000)
+        reg.connect("127.0.0.1", port, keepalive=120)
+        reg.loop_start()
+        started = time.monotonic()
+        body = {"node_type": "microclaw", "capabilities": ["dht22", "mqtt"],
+                "location": "office-floor-2",
+                "metadata": {"gateway": "nanoclaw-pi-01", "firmware": "v1.0.0"}}
+        for i in range(nodes):
+            info = reg.publish(f"{root}/node-{i:07d}/register", json.dumps(body), qos=1)
+            if i % 1000 == 0:
+                info.wait_for_publish(30)
+        _wait(lambda: _metric(http_port, "fleetmq_nodes") >= nodes, 300)
+        register_rate = nodes / (time.monotonic() - started)
+        reg.disconnect()
+        reg.loop_stop()
+
+        base = _metric(http_port, "fleetmq_mqtt_messages_applied_total")
+        samples: list[tuple[float, int]] = []
+        stop = threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                samples.append((time.monotonic(),
+                                _metric(http_port, "fleetmq_mqtt_messages_applied_total") - base))
+                time.sleep(0.25)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        _blast(port, root, messages, nodes, publishers, qos)
+        _wait(lambda: samples and samples[-1][1] >= messages * 0.999, 300)
+        stop.set()
+        sampler.join()
+        moving = [(t, n) for t, n in samples if n > 0]
+        (t0, n0), (t1, n1) = moving[0], moving[-1]
+        return (n1 - n0) / (t1 - t0), register_rate
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=100_000)
+    parser.add_argument("--messages", type=int, default=400_000)
+    parser.add_argument("--publishers", type=int, default=2)
+    parser.add_argument("--qos", type=int, default=0, choices=(0, 1))
+    parser.add_argument("--wrap", default="",
+                        help="prefix for the manager's command, e.g. a profiler: "
+                             "'py-spy record -f speedscope -o ingest.json --'")
+    parser.add_argument("--skip-bare", action="store_true", help="measure fleetmq only")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fleetmq-bench-") as tmp:
+        broker = Mosquitto(Path(tmp))
+        broker.start()
+        try:
+            bare = float("nan") if args.skip_bare else bare_subscriber(
+                broker.port, "bare", args.messages, args.nodes, args.publishers, args.qos)
+            fleet, reg = fleetmq_ingest(broker.port, "fleet", args.messages, args.nodes,
+                                        args.publishers, args.qos, args.wrap.split())
+        finally:
+            broker.stop()
+    rows = [
+        ("machine", f"{os.cpu_count()} cores, python {sys.version.split()[0]}"),
+        ("nodes registered over MQTT", f"{args.nodes:,} ({reg:,.0f} registrations/s)"),
+        (f"heartbeats published (QoS {args.qos})", f"{args.messages:,}"),
+        ("bare paho subscriber", f"{bare:,.0f} msg/s"),
+        ("fleetmq applied", f"{fleet:,.0f} msg/s"),
+        ("ratio", f"{fleet / bare:.2f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
