@@ -36,6 +36,9 @@ SESSION_EXPIRY_S = 3600
 """MQTT 5: how long the broker keeps our session (and queues for it) while we are away."""
 RECONNECT_MIN_S = 0.5
 RECONNECT_MAX_S = 30.0
+CONNACK_TIMEOUT_S = 5.0
+"""An MQTT 5 CONNECT left unanswered this long counts as refused: amqtt (3.1.1 only) misreads
+one that carries properties or a will and waits for bytes that never come, instead of refusing."""
 _UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK codes: 3.1.1 "unacceptable protocol", MQTT 5 0x84
 
 
@@ -95,6 +98,8 @@ class MqttLink:
         self._state_changed = asyncio.Event()
         self._connected = False
         self._ever_connected = False
+        self._connacks = 0
+        self._connack_timer: asyncio.TimerHandle | None = None
         self._pending_subacks: dict[int, asyncio.Future[None]] = {}
         self._sent = 0
         self._acked = 0
@@ -114,6 +119,7 @@ class MqttLink:
     async def __aexit__(self, *exc_info: object) -> None:
         client = self._client
         self._client = None
+        self._cancel_connack_timer()
         if client is None:
             return
         self._space.set()
@@ -137,7 +143,7 @@ class MqttLink:
             client.username_pw_set(self._broker.username, self._broker.password)
         if self._broker.scheme == "mqtts":
             client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
-        client.on_socket_open = _set_nodelay
+        client.on_socket_open = self._on_socket_open
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -188,8 +194,13 @@ class MqttLink:
             with contextlib.suppress(RuntimeError):  # the loop closed between check and call
                 loop.call_soon_threadsafe(fn, *args)
 
+    def _on_socket_open(self, client: paho.Client, userdata: object, sock: Any) -> None:
+        _set_nodelay(client, userdata, sock)
+        self._call(self._socket_opened, client)
+
     def _on_connect(self, client: paho.Client, _u: object, flags: Any, rc: ReasonCode,
                     _p: Properties | None) -> None:
+        self._call(self._connack_received)
         if rc.is_failure:
             self._call(self._connect_refused, rc.value, str(rc))
             return
@@ -251,21 +262,49 @@ class MqttLink:
         self._set_connected(connected=False, reason=f"connection lost: {reason}")
 
     def _connect_refused(self, code: int, reason: str) -> None:
-        if (
-            code in _UNSUPPORTED_PROTOCOL
-            and self._protocol is MQTTProtocolVersion.MQTTv5
-            and not self._ever_connected
-        ):
+        if code in _UNSUPPORTED_PROTOCOL and self._may_fall_back():
             log.info("broker_mqtt5_refused broker=%s fallback=3.1.1", self._broker.describe())
-            self._protocol = MQTTProtocolVersion.MQTTv311
-            old = self._client
-            self._client = None
-            if old is not None:
-                old.disconnect()
-                threading.Thread(target=old.loop_stop, daemon=True).start()
-            self._start_client()
+            self._fall_back_to_mqtt311()
             return
         self._note_error(f"broker refused the connection: {reason}")
+
+    def _may_fall_back(self) -> bool:
+        return self._protocol is MQTTProtocolVersion.MQTTv5 and not self._ever_connected
+
+    def _fall_back_to_mqtt311(self) -> None:
+        self._cancel_connack_timer()
+        self._protocol = MQTTProtocolVersion.MQTTv311
+        old = self._client
+        self._client = None
+        if old is not None:
+            old.disconnect()
+            threading.Thread(target=old.loop_stop, daemon=True).start()
+        self._start_client()
+
+    def _socket_opened(self, client: paho.Client) -> None:
+        # Armed once per unanswered stretch: a broker that drops and re-accepts the connection
+        # without ever answering must not keep postponing the fallback.
+        if self._connack_timer is not None or not self._may_fall_back() or self._loop is None:
+            return
+        self._connack_timer = self._loop.call_later(
+            CONNACK_TIMEOUT_S, self._connack_overdue, client, self._connacks)
+
+    def _connack_received(self) -> None:
+        self._connacks += 1
+        self._cancel_connack_timer()
+
+    def _connack_overdue(self, client: paho.Client, connacks: int) -> None:
+        self._connack_timer = None
+        if client is not self._client or connacks != self._connacks or not self._may_fall_back():
+            return
+        log.info("broker_mqtt5_unanswered broker=%s timeout_s=%s fallback=3.1.1",
+                 self._broker.describe(), CONNACK_TIMEOUT_S)
+        self._fall_back_to_mqtt311()
+
+    def _cancel_connack_timer(self) -> None:
+        if self._connack_timer is not None:
+            self._connack_timer.cancel()
+            self._connack_timer = None
 
     def _connected_waiting_subacks(self, mids: list[int], session_present: bool) -> None:
         loop = asyncio.get_running_loop()
