@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AsyncExitStack
+from typing import Any
 
 from fleetmq.broker import EmbeddedBroker
 from fleetmq.clock import Clock, SystemClock
 from fleetmq.config import Settings
+from fleetmq.errors import BrokerError
 from fleetmq.fleet import Fleet
 from fleetmq.http import HttpServer, RestApi
 from fleetmq.ingest import MqttIngest
@@ -55,7 +57,7 @@ class FleetService:
                            settings.http, settings.topic_root)
         self.http = HttpServer(self.api, settings.http)
         self._stack = AsyncExitStack()
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[Any]] = []
         self._group: asyncio.TaskGroup | None = None
 
     @property
@@ -65,6 +67,7 @@ class FleetService:
     async def __aenter__(self) -> FleetService:
         stack = self._stack
         try:
+            self.http.check_port_free()
             broker = self.settings.broker
             if broker.embedded:
                 await stack.enter_async_context(EmbeddedBroker(broker.host, broker.port))
@@ -100,10 +103,17 @@ class FleetService:
             log.info("manager_offline_published acknowledged=%s", acked)
 
     async def _expire_loop(self) -> None:
+        graced_for = 0
         while True:
             await asyncio.sleep(EXPIRY_TICK_S)
             if not self.link.connected:
                 continue  # no heartbeats can be seen: no node goes offline by timeout
+            if self.link.connections != graced_for:
+                # A new connection: nobody saw heartbeats while we were away, so every node
+                # gets a full timeout of grace. Granted here, before the first expiry on this
+                # connection, so no tick can slip in between.
+                graced_for = self.link.connections
+                self.fleet.grant_grace()
             try:
                 self.fleet.expire(limit=self.link.oldest_pending())
                 self.metrics.expiry_passes += 1
@@ -112,24 +122,29 @@ class FleetService:
 
     async def _watch_connection(self) -> None:
         handled = 0
-        reconciled = False
+        reconcile: asyncio.Task[bool] | None = None
         while True:
             await self.link.wait_state_change()
             if not self.link.connected or self.link.connections == handled:
                 continue
             handled = self.link.connections
-            # Nobody saw heartbeats while we were away: a full timeout of grace for every node.
-            self.fleet.grant_grace()
             self.publisher.publish_presence(
                 manager_status_payload("online", self.clock.now().wall))
             self.publisher.republish_all()
-            if not reconciled and self._group is not None:
-                reconciled = True
-                task = self._group.create_task(self._reconcile(), name="fleetmq-reconcile")
-                self._tasks.append(task)
+            # Reconcile once per process; a run cut short by a lost connection starts again.
+            done = reconcile is not None and reconcile.done() and reconcile.result()
+            running = reconcile is not None and not reconcile.done()
+            if not done and not running and self._group is not None:
+                reconcile = self._group.create_task(self._reconcile(), name="fleetmq-reconcile")
+                self._tasks.append(reconcile)
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self) -> bool:
         try:
             await self.ingest.reconcile()
+        except BrokerError as exc:
+            log.warning("reconcile_interrupted reason=%s retry=next connection", exc)
+            return False
         except Exception:
             log.exception("reconcile_failed")
+            return False
+        return True

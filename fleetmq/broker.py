@@ -7,6 +7,7 @@ its log noise stay in here.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from typing import Any
@@ -16,6 +17,9 @@ from fleetmq.errors import BrokerError
 log = logging.getLogger(__name__)
 
 _NOISY_LOGGERS = ("amqtt", "transitions")
+SHUTDOWN_GRACE_S = 1.0
+"""How long amqtt may take to stop on its own before its clients' input is ended for it."""
+SHUTDOWN_TIMEOUT_S = 5.0
 
 
 def _config(host: str, port: int) -> dict[str, Any]:
@@ -64,7 +68,32 @@ class EmbeddedBroker:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._broker is not None:
-            await self._broker.shutdown()
-            self._broker = None
-            log.info("embedded_broker_stopped")
+        broker = self._broker
+        if broker is None:
+            return
+        self._broker = None
+        # amqtt stops each client by cancelling its reader task and waiting for it to end. On
+        # Python 3.11, asyncio.wait_for swallows that cancellation when a packet arrives at the
+        # same moment, and the wait then lasts until the client hangs up: with agents still
+        # connected, shutdown would never finish. Past a grace period, ending each client's
+        # input (EOF) lets those readers finish. amqtt offers no public list of its clients.
+        handlers = [handler for _session, handler in list(broker._sessions.values())]
+        task = asyncio.ensure_future(broker.shutdown())
+        try:
+            try:
+                async with asyncio.timeout(SHUTDOWN_GRACE_S):
+                    await asyncio.shield(task)
+            except TimeoutError:
+                log.warning("embedded_broker_slow_shutdown clients=%d", len(handlers))
+                for handler in handlers:
+                    if handler.reader is not None:
+                        handler.reader.feed_eof()
+                async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
+                    await task
+        except TimeoutError:
+            log.error("embedded_broker_shutdown_timeout timeout_s=%g", SHUTDOWN_TIMEOUT_S)
+            return
+        except asyncio.CancelledError:
+            task.cancel()
+            raise
+        log.info("embedded_broker_stopped")

@@ -39,6 +39,8 @@ class Fleet:
         result = self.registry.heartbeat(node_id, req, now)
         if result.events:
             self._emit(result.events)
+        if result.ignored is not None:
+            self._metrics.dropped[result.ignored] += 1
         return result, now
 
     def delete(self, node_id: str) -> None:

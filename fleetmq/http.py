@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -18,7 +20,6 @@ from pydantic import ValidationError
 from fleetmq.config import HttpSettings
 from fleetmq.errors import ConfigError
 from fleetmq.fleet import Fleet
-from fleetmq.ingest import conflict, not_found
 from fleetmq.metrics import Metrics
 from fleetmq.models import (
     MAX_PAYLOAD_BYTES,
@@ -27,6 +28,8 @@ from fleetmq.models import (
     RegisterRequest,
     Rejection,
     describe_error,
+    node_conflict,
+    node_not_registered,
     quote,
     require_node_id,
 )
@@ -75,6 +78,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             413: f"Request body is over the {MAX_PAYLOAD_BYTES} byte limit",
         }.get(exc.status, exc.text or exc.reason)
         return error_response(exc.status, exc.reason, message, headers)
+    except Exception:
+        # A bug must still answer in the contract's error shape, not aiohttp's text/plain 500.
+        log.exception("http_request_failed method=%s path=%s", request.method,
+                      quote(request.path))
+        return error_response(500, "Internal server error",
+                              "The request failed inside fleetmq; see the manager's log")
 
 
 class RestApi:
@@ -126,7 +135,7 @@ class RestApi:
         try:
             result, now = self._fleet.register(node_id, req)
         except NodeConflictError as exc:
-            raise conflict(exc) from None
+            raise node_conflict(exc.node_id, exc.existing_type) from None
         return json_response(register_reply(node_id, created=result.created, at=now.wall))
 
     async def heartbeat(self, request: web.Request) -> web.Response:
@@ -139,7 +148,7 @@ class RestApi:
         try:
             result, now = self._fleet.heartbeat(node_id, req)
         except NodeNotFoundError:
-            raise not_found(node_id) from None
+            raise node_not_registered() from None
         return json_response(heartbeat_reply(result.node, now.wall))
 
     async def delete_node(self, request: web.Request) -> web.Response:
@@ -247,7 +256,7 @@ def _path_id(request: web.Request) -> str:
     node_id = request.match_info["node_id"]
     if not is_valid_node_id(node_id):
         raise Rejection(400, "Invalid node id",
-                        f"{quote(node_id)!r} is not a valid node id: use 1 to 128 letters, "
+                        f"{quote(repr(node_id))} is not a valid node id: use 1 to 128 letters, "
                         "digits and '._:-', starting with a letter or digit", "invalid_id")
     return node_id
 
@@ -269,7 +278,7 @@ def _filter(query: Any) -> Callable[[Node], bool]:
         if status not in STATUSES:
             raise Rejection(400, "Invalid parameter",
                             f"Parameter 'status' must be one of online, degraded, offline, "
-                            f"not {quote(status)!r}", "invalid_query")
+                            f"not {quote(repr(status))}", "invalid_query")
     if node_type is None and status is None and location is None:
         return _all
     want_type = node_type.casefold() if node_type is not None else None
@@ -289,11 +298,15 @@ def _filter(query: Any) -> Callable[[Node], bool]:
 def _limit(text: str | None) -> int | None:
     if text is None:
         return None
-    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+    # ASCII digits only ("²".isdigit() is true, yet int() refuses it), and few enough of them
+    # that int() never meets its 4300-digit limit: either would escape as a 500.
+    digits = text.lstrip("0")
+    if (not (text.isascii() and text.isdigit()) or len(digits) > len(str(MAX_LIMIT))
+            or not 1 <= int(digits or "0") <= MAX_LIMIT):
         raise Rejection(400, "Invalid parameter",
                         f"Parameter 'limit' must be a whole number from 1 to {MAX_LIMIT}, "
-                        f"not {quote(text)!r}", "invalid_query")
-    return int(text)
+                        f"not {quote(repr(text))}", "invalid_query")
+    return int(digits)
 
 
 class HttpServer:
@@ -304,6 +317,28 @@ class HttpServer:
         self._settings = settings
         self._runner: web.AppRunner | None = None
         self.port = settings.port
+
+    def check_port_free(self) -> None:
+        """Refuse a taken port at once, before the embedded broker or the MQTT link start.
+
+        ``__aenter__`` binds for real; this probe only makes the common mistake fail before
+        there is a half-started broker to stop (amqtt can hang stopping a client mid-connect).
+        """
+        host, port = self._settings.host, self._settings.port
+        if port == 0:
+            return
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    return  # not a taken port (a host name, say): the real bind decides
+                raise ConfigError(
+                    f"cannot serve HTTP on {host}:{port}: the port is already in use; "
+                    "pass --http HOST:PORT with a free port"
+                ) from exc
 
     async def __aenter__(self) -> HttpServer:
         runner = web.AppRunner(

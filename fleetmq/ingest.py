@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from fleetmq.errors import BrokerError
 from fleetmq.fleet import Fleet
 from fleetmq.metrics import Metrics, RateLimitedLog
 from fleetmq.models import (
@@ -22,6 +23,8 @@ from fleetmq.models import (
     RegisterRequest,
     Rejection,
     describe_error,
+    node_conflict,
+    node_not_registered,
     quote,
 )
 from fleetmq.mqtt import Inbound, MqttLink
@@ -41,20 +44,6 @@ RECONCILE_QUIET_S = 0.5
 RECONCILE_TIMEOUT_S = 30.0
 
 
-def not_found(node_id: str) -> Rejection:
-    return Rejection(404, "Node not found", "Node must register first", "unknown_node")
-
-
-def conflict(exc: NodeConflictError) -> Rejection:
-    return Rejection(
-        409, "Node conflict",
-        # Both types may be 64 multi-byte characters: keep the reply under PubSubClient's 512.
-        f"Node {quote(exc.node_id)} is registered with another node_type "
-        f"({quote(exc.existing_type, 32)}): delete it first to re-register it as another type",
-        "conflict",
-    )
-
-
 class MqttIngest:
     def __init__(self, link: MqttLink, topics: Topics, fleet: Fleet, publisher: Publisher,
                  metrics: Metrics) -> None:
@@ -66,7 +55,8 @@ class MqttIngest:
         self._warn = RateLimitedLog(log)
         self._sync_token: bytes | None = None
         self._sync_seen = asyncio.Event()
-        self._last_status_at = 0.0
+        self._last_retained_at = 0.0
+        self._stale_cleared = 0
 
     async def run(self) -> None:
         link = self._link
@@ -123,7 +113,7 @@ class MqttIngest:
         try:
             result, now = self._fleet.register(node_id, req)
         except NodeConflictError as exc:
-            raise conflict(exc) from None
+            raise node_conflict(exc.node_id, exc.existing_type) from None
         self._reply(node_id, msg, register_reply(node_id, created=result.created, at=now.wall))
 
     def _heartbeat(self, node_id: str, msg: Inbound) -> None:
@@ -138,13 +128,15 @@ class MqttIngest:
         try:
             result, now = self._fleet.heartbeat(node_id, req)
         except NodeNotFoundError:
-            raise not_found(node_id) from None
+            raise node_not_registered() from None
         if result.ignored is not None:
-            self._metrics.dropped[result.ignored] += 1
-            log.info("offline_ignored node_id=%s reason=%s", node_id, result.ignored)
+            self._warn.warning(result.ignored, msg.received,
+                               "offline_ignored node_id=%s reason=%s", node_id, result.ignored)
             return
-        if msg.response_topic is not None:  # MQTT 5 asks for an answer; 3.1.1 gets none
-            self._reply(node_id, msg, heartbeat_reply(result.node, now.wall))
+        # Accepted heartbeats are answered only where MQTT 5 asks, at a topic we may write to.
+        topic = msg.response_topic
+        if topic is not None and not self._topics.is_foreign_reply_target(topic, node_id):
+            self._publisher.reply(topic, heartbeat_reply(result.node, now.wall), msg.correlation)
 
     def _reply(self, node_id: str, msg: Inbound, body: dict[str, Any]) -> None:
         topic = msg.response_topic
@@ -161,28 +153,36 @@ class MqttIngest:
     # --- reconciliation of retained statuses (contract §6) -------------------------------
 
     async def reconcile(self) -> None:
-        """Clear retained statuses of nodes this manager does not know, then unsubscribe."""
+        """Clear retained statuses of nodes this manager does not know, then unsubscribe.
+
+        Raises BrokerError when the connection fails meanwhile (the caller retries on the next
+        connection).
+        """
         token = secrets.token_hex(8).encode()
+        clock = self._fleet.clock
         self._sync_token = token
         self._sync_seen.clear()
-        self._last_status_at = asyncio.get_running_loop().time()
+        self._stale_cleared = 0
+        self._last_retained_at = clock.now().mono
         filters = [self._topics.status_filter, self._topics.sync]
         try:
             await self._link.subscribe(filters)
-            self._link.publish(self._topics.sync, token, retain=False)
-            async with asyncio.timeout(RECONCILE_TIMEOUT_S):
-                await self._sync_seen.wait()
-                loop = asyncio.get_running_loop()
-                # The sentinel closes mosquitto's retained burst; amqtt's may trail it a little.
-                # A quiet period is a time condition, not an event: ASYNC110 does not apply.
-                while (quiet := loop.time() - self._last_status_at) < RECONCILE_QUIET_S:  # noqa: ASYNC110
-                    await asyncio.sleep(RECONCILE_QUIET_S - quiet)
-        except TimeoutError:
-            log.warning("reconcile_incomplete reason=no sentinel within %ss", RECONCILE_TIMEOUT_S)
+            if not self._link.publish(self._topics.sync, token, retain=False):
+                raise BrokerError("the reconciliation sentinel could not be published")
+            try:
+                async with asyncio.timeout(RECONCILE_TIMEOUT_S):
+                    await self._sync_seen.wait()
+                    # The sentinel closes Mosquitto's retained burst; amqtt's may trail it, so
+                    # also wait for a quiet period. A time condition, not an event (ASYNC110).
+                    while (quiet := clock.now().mono - self._last_retained_at) < RECONCILE_QUIET_S:  # noqa: ASYNC110
+                        await asyncio.sleep(RECONCILE_QUIET_S - quiet)
+            except TimeoutError:
+                log.warning("reconcile_incomplete reason=no sentinel within %ss",
+                            RECONCILE_TIMEOUT_S)
         finally:
             self._sync_token = None
         await self._link.unsubscribe(filters)
-        log.info("reconcile_finished")
+        log.info("reconcile_finished stale_statuses_cleared=%d", self._stale_cleared)
 
     def _reconcile(self, kind: Kind, node_id: str, msg: Inbound) -> None:
         if self._sync_token is None:
@@ -192,11 +192,14 @@ class MqttIngest:
             if msg.payload == self._sync_token:
                 self._sync_seen.set()
             return
-        self._last_status_at = asyncio.get_running_loop().time()
+        if not msg.retain:
+            return  # a live status (our own, most likely): not part of the retained burst
+        self._last_retained_at = msg.received
         if not msg.payload or not is_valid_node_id(node_id):
             return
         if self._fleet.registry.get(node_id) is None:
-            log.info("stale_status_cleared node_id=%s", node_id)
+            log.debug("stale_status_cleared node_id=%s", node_id)
+            self._stale_cleared += 1
             self._publisher.clear_status(node_id)
 
 

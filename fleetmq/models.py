@@ -92,8 +92,10 @@ BARE_HEARTBEAT = HeartbeatRequest()
 
 
 def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
-    """A value as error messages show it: cut to 64 characters (or ``limit``)."""
-    text = value if isinstance(value, str) else repr(value)
+    """A value as error messages show it: escaped first, then cut to 64 characters (or
+    ``limit``), so no quoted input can make a message longer. A printable string is shown as
+    it is; anything else in its Python form (``'5'`` is a string, ``5`` a number)."""
+    text = value if isinstance(value, str) and value.isprintable() else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -107,6 +109,20 @@ class Rejection(Exception):
         self.message = message
         self.reason = reason
         """Counter label for dropped MQTT messages."""
+
+
+def node_not_registered() -> Rejection:
+    return Rejection(404, "Node not found", "Node must register first", "unknown_node")
+
+
+def node_conflict(node_id: str, existing_type: str) -> Rejection:
+    return Rejection(
+        409, "Node conflict",
+        # The type may be 64 multi-byte characters: keep the reply under PubSubClient's 512.
+        f"Node {quote(node_id)} is registered with another node_type "
+        f"({quote(existing_type, 32)}): delete it first to re-register it as another type",
+        "conflict",
+    )
 
 
 def describe_error(exc: ValidationError) -> Rejection:
@@ -125,13 +141,13 @@ def describe_error(exc: ValidationError) -> Rejection:
         # pydantic's loc holds the (device-chosen) key and a union member tag: name the key only.
         return Rejection(400, "Invalid field",
                          f"Field 'metadata.{quote(str(loc[1]))}' is invalid (values must be "
-                         f"strings, numbers, booleans or null): {quote(first.get('input'))}",
+                         f"strings, numbers, booleans or null): {quote(repr(first.get('input')))}",
                          "invalid_payload")
     field = ".".join(quote(str(part)) for part in loc)
     if kind == "missing":
         return Rejection(400, "Missing field", f"Field '{field}' is required", "invalid_payload")
     message = first["msg"].removeprefix("Value error, ")
-    shown = quote(first.get("input"))
+    shown = quote(repr(first.get("input")))
     return Rejection(400, "Invalid field", f"Field '{field}' is invalid ({message}): {shown}",
                      "invalid_payload")
 

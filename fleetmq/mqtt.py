@@ -96,9 +96,10 @@ class MqttLink:
         self._waiting = False
         self._arrived = asyncio.Event()
         self._state_changed = asyncio.Event()
-        self._connected = False
         self._ever_connected = False
         self._connacks = 0
+        self._generation = 0
+        self._closing = False
         self._connack_timer: asyncio.TimerHandle | None = None
         self._pending_subacks: dict[int, asyncio.Future[None]] = {}
         self._sent = 0
@@ -118,6 +119,7 @@ class MqttLink:
 
     async def __aexit__(self, *exc_info: object) -> None:
         client = self._client
+        self._closing = True
         self._client = None
         self._cancel_connack_timer()
         if client is None:
@@ -172,21 +174,25 @@ class MqttLink:
         return self.connected
 
     def _set_connected(self, *, connected: bool, reason: str) -> None:
+        if not connected:
+            # Every disconnect starts a new generation: SUBACKs of the old one no longer count.
+            self._generation += 1
+            self.last_error = reason
+            pending, self._pending_subacks = self._pending_subacks, {}
+            for fut in pending.values():
+                if not fut.done():
+                    fut.set_exception(BrokerError(f"connection lost: {reason}"))
         if connected == self.connected:
             return
         self.connected = connected
-        if not connected:
-            self.last_error = reason
-            for fut in self._pending_subacks.values():
-                if not fut.done():
-                    fut.set_exception(BrokerError(f"connection lost: {reason}"))
-            self._pending_subacks.clear()
-        else:
+        if connected:
             self.connections += 1
         self._state_changed.set()
         self._wake_credit()
 
-    # --- paho callbacks: paho's thread; hand over, touch nothing ---------------------------
+    # --- paho callbacks, on paho's thread: they hand over through call_soon_threadsafe and
+    # touch only the hand-off fields (the inbound deque, _waiting, _acked), each written by one
+    # side only or guarded by re-checks, so no lock is needed ----------------------------------
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
@@ -209,14 +215,14 @@ class MqttLink:
             result, mid = client.subscribe(topic, qos=1)
             if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 mids.append(mid)
-        self._call(self._connected_waiting_subacks, mids, bool(flags.session_present))
+        self._call(self._connected_waiting_subacks, client, mids, bool(flags.session_present))
 
     def _on_connect_fail(self, _c: paho.Client, _u: object) -> None:
         self._call(self._note_error, f"cannot connect to {self._broker.describe()}")
 
-    def _on_disconnect(self, _c: paho.Client, _u: object, _f: Any, rc: ReasonCode,
+    def _on_disconnect(self, client: paho.Client, _u: object, _f: Any, rc: ReasonCode,
                        _p: Properties | None) -> None:
-        self._call(self._set_connected_false, str(rc))
+        self._call(self._set_connected_false, client, str(rc))
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -256,9 +262,13 @@ class MqttLink:
             log.warning("broker_unreachable broker=%s error=%s", self._broker.describe(), message)
         self.last_error = message
 
-    def _set_connected_false(self, reason: str) -> None:
+    def _set_connected_false(self, client: paho.Client, reason: str) -> None:
+        if client is not self._client and not self._closing:
+            return  # a client replaced by the 3.1.1 fallback: its news is not ours
         if self.connected:
-            log.warning("broker_disconnected broker=%s reason=%s", self._broker.describe(), reason)
+            level = logging.INFO if self._closing else logging.WARNING
+            log.log(level, "broker_disconnected broker=%s reason=%s",
+                    self._broker.describe(), reason)
         self._set_connected(connected=False, reason=f"connection lost: {reason}")
 
     def _connect_refused(self, code: int, reason: str) -> None:
@@ -306,7 +316,12 @@ class MqttLink:
             self._connack_timer.cancel()
             self._connack_timer = None
 
-    def _connected_waiting_subacks(self, mids: list[int], session_present: bool) -> None:
+    def _connected_waiting_subacks(self, client: paho.Client, mids: list[int],
+                                   session_present: bool) -> None:
+        if client is not self._client:
+            return
+        self._generation += 1
+        generation = self._generation
         loop = asyncio.get_running_loop()
         futures = []
         for mid in mids:
@@ -317,11 +332,16 @@ class MqttLink:
         log.info("broker_connected broker=%s protocol=%s session_present=%s",
                  self._broker.describe(), self.protocol_name, session_present)
 
-        def ready(_done: asyncio.Future[list[None]]) -> None:
-            if not _done.cancelled() and _done.exception() is None:
-                self._set_connected(connected=True, reason="")
+        def ready(done: asyncio.Future[list[BaseException | None]]) -> None:
+            if done.cancelled() or generation != self._generation:
+                return  # the connection went away (or came again) meanwhile
+            errors = [r for r in done.result() if isinstance(r, BaseException)]
+            if errors:
+                self._note_error(str(errors[0]))
+                return
+            self._set_connected(connected=True, reason="")
 
-        gathered = asyncio.gather(*futures)
+        gathered = asyncio.gather(*futures, return_exceptions=True)
         gathered.add_done_callback(ready)
 
     def _suback(self, mid: int, failed: list[str]) -> None:
@@ -384,7 +404,11 @@ class MqttLink:
             props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves it untyped
             props.CorrelationData = correlation
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+        # NO_CONN: the link dropped an instant ago; paho keeps a QoS 1 message and sends it on
+        # reconnect, so it counts as sent (returning False would send it twice).
+        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS and not (
+            qos and info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN
+        ):
             return False
         if qos:
             self._sent += 1

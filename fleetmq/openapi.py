@@ -152,6 +152,10 @@ def openapi_document(topic_root: str) -> dict[str, Any]:
             "/readyz": {"get": {"summary": "Readiness: broker connected, subscriptions acked",
                                 "responses": {"200": {"description": "Ready"},
                                               "503": _error("Not ready, with the reason")}}},
+            "/api/v1/openapi.json": {"get": {
+                "summary": "This OpenAPI document",
+                "responses": {"200": {"description": "The OpenAPI 3 document",
+                                      "content": {"application/json": {}}}}}},
             "/metrics": {"get": {"summary": "Counters in Prometheus text format",
                                  "responses": {"200": {"description": "Metrics",
                                                        "content": {"text/plain": {}}}}}},

@@ -67,7 +67,7 @@ class Publisher:
 
     def republish_all(self) -> None:
         """Queue every known node's status, behind live changes."""
-        self._sweep = list(self._registry.sorted_ids())
+        self._sweep = self._registry.ids()
         self._sweep_pos = 0
         log.info("republish_started nodes=%d", len(self._sweep))
         self._wake.set()

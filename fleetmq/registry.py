@@ -11,7 +11,7 @@ each map is ordered by deadline; expiry only looks at the front of each map.
 
 from __future__ import annotations
 
-import bisect
+import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -94,7 +94,12 @@ class Registry:
             else float(TIMEOUT_FACTOR * default_interval_s)
         )
         self._nodes: dict[str, Node] = {}
-        self._sorted_ids: list[str] = []
+        # Sorted ids are rebuilt on read when nodes came or went: timsort merges the sorted
+        # base with the few new ids in about O(n), where bisect.insort would cost O(n) for
+        # every registration (a million re-registering after a restart).
+        self._sorted: list[str] = []
+        self._added: set[str] = set()
+        self._removed: set[str] = set()
         self._queues: dict[float, OrderedDict[str, None]] = {}
         self._grace_from = float("-inf")
 
@@ -107,11 +112,19 @@ class Registry:
         return self._nodes.get(node_id)
 
     def sorted_ids(self) -> list[str]:
-        """Every id in sorted order; the list is the registry's own: do not mutate it."""
-        return self._sorted_ids
+        """Every id in sorted order, as of now. Later changes build a new list, so a reader
+        may keep this one across awaits; it must not mutate it."""
+        if self._added or self._removed:
+            removed = self._removed
+            base = [i for i in self._sorted if i not in removed] if removed else self._sorted
+            self._sorted = sorted(itertools.chain(base, self._added))
+            self._added = set()
+            self._removed = set()
+        return self._sorted
 
-    def nodes(self) -> list[Node]:
-        return list(self._nodes.values())
+    def ids(self) -> list[str]:
+        """Every id, in no particular order (cheaper than ``sorted_ids``)."""
+        return list(self._nodes)
 
     def next_deadline(self) -> float | None:
         """The earliest deadline (monotonic), for sleeping until something can expire."""
@@ -146,7 +159,10 @@ class Registry:
                 session=req.session,
             )
             self._nodes[node_id] = node
-            bisect.insort(self._sorted_ids, node_id)
+            if node_id in self._removed:
+                self._removed.discard(node_id)  # deleted and back before a read: still listed
+            else:
+                self._added.add(node_id)
         else:
             if node.type.casefold() != req.node_type.casefold():
                 raise NodeConflictError(node_id, node.type, req.node_type)
@@ -195,22 +211,28 @@ class Registry:
         if node is None:
             raise NodeNotFoundError(node_id)
         self._unschedule(node)
-        index = bisect.bisect_left(self._sorted_ids, node_id)
-        del self._sorted_ids[index]
+        if node_id in self._added:
+            self._added.discard(node_id)
+        else:
+            self._removed.add(node_id)
         return [NodeDeleted(node_id)]
 
-    def expire(self, now: Instant, limit: float | None = None) -> list[Event]:
-        """Take offline every node whose deadline is at or before ``limit`` (default: now).
+    def expire(
+        self, now: Instant, limit: float | None = None, max_events: int | None = None
+    ) -> list[Event]:
+        """Take offline nodes whose deadline is at or before ``limit`` (default: now), at most
+        ``max_events`` of them (call again while it returns that many).
 
         The caller lowers ``limit`` to the receipt time of the oldest message still waiting to
-        be applied, so expiry never runs ahead of ingest.
+        be applied, so expiry never runs ahead of ingest. Cost: O(expired + distinct timeouts).
         """
         cutoff = now.mono if limit is None else min(limit, now.mono)
+        budget = max_events if max_events is not None else len(self._nodes)
         events: list[Event] = []
         for timeout, queue in self._queues.items():
             if self._grace_from + timeout > cutoff:
                 continue
-            while queue:
+            while queue and len(events) < budget:
                 node = self._nodes[next(iter(queue))]
                 assert node.deadline is not None
                 if node.deadline > cutoff:

@@ -264,8 +264,9 @@ def test_invalid_field_message_cuts_the_value_to_64_characters() -> None:
     rej = register_rejection(node_type=value)
 
     assert_invalid_field(rej, "node_type")
-    assert rej.message.endswith(": " + "x" * 30 + "y" * 31 + "...")  # 64 characters in all
-    assert "y" * 32 not in rej.message
+    # Shown in its Python form (a string in quotes), then cut: 64 characters in all.
+    assert rej.message.endswith(": '" + "x" * 30 + "y" * 30 + "...")
+    assert "y" * 31 not in rej.message
 
 
 @pytest.mark.parametrize(

@@ -239,7 +239,7 @@ def test_delete_removes_the_node_and_a_second_delete_is_not_found(
     assert registry.delete(NODE) == [NodeDeleted(NODE)]
     assert registry.get(NODE) is None
     assert registry.sorted_ids() == ["a"]
-    assert [n.id for n in registry.nodes()] == ["a"]
+    assert registry.ids() == ["a"]
     assert len(registry) == 1
     with pytest.raises(NodeNotFoundError):
         registry.delete(NODE)

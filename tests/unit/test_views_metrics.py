@@ -12,9 +12,14 @@ from pydantic import ValidationError
 
 from fleetmq.clock import FakeClock, format_timestamp
 from fleetmq.events import NodeTransitioned
-from fleetmq.ingest import conflict, not_found
 from fleetmq.metrics import DROP_REASONS, Metrics, RateLimitedLog
-from fleetmq.models import HeartbeatRequest, RegisterRequest, describe_error
+from fleetmq.models import (
+    HeartbeatRequest,
+    RegisterRequest,
+    describe_error,
+    node_conflict,
+    node_not_registered,
+)
 from fleetmq.registry import Node, NodeConflictError, Registry
 from fleetmq.views import (
     dumps,
@@ -205,9 +210,9 @@ def test_replies_with_longest_id_fit_512_bytes() -> None:
     replies = [
         register_reply(LONG_ID, created=False, at=clock.now().wall),
         heartbeat_reply(node, clock.now().wall),
-        {**error_body(not_found(LONG_ID)), "code": 404},
+        {**error_body(node_not_registered()), "code": 404},
         {**error_body(invalid), "code": 400},
-        {**error_body(conflict(NodeConflictError(LONG_ID, "t" * 64, "u" * 64))), "code": 409},
+        {**error_body(node_conflict(LONG_ID, "t" * 64)), "code": 409},
     ]
 
     sizes = [len(dumps(reply)) for reply in replies]
@@ -217,7 +222,8 @@ def test_replies_with_longest_id_fit_512_bytes() -> None:
 def test_conflict_reply_with_non_ascii_types_fits_512_bytes() -> None:
     exc = NodeConflictError(LONG_ID, "\u6e29\u5ea6" * 32, "\u6e7f\u5ea6" * 32)
 
-    assert len(dumps({**error_body(conflict(exc)), "code": 409})) < PUBSUBCLIENT_BUFFER
+    body = error_body(node_conflict(exc.node_id, exc.existing_type))
+    assert len(dumps({**body, "code": 409})) < PUBSUBCLIENT_BUFFER
 
 
 def test_register_reply_message_depends_on_first_registration() -> None:
