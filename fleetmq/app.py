@@ -30,6 +30,11 @@ from fleetmq.views import manager_status_payload
 log = logging.getLogger(__name__)
 
 EXPIRY_TICK_S = 0.2
+EXPIRY_BATCH = 10_000
+"""Nodes expired between two yields to the event loop: a mass expiry never stalls REST."""
+IN_HAND_MARGIN_S = 0.05
+"""With nothing queued, expiry still stays this far behind now: paho's thread may hold a
+message it has stamped but not yet queued."""
 GOODBYE_TIMEOUT_S = 3.0
 
 
@@ -59,6 +64,7 @@ class FleetService:
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
         self._group: asyncio.TaskGroup | None = None
+        self._publisher_task: asyncio.Task[None] | None = None
 
     @property
     def http_port(self) -> int:
@@ -75,10 +81,10 @@ class FleetService:
             await stack.enter_async_context(self.link)
             stack.push_async_callback(self._say_goodbye)
             group = self._group = await stack.enter_async_context(asyncio.TaskGroup())
-            stack.callback(self._cancel_tasks)
+            stack.push_async_callback(self._stop_loops)
+            self._publisher_task = group.create_task(self.publisher.run(), name="fleetmq-publisher")
             for name, coro in (
                 ("ingest", self.ingest.run()),
-                ("publisher", self.publisher.run()),
                 ("expiry", self._expire_loop()),
                 ("connection", self._watch_connection()),
             ):
@@ -92,9 +98,16 @@ class FleetService:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stack.aclose()
 
-    def _cancel_tasks(self) -> None:
+    async def _stop_loops(self) -> None:
+        # Ingest, expiry and reconciliation stop first; the publisher then gets a moment to
+        # send the statuses and replies already queued (not the republish sweep), then stops.
         for task in self._tasks:
             task.cancel()
+        if self._publisher_task is not None:
+            drained = await self.publisher.drain(GOODBYE_TIMEOUT_S)
+            if not drained:
+                log.warning("publisher_not_drained backlog=%d", self.publisher.backlog)
+            self._publisher_task.cancel()
 
     async def _say_goodbye(self) -> None:
         payload = manager_status_payload("offline", self.clock.now().wall, "shutdown")
@@ -115,10 +128,18 @@ class FleetService:
                 graced_for = self.link.connections
                 self.fleet.grant_grace()
             try:
-                self.fleet.expire(limit=self.link.oldest_pending())
-                self.metrics.expiry_passes += 1
+                await self._expire_due()
             except Exception:
                 log.exception("expiry_failed")
+
+    async def _expire_due(self) -> None:
+        self.metrics.expiry_passes += 1
+        while True:
+            oldest = self.link.oldest_pending()
+            limit = oldest if oldest is not None else self.clock.now().mono - IN_HAND_MARGIN_S
+            if self.fleet.expire(limit, EXPIRY_BATCH) < EXPIRY_BATCH:
+                return
+            await asyncio.sleep(0)
 
     async def _watch_connection(self) -> None:
         handled = 0
@@ -127,16 +148,23 @@ class FleetService:
             await self.link.wait_state_change()
             if not self.link.connected or self.link.connections == handled:
                 continue
+            try:
+                reconcile = self._on_connected(reconcile)
+            except Exception:
+                log.exception("on_connected_failed")
             handled = self.link.connections
-            self.publisher.publish_presence(
-                manager_status_payload("online", self.clock.now().wall))
-            self.publisher.republish_all()
-            # Reconcile once per process; a run cut short by a lost connection starts again.
-            done = reconcile is not None and reconcile.done() and reconcile.result()
-            running = reconcile is not None and not reconcile.done()
-            if not done and not running and self._group is not None:
-                reconcile = self._group.create_task(self._reconcile(), name="fleetmq-reconcile")
-                self._tasks.append(reconcile)
+
+    def _on_connected(self, reconcile: asyncio.Task[bool] | None) -> asyncio.Task[bool] | None:
+        self.publisher.publish_presence(manager_status_payload("online", self.clock.now().wall))
+        self.publisher.republish_all()
+        # Reconcile once per process; a run cut short by a lost connection starts again.
+        if reconcile is not None and (not reconcile.done() or reconcile.result()):
+            return reconcile
+        if self._group is None:
+            return None
+        task = self._group.create_task(self._reconcile(), name="fleetmq-reconcile")
+        self._tasks.append(task)
+        return task
 
     async def _reconcile(self) -> bool:
         try:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
+from collections.abc import Iterator
 from typing import Any
 
 from fleetmq.errors import BrokerError
+from fleetmq.ports import address_in_use
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +31,17 @@ def _config(host: str, port: int) -> dict[str, Any]:
     }
 
 
-def _check_port_free(host: str, port: int) -> None:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError as exc:
-            raise BrokerError(
-                f"cannot start the embedded MQTT broker: {host}:{port} is already in use "
-                f"({exc.strerror}); another MQTT broker may be running there: pass "
-                f"--broker mqtt://{host}:{port} to use it, or "
-                f"--broker embedded://{host}:<free port> to run the embedded one elsewhere"
-            ) from exc
+class _SnapshotDict(dict[str, Any]):
+    """amqtt 0.12 iterates its table of subscriptions with awaits inside the loop (when a
+    client connects, when it broadcasts); another client subscribing meanwhile raises
+    "dictionary changed size during iteration" and kills that client's session. Iterating
+    over a snapshot makes both loops safe."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().__iter__()))
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]  # a snapshot, not a view
+        return list(super().items())
 
 
 class EmbeddedBroker:
@@ -54,10 +53,17 @@ class EmbeddedBroker:
     async def __aenter__(self) -> EmbeddedBroker:
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
-        _check_port_free(self.host, self.port)
+        if address_in_use(self.host, self.port):
+            raise BrokerError(
+                f"cannot start the embedded MQTT broker: {self.host}:{self.port} is already in "
+                f"use; another MQTT broker may be running there: pass "
+                f"--broker mqtt://{self.host}:{self.port} to use it, or "
+                f"--broker embedded://{self.host}:<free port> to run the embedded one elsewhere"
+            )
         from amqtt.broker import Broker  # noqa: PLC0415 (heavy import, only when embedded)
 
         broker = Broker(_config(self.host, self.port))
+        broker._subscriptions = _SnapshotDict()  # see _SnapshotDict: an amqtt race
         try:
             await broker.start()
         except Exception as exc:
@@ -91,6 +97,7 @@ class EmbeddedBroker:
                 async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
                     await task
         except TimeoutError:
+            task.cancel()
             log.error("embedded_broker_shutdown_timeout timeout_s=%g", SHUTDOWN_TIMEOUT_S)
             return
         except asyncio.CancelledError:

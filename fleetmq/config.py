@@ -88,6 +88,11 @@ class Settings:
                 f"--offline-after {self.offline_after_s} is out of range: "
                 "give seconds above 0 and at most 259200"
             )
+        if not 5 <= self.keepalive_s <= 65_535:
+            raise ConfigError(
+                f"--keepalive {self.keepalive_s} is out of range: give whole seconds from 5 to "
+                "65535 (long enough that a backlog of messages cannot outrun the ping)"
+            )
         if self.client_id is not None and not self.client_id.startswith(CLIENT_ID_PREFIX):
             raise ConfigError(
                 f"--client-id {self.client_id!r} must begin with {CLIENT_ID_PREFIX!r}, "

@@ -47,8 +47,8 @@ class Fleet:
         self._emit(self.registry.delete(node_id))
         log.info("node_deleted node_id=%s", node_id)
 
-    def expire(self, limit: float | None) -> int:
-        events = self.registry.expire(self.clock.now(), limit)
+    def expire(self, limit: float | None, max_events: int | None = None) -> int:
+        events = self.registry.expire(self.clock.now(), limit, max_events)
         if events:
             self._emit(events)
             log.info("nodes_expired count=%d", len(events))

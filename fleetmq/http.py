@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-import errno
 import logging
-import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -35,6 +33,7 @@ from fleetmq.models import (
 )
 from fleetmq.mqtt import MqttLink
 from fleetmq.openapi import openapi_document
+from fleetmq.ports import address_in_use
 from fleetmq.publisher import Publisher
 from fleetmq.registry import Node, NodeConflictError, NodeNotFoundError, Registry
 from fleetmq.topics import is_valid_node_id
@@ -78,6 +77,8 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             413: f"Request body is over the {MAX_PAYLOAD_BYTES} byte limit",
         }.get(exc.status, exc.text or exc.reason)
         return error_response(exc.status, exc.reason, message, headers)
+    except ConnectionResetError:
+        raise  # the client left: nobody to answer, nothing to log as an error
     except Exception:
         # A bug must still answer in the contract's error shape, not aiohttp's text/plain 500.
         log.exception("http_request_failed method=%s path=%s", request.method,
@@ -96,11 +97,33 @@ class RestApi:
         self._metrics = metrics
         self._settings = settings
         self._openapi = dumps(openapi_document(topic_root))
-        self.ready_reasons: list[str] = []
-        """Why the manager is not ready, besides the broker; empty when it is."""
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @web.middleware
+    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await handler(request)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no request is in flight (shutdown); False on timeout."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     def build(self) -> web.Application:
-        app = web.Application(middlewares=[json_errors], client_max_size=MAX_PAYLOAD_BYTES)
+        app = web.Application(middlewares=[self._track, json_errors],
+                              client_max_size=MAX_PAYLOAD_BYTES)
         r = app.router
         r.add_post(f"{PREFIX}/register", self.register)
         r.add_post(f"{PREFIX}/heartbeat", self.heartbeat)
@@ -172,14 +195,13 @@ class RestApi:
         match = _filter(request.query)
         limit = _limit(request.query.get("limit"))
         after = request.query.get("after")
-        ids = self._registry.sorted_ids()
+        ids = self._registry.sorted_ids()  # a snapshot: later changes build a new list
         start = bisect.bisect_right(ids, after) if after else 0
-        if limit is not None:
-            return self._page(ids, start, limit, match)
-        if len(ids) - start <= STREAM_CHUNK:
-            parts = [node_json(n) for n in self._nodes(ids[start:]) if match(n)]
-            return web.Response(body=_document(parts, len(parts)), content_type=JSON)
-        return await self._stream(request, ids[start:], match)
+        if limit is None and len(ids) - start > STREAM_CHUNK:
+            return await self._stream(request, ids, start, match)
+        parts, next_id = await self._collect(ids, start, limit, match)
+        total = await self._count(ids, match)
+        return web.Response(body=_document(parts, total, next_id), content_type=JSON)
 
     def _nodes(self, ids: list[str]) -> Iterator[Node]:
         get = self._registry.get
@@ -188,40 +210,61 @@ class RestApi:
             if node is not None:
                 yield node
 
-    def _page(self, ids: list[str], start: int, limit: int,
-              match: Callable[[Node], bool]) -> web.Response:
-        parts: list[bytes] = []
-        last: str | None = None
-        more = False
-        for node in self._nodes(ids[start:]):
-            if not match(node):
-                continue
-            if len(parts) == limit:
-                more = True
-                break
-            parts.append(node_json(node))
-            last = node.id
-        total = sum(1 for n in self._nodes(ids) if match(n)) if match is not _all else len(ids)
-        return web.Response(body=_document(parts, total, last if more else None),
-                            content_type=JSON)
+    async def _collect(self, ids: list[str], start: int, limit: int | None,
+                       match: Callable[[Node], bool]) -> tuple[list[bytes], str | None]:
+        """Up to ``limit`` matches from ``start``, and the ``next`` id if more follow.
 
-    async def _stream(self, request: web.Request, ids: list[str],
+        Walks in chunks, yielding between them: a sparse filter over a large fleet must not
+        stall ingest or expiry.
+        """
+        parts: list[bytes] = []
+        last = None
+        for offset in range(start, len(ids), STREAM_CHUNK):
+            for node in self._nodes(ids[offset:offset + STREAM_CHUNK]):
+                if not match(node):
+                    continue
+                if len(parts) == limit:
+                    return parts, last
+                parts.append(node_json(node))
+                last = node.id
+            await asyncio.sleep(0)
+        return parts, None
+
+    async def _count(self, ids: list[str], match: Callable[[Node], bool],
+                     stop: int | None = None) -> int:
+        """How many of ``ids[:stop]`` match, counted in chunks that yield between them."""
+        stop = len(ids) if stop is None else stop
+        if match is _all:
+            return stop
+        total = 0
+        for offset in range(0, stop, STREAM_CHUNK):
+            total += sum(1 for n in self._nodes(ids[offset:min(offset + STREAM_CHUNK, stop)])
+                         if match(n))
+            await asyncio.sleep(0)
+        return total
+
+    async def _stream(self, request: web.Request, ids: list[str], start: int,
                       match: Callable[[Node], bool]) -> web.StreamResponse:
         # A large fleet goes out in chunks, yielding between them, so that listing a million
         # nodes never stalls ingest. Each node is read as it is when its chunk is written.
+        before = await self._count(ids, match, start)
         response = web.StreamResponse(headers={"Content-Type": JSON})
         await response.prepare(request)
-        await response.write(b'{"nodes":[')
         count = 0
-        for offset in range(0, len(ids), STREAM_CHUNK):
-            parts = [node_json(n) for n in self._nodes(ids[offset:offset + STREAM_CHUNK])
-                     if match(n)]
-            if parts:
-                await response.write((b"," if count else b"") + b",".join(parts))
-                count += len(parts)
-            await asyncio.sleep(0)
-        await response.write(b'],"count":%d,"total":%d,"next":null}' % (count, count))
-        await response.write_eof()
+        try:
+            await response.write(b'{"nodes":[')
+            for offset in range(start, len(ids), STREAM_CHUNK):
+                parts = [node_json(n) for n in self._nodes(ids[offset:offset + STREAM_CHUNK])
+                         if match(n)]
+                if parts:
+                    await response.write((b"," if count else b"") + b",".join(parts))
+                    count += len(parts)
+                await asyncio.sleep(0)
+            await response.write(b'],"count":%d,"total":%d,"next":null}'
+                                 % (count, before + count))
+            await response.write_eof()
+        except ConnectionResetError:
+            log.debug("http_client_gone path=%s sent_nodes=%d", request.path, count)
         return response
 
     # --- service routes --------------------------------------------------------------------
@@ -230,11 +273,9 @@ class RestApi:
         return json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        reasons = list(self.ready_reasons)
         if not self._link.connected:
-            reasons.insert(0, f"broker connection is down: {self._link.last_error}")
-        if reasons:
-            return error_response(503, "Not ready", "; ".join(reasons))
+            return error_response(503, "Not ready",
+                                  f"broker connection is down: {self._link.last_error}")
         return json_response({"status": "ready", "nodes": len(self._registry),
                               "mqtt_protocol": self._link.protocol_name})
 
@@ -319,26 +360,12 @@ class HttpServer:
         self.port = settings.port
 
     def check_port_free(self) -> None:
-        """Refuse a taken port at once, before the embedded broker or the MQTT link start.
-
-        ``__aenter__`` binds for real; this probe only makes the common mistake fail before
-        there is a half-started broker to stop (amqtt can hang stopping a client mid-connect).
-        """
+        """Refuse a taken port at once, before the embedded broker or the MQTT link start
+        (amqtt can hang stopping a client caught mid-connect)."""
         host, port = self._settings.host, self._settings.port
-        if port == 0:
-            return
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                if exc.errno != errno.EADDRINUSE:
-                    return  # not a taken port (a host name, say): the real bind decides
-                raise ConfigError(
-                    f"cannot serve HTTP on {host}:{port}: the port is already in use; "
-                    "pass --http HOST:PORT with a free port"
-                ) from exc
+        if address_in_use(host, port):
+            raise ConfigError(f"cannot serve HTTP on {host}:{port}: the port is already in use; "
+                              "pass --http HOST:PORT with a free port")
 
     async def __aenter__(self) -> HttpServer:
         runner = web.AppRunner(
@@ -366,6 +393,14 @@ class HttpServer:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        # Stop taking connections, then let requests in flight finish (a body may still be
+        # arriving: aiohttp's own cleanup would drop it), then close what is left.
+        for site in list(runner.sites):
+            await site.stop()
+        if not await self._api.wait_idle(self._settings.shutdown_timeout_s):
+            log.warning("http_requests_unfinished timeout_s=%g",
+                        self._settings.shutdown_timeout_s)
+        await runner.cleanup()

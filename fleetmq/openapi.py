@@ -35,10 +35,43 @@ _NODE_ID_PARAM = {"name": "node_id", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": NODE_ID_PATTERN}}
 
 
+_JSON_SCHEMA_KEYS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum",
+                     "lt": "exclusiveMaximum"}
+
+
+def _standard(schema: Any) -> Any:
+    """pydantic leaks "ge"/"le" for constraints beside a BeforeValidator: use JSON Schema's."""
+    if isinstance(schema, dict):
+        return {_JSON_SCHEMA_KEYS.get(k, k): _standard(v) for k, v in schema.items()}
+    if isinstance(schema, list):
+        return [_standard(v) for v in schema]
+    return schema
+
+
+def _rest_request(model: type[RegisterRequest | HeartbeatRequest],
+                  aliases: dict[str, str]) -> dict[str, Any]:
+    """A request model as REST takes it: node_id required, the agents' aliases accepted."""
+    schema: dict[str, Any] = _standard(model.model_json_schema())
+    props = schema["properties"]
+    props["node_id"] = {"type": "string", "pattern": NODE_ID_PATTERN}
+    required = ["node_id"]
+    for alias, name in aliases.items():
+        props[alias] = {**props[name], "description": f"accepted in place of {name}"}
+    spelled_as = {name: alias for alias, name in aliases.items()}
+    for name in schema.pop("required", []):
+        if name in spelled_as:  # either spelling will do
+            schema["anyOf"] = [{"required": [name]}, {"required": [spelled_as[name]]}]
+        else:
+            required.append(name)
+    schema["required"] = required
+    return schema
+
+
 def _schemas() -> dict[str, Any]:
     return {
-        "RegisterRequest": RegisterRequest.model_json_schema(),
-        "HeartbeatRequest": HeartbeatRequest.model_json_schema(),
+        "RegisterRequest": _rest_request(RegisterRequest,
+                                         {"type": "node_type", "node_name": "name"}),
+        "HeartbeatRequest": _rest_request(HeartbeatRequest, {}),
         "Error": {
             "type": "object", "required": ["error", "message"],
             "properties": {"error": {"type": "string"}, "message": {"type": "string"}},

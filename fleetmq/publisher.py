@@ -42,6 +42,8 @@ class Publisher:
         self._sweep: list[str] = []
         self._sweep_pos = 0
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     @property
     def backlog(self) -> int:
@@ -51,11 +53,13 @@ class Publisher:
         for event in events:
             self._pending[event.node_id] = None
         if events:
+            self._idle.clear()
             self._wake.set()
 
     def clear_status(self, node_id: str) -> None:
         """Send the node's current status, or clear its topic if the node is unknown."""
         self._pending[node_id] = None
+        self._idle.clear()
         self._wake.set()
 
     def reply(self, topic: str, body: dict[str, Any], correlation: bytes | None = None) -> None:
@@ -63,6 +67,7 @@ class Publisher:
             self._replies.popleft()
             self._metrics.replies_overflowed += 1
         self._replies.append((topic, dumps(body), correlation))
+        self._idle.clear()
         self._wake.set()
 
     def republish_all(self) -> None:
@@ -75,23 +80,42 @@ class Publisher:
     def publish_presence(self, payload: bytes) -> bool:
         return self._link.publish(self._topics.manager_status, payload, retain=True)
 
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until queued statuses and replies are handed to the broker link (shutdown)."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
+
     async def run(self) -> None:
         while True:
+            if not (self._pending or self._replies):
+                self._idle.set()
             if not self.backlog:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             await self._link.wait_credit(self._max_in_flight)
-            self._send_batch(min(BATCH, self._max_in_flight - self._link.in_flight))
-            await asyncio.sleep(0)
+            try:
+                progressed = self._send_batch(
+                    min(BATCH, self._max_in_flight - self._link.in_flight))
+            except Exception:
+                log.exception("publish_failed")
+                progressed = False
+            # Nothing went out (the link dropped under us): wait a moment rather than spin.
+            await asyncio.sleep(0 if progressed else 0.1)
 
-    def _send_batch(self, budget: int) -> None:
+    def _send_batch(self, budget: int) -> bool:
+        """Send up to ``budget`` messages; False when nothing could be sent."""
+        start = budget
         link = self._link
         metrics = self._metrics
         while budget > 0 and self._replies:
             topic, payload, correlation = self._replies[0]
             if not link.publish(topic, payload, correlation=correlation):
-                return
+                return budget < start
             self._replies.popleft()
             metrics.replies_published += 1
             budget -= 1
@@ -100,7 +124,7 @@ class Publisher:
             if not self._send_status(node_id):
                 self._pending[node_id] = None
                 self._pending.move_to_end(node_id, last=False)
-                return
+                return budget < start
             budget -= 1
         while budget > 0 and self._sweep_pos < len(self._sweep):
             node_id = self._sweep[self._sweep_pos]
@@ -109,7 +133,7 @@ class Publisher:
             if node is not None and node_id not in self._pending:
                 if not link.publish(self._topics.status(node_id), node_status_payload(node),
                                     retain=True):
-                    return
+                    return budget < start
                 metrics.status_published += 1
                 budget -= 1
             self._sweep_pos += 1
@@ -117,6 +141,7 @@ class Publisher:
             log.info("republish_finished nodes=%d", len(self._sweep))
             self._sweep = []
             self._sweep_pos = 0
+        return True
 
     def _send_status(self, node_id: str) -> bool:
         node = self._registry.get(node_id)
