@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import signal
@@ -22,6 +23,9 @@ from fleetmq.errors import ConfigError, FleetmqError
 log = logging.getLogger("fleetmq")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+COMMAND_MODULES: tuple[str, ...] = ()
+"""Commands besides ``serve``: modules of ``fleetmq.commands``, each with
+``add_command(subparsers, env)`` that adds its parser and sets ``run=<fn(args) -> int>``."""
 
 
 def _int(option: str) -> Callable[[str], int]:
@@ -76,6 +80,10 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     for option, default, text in SERVE_OPTIONS:
         var = env_name(option)
         serve.add_argument(option, default=env.get(var, default), help=f"{text} [env: {var}]")
+    serve.set_defaults(run=run_serve)
+    for name in COMMAND_MODULES:
+        # Imported here, not at the top: command modules use this module's helpers.
+        importlib.import_module(f"fleetmq.commands.{name}").add_command(commands, env)
     return parser
 
 
@@ -119,20 +127,23 @@ async def serve(settings: Settings) -> None:
     log.info("fleetmq_stopped")
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+    asyncio.run(serve(settings))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
     args: Any = build_parser(os.environ if env is None else env).parse_args(argv)
     try:
-        settings = settings_from(args)
+        return int(args.run(args))
     except ConfigError as exc:
         print(f"fleetmq: error: {exc}", file=sys.stderr)  # noqa: T201 (the CLI talks to users)
         return 2
-    configure_logging(settings.log_level)
-    try:
-        asyncio.run(serve(settings))
     except FleetmqError as exc:
         print(f"fleetmq: error: {exc}", file=sys.stderr)  # noqa: T201
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""CLI commands besides ``serve``; see ``fleetmq.cli.COMMAND_MODULES``."""
