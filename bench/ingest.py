@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.support import Mosquitto, free_port
@@ -72,7 +72,7 @@ def _wait(predicate: object, timeout: float) -> None:
 
 
 def bare_subscriber(port: int, root: str, messages: int, nodes: int, publishers: int,
-                    qos: int) -> float:
+                    qos: int, mqtt5: bool = False) -> float:
     seen = 0
     first_at = last_at = 0.0
     lock = threading.Lock()
@@ -85,7 +85,8 @@ def bare_subscriber(port: int, root: str, messages: int, nodes: int, publishers:
             if seen == 1:
                 first_at = last_at
 
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare")
+    protocol = MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare", protocol=protocol)
     client.on_message = on_message
     client.connect("127.0.0.1", port, keepalive=120)
     client.subscribe(f"{root}/+/heartbeat", qos=1)
@@ -99,11 +100,12 @@ def bare_subscriber(port: int, root: str, messages: int, nodes: int, publishers:
 
 
 def fleetmq_ingest(port: int, root: str, messages: int, nodes: int, publishers: int,
-                   qos: int, wrap: list[str]) -> tuple[float, float]:
+                   qos: int, wrap: list[str], mqtt_version: str) -> tuple[float, float]:
     http_port = free_port()
     proc = subprocess.Popen(
         [*wrap, sys.executable, "-m", "fleetmq", "serve", "--broker", f"mqtt://127.0.0.1:{port}",
-         "--http", f"127.0.0.1:{http_port}", "--topic-root", root, "--log-level", "warning"],
+         "--http", f"127.0.0.1:{http_port}", "--topic-root", root, "--log-level", "warning",
+         "--mqtt-version", mqtt_version],
     )
     try:
         def ready() -> bool:
@@ -165,24 +167,36 @@ def main() -> None:
                         help="prefix for the manager's command, e.g. a profiler: "
                              "'py-spy record -f speedscope -o ingest.json --'")
     parser.add_argument("--skip-bare", action="store_true", help="measure fleetmq only")
+    parser.add_argument("--skip-fleetmq", action="store_true", help="measure the ceilings only")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-") as tmp:
         broker = Mosquitto(Path(tmp))
         broker.start()
         try:
-            bare = float("nan") if args.skip_bare else bare_subscriber(
+            nan = float("nan")
+            bare = nan if args.skip_bare else bare_subscriber(
                 broker.port, "bare", args.messages, args.nodes, args.publishers, args.qos)
-            fleet, reg = fleetmq_ingest(broker.port, "fleet", args.messages, args.nodes,
-                                        args.publishers, args.qos, args.wrap.split())
+            bare5 = nan if args.skip_bare else bare_subscriber(
+                broker.port, "bare5", args.messages, args.nodes, args.publishers, args.qos,
+                mqtt5=True)
+            fleet, reg = (nan, nan) if args.skip_fleetmq else fleetmq_ingest(
+                broker.port, "fleet", args.messages, args.nodes, args.publishers, args.qos,
+                args.wrap.split(), "5")
+            fleet3, _ = (nan, nan) if args.skip_fleetmq else fleetmq_ingest(
+                broker.port, "fleet3", args.messages, args.nodes, args.publishers, args.qos,
+                args.wrap.split(), "3.1.1")
         finally:
             broker.stop()
     rows = [
         ("machine", f"{os.cpu_count()} cores, python {sys.version.split()[0]}"),
         ("nodes registered over MQTT", f"{args.nodes:,} ({reg:,.0f} registrations/s)"),
         (f"heartbeats published (QoS {args.qos})", f"{args.messages:,}"),
-        ("bare paho subscriber", f"{bare:,.0f} msg/s"),
-        ("fleetmq applied", f"{fleet:,.0f} msg/s"),
-        ("ratio", f"{fleet / bare:.2f}"),
+        ("bare paho subscriber, MQTT 3.1.1", f"{bare:,.0f} msg/s"),
+        ("bare paho subscriber, MQTT 5", f"{bare5:,.0f} msg/s"),
+        ("fleetmq applied, MQTT 5 (default)", f"{fleet:,.0f} msg/s"),
+        ("  ratio to the bare MQTT 5 subscriber", f"{fleet / bare5:.2f}"),
+        ("fleetmq applied, --mqtt-version 3.1.1", f"{fleet3:,.0f} msg/s"),
+        ("  ratio to the bare 3.1.1 subscriber", f"{fleet3 / bare:.2f}"),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

@@ -52,8 +52,9 @@ class FleetService:
             will=Will(self.topics.manager_status,
                       manager_status_payload("offline", None, "connection_lost")),
             keepalive_s=settings.keepalive_s,
-            prefer_mqtt5=not settings.broker.embedded,  # amqtt speaks 3.1.1 only
-            monotonic=lambda: self.clock.now().mono,
+            # amqtt speaks 3.1.1 only
+            prefer_mqtt5=settings.mqtt_version == "5" and not settings.broker.embedded,
+            monotonic=self.clock.monotonic,
         )
         self.publisher = Publisher(self.link, self.topics, self.registry, self.metrics)
         self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics)

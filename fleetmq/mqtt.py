@@ -17,7 +17,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -42,12 +42,12 @@ one that carries properties or a will and waits for bytes that never come, inste
 _UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK codes: 3.1.1 "unacceptable protocol", MQTT 5 0x84
 
 
-@dataclass(frozen=True, slots=True)
-class Inbound:
-    """One received message, as the ingest path needs it."""
+class Inbound(NamedTuple):
+    """One received message, as the ingest path needs it (a tuple: built for every message
+    on paho's thread, where a frozen dataclass costs several times as much)."""
 
     topic: str
-    payload: bytes
+    payload: bytes | bytearray
     retain: bool
     received: float
     """Monotonic receipt time: expiry never runs ahead of messages still waiting."""
@@ -226,10 +226,12 @@ class MqttLink:
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
-        correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        inbound = Inbound(msg.topic, bytes(msg.payload), bool(msg.retain), self._monotonic(),
-                          response_topic, correlation)
+        if props is None:
+            inbound = Inbound(msg.topic, msg.payload, msg.retain, self._monotonic())
+        else:
+            inbound = Inbound(msg.topic, msg.payload, msg.retain, self._monotonic(),
+                              getattr(props, "ResponseTopic", None),
+                              getattr(props, "CorrelationData", None))
         if len(self._inbound) >= INBOUND_BOUND:
             self._space.clear()
             # Re-check after clearing: the consumer may have drained in between.
