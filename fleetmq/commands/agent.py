@@ -1,0 +1,105 @@
+"""``fleetmq agent``: run one edge agent from the command line until SIGINT or SIGTERM.
+
+Each option has a ``FLEETMQ_AGENT_*`` environment variable; flags win. The command, not the
+library, configures logging.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+from fleetmq.agent import DEFAULT_BROKER, Agent
+from fleetmq.cli import LOG_LEVELS, configure_logging
+from fleetmq.errors import ConfigError
+
+log = logging.getLogger("fleetmq.agent.cli")
+
+# option, default, help; the environment variable is FLEETMQ_AGENT_<OPTION>.
+AGENT_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
+    ("--node-id", None, "the node id, also the MQTT client id (required)"),
+    ("--node-type", None, "the node type, e.g. microclaw, picclaw, nanoclaw (required)"),
+    ("--broker", None, f"MQTT broker URL, mqtt://[user:pass@]host:port or mqtts://... "
+                       f"(default: {DEFAULT_BROKER})"),
+    ("--api", None, "use the REST API at this URL instead of MQTT, e.g. http://127.0.0.1:8080"),
+    ("--interval", "60", "heartbeat interval in whole seconds (default: 60)"),
+    ("--topic-root", "fleet", "first MQTT topic level (default: fleet)"),
+    ("--log-level", "info", "debug, info, warning or error (default: info)"),
+)
+
+
+def agent_env_name(option: str) -> str:
+    return "FLEETMQ_AGENT_" + option.lstrip("-").replace("-", "_").upper()
+
+
+def add_command(subparsers: Any, env: Mapping[str, str]) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "agent", help="run an edge agent: register, heartbeat, say goodbye on SIGTERM",
+        description="Run one edge agent until SIGINT or SIGTERM, then publish its offline "
+                    "(shutdown) message and exit 0. Every option can also be set with the "
+                    "environment variable shown; flags win over the environment.")
+    for option, default, text in AGENT_OPTIONS:
+        var = agent_env_name(option)
+        # --broker and --api come from flags first, so they are resolved in run_agent.
+        flag_default = None if option in ("--broker", "--api") else env.get(var, default)
+        parser.add_argument(option, default=flag_default, help=f"{text} [env: {var}]")
+    parser.set_defaults(run=run_agent, agent_env=dict(_transport_env(env)))
+
+
+def _transport_env(env: Mapping[str, str]) -> dict[str, str]:
+    return {key: env[key] for key in (agent_env_name("--broker"), agent_env_name("--api"))
+            if env.get(key)}
+
+
+def _transport(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(broker, api): flags win as a pair, so ``--broker`` overrides FLEETMQ_AGENT_API."""
+    if args.broker and args.api:
+        raise ConfigError("--broker and --api exclude each other: give one")
+    if args.broker or args.api:
+        return args.broker, args.api
+    broker = args.agent_env.get(agent_env_name("--broker"))
+    api = args.agent_env.get(agent_env_name("--api"))
+    if broker and api:
+        raise ConfigError("FLEETMQ_AGENT_BROKER and FLEETMQ_AGENT_API exclude each other: "
+                          "set one")
+    return broker, api
+
+
+def _required(args: argparse.Namespace, option: str) -> str:
+    value: str | None = getattr(args, option.lstrip("-").replace("-", "_"))
+    if not value:
+        raise ConfigError(f"{option} is required (or set {agent_env_name(option)})")
+    return value
+
+
+def agent_from(args: argparse.Namespace) -> Agent:
+    if args.log_level.lower() not in LOG_LEVELS:
+        raise ConfigError(f"--log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    try:
+        interval = float(args.interval)
+    except ValueError:
+        raise ConfigError(f"--interval {args.interval!r} is not a number of seconds") from None
+    broker, api = _transport(args)
+    return Agent(_required(args, "--node-id"), _required(args, "--node-type"),
+                 broker=broker, api=api, interval_s=interval, topic_root=args.topic_root)
+
+
+async def run_until_signalled(agent: Agent) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with agent:
+        await stop.wait()
+        log.info("agent_stopping node_id=%s", agent.node_id)
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    agent = agent_from(args)
+    configure_logging(args.log_level.lower())
+    asyncio.run(run_until_signalled(agent))
+    return 0
