@@ -6,6 +6,7 @@ Deadlines use the monotonic clock, timestamps use UTC wall time; both travel tog
 
 from __future__ import annotations
 
+import functools
 import time
 from datetime import UTC, datetime
 from typing import NamedTuple, Protocol
@@ -54,9 +55,13 @@ class FakeClock:
         return self.now()
 
 
+@functools.lru_cache(maxsize=64)
+def _second(seconds: int) -> str:
+    # Most timestamps formatted in a burst share their second: strftime once per second.
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def format_timestamp(wall: float) -> str:
     """RFC 3339, UTC, milliseconds, ending in ``Z``: ``2026-02-16T08:30:00.000Z``."""
-    millis = round(wall * 1000)
-    seconds, ms = divmod(millis, 1000)
-    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{stamp}.{ms:03d}Z"
+    seconds, ms = divmod(round(wall * 1000), 1000)
+    return f"{_second(seconds)}.{ms:03d}Z"

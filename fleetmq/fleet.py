@@ -29,8 +29,8 @@ class Fleet:
     def register(self, node_id: str, req: RegisterRequest) -> tuple[Registered, Instant]:
         now = self.clock.now()
         result = self.registry.register(node_id, req, now)
-        if result.created:
-            log.info("node_registered node_id=%s type=%s", node_id, req.node_type)
+        if result.created:  # debug: a fleet re-registering at once must not flood the log
+            log.debug("node_registered node_id=%s type=%s", node_id, req.node_type)
         self._emit(result.events)
         return result, now
 

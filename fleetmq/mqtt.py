@@ -138,6 +138,8 @@ class MqttLink:
             clean_session=False if self._protocol is MQTTProtocolVersion.MQTTv311 else None,
         )
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
+        # The publisher keeps its own, smaller window (publisher.MAX_IN_FLIGHT): paho never
+        # needs to queue behind it.
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
         client.will_set(self._will.topic, self._will.payload, qos=1, retain=True)
@@ -423,8 +425,11 @@ class MqttLink:
             self._credit_waiter = fut
             if self.in_flight < limit and self.connected:
                 break
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancellation
+            # that lands as the future completes, and shutdown would then wait here for ever.
             try:
-                await asyncio.wait_for(fut, timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await fut
             except TimeoutError:
                 pass
             finally:

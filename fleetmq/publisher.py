@@ -23,7 +23,10 @@ from fleetmq.views import dumps, node_status_payload
 
 log = logging.getLogger(__name__)
 
-MAX_IN_FLIGHT = 10_000
+MAX_IN_FLIGHT = 256
+"""QoS 1 publishes awaiting PUBACK. paho rescans its whole in-flight table on every PUBACK
+(``_update_inflight``), so a large window costs the network thread O(window) per message;
+256 keeps that small and still allows ~10,000 msg/s at 25 ms round trip."""
 REPLY_BOUND = 10_000
 """Replies waiting for the broker; past it the oldest is dropped (and counted)."""
 BATCH = 500
