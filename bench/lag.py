@@ -102,6 +102,9 @@ def main() -> None:
             broker.stop()
 
     lags.sort()
+    if not lags:
+        print("no probe was answered: the manager did not keep up with the offered rate")
+        sys.exit(1)
     p = (lambda q: lags[min(len(lags) - 1, int(q * len(lags)))] * 1000)  # noqa: E731
     rows = [
         ("machine", f"{os.cpu_count()} cores, python {sys.version.split()[0]}"),
