@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from fleetmq.app import FleetService
+from fleetmq.http import STREAM_ABOVE
 from tests.conftest import (
     broker_port,
     eventually,
@@ -674,8 +675,9 @@ async def test_list_pages_through_a_filter(mixed_fleet: Api) -> None:
     assert (second["count"], second["total"], second["next"]) == (2, 4, None)
 
 
-async def test_list_of_2500_nodes_without_limit_returns_every_node(api: Api) -> None:
-    ids = [f"bulk-{i:05d}" for i in range(2500)]
+async def test_a_list_larger_than_the_stream_threshold_is_streamed_whole(api: Api) -> None:
+    n = STREAM_ABOVE + 500
+    ids = [f"bulk-{i:05d}" for i in range(n)]
     await _register_all(api, [
         {"node_id": node_id, "node_type": "microclaw" if i % 2 else "picclaw"}
         for i, node_id in enumerate(ids)
@@ -685,17 +687,17 @@ async def test_list_of_2500_nodes_without_limit_returns_every_node(api: Api) -> 
     assert reply.headers["Content-Type"].startswith("application/json")
     assert reply.headers.get("Transfer-Encoding") == "chunked"  # streamed, not built whole
     body = json.loads(reply.raw)  # the streamed document is one valid JSON value
-    assert (body["count"], body["total"], body["next"]) == (2500, 2500, None)
-    assert [n["id"] for n in body["nodes"]] == ids
+    assert (body["count"], body["total"], body["next"]) == (n, n, None)
+    assert [node["id"] for node in body["nodes"]] == ids
     assert all(set(node) == NODE_KEYS for node in body["nodes"])
 
     half = await api.nodes(node_type="PICCLAW")
     body = json.loads(half.raw)
-    assert (body["count"], body["total"], body["next"]) == (1250, 1250, None)
-    assert [n["id"] for n in body["nodes"]] == ids[0::2]
+    assert (body["count"], body["total"], body["next"]) == (n // 2, n // 2, None)
+    assert [node["id"] for node in body["nodes"]] == ids[0::2]
 
     paged = (await api.nodes(limit="10000")).json
-    assert (paged["count"], paged["total"], paged["next"]) == (2500, 2500, None)
+    assert (paged["count"], paged["total"], paged["next"]) == (10000, n, ids[9999])
 
 
 # --- GET and DELETE /nodes/{node_id} -----------------------------------------------------------

@@ -1,0 +1,448 @@
+"""REST throughput: requests/s of ``fleetmq serve`` under wrk, next to a bare aiohttp handler.
+
+Starts its own Mosquitto on a free port (tests/support.py), ``fleetmq serve`` against it as a
+subprocess, and a bare aiohttp server (this file with ``--bare-server``: one heartbeat handler,
+orjson, the same default asyncio loop) on free ports; never 1883 or 8080. It registers 1,001
+nodes over REST and gives each one heartbeat, then runs wrk (installed with apt-get when missing)
+against each route:
+
+- heartbeat: POST /heartbeat cycling through the nodes (a Lua script), bare and fleetmq;
+- register: POST /register re-registering the same nodes (each one a transition published);
+- get one: GET /nodes/{id};
+- list 1,001: GET /nodes (no heartbeats arriving), then again while a paced publisher process
+  sends ~10,000 heartbeats/s over MQTT (each one invalidates that node's cached view); its
+  ceiling is the bare server sending fleetmq's own list document, built once, as it is.
+
+    python bench/rest.py --duration 10 --threads 2 --connections 64
+    python bench/rest.py --only list-1001 --profile /tmp/prof    # py-spy raw stacks per run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import paho.mqtt.client as paho
+from aiohttp import web
+from paho.mqtt.enums import CallbackAPIVersion
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from fleetmq.clock import SystemClock, format_timestamp
+from tests.support import Mosquitto, free_port
+
+PREFIX = "/api/v1/fleet"
+ROOT = "bench"
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGET_HEARTBEAT_RATIO = 0.7
+TARGET_LIST_RPS = 4500.0
+
+HEARTBEAT_BODY = ('{"node_id":"node-%05d","uptime_seconds":%d,"free_memory_kb":200,'
+                  '"sensors_active":2}')
+REGISTER_BODY = ('{"node_id":"node-%05d","node_type":"microclaw","capabilities":["dht22","mqtt"],'
+                 '"location":"office-floor-2","metadata":{"gateway":"nanoclaw-pi-01",'
+                 '"firmware":"v1.0.%d"},"heartbeat_interval_seconds":60}')
+
+LUA_DONE = """
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'WRKJSON {"requests":%d,"duration_us":%d,"bytes":%d,"connect":%d,"read":%d,'
+    .. '"write":%d,"status":%d,"timeout":%d,"p50_us":%.0f,"p99_us":%.0f,"max_us":%.0f}\\n',
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write, e.status,
+    e.timeout, latency:percentile(50), latency:percentile(99), latency.max))
+end
+"""
+
+LUA_POST = """
+local threads = 0
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+function init(args)
+  n = tid * 7919
+end
+local headers = {["Content-Type"] = "application/json"}
+function request()
+  n = n + 1
+  return wrk.format("POST", "%(path)s", headers, string.format([[%(body)s]], n %% %(nodes)d, n))
+end
+"""
+
+
+# --- the bare server ---------------------------------------------------------------------------
+
+def bare_server(port: int, list_file: Path) -> None:
+    """A heartbeat handler with nothing else: the ceiling fleetmq's REST facade is held to.
+    Also the ceiling for listing: fleetmq's own list document, read once, sent as it is."""
+    clock = SystemClock()
+    listing: list[bytes] = []
+
+    async def heartbeat(request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        reply = {"node_id": body["node_id"], "received": format_timestamp(clock.now().wall),
+                 "next_check_seconds": 60}
+        return web.Response(body=orjson.dumps(reply), content_type="application/json")
+
+    async def list_nodes(_request: web.Request) -> web.Response:
+        if not listing:
+            listing.append(await asyncio.to_thread(list_file.read_bytes))
+        return web.Response(body=listing[0], content_type="application/json")
+
+    async def healthz(_request: web.Request) -> web.Response:
+        return web.Response(body=b'{"status":"ok"}', content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post(f"{PREFIX}/heartbeat", heartbeat)
+    app.router.add_get(f"{PREFIX}/nodes", list_nodes)
+    app.router.add_get("/healthz", healthz)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def ensure_wrk() -> str:
+    path = shutil.which("wrk")
+    if path is not None:
+        return path
+    if os.geteuid() != 0:
+        raise SystemExit("wrk is not installed: run `apt-get install -y wrk` as root")
+    print("installing wrk with apt-get ...", flush=True)
+    if subprocess.run(["apt-get", "install", "-y", "wrk"], check=False,
+                      stdout=subprocess.DEVNULL).returncode != 0:
+        subprocess.run(["apt-get", "update"], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(["apt-get", "install", "-y", "wrk"], check=True,
+                       stdout=subprocess.DEVNULL)
+    path = shutil.which("wrk")
+    if path is None:
+        raise SystemExit("apt-get installed wrk, yet it is not on PATH")
+    return path
+
+
+def request(url: str, body: bytes | None = None, timeout: float = 10) -> bytes:
+    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return bytes(resp.read())
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"benchmark condition not met within {timeout:g} s: {what}")
+        time.sleep(0.05)
+
+
+def answers(url: str) -> bool:
+    try:
+        request(url, timeout=2)
+    except (urllib.error.URLError, OSError):
+        return False
+    return True
+
+
+def metric(http_port: int, name: str) -> float:
+    text = request(f"http://127.0.0.1:{http_port}/metrics").decode()
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def paced_publisher(port: int, rate: int, nodes: int, stop: Any, sent: Any) -> None:
+    """Heartbeats over MQTT at ``rate`` per second, in slices of 10 ms, until ``stop``."""
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-rest-pub")
+    client.connect("127.0.0.1", port, keepalive=120)
+    client.loop_start()
+    per_slice = max(1, rate // 100)
+    started = time.monotonic()
+    count = 0
+    while not stop.is_set():
+        for _ in range(per_slice):
+            payload = b'{"uptime_seconds": %d, "free_memory_kb": 200}' % count
+            client.publish(f"{ROOT}/node-{count % nodes:05d}/heartbeat", payload, qos=0)
+            count += 1
+        sent.value = count
+        ahead = started + count / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+    client.disconnect()
+    client.loop_stop()
+
+
+@dataclass
+class Scenario:
+    slug: str
+    label: str
+    url: str
+    script: str
+    bare: bool = False
+    mqtt_load: bool = False
+
+
+@dataclass
+class Run:
+    scenario: Scenario
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    non_2xx: int
+    mqtt_published_per_s: float | None = None
+    mqtt_applied_per_s: float | None = None
+    mqtt_published: int | None = None
+    mqtt_eventually_applied: float | None = None
+    mqtt_catch_up_s: float | None = None
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: Path, stack: ExitStack) -> None:
+        self.args = args
+        self.workdir = workdir
+        self.stack = stack
+        self.wrk = ensure_wrk()
+        self.broker = Mosquitto(workdir)
+        self.http_port = free_port()
+        self.bare_port = free_port()
+        self.server: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.broker.start()
+        self.stack.callback(self.broker.stop)
+        self.server = self._spawn("fleetmq", [
+            sys.executable, "-m", "fleetmq", "serve", "--broker", self.broker.url,
+            "--http", f"127.0.0.1:{self.http_port}", "--topic-root", ROOT,
+            "--log-level", "warning"])
+        self.list_file = self.workdir / "list.json"
+        self._spawn("bare", [sys.executable, __file__, "--bare-server", str(self.bare_port),
+                             str(self.list_file)])
+        wait_for(lambda: answers(f"http://127.0.0.1:{self.http_port}/readyz"), 30,
+                 "fleetmq serve ready (see its stderr in the work directory)")
+        wait_for(lambda: answers(f"http://127.0.0.1:{self.bare_port}/healthz"), 30,
+                 "bare server ready")
+        base = f"http://127.0.0.1:{self.http_port}{PREFIX}"
+        for i in range(self.args.nodes):
+            request(f"{base}/register", (REGISTER_BODY % (i, i)).encode())
+            request(f"{base}/heartbeat", (HEARTBEAT_BODY % (i, i)).encode())
+        self.list_file.write_bytes(request(f"{base}/nodes"))
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        with (self.workdir / f"{name}.out").open("wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+        self.stack.callback(stop)
+        return proc
+
+    def scenarios(self) -> list[Scenario]:
+        nodes = self.args.nodes
+        fleet = f"http://127.0.0.1:{self.http_port}{PREFIX}"
+        post_hb = LUA_POST % {"path": f"{PREFIX}/heartbeat", "body": HEARTBEAT_BODY,
+                              "nodes": nodes}
+        post_reg = LUA_POST % {"path": f"{PREFIX}/register", "body": REGISTER_BODY,
+                               "nodes": nodes}
+        listing = f"list {nodes:,}"
+        return [
+            Scenario("heartbeat-bare", "heartbeat, bare aiohttp",
+                     f"http://127.0.0.1:{self.bare_port}{PREFIX}/heartbeat", post_hb, bare=True),
+            Scenario("heartbeat", "heartbeat", f"{fleet}/heartbeat", post_hb),
+            Scenario("register", "register (update)", f"{fleet}/register", post_reg),
+            Scenario("get-one", "get one", f"{fleet}/nodes/node-00042", ""),
+            Scenario(f"list-{nodes}-bare", f"{listing}, bare aiohttp (one cached body)",
+                     f"http://127.0.0.1:{self.bare_port}{PREFIX}/nodes", "", bare=True),
+            Scenario(f"list-{nodes}", listing, f"{fleet}/nodes", ""),
+            Scenario(f"list-{nodes}-mqtt", f"{listing} + {self.args.rate:,} hb/s MQTT",
+                     f"{fleet}/nodes", "", mqtt_load=True),
+        ]
+
+    def run(self, scenario: Scenario) -> Run:
+        # Statuses queued by an earlier run (register) go out first: each run starts quiet.
+        wait_for(lambda: metric(self.http_port, "fleetmq_mqtt_backlog") == 0, 60,
+                 "publisher backlog drained")
+        script = self.workdir / f"{scenario.slug}.lua"
+        script.write_text(scenario.script + LUA_DONE)
+        publisher = stop = sent = None
+        before_load = metric(self.http_port, "fleetmq_mqtt_messages_applied_total")
+        if scenario.mqtt_load:
+            stop, sent = mp.Event(), mp.Value("q", 0)
+            publisher = mp.Process(target=paced_publisher, args=(
+                self.broker.port, self.args.rate, self.args.nodes, stop, sent))
+            publisher.start()
+            time.sleep(1.0)  # let the stream settle before measuring
+        profiler = self._profile(scenario)
+        applied0 = metric(self.http_port, "fleetmq_mqtt_messages_applied_total")
+        sent0 = sent.value if sent is not None else 0
+        began = time.monotonic()
+        try:
+            result = subprocess.run(
+                [self.wrk, "-t", str(self.args.threads), "-c", str(self.args.connections),
+                 "-d", f"{self.args.duration}s", "-s", str(script), scenario.url],
+                capture_output=True, text=True, check=True)
+        finally:
+            elapsed = time.monotonic() - began
+            if publisher is not None and stop is not None:
+                stop.set()
+                publisher.join(10)
+                if publisher.is_alive():
+                    publisher.kill()
+                    publisher.join()
+            if profiler is not None:
+                profiler.wait(self.args.duration + 30)
+        applied = metric(self.http_port, "fleetmq_mqtt_messages_applied_total") - applied0
+        eventually = catch_up = None
+        if sent is not None:
+            # Messages still queued are applied after the run; what never arrives was dropped
+            # (Mosquitto's queue for a slow QoS 0 subscriber, or the manager's inbound bound).
+            settled, catch_up = self._settled_applied()
+            eventually = settled - before_load
+        line = next(x for x in result.stdout.splitlines() if x.startswith("WRKJSON "))
+        w = json.loads(line.removeprefix("WRKJSON "))
+        return Run(
+            scenario, w["requests"] / (w["duration_us"] / 1e6), w["p50_us"] / 1000,
+            w["p99_us"] / 1000, w["connect"] + w["read"] + w["write"] + w["timeout"],
+            w["status"],
+            (sent.value - sent0) / elapsed if sent is not None else None,
+            applied / elapsed if scenario.mqtt_load else None,
+            sent.value if sent is not None else None,
+            eventually, catch_up,
+        )
+
+    def _settled_applied(self) -> tuple[float, float]:
+        """The applied-messages counter once it stops moving (at most 60 s), and how long
+        after the run it took to get there."""
+        began = time.monotonic()
+        last = metric(self.http_port, "fleetmq_mqtt_messages_applied_total")
+        moved_at = began
+        while time.monotonic() < began + 60:
+            time.sleep(0.5)
+            now = metric(self.http_port, "fleetmq_mqtt_messages_applied_total")
+            if now == last:
+                break
+            last, moved_at = now, time.monotonic()
+        return last, moved_at - began
+
+    def _profile(self, scenario: Scenario) -> subprocess.Popen[bytes] | None:
+        if self.args.profile is None or scenario.bare or self.server is None:
+            return None
+        out = Path(self.args.profile)
+        out.mkdir(parents=True, exist_ok=True)
+        py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        proc = subprocess.Popen(
+            [py_spy, "record", "-r", "100", "-f", "raw", "-o", str(out / f"{scenario.slug}.raw"),
+             "--pid", str(self.server.pid), "--duration", str(self.args.duration)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        def stop() -> None:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+        self.stack.callback(stop)
+        return proc
+
+
+def report(args: argparse.Namespace, runs: list[Run]) -> None:
+    bare = next((r.rps for r in runs if r.scenario.slug == "heartbeat-bare"), None)
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; wrk "
+          f"{args.threads} threads, {args.connections} connections, {args.duration} s per run; "
+          f"{args.nodes:,} nodes registered\n")
+    header = ("route", "req/s", "p50", "p99", "errors", "non-2xx", "target", "")
+    rows = []
+    for r in runs:
+        target = note = ""
+        if r.scenario.slug == "heartbeat" and bare:
+            ratio = r.rps / bare
+            ok = ratio >= TARGET_HEARTBEAT_RATIO
+            verdict = "met" if ok else "MISSED"
+            target = f">= {TARGET_HEARTBEAT_RATIO} x bare: {ratio:.2f} x, {verdict}"
+        elif r.scenario.slug.startswith("list-") and not r.scenario.bare:
+            ok = r.rps >= TARGET_LIST_RPS
+            target = f">= {TARGET_LIST_RPS:,.0f} req/s: {'met' if ok else 'MISSED'}"
+        if r.mqtt_applied_per_s is not None:
+            note = (f"MQTT heartbeats published {r.mqtt_published_per_s:,.0f}/s, "
+                    f"applied {r.mqtt_applied_per_s:,.0f}/s during the run")
+            if r.mqtt_published and r.mqtt_eventually_applied is not None:
+                note += (f"; {r.mqtt_eventually_applied / r.mqtt_published:.0%} of all "
+                         f"{r.mqtt_published:,} applied in the end, "
+                         f"{r.mqtt_catch_up_s:.1f} s after the run")
+        rows.append((r.scenario.label, f"{r.rps:,.0f}", f"{r.p50_ms:.1f} ms",
+                     f"{r.p99_ms:.1f} ms", str(r.errors), str(r.non_2xx), target, note))
+    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        cells = [row[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(row[1:6], widths[1:6], strict=True)]
+        cells += [c.ljust(w) for c, w in zip(row[6:], widths[6:], strict=True)]
+        print("  ".join(cells).rstrip())
+
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "rest.json").write_text(json.dumps({
+        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+        "wrk": {"threads": args.threads, "connections": args.connections,
+                "duration_s": args.duration},
+        "nodes": args.nodes, "mqtt_rate": args.rate,
+        "targets": {"heartbeat_vs_bare": TARGET_HEARTBEAT_RATIO, "list_rps": TARGET_LIST_RPS},
+        "results": [{
+            "scenario": r.scenario.slug, "rps": r.rps, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms,
+            "errors": r.errors, "non_2xx": r.non_2xx,
+            "mqtt_published_per_s": r.mqtt_published_per_s,
+            "mqtt_applied_per_s": r.mqtt_applied_per_s,
+            "mqtt_published": r.mqtt_published,
+            "mqtt_eventually_applied": r.mqtt_eventually_applied,
+            "mqtt_catch_up_s": r.mqtt_catch_up_s,
+        } for r in runs],
+    }, indent=2) + "\n")
+    print(f"\nwritten: {RESULTS / 'rest.json'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--nodes", type=int, default=1001)
+    parser.add_argument("--rate", type=int, default=10_000,
+                        help="MQTT heartbeats/s during the loaded listing (default: 10000)")
+    parser.add_argument("--only", default="",
+                        help="comma-separated scenarios: heartbeat-bare, heartbeat, register, "
+                             "get-one, list-<nodes>-bare, list-<nodes>, list-<nodes>-mqtt")
+    parser.add_argument("--profile", metavar="DIR",
+                        help="record each fleetmq run with py-spy (raw stacks) into DIR")
+    parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "LIST_FILE"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_server is not None:
+        bare_server(int(args.bare_server[0]), Path(args.bare_server[1]))
+        return
+    with tempfile.TemporaryDirectory(prefix="fleetmq-bench-rest-") as tmp, ExitStack() as stack:
+        bench = Bench(args, Path(tmp), stack)
+        bench.start()
+        chosen = {s for s in args.only.split(",") if s}
+        runs = [bench.run(s) for s in bench.scenarios() if not chosen or s.slug in chosen]
+    report(args, runs)
+
+
+if __name__ == "__main__":
+    main()
