@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -45,31 +46,50 @@ class FleetService:
         self.topics = Topics(settings.topic_root)
         self.metrics = Metrics()
         self.registry = Registry(settings.heartbeat_interval_s, settings.default_timeout_s)
+        # Two connections: ingest (persistent session, subscriptions) and output (statuses,
+        # replies, presence and the manager's will). On one connection the PUBACKs of our
+        # publishes queue behind every inbound message, so under a heartbeat backlog status
+        # messages would wait for the whole backlog.
+        prefer_mqtt5 = settings.mqtt_version == "5" and not settings.broker.embedded  # amqtt: 3.1.1
         self.link = MqttLink(
             settings.broker,
             settings.mqtt_client_id,
             subscriptions=[self.topics.register_filter, self.topics.heartbeat_filter],
+            will=None,
+            keepalive_s=settings.keepalive_s,
+            prefer_mqtt5=prefer_mqtt5,
+            monotonic=self.clock.monotonic,
+        )
+        self.out = MqttLink(
+            settings.broker,
+            f"{settings.mqtt_client_id}-out",
+            subscriptions=[],
             will=Will(self.topics.manager_status,
                       manager_status_payload("offline", None, "connection_lost")),
             keepalive_s=settings.keepalive_s,
-            # amqtt speaks 3.1.1 only
-            prefer_mqtt5=settings.mqtt_version == "5" and not settings.broker.embedded,
+            prefer_mqtt5=prefer_mqtt5,
             monotonic=self.clock.monotonic,
         )
-        self.publisher = Publisher(self.link, self.topics, self.registry, self.metrics)
+        self.publisher = Publisher(self.out, self.topics, self.registry, self.metrics)
         self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics)
         self.ingest = MqttIngest(self.link, self.topics, self.fleet, self.publisher, self.metrics)
-        self.api = RestApi(self.fleet, self.registry, self.link, self.publisher, self.metrics,
-                           settings.http, settings.topic_root)
+        self.api = RestApi(self.fleet, self.registry, (self.link, self.out), self.publisher,
+                           self.metrics, settings.http, settings.topic_root)
         self.http = HttpServer(self.api, settings.http)
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
         self._group: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
+        self._reconcile_task: asyncio.Task[bool] | None = None
 
     @property
     def http_port(self) -> int:
         return self.http.port
+
+    @property
+    def ready(self) -> bool:
+        """Both broker connections up with their subscriptions acknowledged."""
+        return self.link.connected and self.out.connected
 
     async def __aenter__(self) -> FleetService:
         stack = self._stack
@@ -79,6 +99,7 @@ class FleetService:
             if broker.embedded:
                 await stack.enter_async_context(EmbeddedBroker(broker.host, broker.port))
             self.fleet.grant_grace()
+            await stack.enter_async_context(self.out)
             await stack.enter_async_context(self.link)
             stack.push_async_callback(self._say_goodbye)
             group = self._group = await stack.enter_async_context(asyncio.TaskGroup())
@@ -87,7 +108,8 @@ class FleetService:
             for name, coro in (
                 ("ingest", self.ingest.run()),
                 ("expiry", self._expire_loop()),
-                ("connection", self._watch_connection()),
+                ("ingest-connection", self._on_each_connection(self.link, self._ingest_connected)),
+                ("output-connection", self._on_each_connection(self.out, self._output_connected)),
             ):
                 self._tasks.append(group.create_task(coro, name=f"fleetmq-{name}"))
             await stack.enter_async_context(self.http)
@@ -113,7 +135,7 @@ class FleetService:
     async def _say_goodbye(self) -> None:
         payload = manager_status_payload("offline", self.clock.now().wall, "shutdown")
         if self.publisher.publish_presence(payload):
-            acked = await self.link.flush(GOODBYE_TIMEOUT_S)
+            acked = await self.out.flush(GOODBYE_TIMEOUT_S)
             log.info("manager_offline_published acknowledged=%s", acked)
 
     async def _expire_loop(self) -> None:
@@ -142,30 +164,30 @@ class FleetService:
                 return
             await asyncio.sleep(0)
 
-    async def _watch_connection(self) -> None:
+    async def _on_each_connection(self, link: MqttLink, connected: Callable[[], None]) -> None:
         handled = 0
-        reconcile: asyncio.Task[bool] | None = None
         while True:
-            await self.link.wait_state_change()
-            if not self.link.connected or self.link.connections == handled:
+            await link.wait_state_change()
+            if not link.connected or link.connections == handled:
                 continue
+            handled = link.connections
             try:
-                reconcile = self._on_connected(reconcile)
+                connected()
             except Exception:
                 log.exception("on_connected_failed")
-            handled = self.link.connections
 
-    def _on_connected(self, reconcile: asyncio.Task[bool] | None) -> asyncio.Task[bool] | None:
+    def _output_connected(self) -> None:
         self.publisher.publish_presence(manager_status_payload("online", self.clock.now().wall))
         self.publisher.republish_all()
+
+    def _ingest_connected(self) -> None:
         # Reconcile once per process; a run cut short by a lost connection starts again.
-        if reconcile is not None and (not reconcile.done() or reconcile.result()):
-            return reconcile
-        if self._group is None:
-            return None
-        task = self._group.create_task(self._reconcile(), name="fleetmq-reconcile")
-        self._tasks.append(task)
-        return task
+        task = self._reconcile_task
+        if (task is not None and (not task.done() or task.result())) or self._group is None:
+            return
+        self._reconcile_task = self._group.create_task(self._reconcile(),
+                                                       name="fleetmq-reconcile")
+        self._tasks.append(self._reconcile_task)
 
     async def _reconcile(self) -> bool:
         try:

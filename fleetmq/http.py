@@ -91,11 +91,12 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
 
 
 class RestApi:
-    def __init__(self, fleet: Fleet, registry: Registry, link: MqttLink, publisher: Publisher,
-                 metrics: Metrics, settings: HttpSettings, topic_root: str) -> None:
+    def __init__(self, fleet: Fleet, registry: Registry, links: tuple[MqttLink, ...],
+                 publisher: Publisher, metrics: Metrics, settings: HttpSettings,
+                 topic_root: str) -> None:
         self._fleet = fleet
         self._registry = registry
-        self._link = link
+        self._links = links
         self._publisher = publisher
         self._metrics = metrics
         self._settings = settings
@@ -278,14 +279,16 @@ class RestApi:
         return json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        if not self._link.connected:
+        down = [link for link in self._links if not link.connected]
+        if down:
             return error_response(503, "Not ready",
-                                  f"broker connection is down: {self._link.last_error}")
+                                  f"broker connection is down: {down[0].last_error}")
         return json_response({"status": "ready", "nodes": len(self._registry),
-                              "mqtt_protocol": self._link.protocol_name})
+                              "mqtt_protocol": self._links[0].protocol_name})
 
     async def metrics(self, _request: web.Request) -> web.Response:
-        text = self._metrics.render(nodes=len(self._registry), connected=self._link.connected,
+        text = self._metrics.render(nodes=len(self._registry),
+                                    connected=all(link.connected for link in self._links),
                                     backlog=self._publisher.backlog)
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 

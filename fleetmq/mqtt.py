@@ -74,7 +74,7 @@ class MqttLink:
         client_id: str,
         *,
         subscriptions: list[str],
-        will: Will,
+        will: Will | None,
         keepalive_s: int = 60,
         prefer_mqtt5: bool = True,
         monotonic: Callable[[], float],
@@ -142,7 +142,8 @@ class MqttLink:
         # needs to queue behind it.
         client.max_inflight_messages_set(1000)
         client.max_queued_messages_set(0)
-        client.will_set(self._will.topic, self._will.payload, qos=1, retain=True)
+        if self._will is not None:
+            client.will_set(self._will.topic, self._will.payload, qos=1, retain=True)
         if self._broker.username is not None:
             client.username_pw_set(self._broker.username, self._broker.password)
         if self._broker.scheme == "mqtts":

@@ -105,7 +105,7 @@ def make_settings(broker: str | BrokerSettings, root: str, **overrides: Any) -> 
 async def running(settings: Settings) -> AsyncIterator[FleetService]:
     """A manager, ready: REST bound and the broker connection up with subscriptions acked."""
     async with FleetService(settings) as service:
-        await eventually(lambda: service.link.connected, timeout=10)
+        await eventually(lambda: service.ready, timeout=10)
         yield service
 
 
