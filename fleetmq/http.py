@@ -101,6 +101,9 @@ class RestApi:
         self._metrics = metrics
         self._settings = settings
         self._openapi = dumps(openapi_document(topic_root))
+        self._list_cache: tuple[int, bytes] = (-1, b"")
+        """The whole fleet's list document and the registry version it shows (dashboards
+        poll it; it is rebuilt after any change)."""
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -205,9 +208,16 @@ class RestApi:
         start = bisect.bisect_right(ids, after) if after else 0
         if limit is None and len(ids) - start > STREAM_ABOVE:
             return await self._stream(request, ids, start, match)
+        whole_fleet = limit is None and start == 0 and match is _all
+        if whole_fleet and self._list_cache[0] == self._registry.version:
+            return web.Response(body=self._list_cache[1], content_type=JSON)
+        version = self._registry.version
         parts, next_id = await self._collect(ids, start, limit, match)
         total = await self._count(ids, match)
-        return web.Response(body=_document(parts, total, next_id), content_type=JSON)
+        body = _document(parts, total, next_id)
+        if whole_fleet and version == self._registry.version:  # unchanged while collected
+            self._list_cache = (version, body)
+        return web.Response(body=body, content_type=JSON)
 
     def _nodes(self, ids: list[str]) -> Iterator[Node]:
         get = self._registry.get

@@ -102,6 +102,8 @@ class Registry:
         self._removed: set[str] = set()
         self._queues: dict[float, OrderedDict[str, None]] = {}
         self._grace_from = float("-inf")
+        self.version = 0
+        """Bumped by every change of any node: readers may cache what they derive from it."""
 
     # --- reading -------------------------------------------------------------------------
 
@@ -141,6 +143,7 @@ class Registry:
     # --- writing -------------------------------------------------------------------------
 
     def register(self, node_id: str, req: RegisterRequest, now: Instant) -> Registered:
+        self.version += 1
         interval = req.heartbeat_interval_seconds
         timeout = (
             float(TIMEOUT_FACTOR * interval) if interval is not None else self.default_timeout_s
@@ -187,6 +190,7 @@ class Registry:
         node = self._nodes.get(node_id)
         if node is None:
             raise NodeNotFoundError(node_id)
+        self.version += 1
         if req.status == "offline":
             return self._report_offline(node, req, now)
         node.last_seen = now.wall
@@ -210,6 +214,7 @@ class Registry:
         node = self._nodes.pop(node_id, None)
         if node is None:
             raise NodeNotFoundError(node_id)
+        self.version += 1
         self._unschedule(node)
         if node_id in self._added:
             self._added.discard(node_id)
@@ -240,6 +245,8 @@ class Registry:
                 queue.popitem(last=False)
                 node.deadline = None
                 events.append(self._transition(node, "offline", "heartbeat_timeout", now))
+        if events:
+            self.version += 1
         return events
 
     def grant_grace(self, now: Instant) -> None:

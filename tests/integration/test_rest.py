@@ -700,6 +700,24 @@ async def test_a_list_larger_than_the_stream_threshold_is_streamed_whole(api: Ap
     assert (paged["count"], paged["total"], paged["next"]) == (10000, n, ids[9999])
 
 
+async def test_the_whole_fleet_list_follows_every_change(api: Api) -> None:
+    await api.register("cache-a")
+    await api.register("cache-b")
+    first = (await api.nodes()).json
+    again = (await api.nodes()).json  # served again, unchanged
+    assert again == first
+    assert [n["uptime_seconds"] for n in first["nodes"]] == [None, None]
+
+    await api.heartbeat("cache-b", uptime_seconds=7)
+    after_heartbeat = (await api.nodes()).json
+    assert [n["uptime_seconds"] for n in after_heartbeat["nodes"]] == [None, 7]
+
+    assert (await api.request("DELETE", "/api/v1/fleet/nodes/cache-a")).status == 204
+    after_delete = (await api.nodes()).json
+    assert [n["id"] for n in after_delete["nodes"]] == ["cache-b"]
+    assert after_delete["count"] == after_delete["total"] == 1
+
+
 # --- GET and DELETE /nodes/{node_id} -----------------------------------------------------------
 
 async def test_node_document_has_exactly_the_contract_fields(api: Api) -> None:
