@@ -130,6 +130,8 @@ def fleetmq_ingest(port: int, root: str, messages: int, nodes: int, publishers: 
                 info.wait_for_publish(30)
         _wait(lambda: _metric(http_port, "fleetmq_nodes") >= nodes, 300)
         register_rate = nodes / (time.monotonic() - started)
+        # Let the registrations' statuses and replies go out first: measure ingest alone.
+        _wait(lambda: _metric(http_port, "fleetmq_mqtt_backlog") == 0, 300)
         reg.disconnect()
         reg.loop_stop()
 
