@@ -15,6 +15,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from fleetmq.aio import wait_set
 from fleetmq.config import HttpSettings
 from fleetmq.errors import ConfigError
 from fleetmq.fleet import Fleet
@@ -121,12 +122,7 @@ class RestApi:
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight (shutdown); False on timeout."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._idle, timeout_s)
 
     def build(self) -> web.Application:
         app = web.Application(middlewares=[self._track, json_errors],

@@ -14,6 +14,7 @@ import logging
 from collections import OrderedDict, deque
 from typing import Any
 
+from fleetmq.aio import wait_set
 from fleetmq.events import Event
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt import MqttLink
@@ -85,12 +86,7 @@ class Publisher:
 
     async def drain(self, timeout_s: float) -> bool:
         """Wait until queued statuses and replies are handed to the broker link (shutdown)."""
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._idle.wait()
-        except TimeoutError:
-            return False
-        return True
+        return await wait_set(self._idle, timeout_s)
 
     async def run(self) -> None:
         while True:

@@ -6,41 +6,14 @@ test_registry_expiry.py."""
 from __future__ import annotations
 
 import random
-from typing import Any
 
 import pytest
 
 from fleetmq.clock import FakeClock
 from fleetmq.events import NodeDeleted, NodeTransitioned
-from fleetmq.models import HeartbeatRequest, RegisterRequest, Status
-from fleetmq.registry import Node, NodeConflictError, NodeNotFoundError, Registry
-
-NODE = "microclaw-esp32-f4cfa210"
-
-
-def reg(node_type: str = "microclaw", **fields: Any) -> RegisterRequest:
-    return RegisterRequest.model_validate({"node_type": node_type, **fields})
-
-
-def hb(**fields: Any) -> HeartbeatRequest:
-    return HeartbeatRequest.model_validate(fields)
-
-
-def node_of(registry: Registry, node_id: str = NODE) -> Node:
-    node = registry.get(node_id)
-    assert node is not None
-    return node
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def registry() -> Registry:
-    return Registry(60)
-
+from fleetmq.models import Status
+from fleetmq.registry import NodeConflictError, NodeNotFoundError, Registry
+from tests.unit.conftest import NODE, hb, node_of, reg
 
 # --- register ------------------------------------------------------------------------------
 

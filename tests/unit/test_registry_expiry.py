@@ -10,33 +10,14 @@ import pytest
 
 from fleetmq.clock import FakeClock, Instant
 from fleetmq.events import NodeTransitioned
-from fleetmq.models import HeartbeatRequest, RegisterRequest
-from fleetmq.registry import Node, Registry
+from fleetmq.registry import Registry
+from tests.unit.conftest import hb, node_of, reg
 
 EPS = 2**-10  # a power of two: FakeClock sums stay exact, so "just before" is really before
 
 
-def reg(**fields: Any) -> RegisterRequest:
-    return RegisterRequest.model_validate({"node_type": "microclaw", **fields})
-
-
-def hb(**fields: Any) -> HeartbeatRequest:
-    return HeartbeatRequest.model_validate(fields)
-
-
-def node_of(registry: Registry, node_id: str) -> Node:
-    node = registry.get(node_id)
-    assert node is not None
-    return node
-
-
 def expired_ids(registry: Registry, now: Instant, limit: float | None = None) -> list[str]:
     return [event.node_id for event in registry.expire(now, limit)]
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 # --- timeouts --------------------------------------------------------------------------------

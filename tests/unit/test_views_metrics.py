@@ -14,7 +14,6 @@ from fleetmq.clock import FakeClock, format_timestamp
 from fleetmq.events import NodeTransitioned
 from fleetmq.metrics import DROP_REASONS, Metrics, RateLimitedLog
 from fleetmq.models import (
-    HeartbeatRequest,
     RegisterRequest,
     describe_error,
     node_conflict,
@@ -32,6 +31,7 @@ from fleetmq.views import (
     status_payload,
     transition_payload,
 )
+from tests.unit.conftest import hb, reg
 
 NODE_KEYS = {
     "id", "name", "type", "capabilities", "location", "metadata", "status", "status_reason",
@@ -42,14 +42,6 @@ RFC3339_MS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 LONG_ID = "n" * 128
 LONG_REASON = "r" * 64
 PUBSUBCLIENT_BUFFER = 512
-
-
-def reg(**fields: Any) -> RegisterRequest:
-    return RegisterRequest.model_validate({"node_type": "microclaw", **fields})
-
-
-def hb(**fields: Any) -> HeartbeatRequest:
-    return HeartbeatRequest.model_validate(fields)
 
 
 def document(node: Node) -> dict[str, Any]:
