@@ -15,19 +15,18 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support import Mosquitto, free_port
+from bench.common import metric, print_rows, start_manager, wait_for
+from tests.support import Mosquitto
 
 
 def _publish(port: int, root: str, first: int, count: int, nodes: int, qos: int) -> None:
@@ -55,22 +54,6 @@ def _blast(port: int, root: str, messages: int, nodes: int, publishers: int, qos
         proc.join()
 
 
-def _metric(http_port: int, name: str) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return int(float(line.split()[1]))
-    raise KeyError(name)
-
-
-def _wait(predicate: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark condition not met")
-        time.sleep(0.05)
-
-
 def bare_subscriber(port: int, root: str, messages: int, nodes: int, publishers: int,
                     qos: int, mqtt5: bool = False) -> float:
     seen = 0
@@ -93,7 +76,7 @@ def bare_subscriber(port: int, root: str, messages: int, nodes: int, publishers:
     client.loop_start()
     time.sleep(0.5)
     _blast(port, root, messages, nodes, publishers, qos)
-    _wait(lambda: seen >= messages * 0.999, 300)
+    wait_for(lambda: seen >= messages * 0.999, 300, "bare subscriber saw every message")
     client.disconnect()
     client.loop_stop()
     return seen / (last_at - first_at)
@@ -101,21 +84,8 @@ def bare_subscriber(port: int, root: str, messages: int, nodes: int, publishers:
 
 def fleetmq_ingest(port: int, root: str, messages: int, nodes: int, publishers: int,
                    qos: int, wrap: list[str], mqtt_version: str) -> tuple[float, float]:
-    http_port = free_port()
-    proc = subprocess.Popen(
-        [*wrap, sys.executable, "-m", "fleetmq", "serve", "--broker", f"mqtt://127.0.0.1:{port}",
-         "--http", f"127.0.0.1:{http_port}", "--topic-root", root, "--log-level", "warning",
-         "--mqtt-version", mqtt_version],
-    )
+    proc, http_port = start_manager(port, root, "--mqtt-version", mqtt_version, wrap=wrap)
     try:
-        def ready() -> bool:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2):
-                    return True
-            except OSError:
-                return False
-
-        _wait(ready, 30)
         reg = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-reg")
         reg.max_inflight_messages_set(1000)
         reg.connect("127.0.0.1", port, keepalive=120)
@@ -128,27 +98,28 @@ def fleetmq_ingest(port: int, root: str, messages: int, nodes: int, publishers: 
             info = reg.publish(f"{root}/node-{i:07d}/register", json.dumps(body), qos=1)
             if i % 1000 == 0:
                 info.wait_for_publish(30)
-        _wait(lambda: _metric(http_port, "fleetmq_nodes") >= nodes, 300)
+        wait_for(lambda: metric(http_port, "fleetmq_nodes") >= nodes, 300, "nodes registered")
         register_rate = nodes / (time.monotonic() - started)
         # Let the registrations' statuses and replies go out first: measure ingest alone.
-        _wait(lambda: _metric(http_port, "fleetmq_mqtt_backlog") == 0, 300)
+        wait_for(lambda: metric(http_port, "fleetmq_mqtt_backlog") == 0, 300, "statuses out")
         reg.disconnect()
         reg.loop_stop()
 
-        base = _metric(http_port, "fleetmq_mqtt_messages_applied_total")
+        base = metric(http_port, "fleetmq_mqtt_messages_applied_total")
         samples: list[tuple[float, int]] = []
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.is_set():
                 samples.append((time.monotonic(),
-                                _metric(http_port, "fleetmq_mqtt_messages_applied_total") - base))
+                                metric(http_port, "fleetmq_mqtt_messages_applied_total") - base))
                 time.sleep(0.25)
 
         sampler = threading.Thread(target=sample)
         sampler.start()
         _blast(port, root, messages, nodes, publishers, qos)
-        _wait(lambda: samples and samples[-1][1] >= messages * 0.999, 300)
+        wait_for(lambda: bool(samples) and samples[-1][1] >= messages * 0.999, 300,
+                 "every heartbeat applied")
         stop.set()
         sampler.join()
         moving = [(t, n) for t, n in samples if n > 0]
@@ -200,9 +171,7 @@ def main() -> None:
         ("fleetmq applied, --mqtt-version 3.1.1", f"{fleet3:,.0f} msg/s"),
         ("  ratio to the bare 3.1.1 subscriber", f"{fleet3 / bare:.2f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":

@@ -16,19 +16,18 @@ import json
 import multiprocessing as mp
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.support import Mosquitto, free_port
+from bench.common import metric, print_rows, start_manager, wait_for
+from tests.support import Mosquitto
 
 ROOT = "lag"
 
@@ -60,22 +59,6 @@ def _background(port: int, nodes: int, rate: int, seconds: float, stop_at: float
     client.loop_stop()
 
 
-def _wait(predicate: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError("benchmark condition not met")
-        time.sleep(0.05)
-
-
-def _metric(http_port: int, name: str) -> int:
-    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return int(float(line.split()[1]))
-    raise KeyError(name)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10_000)
@@ -89,11 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fleetmq-lag-") as tmp:
         broker = Mosquitto(Path(tmp))
         broker.start()
-        http_port = free_port()
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "fleetmq", "serve", "--broker", f"mqtt://127.0.0.1:{broker.port}",
-             "--http", f"127.0.0.1:{http_port}", "--topic-root", ROOT, "--log-level", "warning",
-             "--mqtt-version", args.mqtt_version])
+        proc, http_port = start_manager(broker.port, ROOT, "--mqtt-version", args.mqtt_version)
         try:
             lags = run(broker.port, http_port, args)
         finally:
@@ -114,9 +93,7 @@ def main() -> None:
         ("lag p50 / p99 / max", f"{p(0.5):.1f} / {p(0.99):.1f} / {lags[-1] * 1000:.1f} ms"),
         ("lag mean", f"{statistics.fmean(lags) * 1000:.1f} ms"),
     ]
-    width = max(len(k) for k, _ in rows)
-    for key, value in rows:
-        print(f"{key:<{width}}  {value}")
+    print_rows(rows)
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     (out / "lag.json").write_text(json.dumps(dict(rows), indent=2))
@@ -141,21 +118,14 @@ def _probe(probe: paho.Client, args: argparse.Namespace, sent: dict[str, float],
 
 
 def run(port: int, http_port: int, args: argparse.Namespace) -> list[float]:
-    def ready() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/readyz", timeout=2):
-                return True
-        except OSError:
-            return False
-
-    _wait(ready, 30)
     reg = _client(port, "lag-register")
     body = json.dumps({"node_type": "microclaw", "heartbeat_interval_seconds": 3600})
     for i in range(args.nodes):
         reg.publish(f"{ROOT}/bg-{i:06d}/register", body, qos=1)
     for i in range(args.probes):
         reg.publish(f"{ROOT}/probe-{i:04d}/register", body, qos=1)
-    _wait(lambda: _metric(http_port, "fleetmq_nodes") >= args.nodes + args.probes, 120)
+    wait_for(lambda: metric(http_port, "fleetmq_nodes") >= args.nodes + args.probes, 120,
+             "nodes registered")
     reg.disconnect()
     reg.loop_stop()
 

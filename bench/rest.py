@@ -29,9 +29,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +40,7 @@ from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import answers, metric, request, wait_for
 from fleetmq.clock import SystemClock, format_timestamp
 from tests.support import Mosquitto, free_port
 
@@ -133,36 +131,6 @@ def ensure_wrk() -> str:
     if path is None:
         raise SystemExit("apt-get installed wrk, yet it is not on PATH")
     return path
-
-
-def request(url: str, body: bytes | None = None, timeout: float = 10) -> bytes:
-    req = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return bytes(resp.read())
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"benchmark condition not met within {timeout:g} s: {what}")
-        time.sleep(0.05)
-
-
-def answers(url: str) -> bool:
-    try:
-        request(url, timeout=2)
-    except (urllib.error.URLError, OSError):
-        return False
-    return True
-
-
-def metric(http_port: int, name: str) -> float:
-    text = request(f"http://127.0.0.1:{http_port}/metrics").decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
 
 
 def paced_publisher(port: int, rate: int, nodes: int, stop: Any, sent: Any) -> None:
