@@ -63,6 +63,15 @@ def start_manager(broker_port: int, root: str, *options: str,
     return proc, http_port
 
 
+def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    """Columns aligned: the first left, the others right."""
+    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
+    for row in (header, *rows):
+        cells = [row[0].ljust(widths[0])]
+        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
+        print("  ".join(cells))
+
+
 def print_rows(rows: Sequence[tuple[str, str]]) -> None:
     width = max(len(key) for key, _ in rows)
     for key, value in rows:

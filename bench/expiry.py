@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import print_table
 from fleetmq.app import EXPIRY_BATCH, EXPIRY_TICK_S, IN_HAND_MARGIN_S
 from fleetmq.clock import FakeClock, Instant
 from fleetmq.events import Event, NodeTransitioned
@@ -131,14 +132,6 @@ def run(scenario: str, nodes: int, spread_s: float, timeout_s: float) -> Outcome
                    calls, max_call, max_pass)
 
 
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
-    for row in (header, *rows):
-        cells = [row[0].ljust(widths[0])]
-        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        print("  ".join(cells))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=1_000_000)
@@ -171,7 +164,7 @@ def main() -> None:
             f"{o.max_call_cpu_s * 1000:.1f} ms", f"{o.max_pass_cpu_s * 1000:.0f} ms",
             f"{o.ticks:,}", f"{o.calls:,}",
         ))
-    table(header, rows)
+    print_table(header, rows)
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "expiry.json").write_text(json.dumps({

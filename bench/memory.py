@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import print_table
 from fleetmq.clock import FakeClock
 from fleetmq.models import HeartbeatRequest, RegisterRequest
 from fleetmq.registry import Node, Registry
@@ -184,14 +185,6 @@ def breakdown() -> list[tuple[str, int]]:
     ]
 
 
-def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(c) for c in col) for col in zip(header, *rows, strict=True)]
-    for row in (header, *rows):
-        cells = [row[0].ljust(widths[0])]
-        cells += [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        print("  ".join(cells))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -221,11 +214,11 @@ def main() -> None:
             per_node(r["total_with_telemetry"], n), "met" if ok else "MISSED",
             f"{r['register_per_s']:,.0f}",
         ))
-    table(header, rows)
+    print_table(header, rows)
 
     parts = breakdown()
     print("\nwhere one node's bytes go (sys.getsizeof, before allocator and index overhead)\n")
-    table(("part", "bytes"), [(name, f"{size:,}") for name, size in parts])
+    print_table(("part", "bytes"), [(name, f"{size:,}") for name, size in parts])
 
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "memory.json").write_text(json.dumps({

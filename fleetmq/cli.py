@@ -66,8 +66,20 @@ SERVE_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
 )
 
 
-def env_name(option: str) -> str:
-    return "FLEETMQ_" + option.lstrip("-").replace("-", "_").upper()
+def env_name(option: str, prefix: str = "FLEETMQ_") -> str:
+    return prefix + option.lstrip("-").replace("-", "_").upper()
+
+
+def add_options(parser: argparse.ArgumentParser,
+                options: Sequence[tuple[str, str | None, str]], env: Mapping[str, str],
+                prefix: str = "FLEETMQ_", flags_only: Sequence[str] = ()) -> None:
+    """Add ``(option, default, help)`` options whose defaults come from the environment
+    (``<prefix><OPTION>``), so that flags win over the environment, which wins over defaults.
+    Options in ``flags_only`` default to None: their command resolves the environment itself."""
+    for option, default, text in options:
+        var = env_name(option, prefix)
+        value = None if option in flags_only else env.get(var, default)
+        parser.add_argument(option, default=value, help=f"{text} [env: {var}]")
 
 
 def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
@@ -79,9 +91,7 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         "serve", help="run the manager (registry, MQTT ingest, status publishing, REST API)",
         description="Run the fleet manager. Every option can also be set with the environment "
                     "variable shown; flags win over the environment.")
-    for option, default, text in SERVE_OPTIONS:
-        var = env_name(option)
-        serve.add_argument(option, default=env.get(var, default), help=f"{text} [env: {var}]")
+    add_options(serve, SERVE_OPTIONS, env)
     serve.set_defaults(run=run_serve)
     for name in COMMAND_MODULES:
         # Imported here, not at the top: command modules use this module's helpers.

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fleetmq.agent import DEFAULT_BROKER, Agent
-from fleetmq.cli import LOG_LEVELS, configure_logging
+from fleetmq.cli import LOG_LEVELS, add_options, configure_logging, env_name
 from fleetmq.errors import ConfigError
 
 log = logging.getLogger("fleetmq.agent.cli")
@@ -32,8 +32,11 @@ AGENT_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
 )
 
 
+ENV_PREFIX = "FLEETMQ_AGENT_"
+
+
 def agent_env_name(option: str) -> str:
-    return "FLEETMQ_AGENT_" + option.lstrip("-").replace("-", "_").upper()
+    return env_name(option, ENV_PREFIX)
 
 
 def add_command(subparsers: Any, env: Mapping[str, str]) -> None:
@@ -42,11 +45,8 @@ def add_command(subparsers: Any, env: Mapping[str, str]) -> None:
         description="Run one edge agent until SIGINT or SIGTERM, then publish its offline "
                     "(shutdown) message and exit 0. Every option can also be set with the "
                     "environment variable shown; flags win over the environment.")
-    for option, default, text in AGENT_OPTIONS:
-        var = agent_env_name(option)
-        # --broker and --api come from flags first, so they are resolved in run_agent.
-        flag_default = None if option in ("--broker", "--api") else env.get(var, default)
-        parser.add_argument(option, default=flag_default, help=f"{text} [env: {var}]")
+    # --broker and --api come from flags first, so they are resolved in run_agent.
+    add_options(parser, AGENT_OPTIONS, env, ENV_PREFIX, flags_only=("--broker", "--api"))
     parser.set_defaults(run=run_agent, agent_env=dict(_transport_env(env)))
 
 

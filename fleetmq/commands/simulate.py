@@ -15,7 +15,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
-from fleetmq.cli import LOG_LEVELS, configure_logging
+from fleetmq.cli import LOG_LEVELS, add_options, configure_logging
 from fleetmq.config import parse_broker
 from fleetmq.errors import ConfigError
 from fleetmq.simulator import SimSettings, SimStats, Simulator
@@ -45,8 +45,7 @@ SIM_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
 )
 
 
-def sim_env_name(option: str) -> str:
-    return "FLEETMQ_SIM_" + option.lstrip("-").replace("-", "_").upper()
+ENV_PREFIX = "FLEETMQ_SIM_"
 
 
 def add_command(subparsers: Any, env: Mapping[str, str]) -> None:
@@ -56,9 +55,7 @@ def add_command(subparsers: Any, env: Mapping[str, str]) -> None:
                     "evenly over it) over K shared MQTT connections, until --duration is over "
                     "or Ctrl-C/SIGTERM; then print a summary. Every option can also be set "
                     "with the environment variable shown; flags win over the environment.")
-    for option, default, text in SIM_OPTIONS:
-        var = sim_env_name(option)
-        parser.add_argument(option, default=env.get(var, default), help=f"{text} [env: {var}]")
+    add_options(parser, SIM_OPTIONS, env, ENV_PREFIX)
     parser.set_defaults(run=run_simulate)
 
 
