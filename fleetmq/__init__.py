@@ -10,8 +10,15 @@ __version__ = "0.1.0"
 
 from fleetmq.app import FleetService
 from fleetmq.clock import Clock, FakeClock, Instant, SystemClock
-from fleetmq.config import BrokerSettings, HttpSettings, Settings, parse_broker
-from fleetmq.errors import BrokerError, ConfigError, FleetmqError
+from fleetmq.config import (
+    BrokerSettings,
+    HttpSettings,
+    Settings,
+    StoreSettings,
+    parse_broker,
+    parse_store,
+)
+from fleetmq.errors import BrokerError, ConfigError, FleetmqError, StoreError
 from fleetmq.registry import Registry
 
 __all__ = [
@@ -26,7 +33,10 @@ __all__ = [
     "Instant",
     "Registry",
     "Settings",
+    "StoreError",
+    "StoreSettings",
     "SystemClock",
     "__version__",
     "parse_broker",
+    "parse_store",
 ]

@@ -1,9 +1,10 @@
 """Wiring and lifecycle: builds every part from ``Settings`` and runs them together.
 
-``FleetService`` is ready when ``__aenter__`` returns (REST bound; the broker connection comes
-up in the background and ``/readyz`` follows it). Shutdown runs in reverse: REST stops taking
-requests and finishes those in flight, the loops stop, the manager publishes its offline status
-and disconnects cleanly, then the embedded broker (if any) stops.
+``FleetService`` is ready when ``__aenter__`` returns (the store opened and every stored node
+loaded, REST bound; the broker connection comes up in the background and ``/readyz`` follows
+it). Shutdown runs in reverse: REST stops taking requests and finishes those in flight, the
+loops stop, the manager publishes its offline status and disconnects cleanly, the store gets
+what is still queued, then the embedded broker (if any) stops.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from fleetmq.metrics import Metrics
 from fleetmq.mqtt import MqttLink, Will
 from fleetmq.publisher import Publisher
 from fleetmq.registry import Registry
+from fleetmq.store import make_store
+from fleetmq.store.base import nodes_from_rows
+from fleetmq.store.writer import StoreWriter
 from fleetmq.topics import Topics
 from fleetmq.views import manager_status_payload
 
@@ -37,6 +41,8 @@ IN_HAND_MARGIN_S = 0.05
 """With nothing queued, expiry still stays this far behind now: paho's thread may hold a
 message it has stamped but not yet queued."""
 GOODBYE_TIMEOUT_S = 3.0
+STORE_CLOSE_TIMEOUT_S = 10.0
+PRUNE_EVERY_S = 3600.0
 
 
 class FleetService:
@@ -71,7 +77,10 @@ class FleetService:
             monotonic=self.clock.monotonic,
         )
         self.publisher = Publisher(self.out, self.topics, self.registry, self.metrics)
-        self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics)
+        self.store = make_store(settings.store)
+        self.writer = StoreWriter(self.store, self.registry, self.clock.monotonic,
+                                  settings.store.flush_interval_s)
+        self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer)
         self.ingest = MqttIngest(self.link, self.topics, self.fleet, self.publisher, self.metrics)
         self.api = RestApi(self.fleet, self.registry, (self.link, self.out), self.publisher,
                            self.metrics, settings.http, settings.topic_root)
@@ -80,6 +89,7 @@ class FleetService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._group: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
+        self._writer_task: asyncio.Task[None] | None = None
         self._reconcile_task: asyncio.Task[bool] | None = None
 
     @property
@@ -98,6 +108,7 @@ class FleetService:
             broker = self.settings.broker
             if broker.embedded:
                 await stack.enter_async_context(EmbeddedBroker(broker.host, broker.port))
+            await self._open_store()
             self.fleet.grant_grace()
             await stack.enter_async_context(self.out)
             await stack.enter_async_context(self.link)
@@ -105,9 +116,11 @@ class FleetService:
             group = self._group = await stack.enter_async_context(asyncio.TaskGroup())
             stack.push_async_callback(self._stop_loops)
             self._publisher_task = group.create_task(self.publisher.run(), name="fleetmq-publisher")
+            self._writer_task = group.create_task(self.writer.run(), name="fleetmq-store")
             for name, coro in (
                 ("ingest", self.ingest.run()),
                 ("expiry", self._expire_loop()),
+                ("prune", self._prune_loop()),
                 ("ingest-connection", self._on_each_connection(self.link, self._ingest_connected)),
                 ("output-connection", self._on_each_connection(self.out, self._output_connected)),
             ):
@@ -121,6 +134,27 @@ class FleetService:
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stack.aclose()
 
+    async def _open_store(self) -> None:
+        """Open the store and load every node into the registry, straight into its objects."""
+        started = self.clock.now()
+        await self.store.open()
+        self._stack.push_async_callback(self._close_store)
+        nodes = []
+        async for rows in self.store.load():
+            nodes += nodes_from_rows(rows, started)
+            await asyncio.sleep(0)
+        self.registry.restore(nodes)
+        log.info("store_loaded store=%s nodes=%d seconds=%.2f", self.store.url, len(nodes),
+                 self.clock.now().mono - started.mono)
+
+    async def _close_store(self) -> None:
+        # The loops have stopped: write what is still queued (heartbeats written behind too).
+        self.writer.stop()
+        if self._writer_task is not None:
+            await asyncio.wait([self._writer_task], timeout=STORE_CLOSE_TIMEOUT_S)
+        await self.writer.close(STORE_CLOSE_TIMEOUT_S)
+        await self.store.close()
+
     async def _stop_loops(self) -> None:
         # Ingest, expiry and reconciliation stop first; the publisher then gets a moment to
         # send the statuses and replies already queued (not the republish sweep), then stops.
@@ -131,6 +165,9 @@ class FleetService:
             if not drained:
                 log.warning("publisher_not_drained backlog=%d", self.publisher.backlog)
             self._publisher_task.cancel()
+        # The store writer stops after its batch in hand, never mid-write; the rest is written
+        # when the store closes.
+        self.writer.stop()
 
     async def _say_goodbye(self) -> None:
         payload = manager_status_payload("offline", self.clock.now().wall, "shutdown")
@@ -154,6 +191,18 @@ class FleetService:
                 await self._expire_due()
             except Exception:
                 log.exception("expiry_failed")
+
+    async def _prune_loop(self) -> None:
+        keep_s = self.settings.store.history_days * 86_400
+        while True:
+            try:
+                dropped = await self.store.prune(self.clock.now().wall - keep_s)
+            except Exception:
+                log.exception("history_prune_failed")
+            else:
+                if dropped:
+                    log.info("history_pruned events=%d", dropped)
+            await asyncio.sleep(PRUNE_EVERY_S)
 
     async def _expire_due(self) -> None:
         self.metrics.expiry_passes += 1

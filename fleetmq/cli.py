@@ -17,7 +17,14 @@ from typing import Any
 
 from fleetmq import __version__
 from fleetmq.app import FleetService
-from fleetmq.config import HttpSettings, Settings, parse_broker, parse_hostport
+from fleetmq.config import (
+    DEFAULT_STORE,
+    HttpSettings,
+    Settings,
+    parse_broker,
+    parse_hostport,
+    parse_store,
+)
 from fleetmq.errors import ConfigError, FleetmqError
 
 log = logging.getLogger("fleetmq")
@@ -52,6 +59,14 @@ SERVE_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
      "embedded, embedded://HOST:PORT, mqtt://[user:pass@]host:port or mqtts://... "
      "(default: embedded, an amqtt broker on 127.0.0.1:1883)"),
     ("--http", "127.0.0.1:8080", "HOST:PORT of the REST API (default: 127.0.0.1:8080)"),
+    ("--store", DEFAULT_STORE,
+     "where the fleet survives restarts: sqlite:///PATH (four slashes for an absolute path), "
+     "postgresql://user@host/db (needs fleetmq[postgres]) or memory:// (nothing kept) "
+     f"(default: {DEFAULT_STORE}, in the working directory)"),
+    ("--flush-interval", "1",
+     "seconds heartbeats (last_seen, telemetry) may wait before they are written to the store "
+     "(default: 1)"),
+    ("--history-days", "30", "days of status history kept per node (default: 30)"),
     ("--topic-root", "fleet", "first MQTT topic level (default: fleet)"),
     ("--heartbeat-interval", "60",
      "heartbeat interval in seconds of nodes that declare none (default: 60)"),
@@ -106,6 +121,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         broker=parse_broker(args.broker),
         http=HttpSettings(host=host, port=port),
+        store=parse_store(args.store, _float("--flush-interval")(args.flush_interval),
+                          _float("--history-days")(args.history_days)),
         topic_root=args.topic_root,
         heartbeat_interval_s=_int("--heartbeat-interval")(args.heartbeat_interval),
         offline_after_s=(_float("--offline-after")(args.offline_after)

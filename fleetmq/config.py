@@ -47,10 +47,68 @@ class HttpSettings:
     shutdown_timeout_s: float = 10.0
 
 
+StoreScheme = Literal["memory", "sqlite", "postgresql"]
+DEFAULT_STORE = "sqlite:///fleetmq.db"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """Where the fleet survives restarts: ``memory://``, ``sqlite:///PATH`` (three slashes
+    and a relative path, four for an absolute one) or ``postgresql://user@host/db``."""
+
+    scheme: StoreScheme = "sqlite"
+    location: str = "fleetmq.db"
+    """The file of SQLite, the full URL (DSN) of PostgreSQL, empty for memory."""
+    flush_interval_s: float = 1.0
+    """Heartbeats (last_seen, telemetry) reach the store at most this much later."""
+    history_days: float = 30.0
+
+    def describe(self) -> str:
+        """The URL without its password, for logs and errors."""
+        if self.scheme == "memory":
+            return "memory://"
+        if self.scheme == "sqlite":
+            return f"sqlite:///{self.location}"
+        parts = urlsplit(self.location)
+        userinfo, at, host = parts.netloc.rpartition("@")
+        if ":" in userinfo:
+            netloc = f"{userinfo.partition(':')[0]}:***{at}{host}"
+            return parts._replace(netloc=netloc, query="").geturl()
+        return parts._replace(query="").geturl()
+
+    def __repr__(self) -> str:
+        return f"StoreSettings({self.describe()!r})"
+
+    def __post_init__(self) -> None:
+        if not 0.05 <= self.flush_interval_s <= 60:
+            raise ConfigError(f"--flush-interval {self.flush_interval_s:g} is out of range: "
+                              "give seconds from 0.05 to 60")
+        if not 0 < self.history_days <= 36_500:
+            raise ConfigError(f"--history-days {self.history_days:g} is out of range: "
+                              "give days above 0 and at most 36500")
+
+
+def parse_store(text: str, flush_interval_s: float = 1.0,
+                history_days: float = 30.0) -> StoreSettings:
+    """``memory://``, ``sqlite:///PATH`` or ``postgresql://...`` (``postgres://`` too)."""
+    tail = {"flush_interval_s": flush_interval_s, "history_days": history_days}
+    if text in ("memory://", "memory"):
+        return StoreSettings("memory", "", **tail)
+    if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
+        return StoreSettings("sqlite", text[len("sqlite:///"):], **tail)
+    scheme = urlsplit(text).scheme
+    if scheme in ("postgresql", "postgres") and urlsplit(text).hostname is not None:
+        return StoreSettings("postgresql", text, **tail)
+    raise ConfigError(
+        f"--store {text!r} is not a store URL: use sqlite:///fleetmq.db (a file; four slashes "
+        "for an absolute path), postgresql://user@host/db or memory:// (nothing kept)")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     broker: BrokerSettings = BrokerSettings()
     http: HttpSettings = HttpSettings()
+    store: StoreSettings = StoreSettings()
     topic_root: str = "fleet"
     heartbeat_interval_s: int = 60
     offline_after_s: float | None = None

@@ -17,3 +17,7 @@ class ConfigError(FleetmqError):
 
 class BrokerError(FleetmqError):
     """The MQTT broker (embedded or external) cannot be started or reached."""
+
+
+class StoreError(FleetmqError):
+    """The node store cannot be opened, is incompatible, or failed while running."""

@@ -1,7 +1,9 @@
 """The single write path into the registry, shared by MQTT ingest and the REST facade.
 
-It reads the clock, applies a validated request, and hands the resulting events to the
-publisher and the counters. Readers (REST GETs, the publisher) only read the registry.
+It reads the clock, applies a validated request, and hands the resulting events to the store
+writer, the publisher and the counters. Readers (REST GETs, the publisher) only read the
+registry. Registrations and deletes are refused up front while the store is unavailable: they
+could not be acknowledged.
 """
 
 from __future__ import annotations
@@ -14,19 +16,23 @@ from fleetmq.metrics import Metrics
 from fleetmq.models import HeartbeatRequest, RegisterRequest
 from fleetmq.publisher import Publisher
 from fleetmq.registry import HeartbeatApplied, Registered, Registry
+from fleetmq.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
 
 class Fleet:
     def __init__(self, registry: Registry, clock: Clock, publisher: Publisher,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, writer: StoreWriter) -> None:
         self.registry = registry
         self.clock = clock
         self._publisher = publisher
         self._metrics = metrics
+        self.writer = writer
 
     def register(self, node_id: str, req: RegisterRequest) -> tuple[Registered, Instant]:
+        """Raises StoreUnavailableError while the store is down, NodeConflictError."""
+        self.writer.check_available()
         now = self.clock.now()
         result = self.registry.register(node_id, req, now)
         if result.created:  # debug: a fleet re-registering at once must not flood the log
@@ -39,11 +45,15 @@ class Fleet:
         result = self.registry.heartbeat(node_id, req, now)
         if result.events:
             self._emit(result.events)
+        else:
+            self.writer.touch(node_id)
         if result.ignored is not None:
             self._metrics.dropped[result.ignored] += 1
         return result, now
 
     def delete(self, node_id: str) -> None:
+        """Raises StoreUnavailableError while the store is down, NodeNotFoundError."""
+        self.writer.check_available()
         self._emit(self.registry.delete(node_id))
         log.info("node_deleted node_id=%s", node_id)
 
@@ -63,4 +73,5 @@ class Fleet:
                 self._metrics.transitions[event.status] += 1
                 log.debug("node_status node_id=%s status=%s reason=%s",
                           event.node_id, event.status, event.reason)
+        self.writer.record(events)
         self._publisher.on_events(events)

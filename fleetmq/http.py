@@ -16,8 +16,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from fleetmq.aio import wait_set
+from fleetmq.clock import format_timestamp
 from fleetmq.config import HttpSettings
-from fleetmq.errors import ConfigError
+from fleetmq.errors import ConfigError, StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.metrics import Metrics
 from fleetmq.models import (
@@ -31,12 +32,14 @@ from fleetmq.models import (
     node_not_registered,
     quote,
     require_node_id,
+    store_unavailable,
 )
 from fleetmq.mqtt import MqttLink
 from fleetmq.openapi import openapi_document
 from fleetmq.ports import address_in_use
 from fleetmq.publisher import Publisher
 from fleetmq.registry import Node, NodeConflictError, NodeNotFoundError, Registry
+from fleetmq.store.writer import StoreUnavailableError, StoreWriter
 from fleetmq.topics import is_valid_node_id
 from fleetmq.views import dumps, heartbeat_reply, node_json, register_reply
 
@@ -50,6 +53,10 @@ STREAM_ABOVE = 10_000
 """Without ``limit``, answers of more nodes than this are streamed; smaller ones go out as one
 body with a Content-Length (cheaper: no chunked framing, one write)."""
 MAX_LIMIT = 10_000
+EVENTS_DEFAULT_LIMIT = 100
+EVENTS_MAX_LIMIT = 1000
+DURABLE_TIMEOUT_S = 5.0
+"""How long a registration or delete waits for its commit before answering 503."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -96,6 +103,7 @@ class RestApi:
                  publisher: Publisher, metrics: Metrics, settings: HttpSettings,
                  topic_root: str) -> None:
         self._fleet = fleet
+        self._writer: StoreWriter = fleet.writer
         self._registry = registry
         self._links = links
         self._publisher = publisher
@@ -133,6 +141,7 @@ class RestApi:
         r.add_get(f"{PREFIX}/nodes", self.list_nodes)
         r.add_get(f"{PREFIX}/nodes/{{node_id}}", self.get_node)
         r.add_delete(f"{PREFIX}/nodes/{{node_id}}", self.delete_node)
+        r.add_get(f"{PREFIX}/nodes/{{node_id}}/events", self.node_events)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
@@ -164,6 +173,9 @@ class RestApi:
             result, now = self._fleet.register(node_id, req)
         except NodeConflictError as exc:
             raise node_conflict(exc.node_id, exc.existing_type) from None
+        except StoreUnavailableError:
+            raise store_unavailable() from None
+        await self._durable()
         return json_response(register_reply(node_id, created=result.created, at=now.wall))
 
     async def heartbeat(self, request: web.Request) -> web.Response:
@@ -185,7 +197,18 @@ class RestApi:
             self._fleet.delete(node_id)
         except NodeNotFoundError:
             raise _no_such_node(node_id) from None
+        except StoreUnavailableError:
+            raise store_unavailable() from None
+        await self._durable()
         return web.Response(status=204)
+
+    async def _durable(self) -> None:
+        """An answer acknowledges the change: it waits until the store has it."""
+        try:
+            await self._writer.durable(DURABLE_TIMEOUT_S)
+        except StoreUnavailableError as exc:
+            log.warning("store_commit_late reason=%s", exc.reason)
+            raise store_unavailable() from None
 
     # --- reads -----------------------------------------------------------------------------
 
@@ -195,6 +218,27 @@ class RestApi:
         if node is None:
             raise _no_such_node(node_id)
         return web.Response(body=node_json(node), content_type=JSON)
+
+    async def node_events(self, request: web.Request) -> web.Response:
+        node_id = _path_id(request)
+        query = request.query
+        limit = _whole(query.get("limit"), "limit", EVENTS_MAX_LIMIT) or EVENTS_DEFAULT_LIMIT
+        before = _whole(query.get("before"), "before", 2**63 - 1)
+        try:
+            events = await self._writer.store.events(node_id, limit + 1, before)
+        except StoreError as exc:
+            log.warning("store_read_failed error=%s", exc)
+            raise store_unavailable() from None
+        if not events and before is None and self._registry.get(node_id) is None:
+            raise _no_such_node(node_id)
+        more = len(events) > limit
+        events = events[:limit]
+        return json_response({
+            "events": [{"id": e.id, "node_id": e.node_id, "from": e.from_status,
+                        "to": e.to_status, "reason": e.reason, "at": format_timestamp(e.at)}
+                       for e in events],
+            "next": events[-1].id if more else None,
+        })
 
     async def list_nodes(self, request: web.Request) -> web.StreamResponse:
         match = _filter(request.query)
@@ -289,13 +333,16 @@ class RestApi:
         if down:
             return error_response(503, "Not ready",
                                   f"broker connection is down: {down[0].last_error}")
+        if self._writer.failure is not None:
+            return error_response(503, "Not ready",
+                                  f"the node store is unavailable: {self._writer.failure}")
         return json_response({"status": "ready", "nodes": len(self._registry),
                               "mqtt_protocol": self._links[0].protocol_name})
 
     async def metrics(self, _request: web.Request) -> web.Response:
         text = self._metrics.render(nodes=len(self._registry),
                                     connected=all(link.connected for link in self._links),
-                                    backlog=self._publisher.backlog)
+                                    backlog=self._publisher.backlog, store=self._writer)
         return web.Response(text=text, content_type="text/plain", charset="utf-8")
 
     async def openapi(self, _request: web.Request) -> web.Response:
@@ -351,15 +398,20 @@ def _filter(query: Any) -> Callable[[Node], bool]:
 
 
 def _limit(text: str | None) -> int | None:
+    return _whole(text, "limit", MAX_LIMIT)
+
+
+def _whole(text: str | None, name: str, highest: int) -> int | None:
+    """A query parameter that must be a whole number from 1 to ``highest``, if present."""
     if text is None:
         return None
     # ASCII digits only ("²".isdigit() is true, yet int() refuses it), and few enough of them
     # that int() never meets its 4300-digit limit: either would escape as a 500.
     digits = text.lstrip("0")
-    if (not (text.isascii() and text.isdigit()) or len(digits) > len(str(MAX_LIMIT))
-            or not 1 <= int(digits or "0") <= MAX_LIMIT):
+    if (not (text.isascii() and text.isdigit()) or len(digits) > len(str(highest))
+            or not 1 <= int(digits or "0") <= highest):
         raise Rejection(400, "Invalid parameter",
-                        f"Parameter 'limit' must be a whole number from 1 to {MAX_LIMIT}, "
+                        f"Parameter '{name}' must be a whole number from 1 to {highest}, "
                         f"not {quote(repr(text))}", "invalid_query")
     return int(digits)
 

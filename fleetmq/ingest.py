@@ -26,10 +26,12 @@ from fleetmq.models import (
     node_conflict,
     node_not_registered,
     quote,
+    store_unavailable,
 )
 from fleetmq.mqtt import Inbound, MqttLink
 from fleetmq.publisher import Publisher
 from fleetmq.registry import NodeConflictError, NodeNotFoundError
+from fleetmq.store.writer import StoreUnavailableError
 from fleetmq.topics import Kind, Topics, is_valid_node_id
 from fleetmq.views import heartbeat_reply, register_reply
 
@@ -114,7 +116,11 @@ class MqttIngest:
             result, now = self._fleet.register(node_id, req)
         except NodeConflictError as exc:
             raise node_conflict(exc.node_id, exc.existing_type) from None
-        self._reply(node_id, msg, register_reply(node_id, created=result.created, at=now.wall))
+        except StoreUnavailableError:
+            raise store_unavailable() from None
+        body = register_reply(node_id, created=result.created, at=now.wall)
+        # The reply acknowledges the registration: it goes out once the store has it.
+        self._fleet.writer.when_durable(lambda: self._reply(node_id, msg, body))
 
     def _heartbeat(self, node_id: str, msg: Inbound) -> None:
         if msg.payload.strip():

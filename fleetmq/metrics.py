@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from typing import Protocol
 
 DROP_REASONS = (
     "invalid_json", "invalid_payload", "invalid_topic_id", "id_mismatch", "too_large",
-    "retained", "unknown_node", "conflict", "late_will",
+    "retained", "unknown_node", "conflict", "late_will", "store_unavailable",
 )
 
 
@@ -28,7 +29,8 @@ class Metrics:
         self.replies_overflowed = 0
         self.expiry_passes = 0
 
-    def render(self, *, nodes: int, connected: bool, backlog: int) -> str:
+    def render(self, *, nodes: int, connected: bool, backlog: int,
+               store: StoreFigures | None = None) -> str:
         lines = [
             "# TYPE fleetmq_nodes gauge",
             f"fleetmq_nodes {nodes}",
@@ -61,7 +63,35 @@ class Metrics:
             "# TYPE fleetmq_replies_overflowed_total counter",
             f"fleetmq_replies_overflowed_total {self.replies_overflowed}",
         ]
+        if store is not None:
+            lines += [
+                "# TYPE fleetmq_store_available gauge",
+                f"fleetmq_store_available {int(store.available)}",
+                "# TYPE fleetmq_store_backlog gauge",
+                f"fleetmq_store_backlog {store.backlog}",
+                "# TYPE fleetmq_store_commits_total counter",
+                f"fleetmq_store_commits_total {store.commits}",
+                "# TYPE fleetmq_store_rows_written_total counter",
+                f"fleetmq_store_rows_written_total {store.rows_written}",
+                "# TYPE fleetmq_store_failures_total counter",
+                f"fleetmq_store_failures_total {store.failures}",
+                "# TYPE fleetmq_store_events_dropped_total counter",
+                f"fleetmq_store_events_dropped_total {store.events_dropped}",
+            ]
         return "\n".join(lines) + "\n"
+
+
+class StoreFigures(Protocol):
+    """What the store writer tells about itself (``StoreWriter``)."""
+
+    @property
+    def available(self) -> bool: ...
+    @property
+    def backlog(self) -> int: ...
+    commits: int
+    rows_written: int
+    failures: int
+    events_dropped: int
 
 
 class RateLimitedLog:

@@ -111,6 +111,12 @@ class Rejection(Exception):
         """Counter label for dropped MQTT messages."""
 
 
+def store_unavailable() -> Rejection:
+    return Rejection(503, "Store unavailable",
+                     "The node store is unavailable, so the change was not acknowledged; "
+                     "retry later", "store_unavailable")
+
+
 def node_not_registered() -> Rejection:
     return Rejection(404, "Node not found", "Node must register first", "unknown_node")
 

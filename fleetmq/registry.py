@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from fleetmq.clock import Instant
@@ -209,6 +210,26 @@ class Registry:
         if status == node.status:
             return HeartbeatApplied(node, [])
         return HeartbeatApplied(node, [self._transition(node, status, "heartbeat", now)])
+
+    def restore(self, nodes: Iterable[Node]) -> None:
+        """Put back nodes loaded from a store, before any message is applied. Nodes that were
+        alive get their deadline back (the grace after start still applies); offline ones wait
+        until they speak."""
+        alive = []
+        for node in nodes:
+            node.deadline = None
+            node.view = None
+            self._nodes[node.id] = node
+            if node.status != "offline":
+                alive.append(node)
+        # Each deadline queue must stay in deadline order: schedule the oldest first.
+        alive.sort(key=lambda n: n.seen_mono)
+        for node in alive:
+            self._schedule(node)
+        self._sorted = sorted(self._nodes)
+        self._added = set()
+        self._removed = set()
+        self.version += 1
 
     def delete(self, node_id: str) -> list[Event]:
         node = self._nodes.pop(node_id, None)

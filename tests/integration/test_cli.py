@@ -32,8 +32,10 @@ READY_TIMEOUT_S = 20.0
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    """This process's environment without any FLEETMQ_* setting, plus ``extra``."""
+    """This process's environment without any FLEETMQ_* setting, plus ``extra``; the store is
+    in memory unless ``extra`` says otherwise (a file in the repo would outlive the test)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMQ_")}
+    env["FLEETMQ_STORE"] = "memory://"
     env.update(extra)
     return env
 

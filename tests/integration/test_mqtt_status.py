@@ -278,8 +278,9 @@ async def test_retained_ingest_messages_are_no_proof_of_life(
         assert s is not None
         assert r["uptime_seconds"] is None
         assert (s["status"], s["status_reason"]) == ("online", "registered")
-        assert {m.topic for m in agent.messages if m.topic.endswith("/reply")} == {
-            f"{root}/node-r/reply", f"{root}/node-s/reply"}
+        want = {f"{root}/node-r/reply", f"{root}/node-s/reply"}
+        await eventually(lambda: {m.topic for m in agent.messages
+                                  if m.topic.endswith("/reply")} == want)
 
 
 async def _sensors(http: aiohttp.ClientSession, svc: Any, node_id: str) -> bool:

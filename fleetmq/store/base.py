@@ -1,0 +1,136 @@
+"""What every node store offers, and how a node becomes a row and back.
+
+A store keeps the registry across restarts: one row per node and one row per transition
+(the history). It never decides anything: the registry does, and ``StoreWriter`` hands the
+store what changed, in batches, one transaction each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import orjson
+
+from fleetmq.clock import Instant
+from fleetmq.registry import Node
+
+SCHEMA_VERSION = 1
+"""Bumped with every change of the tables; each store migrates older versions on open and
+refuses newer ones."""
+
+NODE_COLUMNS: tuple[str, ...] = (
+    "id", "type", "name", "capabilities", "location", "metadata", "interval_s",
+    "declared_interval", "timeout_s", "registered_at", "last_seen", "status", "status_reason",
+    "status_since", "session", "uptime_seconds", "free_memory_kb", "sensors_active",
+)
+"""The order of a node row, in every store."""
+
+TOUCH_COLUMNS: tuple[str, ...] = (
+    "last_seen", "session", "uptime_seconds", "free_memory_kb", "sensors_active",
+)
+"""What a heartbeat changes: written behind, in batches (a touch row ends with the id)."""
+
+LOAD_CHUNK = 20_000
+NodeRow = tuple[Any, ...]
+TouchRow = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEvent:
+    """One transition, as it is kept: ``from_status`` is None for a first registration."""
+
+    node_id: str
+    from_status: str | None
+    to_status: str
+    reason: str
+    at: float
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    id: int
+    node_id: str
+    from_status: str | None
+    to_status: str
+    reason: str
+    at: float
+
+
+@dataclass(slots=True)
+class Batch:
+    """Everything one transaction writes."""
+
+    upserts: list[NodeRow] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)
+    touches: list[TouchRow] = field(default_factory=list)
+    events: list[HistoryEvent] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.upserts) + len(self.deletes) + len(self.touches) + len(self.events)
+
+
+class Store(Protocol):
+    """A place the fleet survives restarts in. Every method may raise ``StoreError``."""
+
+    url: str
+    """Where it is, without secrets (for logs and errors)."""
+    keeps_nodes: bool
+    """False for ``memory://``: nothing survives the process, only the history is kept."""
+
+    async def open(self) -> None:
+        """Connect, create or migrate the schema; a clear StoreError when impossible."""
+
+    def load(self) -> AsyncIterator[list[NodeRow]]:
+        """Every stored node, as chunks of rows in ``NODE_COLUMNS`` order (a million rows at
+        once would cost a gigabyte in passing)."""
+
+    async def write(self, batch: Batch) -> None:
+        """Apply the batch in one transaction, durable (synced) when this returns."""
+
+    async def events(self, node_id: str, limit: int, before: int | None) -> list[StoredEvent]:
+        """A node's events, newest first, with ids below ``before`` when given."""
+
+    async def prune(self, older_than: float) -> int:
+        """Drop events before that wall-clock moment; returns how many."""
+
+    async def ping(self) -> None:
+        """Raise StoreError unless the store answers now."""
+
+    async def close(self) -> None: ...
+
+
+def node_row(node: Node) -> NodeRow:
+    return (
+        node.id, node.type, node.name, orjson.dumps(node.capabilities).decode(), node.location,
+        orjson.dumps(node.metadata).decode(), node.interval_s, node.declared_interval,
+        node.timeout_s, node.registered_at, node.last_seen, node.status, node.status_reason,
+        node.status_since, node.session, node.uptime_seconds, node.free_memory_kb,
+        node.sensors_active,
+    )
+
+
+def touch_row(node: Node) -> TouchRow:
+    return (node.last_seen, node.session, node.uptime_seconds, node.free_memory_kb,
+            node.sensors_active, node.id)
+
+
+def nodes_from_rows(rows: Iterable[Sequence[Any]], now: Instant) -> list[Node]:
+    """Rows straight into the registry's own objects (no pydantic: a million must load in
+    seconds). The monotonic moment a node was last seen is derived from the wall clock."""
+    loads = orjson.loads
+    wall, mono = now.wall, now.mono
+    nodes = []
+    for (node_id, node_type, name, capabilities, location, metadata, interval_s, declared,
+         timeout_s, registered_at, last_seen, status, reason, since, session, uptime,
+         free_kb, sensors) in rows:
+        nodes.append(Node(
+            id=node_id, type=node_type, name=name, capabilities=tuple(loads(capabilities)),
+            location=location, metadata=loads(metadata), interval_s=interval_s,
+            declared_interval=bool(declared), timeout_s=timeout_s, registered_at=registered_at,
+            last_seen=last_seen, seen_mono=mono - max(0.0, wall - last_seen), status=status,
+            status_reason=reason, status_since=since, session=session, uptime_seconds=uptime,
+            free_memory_kb=free_kb, sensors_active=sensors,
+        ))
+    return nodes
