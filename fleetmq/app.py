@@ -27,7 +27,7 @@ from fleetmq.mqtt import MqttLink, Will
 from fleetmq.publisher import Publisher
 from fleetmq.registry import Registry
 from fleetmq.store import make_store
-from fleetmq.store.base import nodes_from_rows
+from fleetmq.store.base import Store, nodes_from_rows
 from fleetmq.store.writer import StoreWriter
 from fleetmq.topics import Topics
 from fleetmq.views import manager_status_payload
@@ -46,7 +46,9 @@ PRUNE_EVERY_S = 3600.0
 
 
 class FleetService:
-    def __init__(self, settings: Settings, clock: Clock | None = None) -> None:
+    def __init__(self, settings: Settings, clock: Clock | None = None,
+                 store: Store | None = None) -> None:
+        """``store`` replaces the one ``settings.store`` names (tests pass their own)."""
         self.settings = settings
         self.clock = clock or SystemClock()
         self.topics = Topics(settings.topic_root)
@@ -77,7 +79,7 @@ class FleetService:
             monotonic=self.clock.monotonic,
         )
         self.publisher = Publisher(self.out, self.topics, self.registry, self.metrics)
-        self.store = make_store(settings.store)
+        self.store = store if store is not None else make_store(settings.store)
         self.writer = StoreWriter(self.store, self.registry, self.clock.monotonic,
                                   settings.store.flush_interval_s)
         self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer)

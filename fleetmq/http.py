@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -189,6 +190,11 @@ class RestApi:
             result, now = self._fleet.heartbeat(node_id, req)
         except NodeNotFoundError:
             raise node_not_registered() from None
+        if result.events and self._writer.available:
+            # A transition is acknowledged once stored. While the store is down heartbeats
+            # keep flowing in memory (and /readyz says so); the writer catches up later.
+            with contextlib.suppress(StoreUnavailableError):
+                await self._writer.durable(DURABLE_TIMEOUT_S)
         return json_response(heartbeat_reply(result.node, now.wall))
 
     async def delete_node(self, request: web.Request) -> web.Response:

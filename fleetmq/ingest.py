@@ -142,7 +142,12 @@ class MqttIngest:
         # Accepted heartbeats are answered only where MQTT 5 asks, at a topic we may write to.
         topic = msg.response_topic
         if topic is not None and not self._topics.is_foreign_reply_target(topic, node_id):
-            self._publisher.reply(topic, heartbeat_reply(result.node, now.wall), msg.correlation)
+            body = heartbeat_reply(result.node, now.wall)
+            if result.events:  # a transition is acknowledged once stored
+                self._fleet.writer.when_durable(
+                    lambda: self._publisher.reply(topic, body, msg.correlation))
+            else:
+                self._publisher.reply(topic, body, msg.correlation)
 
     def _reply(self, node_id: str, msg: Inbound, body: dict[str, Any]) -> None:
         topic = msg.response_topic

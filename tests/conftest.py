@@ -27,7 +27,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from fleetmq.app import FleetService
-from fleetmq.config import BrokerSettings, HttpSettings, Settings
+from fleetmq.config import BrokerSettings, HttpSettings, Settings, StoreSettings
 from tests.support import Mosquitto, free_port
 
 
@@ -96,6 +96,7 @@ def make_settings(broker: str | BrokerSettings, root: str, **overrides: Any) -> 
     settings = Settings(
         broker=parse_broker(broker) if isinstance(broker, str) else broker,
         http=HttpSettings(host="127.0.0.1", port=0),
+        store=StoreSettings("memory", ""),
         topic_root=root,
     )
     return replace(settings, **overrides)
@@ -223,3 +224,49 @@ def broker_url(request: pytest.FixtureRequest) -> str:
 
 def broker_port(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
+
+
+# --- PostgreSQL: a server of the session's own, a fresh database per test -------------------
+
+from tests.support import Postgres, postgres_bindir  # noqa: E402 (appended with its fixtures)
+
+
+def _require_postgres() -> Path:
+    bindir = postgres_bindir()
+    if bindir is None:
+        if os.environ.get("FLEETMQ_REQUIRE_POSTGRES"):
+            pytest.fail("the PostgreSQL server (initdb, postgres) is not installed but "
+                        "FLEETMQ_REQUIRE_POSTGRES is set")
+        pytest.skip("the PostgreSQL server is not installed (apt-get install postgresql)")
+    return bindir
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """One PostgreSQL for the whole session: initdb into a temporary directory, a free port."""
+    server = Postgres(_require_postgres())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: Postgres) -> str:
+    """The session server's own database: ``postgresql://postgres@127.0.0.1:<port>/fleetmq``."""
+    return postgres_server.url()
+
+
+_pg_databases = itertools.count()
+
+
+@pytest.fixture
+def postgres_store_url(postgres_server: Postgres) -> Iterator[str]:
+    """A fresh, empty database for this test, dropped after it."""
+    name = f"t{next(_pg_databases)}_{uuid.uuid4().hex[:8]}"
+    postgres_server.create_database(name)
+    try:
+        yield postgres_server.url(name)
+    finally:
+        postgres_server.drop_database(name)

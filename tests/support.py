@@ -80,3 +80,163 @@ class Mosquitto:
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+
+def postgres_bindir() -> Path | None:
+    """Where the PostgreSQL server binaries are (``initdb`` and ``postgres``), None if absent:
+    ``pg_config --bindir``, else the newest ``/usr/lib/postgresql/<version>/bin`` (Debian)."""
+    candidates: list[Path] = []
+    try:
+        found = subprocess.run(["pg_config", "--bindir"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()
+        if found:
+            candidates.append(Path(found))
+    except (OSError, subprocess.SubprocessError):
+        pass
+
+    def version(path: Path) -> tuple[int, ...]:
+        return tuple(int(p) for p in path.parent.name.split(".") if p.isdigit())
+
+    candidates += sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=version, reverse=True)
+    for bindir in candidates:
+        if (bindir / "initdb").is_file() and (bindir / "postgres").is_file():
+            return bindir
+    return None
+
+
+class Postgres:
+    """A PostgreSQL server of the test session's own: ``initdb`` into a temporary directory,
+    listening on 127.0.0.1 on a free port (never 5432) and a socket in that directory.
+
+    PostgreSQL refuses to run as root: as root, the directory is given to the ``postgres``
+    user and ``initdb`` and the server run as that user through ``runuser``.
+    """
+
+    user = "postgres"
+    """The superuser of the cluster (trust authentication: no password)."""
+    database = "fleetmq"
+
+    def __init__(self, bindir: Path) -> None:
+        self.bindir = bindir
+        self.port = free_port()
+        while self.port == 5432:  # a system PostgreSQL may listen there: never touch it
+            self.port = free_port()
+        self.dir: Path | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.pid: int | None = None
+        """The postmaster's (``proc`` is runuser's when run as root)."""
+
+    @property
+    def data(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "data"
+
+    @property
+    def log(self) -> Path:
+        assert self.dir is not None
+        return self.dir / "postgres.log"
+
+    def _as_owner(self, argv: list[str]) -> list[str]:
+        if os.geteuid() == 0:
+            return ["runuser", "-u", "postgres", "--", *argv]
+        return argv
+
+    def start(self) -> None:
+        import shutil
+        import tempfile
+
+        self.dir = Path(tempfile.mkdtemp(prefix="fleetmq-pg-"))
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        try:
+            self._initdb()
+            self._serve()
+            self.create_database(self.database)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _initdb(self) -> None:
+        result = subprocess.run(
+            self._as_owner([str(self.bindir / "initdb"), "-D", str(self.data), "-U", self.user,
+                            "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync"]),
+            check=False, capture_output=True, text=True, timeout=120, cwd=self.dir)
+        if result.returncode != 0:
+            raise RuntimeError(f"initdb failed ({result.returncode}): {result.stderr}")
+
+    def _serve(self) -> None:
+        assert self.dir is not None
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                self._as_owner([str(self.bindir / "postgres"), "-D", str(self.data),
+                                "-p", str(self.port), "-k", str(self.dir),
+                                "-c", "listen_addresses=127.0.0.1", "-c", "fsync=on",
+                                "-c", "logging_collector=off"]),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                cwd=self.dir, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited ({self.proc.returncode}): "
+                                   f"{self.log.read_text(errors='replace')}")
+            if self.pid is None:
+                self.pid = self._postmaster_pid()
+            ready = subprocess.run(
+                [str(self.bindir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port),
+                 "-U", self.user, "-t", "1"], check=False, capture_output=True, timeout=10)
+            if ready.returncode == 0 and self.pid is not None:
+                return
+            time.sleep(0.05)
+        raise RuntimeError("postgres did not accept connections within 30 s: "
+                           f"{self.log.read_text(errors='replace')}")
+
+    def _postmaster_pid(self) -> int | None:
+        try:
+            first = (self.data / "postmaster.pid").read_text().split("\n", 1)[0]
+            return int(first)
+        except (OSError, ValueError):
+            return None
+
+    def _client(self, program: str, *args: str) -> None:
+        result = subprocess.run(
+            [str(self.bindir / program), "-h", "127.0.0.1", "-p", str(self.port),
+             "-U", self.user, *args], check=False, capture_output=True, text=True, timeout=30)
+        if result.returncode != 0:
+            raise RuntimeError(f"{program} {' '.join(args)} failed: {result.stderr}")
+
+    def create_database(self, name: str) -> None:
+        self._client("createdb", name)
+
+    def drop_database(self, name: str) -> None:
+        self._client("dropdb", "--force", "--if-exists", name)
+
+    def url(self, database: str | None = None) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/{database or self.database}"
+
+    def stop(self) -> None:
+        """Fast shutdown (SIGINT to the postmaster), killed after 10 s; the directory goes."""
+        import contextlib
+        import shutil
+        import signal
+
+        pid = self.pid
+        if pid is None and self.dir is not None:
+            pid = self._postmaster_pid()
+        proc = self.proc
+        if pid is not None and (proc is None or proc.poll() is None):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGINT)
+        if proc is not None:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                if pid is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                proc.kill()
+                proc.wait(10)
+        self.proc = None
+        self.pid = None
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None

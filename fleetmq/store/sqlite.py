@@ -81,8 +81,7 @@ class SqliteStore:
     def __init__(self, path: str) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fleetmq-sqlite-write")
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="fleetmq-sqlite-read")
+        self._writer = self._reader = ThreadPoolExecutor(1)  # replaced in open()
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._lock: IO[bytes] | None = None
@@ -90,6 +89,8 @@ class SqliteStore:
     # --- lifecycle -------------------------------------------------------------------------
 
     async def open(self) -> None:
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="fleetmq-sqlite-write")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="fleetmq-sqlite-read")
         self._take_lock()
         try:
             self._wconn = await self._write(self._connect)

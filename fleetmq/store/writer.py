@@ -126,6 +126,8 @@ class StoreWriter:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append((self._recorded, future))
+        if self._failure is not None:
+            future.set_exception(StoreUnavailableError(self._failure))
         try:
             async with asyncio.timeout(timeout_s):
                 await future
@@ -155,6 +157,7 @@ class StoreWriter:
                 if self._failure is None:
                     log.error("store_unavailable store=%s error=%s", self.store.url, exc)
                 self._failure = str(exc)
+                self._fail_waiters()
                 with contextlib.suppress(TimeoutError):  # a stop request cuts the wait short
                     async with asyncio.timeout(delay):
                         await self._stop.wait()
@@ -233,6 +236,14 @@ class StoreWriter:
                 batch.touches.append(touch_row(node))
             if not count % (4 * BUILD_SLICE):
                 await asyncio.sleep(0)
+
+    def _fail_waiters(self) -> None:
+        """Answer everyone waiting at once (503); their changes stay queued for the retry."""
+        assert self._failure is not None
+        while self._waiters:
+            _, future = self._waiters.popleft()
+            if not future.done():
+                future.set_exception(StoreUnavailableError(self._failure))
 
     def _release(self) -> None:
         committed = self._committed

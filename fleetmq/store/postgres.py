@@ -1,0 +1,316 @@
+"""``postgresql://user@host/db``: the production store, on asyncpg (the ``postgres`` extra).
+
+A small pool serves batches, loading, pruning and the events route; every commit is durable
+with PostgreSQL's default ``synchronous_commit = on`` (never turned off here). One more
+connection, held for the store's lifetime, keeps a session advisory lock: two managers must
+never share one fleet, so a second one on the same database is refused at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from fleetmq.errors import StoreError
+from fleetmq.store.base import (
+    LOAD_CHUNK,
+    NODE_COLUMNS,
+    SCHEMA_VERSION,
+    TOUCH_COLUMNS,
+    Batch,
+    NodeRow,
+    StoredEvent,
+)
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 60.0
+"""A statement that runs longer is a hung server, not a slow one (a batch is 50,000 rows)."""
+CLOSE_TIMEOUT_S = 5.0
+POOL_MIN, POOL_MAX = 1, 4
+PRUNE_CHUNK = 10_000
+
+LOCK_KEY = 0x666C6565746D71  # "fleetmq": held while a manager uses the database
+MIGRATE_KEY = LOCK_KEY + 1  # held by the transaction that creates or migrates the schema
+# Advisory locks are scoped to one database: managers on other databases do not conflict.
+
+_TYPES: dict[str, str] = {
+    "id": "text", "type": "text", "name": "text", "capabilities": "text", "location": "text",
+    "metadata": "text", "interval_s": "integer", "declared_interval": "boolean",
+    "timeout_s": "double precision", "registered_at": "double precision",
+    "last_seen": "double precision", "status": "text", "status_reason": "text",
+    "status_since": "double precision", "session": "text", "uptime_seconds": "bigint",
+    "free_memory_kb": "bigint", "sensors_active": "bigint",
+}
+_NULLABLE = {"location", "session", "uptime_seconds", "free_memory_kb", "sensors_active"}
+
+SCHEMA = (
+    "CREATE TABLE nodes (\n    "
+    + ",\n    ".join(
+        f"{c} {_TYPES[c]}"
+        + (" PRIMARY KEY" if c == "id" else "" if c in _NULLABLE else " NOT NULL")
+        for c in NODE_COLUMNS)
+    # Room in each page for the new versions of touched rows: heartbeats update columns no
+    # index covers, so those updates stay on the page (HOT) and leave the index alone.
+    + "\n) WITH (fillfactor = 70);\n"
+    "CREATE TABLE events (\n"
+    "    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+    "    node_id text NOT NULL,\n"
+    "    from_status text,\n"
+    "    to_status text NOT NULL,\n"
+    "    reason text NOT NULL,\n"
+    "    at double precision NOT NULL\n"
+    ");\n"
+    "CREATE INDEX events_by_node ON events (node_id, id);\n"
+    "CREATE INDEX events_by_time ON events (at);\n"
+)
+"""The same tables and columns as SQLite's; JSON stays text so rows round-trip unchanged."""
+
+MIGRATIONS: dict[int, str] = {}
+"""SQL that takes the schema from version N to N + 1."""
+
+
+def _array_type(column: str) -> str:
+    return f"{_TYPES[column]}[]".replace("double precision", "float8")
+
+
+_UPSERT = (
+    f"INSERT INTO nodes ({', '.join(NODE_COLUMNS)}) SELECT * FROM unnest("
+    + ", ".join(f"${i}::{_array_type(c)}" for i, c in enumerate(NODE_COLUMNS, 1))
+    + ") ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in NODE_COLUMNS if c != "id")
+)
+_TOUCH_ORDER = (*TOUCH_COLUMNS, "id")  # a touch row ends with the id
+_TOUCH = (
+    f"UPDATE nodes SET {', '.join(f'{c} = t.{c}' for c in TOUCH_COLUMNS)} FROM unnest("
+    + ", ".join(f"${i}::{_array_type(c)}" for i, c in enumerate(_TOUCH_ORDER, 1))
+    + f") AS t({', '.join(_TOUCH_ORDER)}) WHERE nodes.id = t.id"
+)
+_DELETE = "DELETE FROM nodes WHERE id = ANY($1::text[])"
+_EVENTS = (
+    "INSERT INTO events (node_id, from_status, to_status, reason, at) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[])"
+)
+_DECLARED = NODE_COLUMNS.index("declared_interval")
+
+# What asyncpg raises when the server, the network or the connection fails.
+_FAILURES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError,
+    OSError, TimeoutError,
+)
+
+
+class PostgresStore:
+    keeps_nodes = True
+
+    def __init__(self, dsn: str, url: str) -> None:
+        self.dsn = dsn
+        self.url = url
+        """The DSN without its password: for logs and errors."""
+        self._pool: Any = None
+        self._lock_conn: Any = None
+        self._lock_guard = asyncio.Lock()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        try:
+            self._lock_conn = await self._connect()
+            await self._take_lock(self._lock_conn)
+            await self._migrate(self._lock_conn)
+            self._pool = await self._guard(asyncpg.create_pool(
+                self.dsn, min_size=POOL_MIN, max_size=POOL_MAX, timeout=CONNECT_TIMEOUT_S,
+                command_timeout=COMMAND_TIMEOUT_S,
+                server_settings={"application_name": "fleetmq"}), "cannot open store")
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _connect(self) -> Any:
+        fix = "pass --store with a reachable postgresql:// URL"
+        try:
+            return await asyncpg.connect(
+                self.dsn, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S,
+                server_settings={"application_name": "fleetmq"})
+        except asyncpg.InvalidCatalogNameError as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc}; create the database "
+                             f"(createdb) or {fix}") from exc
+        except asyncpg.InvalidAuthorizationSpecificationError as exc:
+            raise StoreError(f"cannot open store {self.url}: PostgreSQL refused the login "
+                             f"({exc}); check the user and password (or PGPASSWORD, "
+                             "~/.pgpass, pg_hba.conf)") from exc
+        except TimeoutError as exc:  # before OSError, its base
+            raise StoreError(f"cannot open store {self.url}: PostgreSQL did not answer within "
+                             f"{CONNECT_TIMEOUT_S:g} s; start the server or {fix}") from exc
+        except OSError as exc:
+            raise StoreError(f"cannot open store {self.url}: cannot reach PostgreSQL "
+                             f"({exc.strerror or exc}); start the server or {fix}") from exc
+        except ValueError as exc:  # asyncpg's ClientConfigurationError: a malformed DSN
+            raise StoreError(f"cannot open store {self.url}: {exc}; {fix}") from exc
+        except _FAILURES as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc}; {fix}") from exc
+
+    async def _take_lock(self, conn: Any) -> None:
+        taken = await self._guard(conn.fetchval("SELECT pg_try_advisory_lock($1::bigint)",
+                                                LOCK_KEY), "cannot lock store")
+        if not taken:
+            raise StoreError(f"store {self.url} is in use by another fleetmq: each manager "
+                             "needs its own --store (database)")
+
+    async def _migrate(self, conn: Any) -> None:
+        async def migrate() -> None:
+            async with conn.transaction():
+                # Two managers starting at once (or a migration tool) wait for each other here.
+                await conn.execute("SELECT pg_advisory_xact_lock($1::bigint)", MIGRATE_KEY)
+                await conn.execute(
+                    "CREATE TABLE IF NOT EXISTS fleetmq_schema (version integer NOT NULL)")
+                found = await conn.fetchval("SELECT max(version) FROM fleetmq_schema")
+                version = 0 if found is None else int(found)
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"store {self.url} has schema version {version}, written by a newer "
+                        f"fleetmq (this one knows up to {SCHEMA_VERSION}): upgrade fleetmq or "
+                        "pass --store with another database")
+                if version == 0:
+                    await conn.execute(SCHEMA)
+                    await conn.execute("INSERT INTO fleetmq_schema (version) VALUES ($1)",
+                                       SCHEMA_VERSION)
+                elif version < SCHEMA_VERSION:
+                    for step in range(version, SCHEMA_VERSION):
+                        await conn.execute(MIGRATIONS[step])
+                    await conn.execute("UPDATE fleetmq_schema SET version = $1", SCHEMA_VERSION)
+
+        try:
+            await migrate()
+        except asyncpg.InsufficientPrivilegeError as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc}; grant the user CREATE on "
+                             "the database's schema, or create the tables as its owner"
+                             ) from exc
+        except _FAILURES as exc:
+            raise StoreError(f"cannot open store {self.url}: creating the schema failed: "
+                             f"{exc}") from exc
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        conn, self._lock_conn = self._lock_conn, None
+        if pool is not None:
+            try:
+                await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
+            except _FAILURES:  # wait_for's TimeoutError too
+                pool.terminate()  # a hung or broken server: nothing left to save
+        if conn is not None:  # last: the lock is released once the pool is gone
+            try:
+                await asyncio.wait_for(conn.close(timeout=CLOSE_TIMEOUT_S), CLOSE_TIMEOUT_S)
+            except _FAILURES:  # wait_for's TimeoutError too
+                conn.terminate()
+
+    # --- reading and writing ---------------------------------------------------------------
+
+    async def load(self) -> AsyncIterator[list[NodeRow]]:
+        pool = self._open_pool()
+        query = f"SELECT {', '.join(NODE_COLUMNS)} FROM nodes"
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn, \
+                    conn.transaction(isolation="repeatable_read", readonly=True):
+                cursor = await conn.cursor(query)  # server-side: a chunk in memory at a time
+                while records := await cursor.fetch(LOAD_CHUNK):
+                    yield list(map(tuple, records))
+        except _FAILURES as exc:
+            raise StoreError(f"store {self.url} failed loading nodes: {exc}") from exc
+
+    async def write(self, batch: Batch) -> None:
+        async def apply(conn: Any) -> None:
+            async with conn.transaction():
+                if batch.deletes:
+                    await conn.execute(_DELETE, batch.deletes)
+                if batch.upserts:
+                    # Last wins, as with SQLite's INSERT OR REPLACE (one statement may not
+                    # update a row twice).
+                    rows = list({row[0]: row for row in batch.upserts}.values())
+                    columns = [list(c) for c in zip(*rows, strict=True)]
+                    columns[_DECLARED] = [bool(v) for v in columns[_DECLARED]]
+                    await conn.execute(_UPSERT, *columns)
+                if batch.touches:
+                    rows = list({row[-1]: row for row in batch.touches}.values())
+                    await conn.execute(_TOUCH, *(list(c) for c in zip(*rows, strict=True)))
+                if batch.events:
+                    events = batch.events
+                    await conn.execute(
+                        _EVENTS, [e.node_id for e in events], [e.from_status for e in events],
+                        [e.to_status for e in events], [e.reason for e in events],
+                        [e.at for e in events])
+        await self._with_conn(apply, "writing")
+
+    async def events(self, node_id: str, limit: int, before: int | None) -> list[StoredEvent]:
+        async def query(conn: Any) -> list[StoredEvent]:
+            rows = await conn.fetch(
+                "SELECT id, node_id, from_status, to_status, reason, at FROM events "
+                "WHERE node_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+                node_id, before if before is not None else 2**63 - 1, limit)
+            return [StoredEvent(*row) for row in rows]
+        return await self._with_conn(query, "reading events")
+
+    async def prune(self, older_than: float) -> int:
+        async def chunk(conn: Any) -> int:
+            status = await conn.execute(
+                "DELETE FROM events WHERE id IN "
+                "(SELECT id FROM events WHERE at < $1 LIMIT $2)", older_than, PRUNE_CHUNK)
+            return int(str(status).rsplit(" ", 1)[-1])  # "DELETE <count>"
+        total = 0
+        while (dropped := await self._with_conn(chunk, "pruning")) > 0:  # short transactions
+            total += dropped
+        return total
+
+    async def ping(self) -> None:
+        async def one(conn: Any) -> None:
+            await conn.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT_S)
+        await self._with_conn(one, "answering")
+        await self._keep_lock()
+
+    async def _keep_lock(self) -> None:
+        """The lock goes with its connection: take it again when that was lost, unless
+        another manager has taken it meanwhile."""
+        async with self._lock_guard:
+            self._open_pool()  # closed meanwhile: no lock to keep
+            conn = self._lock_conn
+            if conn is not None and not conn.is_closed():
+                try:
+                    await conn.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT_S)
+                    return
+                except _FAILURES:
+                    conn.terminate()
+            self._lock_conn = None
+            conn = await self._connect()
+            try:
+                await self._take_lock(conn)
+                self._open_pool()  # closed while reconnecting: let the lock go
+            except BaseException:
+                conn.terminate()
+                raise
+            self._lock_conn = conn
+
+    # --- plumbing --------------------------------------------------------------------------
+
+    def _open_pool(self) -> Any:
+        if self._pool is None:
+            raise StoreError(f"store {self.url} is not open")
+        return self._pool
+
+    async def _with_conn(self, fn: Callable[[Any], Awaitable[T]], doing: str) -> T:
+        pool = self._open_pool()
+        try:
+            async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
+                return await fn(conn)
+        except _FAILURES as exc:
+            raise StoreError(f"store {self.url} failed {doing}: {exc}") from exc
+
+    async def _guard(self, awaitable: Awaitable[T], doing: str) -> T:
+        try:
+            return await awaitable
+        except _FAILURES as exc:
+            raise StoreError(f"{doing} {self.url}: {exc}") from exc
+

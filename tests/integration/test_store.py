@@ -1,0 +1,424 @@
+"""One contract for every store: SQLite (a file), PostgreSQL (the session's own server) and,
+where it applies, memory (which keeps only the history, no node rows).
+
+Stores are built the way the manager builds them: ``make_store(parse_store(url))``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from fleetmq.clock import Instant
+from fleetmq.config import parse_store
+from fleetmq.errors import StoreError
+from fleetmq.models import HeartbeatRequest, RegisterRequest
+from fleetmq.registry import Node, Registry
+from fleetmq.store import SCHEMA_VERSION, Batch, HistoryEvent, Store, make_store
+from fleetmq.store.base import (
+    LOAD_CHUNK,
+    NODE_COLUMNS,
+    TOUCH_COLUMNS,
+    NodeRow,
+    node_row,
+    nodes_from_rows,
+    touch_row,
+)
+from tests.support import Postgres, free_port
+
+DURABLE = ["sqlite", "postgresql"]
+"""Stores that keep node rows (``keeps_nodes``)."""
+EVERY = [*DURABLE, "memory"]
+"""Every store: the history contract holds for memory too."""
+
+WALL = 1_771_230_600.0
+
+
+@pytest.fixture
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    kind = request.param
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleet.db'}"  # an absolute path: four slashes
+    if kind == "postgresql":
+        url: str = request.getfixturevalue("postgres_store_url")
+        return url
+    assert kind == "memory"
+    return "memory://"
+
+
+every = pytest.mark.parametrize("store_url", EVERY, indirect=True)
+durable_only = pytest.mark.parametrize("store_url", DURABLE, indirect=True)
+
+
+def make(url: str) -> Store:
+    return make_store(parse_store(url))
+
+
+@asynccontextmanager
+async def opened(url: str) -> AsyncIterator[Store]:
+    store = make(url)
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def load_all(store: Store) -> list[NodeRow]:
+    rows: list[NodeRow] = []
+    async for chunk in store.load():
+        rows.extend(chunk)
+    return rows
+
+
+async def set_schema_version(url: str, version: int) -> None:
+    """Write into the version table behind the store's back."""
+    if url.startswith("sqlite:"):
+        conn = sqlite3.connect(parse_store(url).location)
+        with conn:
+            conn.execute("UPDATE fleetmq_schema SET version = ?", (version,))
+        conn.close()
+    else:
+        pg = await asyncpg.connect(url)
+        try:
+            await pg.execute("UPDATE fleetmq_schema SET version = $1", version)
+        finally:
+            await pg.close()
+
+
+async def schema_version(url: str) -> int:
+    if url.startswith("sqlite:"):
+        conn = sqlite3.connect(parse_store(url).location)
+        try:
+            return int(conn.execute("SELECT version FROM fleetmq_schema").fetchone()[0])
+        finally:
+            conn.close()
+    pg = await asyncpg.connect(url)
+    try:
+        return int(await pg.fetchval("SELECT version FROM fleetmq_schema"))
+    finally:
+        await pg.close()
+
+
+def fleet() -> list[Node]:
+    """Nodes as the registry makes them: every column with a value worth round-tripping."""
+    registry = Registry(60)
+    now = Instant(1000.0, WALL)
+    full = registry.register("esp32-a", RegisterRequest.model_validate({
+        "node_type": "microclaw", "name": "Greenhouse ✓", "capabilities": ["temp", "humidity"],
+        "location": "north", "metadata": {"fw": "1.2.3", "rev": 4, "beta": True, "x": None,
+                                          "gain": 0.5},
+        "heartbeat_interval_seconds": 30, "session": "s-1"}), now).node
+    registry.heartbeat("esp32-a", HeartbeatRequest.model_validate({
+        "uptime_seconds": 2**63 - 1, "free_memory_kb": 2**40, "sensors_active": 2**33}),
+        Instant(1001.5, WALL + 1.5))
+    bare = registry.register("bare-b", RegisterRequest.model_validate(
+        {"node_type": "sensor"}), Instant(1002.0, WALL + 2.0)).node
+    registry.heartbeat("bare-b", HeartbeatRequest.model_validate(
+        {"status": "offline", "reason": "shutdown"}), Instant(1003.0, WALL + 3.25))
+    third = registry.register("c-3", RegisterRequest.model_validate(
+        {"node_type": "gateway", "metadata": {}}), Instant(1004.0, WALL + 4.0)).node
+    return [full, bare, third]
+
+
+def event(node_id: str, at: float, to: str = "online", frm: str | None = None,
+          reason: str = "registered") -> HistoryEvent:
+    return HistoryEvent(node_id, frm, to, reason, at)
+
+
+def same_node(a: Node, b: Node) -> bool:
+    skip = {"seen_mono", "deadline", "view"}
+    return all(getattr(a, f) == getattr(b, f) for f in Node.__slots__ if f not in skip)
+
+
+# --- schema ----------------------------------------------------------------------------------
+
+
+@every
+async def test_a_new_store_creates_its_schema_and_loads_nothing(store_url: str) -> None:
+    async with opened(store_url) as store:
+        assert await load_all(store) == []
+        assert await store.events("nobody", 10, None) == []
+        await store.ping()
+        if store.keeps_nodes:
+            assert await schema_version(store_url) == SCHEMA_VERSION
+    async with opened(store_url) as store:  # an existing schema is kept as it is
+        assert await load_all(store) == []
+        if store.keeps_nodes:
+            assert await schema_version(store_url) == SCHEMA_VERSION
+
+
+@durable_only
+async def test_a_newer_schema_is_refused(store_url: str) -> None:
+    async with opened(store_url):
+        pass
+    await set_schema_version(store_url, SCHEMA_VERSION + 1)
+    store = make(store_url)
+    with pytest.raises(StoreError, match="newer"):
+        await store.open()
+    await store.close()  # harmless after a failed open
+    # The refused open let everything go: with the version back, the store opens.
+    await set_schema_version(store_url, SCHEMA_VERSION)
+    async with opened(store_url) as store:
+        assert await load_all(store) == []
+
+
+@durable_only
+async def test_a_second_open_of_a_store_in_use_is_refused(store_url: str) -> None:
+    async with opened(store_url) as first:
+        second = make(store_url)
+        with pytest.raises(StoreError, match="in use"):
+            await second.open()
+        await second.close()
+        await first.write(Batch(upserts=[node_row(fleet()[0])]))
+    async with opened(store_url) as second:  # free again once the first is closed
+        assert len(await load_all(second)) == 1
+
+
+@durable_only
+async def test_two_stores_opening_at_once_on_a_new_database(store_url: str) -> None:
+    a, b = make(store_url), make(store_url)
+    results = await asyncio.gather(a.open(), b.open(), return_exceptions=True)
+    try:
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert len(errors) == 1, results
+        assert isinstance(errors[0], StoreError)
+        assert "in use" in str(errors[0])
+    finally:
+        await a.close()
+        await b.close()
+    assert await schema_version(store_url) == SCHEMA_VERSION
+
+
+# --- nodes -----------------------------------------------------------------------------------
+
+
+@durable_only
+async def test_written_rows_survive_a_reopen_unchanged(store_url: str) -> None:
+    nodes = fleet()
+    rows = [node_row(n) for n in nodes]
+    async with opened(store_url) as store:
+        assert store.keeps_nodes
+        await store.write(Batch(upserts=rows, events=[event(n.id, n.registered_at)
+                                                      for n in nodes]))
+    async with opened(store_url) as store:
+        loaded = await load_all(store)
+    assert all(isinstance(row, tuple) and len(row) == len(NODE_COLUMNS) for row in loaded)
+    assert sorted(loaded) == sorted(rows)
+    restored = {n.id: n for n in nodes_from_rows(loaded, Instant(5000.0, WALL + 10))}
+    assert restored.keys() == {n.id for n in nodes}
+    for node in nodes:
+        assert same_node(restored[node.id], node), (restored[node.id], node)
+    assert restored["esp32-a"].declared_interval is True
+    assert restored["bare-b"].declared_interval is False
+
+
+@durable_only
+async def test_an_upsert_replaces_the_whole_row(store_url: str) -> None:
+    node = fleet()[0]
+    async with opened(store_url) as store:
+        await store.write(Batch(upserts=[node_row(node)]))
+        node.name, node.location, node.metadata = "renamed", None, {"k": "v"}
+        node.capabilities, node.status, node.session = (), "offline", None
+        await store.write(Batch(upserts=[node_row(node)]))
+        assert await load_all(store) == [node_row(node)]
+
+
+@durable_only
+async def test_touches_change_only_last_seen_telemetry_and_session(store_url: str) -> None:
+    nodes = fleet()
+    async with opened(store_url) as store:
+        await store.write(Batch(upserts=[node_row(n) for n in nodes]))
+        before = {row[0]: row for row in await load_all(store)}
+        node = nodes[0]
+        node.last_seen += 42.5
+        node.session, node.uptime_seconds, node.free_memory_kb = "s-2", 7, None
+        node.sensors_active = 3
+        node.name, node.status = "not written by a touch", "offline"
+        ghost = fleet()[2]
+        ghost.id = "never-upserted"
+        await store.write(Batch(touches=[touch_row(node), touch_row(ghost)]))
+        after = {row[0]: row for row in await load_all(store)}
+    assert after.keys() == before.keys()  # a touch never creates a row
+    assert after["bare-b"] == before["bare-b"]
+    assert after["c-3"] == before["c-3"]
+    touched = dict(zip(NODE_COLUMNS, after["esp32-a"], strict=True))
+    old = dict(zip(NODE_COLUMNS, before["esp32-a"], strict=True))
+    assert {c: touched[c] for c in TOUCH_COLUMNS} == {
+        "last_seen": old["last_seen"] + 42.5, "session": "s-2", "uptime_seconds": 7,
+        "free_memory_kb": None, "sensors_active": 3}
+    assert {c: v for c, v in touched.items() if c not in TOUCH_COLUMNS} == {
+        c: v for c, v in old.items() if c not in TOUCH_COLUMNS}
+
+
+@every
+async def test_a_delete_removes_the_row_but_not_its_events(store_url: str) -> None:
+    nodes = fleet()
+    async with opened(store_url) as store:
+        await store.write(Batch(upserts=[node_row(n) for n in nodes],
+                                events=[event(n.id, WALL) for n in nodes]))
+        await store.write(Batch(deletes=["esp32-a", "not-there"],
+                                events=[event("esp32-a", WALL + 1, "deleted", "online",
+                                              "deleted")]))
+        if store.keeps_nodes:
+            assert sorted(row[0] for row in await load_all(store)) == ["bare-b", "c-3"]
+        history = await store.events("esp32-a", 10, None)
+        assert [(e.from_status, e.to_status, e.reason) for e in history] == [
+            ("online", "deleted", "deleted"), (None, "online", "registered")]
+
+
+@durable_only
+async def test_a_batch_deletes_before_it_upserts_and_the_last_upsert_wins(
+        store_url: str) -> None:
+    node = fleet()[0]
+    first = node_row(node)
+    node.name = "second"
+    second = node_row(node)
+    async with opened(store_url) as store:
+        await store.write(Batch(upserts=[first]))
+        await store.write(Batch(deletes=[node.id], upserts=[first, second]))
+        assert await load_all(store) == [second]
+
+
+# --- history ---------------------------------------------------------------------------------
+
+
+@every
+async def test_events_come_newest_first_in_pages(store_url: str) -> None:
+    async with opened(store_url) as store:
+        written = [event("a", WALL + i, "offline" if i % 2 else "online",
+                         None if i == 0 else "online", f"r{i}") for i in range(25)]
+        await store.write(Batch(events=[*written[:10], event("b", WALL)]))
+        await store.write(Batch(events=[*written[10:], event("b", WALL + 1)]))
+
+        pages, before = [], None
+        while page := await store.events("a", 10, before):
+            pages.append(page)
+            before = page[-1].id
+        assert [len(p) for p in pages] == [10, 10, 5]
+        seen = [e for p in pages for e in p]
+        ids = [e.id for e in seen]
+        assert ids == sorted(ids, reverse=True)
+        assert len(set(ids)) == 25
+        assert [(e.node_id, e.from_status, e.to_status, e.reason, e.at) for e in seen] == [
+            (e.node_id, e.from_status, e.to_status, e.reason, e.at) for e in reversed(written)]
+        assert [e.at for e in await store.events("b", 1, None)] == [WALL + 1]
+        assert await store.events("a", 10, min(ids)) == []
+        assert await store.events("nobody", 10, None) == []
+
+
+@every
+async def test_prune_drops_only_old_events(store_url: str) -> None:
+    async with opened(store_url) as store:
+        old = [event(f"n{i % 200}", WALL - 1000 + i / 100) for i in range(12_000)]
+        new = [event(f"n{i}", WALL + i) for i in range(200)]
+        await store.write(Batch(events=old + new))
+        assert await store.prune(WALL) == len(old)  # more than one chunk (10,000)
+        assert await store.prune(WALL) == 0
+        for i in (0, 7, 199):
+            assert [e.at for e in await store.events(f"n{i}", 100, None)] == [WALL + i]
+
+
+# --- failures --------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_postgresql_is_a_store_error_naming_it() -> None:
+    port = free_port()  # nothing listens there
+    store = make(f"postgresql://fleet:s3cret@127.0.0.1:{port}/fleet")
+    started = time.monotonic()
+    with pytest.raises(StoreError) as caught:
+        await store.open()
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert f"127.0.0.1:{port}/fleet" in message
+    assert "s3cret" not in message
+    assert "cannot reach" in message
+    await store.close()
+
+
+async def test_a_missing_database_or_role_is_a_store_error(postgres_server: Postgres) -> None:
+    store = make(postgres_server.url("no_such_database"))
+    with pytest.raises(StoreError, match=r"does not exist.*createdb"):
+        await store.open()
+    await store.close()
+    store = make(postgres_server.url().replace("postgres@", "no_such_role@"))
+    with pytest.raises(StoreError, match="refused the login"):
+        await store.open()
+    await store.close()
+
+
+async def test_a_garbage_file_is_not_an_sqlite_store(tmp_path: Path) -> None:
+    path = tmp_path / "garbage.db"
+    path.write_bytes(b"this is not a database\n" * 500)
+    store = make(f"sqlite:///{path}")
+    with pytest.raises(StoreError, match="cannot open store"):
+        await store.open()
+    await store.close()
+
+
+async def test_a_store_not_open_is_a_store_error(tmp_path: Path, postgres_url: str) -> None:
+    for url in (f"sqlite:///{tmp_path / 'closed.db'}", postgres_url):
+        store = make(url)
+        with pytest.raises(StoreError, match="not open"):
+            await store.write(Batch(deletes=["x"]))
+
+
+@pytest.mark.parametrize("store_url", ["postgresql"], indirect=True)
+async def test_postgresql_recovers_from_lost_connections(store_url: str) -> None:
+    node = fleet()[0]
+    async with opened(store_url) as store:
+        await store.write(Batch(upserts=[node_row(node)]))
+        admin = await asyncpg.connect(store_url)
+        try:
+            killed = await admin.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        finally:
+            await admin.close()
+        assert killed >= 2  # the pool's connection and the lock's
+        # The first use may meet a dead connection: a StoreError, never anything else.
+        for _ in range(2):
+            try:
+                await store.ping()
+                break
+            except StoreError:
+                await asyncio.sleep(0.05)
+        await store.ping()  # and the lock taken again
+        await store.write(Batch(touches=[touch_row(node)]))
+        second = make(store_url)
+        with pytest.raises(StoreError, match="in use"):
+            await second.open()
+        await second.close()
+        assert await load_all(store) == [node_row(node)]
+
+
+# --- many nodes ------------------------------------------------------------------------------
+
+
+@durable_only
+async def test_loading_more_rows_than_a_chunk(store_url: str) -> None:
+    template = list(node_row(fleet()[0]))
+    count = LOAD_CHUNK + 5_000
+    rows: list[tuple[Any, ...]] = []
+    for i in range(count):
+        template[0] = f"node-{i:06d}"
+        rows.append(tuple(template))
+    async with opened(store_url) as store:
+        await store.write(Batch(upserts=rows))
+    async with opened(store_url) as store:
+        sizes, ids = [], set()
+        async for chunk in store.load():
+            sizes.append(len(chunk))
+            ids.update(row[0] for row in chunk)
+    assert max(sizes) <= LOAD_CHUNK
+    assert len(sizes) >= 2
+    assert sum(sizes) == count
+    assert len(ids) == count
