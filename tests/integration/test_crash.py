@@ -74,8 +74,8 @@ async def mqtt_load(agent: Any, root: str, tag: str) -> None:
 
 
 async def test_kill_9_at_random_moments_loses_nothing_acknowledged(
-    managers: Any,  # noqa: F811 (the fixture imported above) mosquitto: Mosquitto, root: str, tmp_path: Path,
-    mqtt_clients: MqttClients
+    managers: Any,  # noqa: F811 (the fixture imported above)
+    mosquitto: Mosquitto, root: str, tmp_path: Path, mqtt_clients: MqttClients
 ) -> None:
     rng = random.Random()
     port = free_port()
