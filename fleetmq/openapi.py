@@ -35,6 +35,16 @@ _NODE_ID_PARAM = {"name": "node_id", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": NODE_ID_PATTERN}}
 
 
+_STORE_DOWN = _error("The node store is unavailable: the change was not acknowledged, retry")
+_EVENT_QUERY = [
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+    {"name": "before", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1},
+     "description": "only events with a smaller id: the 'next' value of the previous page"},
+]
+
+
 _JSON_SCHEMA_KEYS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum",
                      "lt": "exclusiveMaximum"}
 
@@ -110,6 +120,25 @@ def _schemas() -> dict[str, Any]:
                 "sensors_active": _COUNTER,
             },
         },
+        "Event": {
+            "type": "object", "required": ["id", "node_id", "from", "to", "reason", "at"],
+            "properties": {
+                "id": {"type": "integer", "minimum": 1},
+                "node_id": {"type": "string", "pattern": NODE_ID_PATTERN},
+                "from": {"enum": ["online", "degraded", "offline", None],
+                         "description": "null for a first registration"},
+                "to": {"enum": ["online", "degraded", "offline"]},
+                "reason": {"type": "string"}, "at": _TS,
+            },
+        },
+        "EventList": {
+            "type": "object", "required": ["events", "next"],
+            "properties": {
+                "events": {"type": "array", "items": {"$ref": "#/components/schemas/Event"}},
+                "next": {"type": ["integer", "null"],
+                         "description": "pass as 'before' for the next (older) page"},
+            },
+        },
         "NodeList": {
             "type": "object", "required": ["nodes", "count", "total", "next"],
             "properties": {
@@ -150,10 +179,11 @@ def openapi_document(topic_root: str) -> dict[str, Any]:
             "/api/v1/fleet/register": {"post": {
                 "summary": "Register a node, or update its registration",
                 "requestBody": _body("RegisterRequest"),
-                "responses": {"200": _ok("Registered", "RegisterResponse"),
+                "responses": {"200": _ok("Registered (and stored)", "RegisterResponse"),
                               "400": _error("Invalid JSON or field"),
                               "409": _error("The id is registered with another node_type"),
-                              "413": _error("Body over 64 KiB")},
+                              "413": _error("Body over 64 KiB"),
+                              "503": _STORE_DOWN},
             }},
             "/api/v1/fleet/heartbeat": {"post": {
                 "summary": "Report that a node is alive (or degraded, or going offline)",
@@ -176,13 +206,24 @@ def openapi_document(topic_root: str) -> dict[str, Any]:
                                       "404": _error("No node with that id")}},
                 "delete": {"summary": "Decommission a node and clear its retained status",
                            "parameters": [_NODE_ID_PARAM],
-                           "responses": {"204": {"description": "Deleted"},
+                           "responses": {"204": {"description": "Deleted (and stored)"},
                                          "400": _error("Invalid node id"),
-                                         "404": _error("No node with that id")}},
+                                         "404": _error("No node with that id"),
+                                         "503": _STORE_DOWN}},
             },
+            "/api/v1/fleet/nodes/{node_id}/events": {"get": {
+                "summary": "A node's status history (its transitions), newest first; a "
+                           "deleted node's history stays readable until pruned",
+                "parameters": [_NODE_ID_PARAM, *_EVENT_QUERY],
+                "responses": {"200": _ok("Events", "EventList"),
+                              "400": _error("Invalid node id, limit or before"),
+                              "404": _error("No node with that id, and no history"),
+                              "503": _error("The store cannot be read")},
+            }},
             "/healthz": {"get": {"summary": "Liveness",
                                  "responses": {"200": {"description": "The process serves"}}}},
-            "/readyz": {"get": {"summary": "Readiness: broker connected, subscriptions acked",
+            "/readyz": {"get": {"summary": "Readiness: broker connected, subscriptions acked, "
+                                           "store available",
                                 "responses": {"200": {"description": "Ready"},
                                               "503": _error("Not ready, with the reason")}}},
             "/api/v1/openapi.json": {"get": {

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jsonschema
 import pytest
 
 from fleetmq.app import FleetService
@@ -115,6 +116,9 @@ async def test_events_route_pages_newest_first_and_checks_its_parameters(
         assert page["next"] == page["events"][-1]["id"]
         first = page["events"][0]
         assert set(first) == {"id", "node_id", "from", "to", "reason", "at"}
+        async with http.get(api(svc, "/api/v1/openapi.json")) as resp:
+            schemas = (await resp.json())["components"]["schemas"]
+        jsonschema.validate(page, {**schemas["EventList"], "components": {"schemas": schemas}})
         assert (first["node_id"], first["from"], first["reason"]) == ("n1", "degraded",
                                                                      "heartbeat")
         assert first["at"].endswith("Z")

@@ -871,6 +871,7 @@ async def test_openapi_document_describes_every_route_the_server_accepts(api: Ap
         f"{FLEET}/heartbeat": {"post"},
         f"{FLEET}/nodes": {"get"},
         f"{FLEET}/nodes/{{node_id}}": {"get", "delete"},
+        f"{FLEET}/nodes/{{node_id}}/events": {"get"},
         "/healthz": {"get"},
         "/readyz": {"get"},
         "/api/v1/openapi.json": {"get"},
