@@ -6,12 +6,16 @@ Benchmarks run from the repository root (``python bench/<name>.py``); each puts 
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from tests.support import free_port
 
@@ -30,6 +34,26 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def settle(count: Callable[[], float], target: float, idle: float, timeout: float,
+           what: str) -> float:
+    """Wait until ``count()`` reaches ``target`` or stops moving for ``idle`` seconds (what never
+    arrives was lost); return its last value. Raise if it is still moving after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last = count()
+    moved = time.monotonic()
+    while last < target:
+        time.sleep(0.05)
+        now = time.monotonic()
+        value = count()
+        if value != last:
+            last, moved = value, now
+        elif now - moved > idle:
+            break
+        if now > deadline:
+            raise TimeoutError(f"benchmark count still moving after {timeout:g} s: {what}")
+    return last
+
+
 def answers(url: str) -> bool:
     try:
         request(url, timeout=2)
@@ -46,21 +70,75 @@ def metric(http_port: int, name: str) -> float:
     raise KeyError(name)
 
 
-def start_manager(broker_port: int, root: str, *options: str,
-                  wrap: Sequence[str] = ()) -> tuple[subprocess.Popen[bytes], int]:
-    """``fleetmq serve`` against a broker on this machine, ready; returns it and its HTTP port.
-    ``wrap`` prefixes the command (a profiler, say). The caller terminates it."""
+def fresh_store(workdir: Path, name: str = "fleetmq") -> str:
+    """The default store (SQLite), in a new file of the bench's temporary directory: never the
+    working directory's fleetmq.db, whose nodes would load into the next run."""
+    path = workdir.resolve() / f"{name}.db"
+    for stale in (path, path.with_suffix(".db-wal"), path.with_suffix(".db-shm")):
+        stale.unlink(missing_ok=True)
+    return f"sqlite:///{path}"
+
+
+def start_manager(broker_url: str, root: str, *options: str, workdir: Path,
+                  wrap: Sequence[str] = (),
+                  log: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """``fleetmq serve --broker broker_url`` (a broker on this machine, or
+    ``embedded://127.0.0.1:<free port>`` for its own amqtt) with a fresh SQLite store in
+    ``workdir``, ready; returns it and its HTTP port. ``wrap`` prefixes the command (a profiler,
+    say); its output goes to ``log`` if given. The caller stops it (``stop_process``)."""
     http_port = free_port()
-    proc = subprocess.Popen(
-        [*wrap, sys.executable, "-m", "fleetmq", "serve",
-         "--broker", f"mqtt://127.0.0.1:{broker_port}", "--http", f"127.0.0.1:{http_port}",
-         "--topic-root", root, "--log-level", "warning", *options])
+    argv = [*wrap, sys.executable, "-m", "fleetmq", "serve",
+            "--broker", broker_url, "--http", f"127.0.0.1:{http_port}",
+            "--store", fresh_store(workdir, root),
+            "--topic-root", root, "--log-level", "warning", *options]
+    if log is None:
+        proc = subprocess.Popen(argv)
+    else:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+    def ready() -> bool:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log is not None else ""
+            raise RuntimeError(f"fleetmq serve exited with {proc.returncode}\n{tail}")
+        return answers(f"http://127.0.0.1:{http_port}/readyz")
+
     try:
-        wait_for(lambda: answers(f"http://127.0.0.1:{http_port}/readyz"), 30, "manager ready")
+        wait_for(ready, 30, "manager ready")
     except BaseException:
-        proc.kill()
+        stop_process(proc)
         raise
     return proc, http_port
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """Terminate, and kill if it has not exited within 20 s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def results_dir() -> Path:
+    """``bench/results`` (git-ignored), or ``$FLEETMQ_BENCH_RESULTS`` (the smoke test's)."""
+    path = Path(os.environ.get("FLEETMQ_BENCH_RESULTS") or Path(__file__).parent / "results")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_result(name: str, doc: Any) -> Path:
+    """``<results>/<name>.json``; says where it went."""
+    path = results_dir() / f"{name}.json"
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwritten: {path}")
+    return path
+
+
+def machine() -> dict[str, Any]:
+    return {"cores": os.cpu_count(), "python": sys.version.split()[0]}
 
 
 def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

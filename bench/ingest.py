@@ -1,17 +1,25 @@
 """MQTT heartbeat ingest: fleetmq's applied-messages rate next to a bare paho subscriber.
 
-Starts its own Mosquitto on a free port (config derived from the repo's mosquitto.conf), runs
-``fleetmq serve`` as a subprocess against it, registers N nodes, then publishes heartbeats from
-separate processes as fast as they go. The manager's rate is counted after the registry applied
-the messages (``fleetmq_mqtt_messages_applied_total`` in /metrics); the ceiling is a bare paho
-subscriber that only counts the same stream from the same broker.
+Registers N nodes, then publishes heartbeats from separate processes as fast as they go. The
+manager's rate is counted after the registry applied the messages
+(``fleetmq_mqtt_messages_applied_total`` in /metrics); the ceiling is a bare paho subscriber that
+only counts the same stream from the same broker. A count that stops moving short of what was
+published is final: the rest was lost, and the table says how many.
+
+- ``--broker mosquitto`` (default): its own Mosquitto on a free port (config derived from the
+  repo's mosquitto.conf) and ``fleetmq serve`` against it as a subprocess, with MQTT 5 and 3.1.1.
+- ``--broker embedded``: ``fleetmq serve --broker embedded://127.0.0.1:<free port>``, whose
+  amqtt broker speaks MQTT 3.1.1 only. The bare subscriber counts its stream from that broker
+  first (the manager, subscribed under another topic root, idle), then the manager ingests.
 
     python bench/ingest.py --nodes 100000 --messages 400000 --publishers 2
+    python bench/ingest.py --broker embedded --nodes 10000 --messages 50000
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import multiprocessing as mp
 import os
@@ -19,14 +27,53 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import metric, print_rows, start_manager, wait_for
-from tests.support import Mosquitto
+from bench.common import (
+    machine,
+    metric,
+    print_rows,
+    settle,
+    start_manager,
+    stop_process,
+    wait_for,
+    write_result,
+)
+from tests.support import Mosquitto, free_port
+
+IDLE_S = 5.0
+"""A count that has not moved for this long after the publishers finished is final."""
+
+
+@dataclass
+class Result:
+    key: str
+    label: str
+    per_s: float
+    counted: int
+    published: int
+
+    @property
+    def lost(self) -> int:
+        return self.published - self.counted
+
+    def cell(self) -> str:
+        lost = f"{self.lost:,} lost ({self.lost / self.published:.1%})" if self.lost else "0 lost"
+        return f"{self.per_s:,.0f} msg/s, {lost}"
+
+
+@dataclass
+class Run:
+    broker: str
+    results: list[Result]
+    register_per_s: float | None = None
+    puback_timeouts: int | None = None
+    """amqtt's "Timeout waiting for PUBACK" lines in the manager's log (embedded only)."""
 
 
 def _publish(port: int, root: str, first: int, count: int, nodes: int, qos: int) -> None:
@@ -44,7 +91,8 @@ def _publish(port: int, root: str, first: int, count: int, nodes: int, qos: int)
     client.loop_stop()
 
 
-def _blast(port: int, root: str, messages: int, nodes: int, publishers: int, qos: int) -> None:
+def _blast(port: int, root: str, messages: int, nodes: int, publishers: int, qos: int) -> int:
+    """Publish from ``publishers`` processes; returns how many messages went out."""
     share = messages // publishers
     procs = [mp.Process(target=_publish, args=(port, root, k * share, share, nodes, qos))
              for k in range(publishers)]
@@ -52,10 +100,14 @@ def _blast(port: int, root: str, messages: int, nodes: int, publishers: int, qos
         proc.start()
     for proc in procs:
         proc.join()
+    failed = [proc.exitcode for proc in procs if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"publisher processes failed with exit codes {failed}")
+    return share * publishers
 
 
-def bare_subscriber(port: int, root: str, messages: int, nodes: int, publishers: int,
-                    qos: int, mqtt5: bool = False) -> float:
+def bare_subscriber(port: int, root: str, args: argparse.Namespace,
+                    mqtt5: bool = False) -> Result:
     seen = 0
     first_at = last_at = 0.0
     lock = threading.Lock()
@@ -74,22 +126,27 @@ def bare_subscriber(port: int, root: str, messages: int, nodes: int, publishers:
     client.connect("127.0.0.1", port, keepalive=120)
     client.subscribe(f"{root}/+/heartbeat", qos=1)
     client.loop_start()
-    time.sleep(0.5)
-    _blast(port, root, messages, nodes, publishers, qos)
-    wait_for(lambda: seen >= messages * 0.999, 300, "bare subscriber saw every message")
-    client.disconnect()
-    client.loop_stop()
-    return seen / (last_at - first_at)
-
-
-def fleetmq_ingest(port: int, root: str, messages: int, nodes: int, publishers: int,
-                   qos: int, wrap: list[str], mqtt_version: str) -> tuple[float, float]:
-    proc, http_port = start_manager(port, root, "--mqtt-version", mqtt_version, wrap=wrap)
     try:
-        reg = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-reg")
-        reg.max_inflight_messages_set(1000)
-        reg.connect("127.0.0.1", port, keepalive=120)
-        reg.loop_start()
+        time.sleep(0.5)
+        published = _blast(port, root, args.messages, args.nodes, args.publishers, args.qos)
+        settle(lambda: seen, published, IDLE_S, 300, "messages seen by the bare subscriber")
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    with lock:
+        count, span = seen, last_at - first_at
+    version = "5" if mqtt5 else "3.1.1"
+    return Result(f"bare-mqtt-{version}", f"bare paho subscriber, MQTT {version}",
+                  count / span if span > 0 else 0.0, count, published)
+
+
+def register(port: int, http_port: int, root: str, nodes: int) -> float:
+    """Registers ``nodes`` nodes over MQTT; returns registrations/s."""
+    reg = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-reg")
+    reg.max_inflight_messages_set(1000)
+    reg.connect("127.0.0.1", port, keepalive=120)
+    reg.loop_start()
+    try:
         started = time.monotonic()
         body = {"node_type": "microclaw", "capabilities": ["dht22", "mqtt"],
                 "location": "office-floor-2",
@@ -99,39 +156,122 @@ def fleetmq_ingest(port: int, root: str, messages: int, nodes: int, publishers: 
             if i % 1000 == 0:
                 info.wait_for_publish(30)
         wait_for(lambda: metric(http_port, "fleetmq_nodes") >= nodes, 300, "nodes registered")
-        register_rate = nodes / (time.monotonic() - started)
+        rate = nodes / (time.monotonic() - started)
         # Let the registrations' statuses and replies go out first: measure ingest alone.
         wait_for(lambda: metric(http_port, "fleetmq_mqtt_backlog") == 0, 300, "statuses out")
+    finally:
         reg.disconnect()
         reg.loop_stop()
+    return rate
 
-        base = metric(http_port, "fleetmq_mqtt_messages_applied_total")
-        samples: list[tuple[float, int]] = []
-        stop = threading.Event()
 
-        def sample() -> None:
-            while not stop.is_set():
-                samples.append((time.monotonic(),
-                                metric(http_port, "fleetmq_mqtt_messages_applied_total") - base))
-                time.sleep(0.25)
+def applied(port: int, http_port: int, root: str, args: argparse.Namespace, key: str,
+            label: str) -> Result:
+    """Heartbeats for the registered nodes; the manager's applied rate from /metrics."""
+    base = metric(http_port, "fleetmq_mqtt_messages_applied_total")
+    samples: list[tuple[float, float]] = [(time.monotonic(), 0.0)]
+    stop = threading.Event()
 
-        sampler = threading.Thread(target=sample)
-        sampler.start()
-        _blast(port, root, messages, nodes, publishers, qos)
-        wait_for(lambda: bool(samples) and samples[-1][1] >= messages * 0.999, 300,
-                 "every heartbeat applied")
+    def sample() -> None:
+        while not stop.is_set():
+            samples.append((time.monotonic(),
+                            metric(http_port, "fleetmq_mqtt_messages_applied_total") - base))
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        published = _blast(port, root, args.messages, args.nodes, args.publishers, args.qos)
+        settle(lambda: samples[-1][1], published, IDLE_S, 300, "heartbeats applied")
+    finally:
         stop.set()
         sampler.join()
-        moving = [(t, n) for t, n in samples if n > 0]
-        (t0, n0), (t1, n1) = moving[0], moving[-1]
-        return (n1 - n0) / (t1 - t0), register_rate
+    final = samples[-1][1]
+    # From the first sample that saw messages applied to the first one that saw them all
+    # (or, when a tiny run fits between two samples, from the last one that saw none).
+    moving = [(t, n) for t, n in samples if n > 0]
+    rate = 0.0
+    if moving:
+        t0, n0 = moving[0]
+        t1 = next(t for t, n in moving if n >= final)
+        if t1 <= t0:
+            t0, n0 = [(t, n) for t, n in samples if n == 0][-1]
+        rate = (final - n0) / (t1 - t0)
+    return Result(key, label, rate, int(final), published)
+
+
+def fleetmq_ingest(broker: Mosquitto, root: str, args: argparse.Namespace,
+                   mqtt_version: str) -> tuple[Result, float]:
+    proc, http_port = start_manager(broker.url, root, "--mqtt-version", mqtt_version,
+                                    workdir=broker.workdir, wrap=args.wrap.split())
+    try:
+        reg = register(broker.port, http_port, root, args.nodes)
+        label = ("fleetmq applied, MQTT 5 (default)" if mqtt_version == "5"
+                 else "fleetmq applied, --mqtt-version 3.1.1")
+        return applied(broker.port, http_port, root, args, f"fleetmq-mqtt-{mqtt_version}",
+                       label), reg
     finally:
-        proc.terminate()
-        proc.wait(20)
+        stop_process(proc)
+
+
+def with_mosquitto(args: argparse.Namespace) -> Run:
+    results: list[Result] = []
+    reg: float | None = None
+    with tempfile.TemporaryDirectory(prefix="fleetmq-bench-") as tmp:
+        broker = Mosquitto(Path(tmp))
+        broker.start()
+        try:
+            if not args.skip_bare:
+                results.append(bare_subscriber(broker.port, "bare", args))
+                results.append(bare_subscriber(broker.port, "bare5", args, mqtt5=True))
+            if not args.skip_fleetmq:
+                result, reg = fleetmq_ingest(broker, "fleet", args, "5")
+                results.append(result)
+                result, _ = fleetmq_ingest(broker, "fleet3", args, "3.1.1")
+                results.append(result)
+        finally:
+            broker.stop()
+    return Run("Mosquitto on a free port, the repo's mosquitto.conf", results, reg)
+
+
+def with_embedded(args: argparse.Namespace) -> Run:
+    port = free_port()
+    results: list[Result] = []
+    reg: float | None = None
+    with tempfile.TemporaryDirectory(prefix="fleetmq-bench-") as tmp:
+        log = Path(tmp) / "manager.log"
+        # The manager hosts the broker: it runs for both measurements.
+        proc, http_port = start_manager(f"embedded://127.0.0.1:{port}", "fleet",
+                                        "--mqtt-version", "3.1.1", workdir=Path(tmp),
+                                        wrap=args.wrap.split(), log=log)
+        try:
+            if not args.skip_bare:
+                results.append(bare_subscriber(port, "bare", args))
+            if not args.skip_fleetmq:
+                reg = register(port, http_port, "fleet", args.nodes)
+                results.append(applied(port, http_port, "fleet", args, "fleetmq-mqtt-3.1.1",
+                                       "fleetmq applied, MQTT 3.1.1"))
+        finally:
+            stop_process(proc)
+        # amqtt forwards QoS 0 messages at the subscription's QoS (1 for the manager) and logs
+        # a warning (then an error with a traceback) for every PUBACK that takes over 5 s.
+        timeouts = sum(1 for line in log.read_text(errors="replace").splitlines()
+                       if "WARNING" in line and "Timeout waiting for PUBACK" in line)
+    amqtt = importlib.metadata.version("amqtt")
+    return Run(f"embedded amqtt {amqtt} in fleetmq serve --broker embedded://..., MQTT 3.1.1",
+               results, reg, timeouts)
+
+
+RATIOS = (("fleetmq-mqtt-5", "bare-mqtt-5", "  ratio to the bare MQTT 5 subscriber"),
+          ("fleetmq-mqtt-3.1.1", "bare-mqtt-3.1.1", "  ratio to the bare 3.1.1 subscriber"))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--broker", choices=("mosquitto", "embedded"), default="mosquitto",
+                        help="mosquitto: its own Mosquitto, MQTT 5 and 3.1.1 (default); "
+                             "embedded: the amqtt broker of fleetmq serve --broker "
+                             "embedded://127.0.0.1:<free port>, MQTT 3.1.1")
     parser.add_argument("--nodes", type=int, default=100_000)
     parser.add_argument("--messages", type=int, default=400_000)
     parser.add_argument("--publishers", type=int, default=2)
@@ -142,36 +282,34 @@ def main() -> None:
     parser.add_argument("--skip-bare", action="store_true", help="measure fleetmq only")
     parser.add_argument("--skip-fleetmq", action="store_true", help="measure the ceilings only")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="fleetmq-bench-") as tmp:
-        broker = Mosquitto(Path(tmp))
-        broker.start()
-        try:
-            nan = float("nan")
-            bare = nan if args.skip_bare else bare_subscriber(
-                broker.port, "bare", args.messages, args.nodes, args.publishers, args.qos)
-            bare5 = nan if args.skip_bare else bare_subscriber(
-                broker.port, "bare5", args.messages, args.nodes, args.publishers, args.qos,
-                mqtt5=True)
-            fleet, reg = (nan, nan) if args.skip_fleetmq else fleetmq_ingest(
-                broker.port, "fleet", args.messages, args.nodes, args.publishers, args.qos,
-                args.wrap.split(), "5")
-            fleet3, _ = (nan, nan) if args.skip_fleetmq else fleetmq_ingest(
-                broker.port, "fleet3", args.messages, args.nodes, args.publishers, args.qos,
-                args.wrap.split(), "3.1.1")
-        finally:
-            broker.stop()
+    run = with_embedded if args.broker == "embedded" else with_mosquitto
+    done = run(args)
+    broker, results, reg = done.broker, done.results, done.register_per_s
+
+    published = args.messages // args.publishers * args.publishers
     rows = [
         ("machine", f"{os.cpu_count()} cores, python {sys.version.split()[0]}"),
-        ("nodes registered over MQTT", f"{args.nodes:,} ({reg:,.0f} registrations/s)"),
-        (f"heartbeats published (QoS {args.qos})", f"{args.messages:,}"),
-        ("bare paho subscriber, MQTT 3.1.1", f"{bare:,.0f} msg/s"),
-        ("bare paho subscriber, MQTT 5", f"{bare5:,.0f} msg/s"),
-        ("fleetmq applied, MQTT 5 (default)", f"{fleet:,.0f} msg/s"),
-        ("  ratio to the bare MQTT 5 subscriber", f"{fleet / bare5:.2f}"),
-        ("fleetmq applied, --mqtt-version 3.1.1", f"{fleet3:,.0f} msg/s"),
-        ("  ratio to the bare 3.1.1 subscriber", f"{fleet3 / bare:.2f}"),
+        ("broker", broker),
     ]
+    if reg is not None:
+        rows.append(("nodes registered over MQTT", f"{args.nodes:,} ({reg:,.0f} registrations/s)"))
+    rows.append((f"heartbeats published (QoS {args.qos})", f"{published:,}"))
+    by_key = {r.key: r for r in results}
+    for r in results:
+        rows.append((r.label, r.cell()))
+        for fleet, bare, label in RATIOS:
+            if r.key == fleet and bare in by_key:
+                rows.append((label, f"{r.per_s / by_key[bare].per_s:.2f}"))
+    timeouts = done.puback_timeouts
+    if timeouts is not None:
+        rows.append(("amqtt PUBACK timeouts (manager log)", f"{timeouts:,}"))
     print_rows(rows)
+    write_result("ingest" if args.broker == "mosquitto" else f"ingest-{args.broker}", {
+        "machine": machine(), "broker": args.broker, "broker_detail": broker,
+        "nodes": args.nodes, "published": published, "publishers": args.publishers,
+        "qos": args.qos, "register_per_s": reg, "amqtt_puback_timeouts": timeouts,
+        "results": [{**asdict(r), "lost": r.lost} for r in results],
+    })
 
 
 if __name__ == "__main__":

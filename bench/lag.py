@@ -26,7 +26,15 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import metric, print_rows, start_manager, wait_for
+from bench.common import (
+    machine,
+    metric,
+    print_rows,
+    start_manager,
+    stop_process,
+    wait_for,
+    write_result,
+)
 from tests.support import Mosquitto
 
 ROOT = "lag"
@@ -72,12 +80,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fleetmq-lag-") as tmp:
         broker = Mosquitto(Path(tmp))
         broker.start()
-        proc, http_port = start_manager(broker.port, ROOT, "--mqtt-version", args.mqtt_version)
         try:
-            lags = run(broker.port, http_port, args)
+            proc, http_port = start_manager(broker.url, ROOT, "--mqtt-version",
+                                            args.mqtt_version, workdir=Path(tmp))
+            try:
+                lags = run(broker.port, http_port, args)
+            finally:
+                stop_process(proc)
         finally:
-            proc.terminate()
-            proc.wait(20)
             broker.stop()
 
     lags.sort()
@@ -94,9 +104,12 @@ def main() -> None:
         ("lag mean", f"{statistics.fmean(lags) * 1000:.1f} ms"),
     ]
     print_rows(rows)
-    out = Path(__file__).resolve().parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "lag.json").write_text(json.dumps(dict(rows), indent=2))
+    write_result("lag", {
+        "machine": machine(), "nodes": args.nodes, "rate_per_s": args.rate,
+        "seconds": args.seconds, "mqtt_version": args.mqtt_version,
+        "probes_answered": len(lags), "lag_p50_ms": p(0.5), "lag_p99_ms": p(0.99),
+        "lag_max_ms": lags[-1] * 1000, "lag_mean_ms": statistics.fmean(lags) * 1000,
+    })
 
 
 def _probe(probe: paho.Client, args: argparse.Namespace, sent: dict[str, float],

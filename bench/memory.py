@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import multiprocessing as mp
 import os
 import sys
@@ -27,14 +26,13 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import print_table
+from bench.common import machine, print_table, write_result
 from fleetmq.clock import FakeClock
 from fleetmq.models import HeartbeatRequest, RegisterRequest
 from fleetmq.registry import Node, Registry
 from fleetmq.views import node_json
 
 TARGET_BYTES = 1024
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def rss_bytes() -> int:
@@ -220,14 +218,12 @@ def main() -> None:
     print("\nwhere one node's bytes go (sys.getsizeof, before allocator and index overhead)\n")
     print_table(("part", "bytes"), [(name, f"{size:,}") for name, size in parts])
 
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "memory.json").write_text(json.dumps({
-        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+    write_result("memory", {
+        "machine": machine(),
         "target_bytes_per_node": TARGET_BYTES,
         "results": results,
         "breakdown_bytes": dict(parts),
-    }, indent=2) + "\n")
-    print(f"\nwritten: {RESULTS / 'memory.json'}")
+    })
 
 
 if __name__ == "__main__":

@@ -40,13 +40,20 @@ from aiohttp import web
 from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import answers, metric, request, wait_for
+from bench.common import (
+    answers,
+    fresh_store,
+    machine,
+    metric,
+    request,
+    wait_for,
+    write_result,
+)
 from fleetmq.clock import SystemClock, format_timestamp
 from tests.support import Mosquitto, free_port
 
 PREFIX = "/api/v1/fleet"
 ROOT = "bench"
-RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_HEARTBEAT_RATIO = 0.7
 TARGET_LIST_RPS = 4500.0
 
@@ -195,7 +202,8 @@ class Bench:
         self.stack.callback(self.broker.stop)
         self.server = self._spawn("fleetmq", [
             sys.executable, "-m", "fleetmq", "serve", "--broker", self.broker.url,
-            "--http", f"127.0.0.1:{self.http_port}", "--topic-root", ROOT,
+            "--http", f"127.0.0.1:{self.http_port}", "--store", fresh_store(self.workdir),
+            "--topic-root", ROOT,
             "--log-level", "warning"])
         self.list_file = self.workdir / "list.json"
         self._spawn("bare", [sys.executable, __file__, "--bare-server", str(self.bare_port),
@@ -239,7 +247,7 @@ class Bench:
                      f"http://127.0.0.1:{self.bare_port}{PREFIX}/heartbeat", post_hb, bare=True),
             Scenario("heartbeat", "heartbeat", f"{fleet}/heartbeat", post_hb),
             Scenario("register", "register (update)", f"{fleet}/register", post_reg),
-            Scenario("get-one", "get one", f"{fleet}/nodes/node-00042", ""),
+            Scenario("get-one", "get one", f"{fleet}/nodes/node-{min(42, nodes - 1):05d}", ""),
             Scenario(f"list-{nodes}-bare", f"{listing}, bare aiohttp (one cached body)",
                      f"http://127.0.0.1:{self.bare_port}{PREFIX}/nodes", "", bare=True),
             Scenario(f"list-{nodes}", listing, f"{fleet}/nodes", ""),
@@ -365,9 +373,8 @@ def report(args: argparse.Namespace, runs: list[Run]) -> None:
         cells += [c.ljust(w) for c, w in zip(row[6:], widths[6:], strict=True)]
         print("  ".join(cells).rstrip())
 
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "rest.json").write_text(json.dumps({
-        "machine": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
+    write_result("rest", {
+        "machine": machine(),
         "wrk": {"threads": args.threads, "connections": args.connections,
                 "duration_s": args.duration},
         "nodes": args.nodes, "mqtt_rate": args.rate,
@@ -381,8 +388,7 @@ def report(args: argparse.Namespace, runs: list[Run]) -> None:
             "mqtt_eventually_applied": r.mqtt_eventually_applied,
             "mqtt_catch_up_s": r.mqtt_catch_up_s,
         } for r in runs],
-    }, indent=2) + "\n")
-    print(f"\nwritten: {RESULTS / 'rest.json'}")
+    })
 
 
 def main() -> None:

@@ -1,0 +1,182 @@
+"""Every benchmark, at a tiny size, as the command a user runs: it exits 0, prints its table and
+writes its JSON result with positive figures. The figures mean nothing at this size; what this
+catches is a benchmark broken by a change elsewhere (an API it uses, a metric it reads).
+
+Each bench runs in a process group of its own with ``FLEETMQ_BENCH_RESULTS`` pointing at the
+test's temporary directory (bench/results is left alone). A bench must stop what it started
+(Mosquitto, ``fleetmq serve``, publishers, wrk): survivors fail the test, then are killed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _positive(doc: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        assert isinstance(doc[key], int | float), (key, doc[key])
+        assert doc[key] > 0, (key, doc[key])
+
+
+def _check_ingest(expected: set[str]) -> Callable[[dict[str, Any]], None]:
+    def check(doc: dict[str, Any]) -> None:
+        _positive(doc, "register_per_s", "published")
+        results = {r["key"]: r for r in doc["results"]}
+        assert set(results) == expected
+        for r in results.values():
+            _positive(r, "per_s", "counted")
+            assert r["counted"] == r["published"] == doc["published"], r
+            assert r["lost"] == 0, r
+
+    return check
+
+
+def _check_embedded(doc: dict[str, Any]) -> None:
+    _check_ingest({"bare-mqtt-3.1.1", "fleetmq-mqtt-3.1.1"})(doc)
+    assert doc["broker"] == "embedded"
+    assert isinstance(doc["amqtt_puback_timeouts"], int)
+
+
+def _check_lag(doc: dict[str, Any]) -> None:
+    _positive(doc, "probes_answered", "lag_p50_ms", "lag_p99_ms", "lag_max_ms", "lag_mean_ms")
+    assert doc["lag_p50_ms"] <= doc["lag_p99_ms"] <= doc["lag_max_ms"]
+
+
+def _check_rest(doc: dict[str, Any]) -> None:
+    runs = {r["scenario"]: r for r in doc["results"]}
+    assert set(runs) == {"heartbeat-bare", "heartbeat", "register", "get-one", "list-50-bare",
+                         "list-50", "list-50-mqtt"}
+    for r in runs.values():
+        _positive(r, "rps", "p50_ms", "p99_ms")
+        assert r["errors"] == 0, r
+        assert r["non_2xx"] == 0, r
+    _positive(runs["list-50-mqtt"], "mqtt_published", "mqtt_eventually_applied")
+
+
+def _check_memory(doc: dict[str, Any]) -> None:
+    (result,) = doc["results"]
+    assert result["nodes"] == 2000
+    _positive(result, "registered", "views", "total_with_views", "total_with_telemetry",
+              "register_per_s", "view_bytes_avg")
+    assert doc["breakdown_bytes"]
+    assert all(size >= 0 for size in doc["breakdown_bytes"].values())
+
+
+def _check_expiry(doc: dict[str, Any]) -> None:
+    assert [r["scenario"] for r in doc["results"]] == ["deadlines over 1 s",
+                                                      "all deadlines at once"]
+    for r in doc["results"]:
+        assert r["expired"] == r["nodes"] == 2000
+        _positive(r, "cpu_s", "simulated_s", "ticks", "expire_calls")
+        assert 0 <= r["lateness_p50_s"] <= r["lateness_p99_s"] <= r["lateness_max_s"] < 2
+
+
+@dataclass(frozen=True)
+class Bench:
+    argv: tuple[str, ...]
+    result: str
+    """The JSON file it writes."""
+    printed: tuple[str, ...]
+    """Lines of its table that must be in its output."""
+    check: Callable[[dict[str, Any]], None]
+    mosquitto: bool = True
+
+
+BENCHES = {
+    "ingest": Bench(
+        ("bench/ingest.py", "--nodes", "100", "--messages", "1000", "--publishers", "1"),
+        "ingest.json",
+        ("bare paho subscriber, MQTT 5", "fleetmq applied, MQTT 5 (default)",
+         "fleetmq applied, --mqtt-version 3.1.1", "ratio to the bare 3.1.1 subscriber"),
+        _check_ingest({"bare-mqtt-3.1.1", "bare-mqtt-5", "fleetmq-mqtt-5",
+                       "fleetmq-mqtt-3.1.1"})),
+    "ingest-embedded": Bench(
+        ("bench/ingest.py", "--broker", "embedded", "--nodes", "100", "--messages", "1000",
+         "--publishers", "1"),
+        "ingest-embedded.json",
+        ("embedded amqtt", "bare paho subscriber, MQTT 3.1.1", "fleetmq applied, MQTT 3.1.1",
+         "amqtt PUBACK timeouts"),
+        _check_embedded, mosquitto=False),
+    "lag": Bench(
+        ("bench/lag.py", "--nodes", "100", "--rate", "500", "--seconds", "5"),
+        "lag.json", ("probes answered", "lag p50 / p99 / max"), _check_lag),
+    "rest": Bench(
+        ("bench/rest.py", "--duration", "1", "--threads", "1", "--connections", "4",
+         "--nodes", "50", "--rate", "500"),
+        "rest.json", ("heartbeat, bare aiohttp", "get one", "list 50 + 500 hb/s MQTT"),
+        _check_rest),
+    "memory": Bench(
+        ("bench/memory.py", "--nodes", "2000", "--fix", "none"),
+        "memory.json", ("bytes of RSS per node", "where one node's bytes go"), _check_memory,
+        mosquitto=False),
+    "expiry": Bench(
+        ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
+        "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,
+        mosquitto=False),
+}
+
+
+def _group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of a process group."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        fields = text[text.rindex(")") + 2:].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _run(argv: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    survivors: list[int] = []
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        deadline = time.monotonic() + 5  # the bench has exited; its children are on their way
+        while (survivors := _group(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not survivors, f"{argv[1]} left processes running: {survivors}"
+    return subprocess.CompletedProcess(argv, proc.returncode, out)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(name, marks=[pytest.mark.mosquitto] if bench.mosquitto else [])
+    for name, bench in BENCHES.items()
+])
+@pytest.mark.timeout(300)  # rest.py may first install wrk with apt-get
+def test_bench_runs_and_reports(name: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    bench = BENCHES[name]
+    if bench.mosquitto:
+        request.getfixturevalue("mosquitto")  # skips, or fails in CI, without Mosquitto
+    if name == "rest" and shutil.which("wrk") is None and os.geteuid() != 0:
+        pytest.skip("wrk is not installed and bench/rest.py installs it only as root "
+                    "(apt-get install wrk)")
+    env = {**os.environ, "FLEETMQ_BENCH_RESULTS": str(tmp_path)}
+    done = _run([sys.executable, *bench.argv], env, timeout=240)
+    assert done.returncode == 0, done.stdout[-4000:]
+    for line in (*bench.printed, f"written: {tmp_path / bench.result}"):
+        assert line in done.stdout, (line, done.stdout[-4000:])
+    bench.check(json.loads((tmp_path / bench.result).read_text()))
