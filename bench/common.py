@@ -80,16 +80,18 @@ def fresh_store(workdir: Path, name: str = "fleetmq") -> str:
 
 
 def start_manager(broker_url: str, root: str, *options: str, workdir: Path,
-                  wrap: Sequence[str] = (),
-                  log: Path | None = None) -> tuple[subprocess.Popen[bytes], int]:
+                  wrap: Sequence[str] = (), log: Path | None = None,
+                  store: str = "sqlite") -> tuple[subprocess.Popen[bytes], int]:
     """``fleetmq serve --broker broker_url`` (a broker on this machine, or
     ``embedded://127.0.0.1:<free port>`` for its own amqtt) with a fresh SQLite store in
     ``workdir``, ready; returns it and its HTTP port. ``wrap`` prefixes the command (a profiler,
-    say); its output goes to ``log`` if given. The caller stops it (``stop_process``)."""
+    say); its output goes to ``log`` if given. ``store`` is ``sqlite`` (a fresh file) or a
+    ``--store`` URL (``memory://``, ``postgresql://...``). The caller stops it
+    (``stop_process``)."""
     http_port = free_port()
     argv = [*wrap, sys.executable, "-m", "fleetmq", "serve",
             "--broker", broker_url, "--http", f"127.0.0.1:{http_port}",
-            "--store", fresh_store(workdir, root),
+            "--store", fresh_store(workdir, root) if store == "sqlite" else store,
             "--topic-root", root, "--log-level", "warning", *options]
     if log is None:
         proc = subprocess.Popen(argv)

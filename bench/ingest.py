@@ -203,7 +203,8 @@ def applied(port: int, http_port: int, root: str, args: argparse.Namespace, key:
 def fleetmq_ingest(broker: Mosquitto, root: str, args: argparse.Namespace,
                    mqtt_version: str) -> tuple[Result, float]:
     proc, http_port = start_manager(broker.url, root, "--mqtt-version", mqtt_version,
-                                    workdir=broker.workdir, wrap=args.wrap.split())
+                                    workdir=broker.workdir, wrap=args.wrap.split(),
+                                    store=args.store)
     try:
         reg = register(broker.port, http_port, root, args.nodes)
         label = ("fleetmq applied, MQTT 5 (default)" if mqtt_version == "5"
@@ -225,10 +226,11 @@ def with_mosquitto(args: argparse.Namespace) -> Run:
                 results.append(bare_subscriber(broker.port, "bare", args))
                 results.append(bare_subscriber(broker.port, "bare5", args, mqtt5=True))
             if not args.skip_fleetmq:
-                result, reg = fleetmq_ingest(broker, "fleet", args, "5")
-                results.append(result)
-                result, _ = fleetmq_ingest(broker, "fleet3", args, "3.1.1")
-                results.append(result)
+                for version in args.mqtt_versions:
+                    root = "fleet" if version == "5" else "fleet3"
+                    result, rate = fleetmq_ingest(broker, root, args, version)
+                    results.append(result)
+                    reg = rate if reg is None else reg
         finally:
             broker.stop()
     return Run("Mosquitto on a free port, the repo's mosquitto.conf", results, reg)
@@ -243,7 +245,7 @@ def with_embedded(args: argparse.Namespace) -> Run:
         # The manager hosts the broker: it runs for both measurements.
         proc, http_port = start_manager(f"embedded://127.0.0.1:{port}", "fleet",
                                         "--mqtt-version", "3.1.1", workdir=Path(tmp),
-                                        wrap=args.wrap.split(), log=log)
+                                        wrap=args.wrap.split(), log=log, store=args.store)
         try:
             if not args.skip_bare:
                 results.append(bare_subscriber(port, "bare", args))
@@ -279,6 +281,11 @@ def main() -> None:
     parser.add_argument("--wrap", default="",
                         help="prefix for the manager's command, e.g. a profiler: "
                              "'py-spy record -f speedscope -o ingest.json --'")
+    parser.add_argument("--store", default="sqlite",
+                        help="the manager's store: sqlite (a fresh file, the default), "
+                             "memory:// or a postgresql:// URL")
+    parser.add_argument("--mqtt-versions", nargs="+", default=["5", "3.1.1"],
+                        choices=["5", "3.1.1"], help="the manager's protocols to measure")
     parser.add_argument("--skip-bare", action="store_true", help="measure fleetmq only")
     parser.add_argument("--skip-fleetmq", action="store_true", help="measure the ceilings only")
     args = parser.parse_args()

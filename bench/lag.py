@@ -75,6 +75,9 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=200, help="probe nodes")
     parser.add_argument("--probe-rate", type=float, default=50.0, help="probes/s")
     parser.add_argument("--mqtt-version", default="5", choices=("5", "3.1.1"))
+    parser.add_argument("--store", default="sqlite",
+                        help="the manager's store: sqlite (a fresh file, the default), "
+                             "memory:// or a postgresql:// URL")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="fleetmq-lag-") as tmp:
@@ -82,7 +85,8 @@ def main() -> None:
         broker.start()
         try:
             proc, http_port = start_manager(broker.url, ROOT, "--mqtt-version",
-                                            args.mqtt_version, workdir=Path(tmp))
+                                            args.mqtt_version, workdir=Path(tmp),
+                                            store=args.store)
             try:
                 lags = run(broker.port, http_port, args)
             finally:
@@ -106,7 +110,7 @@ def main() -> None:
     print_rows(rows)
     write_result("lag", {
         "machine": machine(), "nodes": args.nodes, "rate_per_s": args.rate,
-        "seconds": args.seconds, "mqtt_version": args.mqtt_version,
+        "seconds": args.seconds, "mqtt_version": args.mqtt_version, "store": args.store,
         "probes_answered": len(lags), "lag_p50_ms": p(0.5), "lag_p99_ms": p(0.99),
         "lag_max_ms": lags[-1] * 1000, "lag_mean_ms": statistics.fmean(lags) * 1000,
     })

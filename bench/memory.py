@@ -137,24 +137,6 @@ def per_node(total: int, nodes: int) -> str:
     return f"{total / nodes:,.0f} B"
 
 
-def deep_size(value: object) -> int:
-    """sys.getsizeof of a value and of the containers and scalars inside it."""
-    size = sys.getsizeof(value)
-    if isinstance(value, dict):
-        size += sum(deep_size(k) + deep_size(v) for k, v in value.items())
-    elif isinstance(value, tuple | list):
-        size += sum(deep_size(v) for v in value)
-    return size
-
-
-def keys_shared(registry: Registry) -> bool:
-    """Whether pydantic handed every node the same metadata key objects (its string cache)."""
-    a, b = (registry.get(f"microclaw-esp32-{i:08x}") for i in (0, 1))
-    assert a is not None
-    assert b is not None
-    return all(x is y for x, y in zip(a.metadata, b.metadata, strict=True))
-
-
 def breakdown() -> list[tuple[str, int]]:
     """Where one node's bytes go (object sizes, before allocator overhead)."""
     registry = Registry(60)
@@ -171,12 +153,9 @@ def breakdown() -> list[tuple[str, int]]:
     return [
         ("Node object (slots)", sys.getsizeof(node)),
         ("id", sys.getsizeof(node.id)),
-        ("capabilities (tuple + strings)", deep_size(node.capabilities)),
+        ("capabilities (JSON text)", sys.getsizeof(node.capabilities_json)),
         ("location", sys.getsizeof(node.location)),
-        ("metadata dict", sys.getsizeof(node.metadata)),
-        ("metadata values", sum(deep_size(v) for v in node.metadata.values())),
-        ("metadata keys (0 when every node shares them)",
-         0 if keys_shared(registry) else sum(sys.getsizeof(k) for k in node.metadata)),
+        ("metadata (JSON text)", sys.getsizeof(node.metadata_json)),
         ("floats (distinct among registered_at, last_seen, seen_mono, status_since, "
          "deadline)", sum(sys.getsizeof(f) for f in {id(f): f for f in floats}.values())),
         ("REST view (bytes object)", sys.getsizeof(view)),

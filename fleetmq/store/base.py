@@ -7,11 +7,9 @@ store what changed, in batches, one transaction each.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
-
-import orjson
 
 from fleetmq.clock import Instant
 from fleetmq.registry import Node
@@ -82,9 +80,10 @@ class Store(Protocol):
     async def open(self) -> None:
         """Connect, create or migrate the schema; a clear StoreError when impossible."""
 
-    def load(self) -> AsyncIterator[list[NodeRow]]:
+    def load(self) -> AsyncGenerator[list[NodeRow], None]:
         """Every stored node, as chunks of rows in ``NODE_COLUMNS`` order (a million rows at
-        once would cost a gigabyte in passing)."""
+        once would cost a gigabyte in passing). ``capabilities`` and ``metadata`` are JSON
+        text, as written."""
 
     async def write(self, batch: Batch) -> None:
         """Apply the batch in one transaction, durable (synced) when this returns."""
@@ -103,11 +102,10 @@ class Store(Protocol):
 
 def node_row(node: Node) -> NodeRow:
     return (
-        node.id, node.type, node.name, orjson.dumps(node.capabilities).decode(), node.location,
-        orjson.dumps(node.metadata).decode(), node.interval_s, node.declared_interval,
-        node.timeout_s, node.registered_at, node.last_seen, node.status, node.status_reason,
-        node.status_since, node.session, node.uptime_seconds, node.free_memory_kb,
-        node.sensors_active,
+        node.id, node.type, node.name, node.capabilities_json, node.location,
+        node.metadata_json, node.interval_s, node.declared_interval, node.timeout_s,
+        node.registered_at, node.last_seen, node.status, node.status_reason, node.status_since,
+        node.session, node.uptime_seconds, node.free_memory_kb, node.sensors_active,
     )
 
 
@@ -119,18 +117,17 @@ def touch_row(node: Node) -> TouchRow:
 def nodes_from_rows(rows: Iterable[Sequence[Any]], now: Instant) -> list[Node]:
     """Rows straight into the registry's own objects (no pydantic: a million must load in
     seconds). The monotonic moment a node was last seen is derived from the wall clock."""
-    loads = orjson.loads
     wall, mono = now.wall, now.mono
-    nodes = []
+    nodes: list[Node] = []
+    append = nodes.append
     for (node_id, node_type, name, capabilities, location, metadata, interval_s, declared,
          timeout_s, registered_at, last_seen, status, reason, since, session, uptime,
          free_kb, sensors) in rows:
-        nodes.append(Node(
-            id=node_id, type=node_type, name=name, capabilities=tuple(loads(capabilities)),
-            location=location, metadata=loads(metadata), interval_s=interval_s,
-            declared_interval=bool(declared), timeout_s=timeout_s, registered_at=registered_at,
-            last_seen=last_seen, seen_mono=mono - max(0.0, wall - last_seen), status=status,
-            status_reason=reason, status_since=since, session=session, uptime_seconds=uptime,
-            free_memory_kb=free_kb, sensors_active=sensors,
+        # Positional: keyword arguments cost a third more at a million nodes.
+        append(Node(
+            node_id, node_type, name, capabilities, location, metadata, interval_s,
+            bool(declared), timeout_s, registered_at, last_seen,
+            mono - max(0.0, wall - last_seen), status, reason, since, session, uptime, free_kb,
+            sensors,
         ))
     return nodes

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from fleetmq.store.base import Batch, NodeRow, StoredEvent
 
@@ -24,7 +24,7 @@ class MemoryStore:
     async def open(self) -> None:
         return None
 
-    async def load(self) -> AsyncIterator[list[NodeRow]]:
+    async def load(self) -> AsyncGenerator[list[NodeRow], None]:
         return
         yield []  # an async generator that yields nothing
 

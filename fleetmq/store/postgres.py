@@ -9,7 +9,7 @@ never share one fleet, so a second one on the same database is refused at start.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import asyncpg
@@ -210,7 +210,7 @@ class PostgresStore:
 
     # --- reading and writing ---------------------------------------------------------------
 
-    async def load(self) -> AsyncIterator[list[NodeRow]]:
+    async def load(self) -> AsyncGenerator[list[NodeRow], None]:
         pool = self._open_pool()
         query = f"SELECT {', '.join(NODE_COLUMNS)} FROM nodes"
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,10 +46,18 @@ async def events(http: aiohttp.ClientSession, svc: FleetService, node_id: str,
         return resp.status, await resp.json()
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def durable_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
+    if request.param == "sqlite":
+        return sqlite_settings(tmp_path / "f.db")
+    url: str = request.getfixturevalue("postgres_store_url")
+    return parse_store(url, flush_interval_s=0.2)
+
+
 async def test_acknowledged_changes_survive_a_restart(
-    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession
+    mosquitto: Mosquitto, root: str, durable_store: StoreSettings, http: aiohttp.ClientSession
 ) -> None:
-    settings = make_settings(mosquitto.url, root, store=sqlite_settings(tmp_path / "f.db"))
+    settings = make_settings(mosquitto.url, root, store=durable_store)
     async with running(settings) as svc:
         status, _ = await post(http, svc, "register", {
             "node_id": "gw-1", "node_type": "nanoclaw", "name": "Gateway", "location": "roof",
@@ -201,7 +209,7 @@ class FlakyStore:
     async def open(self) -> None:
         await self.inner.open()
 
-    def load(self) -> AsyncIterator[list[NodeRow]]:
+    def load(self) -> AsyncGenerator[list[NodeRow], None]:
         return self.inner.load()
 
     async def write(self, batch: Batch) -> None:

@@ -73,10 +73,12 @@ async def opened(url: str) -> AsyncIterator[Store]:
 
 
 async def load_all(store: Store) -> list[NodeRow]:
+    """Every stored row, in the form ``node_row`` writes (a store may hand rows back as lists,
+    and flags as integers)."""
     rows: list[NodeRow] = []
     async for chunk in store.load():
-        rows.extend(chunk)
-    return rows
+        rows.extend(tuple(row) for row in chunk)
+    return [(*row[:7], bool(row[7]), *row[8:]) for row in rows]
 
 
 async def set_schema_version(url: str, version: int) -> None:
@@ -226,8 +228,8 @@ async def test_an_upsert_replaces_the_whole_row(store_url: str) -> None:
     node = fleet()[0]
     async with opened(store_url) as store:
         await store.write(Batch(upserts=[node_row(node)]))
-        node.name, node.location, node.metadata = "renamed", None, {"k": "v"}
-        node.capabilities, node.status, node.session = (), "offline", None
+        node.name, node.location, node.metadata_json = "renamed", None, '{"k":"v"}'
+        node.capabilities_json, node.status, node.session = "[]", "offline", None
         await store.write(Batch(upserts=[node_row(node)]))
         assert await load_all(store) == [node_row(node)]
 
