@@ -81,7 +81,7 @@ def main() -> None:
                     "--seconds", str(args.seconds), "--store", url("lag")], results)
                 result = ingest["results"][0]
                 rows.append({"store": kind, "ingest_per_s": result["per_s"],
-                             "lost": result["published"] - result["count"],
+                             "lost": result["lost"],
                              "lag_p50_ms": lag["lag_p50_ms"], "lag_p99_ms": lag["lag_p99_ms"],
                              "probes_answered": lag["probes_answered"]})
         finally:
