@@ -96,8 +96,7 @@ def parse_store(text: str, flush_interval_s: float = 1.0,
         return StoreSettings("memory", "", **tail)
     if text.startswith("sqlite:///") and len(text) > len("sqlite:///"):
         return StoreSettings("sqlite", text[len("sqlite:///"):], **tail)
-    scheme = urlsplit(text).scheme
-    if scheme in ("postgresql", "postgres") and urlsplit(text).hostname is not None:
+    if urlsplit(text).scheme in ("postgresql", "postgres"):  # host may be a ?host=/socket dir
         return StoreSettings("postgresql", text, **tail)
     raise ConfigError(
         f"--store {text!r} is not a store URL: use sqlite:///fleetmq.db (a file; four slashes "

@@ -21,3 +21,7 @@ class BrokerError(FleetmqError):
 
 class StoreError(FleetmqError):
     """The node store cannot be opened, is incompatible, or failed while running."""
+
+
+class StoreDataError(StoreError):
+    """The store refused a value (not an outage): retrying the same row cannot succeed."""

@@ -45,7 +45,7 @@ class Fleet:
         result = self.registry.heartbeat(node_id, req, now)
         if result.events:
             self._emit(result.events)
-        else:
+        elif req.status != "offline":  # an offline report changes neither last_seen nor data
             self.writer.touch(node_id)
         if result.ignored is not None:
             self._metrics.dropped[result.ignored] += 1

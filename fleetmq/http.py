@@ -235,7 +235,8 @@ class RestApi:
         except StoreError as exc:
             log.warning("store_read_failed error=%s", exc)
             raise store_unavailable() from None
-        if not events and before is None and self._registry.get(node_id) is None:
+        if not events and self._registry.get(node_id) is None and (
+                before is None or not await self._writer.store.events(node_id, 1, None)):
             raise _no_such_node(node_id)
         more = len(events) > limit
         events = events[:limit]

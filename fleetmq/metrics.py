@@ -77,6 +77,8 @@ class Metrics:
                 f"fleetmq_store_failures_total {store.failures}",
                 "# TYPE fleetmq_store_events_dropped_total counter",
                 f"fleetmq_store_events_dropped_total {store.events_dropped}",
+                "# TYPE fleetmq_store_rows_rejected_total counter",
+                f"fleetmq_store_rows_rejected_total {store.rows_rejected}",
             ]
         return "\n".join(lines) + "\n"
 
@@ -92,6 +94,7 @@ class StoreFigures(Protocol):
     rows_written: int
     failures: int
     events_dropped: int
+    rows_rejected: int
 
 
 class RateLimitedLog:

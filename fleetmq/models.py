@@ -39,6 +39,22 @@ def _integral(value: object) -> object:
     return value
 
 
+def _no_nul(value: str) -> str:
+    # No store can keep U+0000 in text (PostgreSQL refuses it outright): refuse it here, at
+    # the edge, rather than let one device's registration block the store for everyone.
+    if "\x00" in value:
+        raise ValueError("must not contain the NUL character (\\u0000)")
+    return value
+
+
+def _no_nul_metadata(value: dict[str, Scalar]) -> dict[str, Scalar]:
+    for key, item in value.items():
+        _no_nul(key)
+        if isinstance(item, str):
+            _no_nul(item)
+    return value
+
+
 def _printable(value: str) -> str:
     if not value.isprintable():
         raise ValueError("must contain printable characters only")
@@ -48,9 +64,10 @@ def _printable(value: str) -> str:
 NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN)]
 Counter = Annotated[int, BeforeValidator(_integral), Field(strict=True, ge=0, le=MAX_COUNTER)]
 Interval = Annotated[int, BeforeValidator(_integral), Field(strict=True, ge=1, le=86_400)]
-SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
+SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64),
+                      AfterValidator(_no_nul)]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable)]
-Text = Annotated[str, StringConstraints(max_length=256)]
+Text = Annotated[str, StringConstraints(max_length=256), AfterValidator(_no_nul)]
 
 
 class RegisterRequest(BaseModel):
@@ -62,14 +79,17 @@ class RegisterRequest(BaseModel):
     node_type: Annotated[
         str,
         StringConstraints(min_length=1, max_length=64),
+        AfterValidator(_no_nul),
         Field(validation_alias=AliasChoices("node_type", "type")),
     ]
     name: Annotated[Text | None, Field(validation_alias=AliasChoices("name", "node_name"))] = None
-    capabilities: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
+    capabilities: list[Annotated[str, StringConstraints(max_length=128),
+                                 AfterValidator(_no_nul)]] = Field(
         default_factory=list, max_length=256
     )
     location: Text | None = None
-    metadata: dict[str, Scalar] = Field(default_factory=dict)
+    metadata: Annotated[dict[str, Scalar], AfterValidator(_no_nul_metadata)] = Field(
+        default_factory=dict)
     heartbeat_interval_seconds: Interval | None = None
     session: SessionId | None = None
 
@@ -113,8 +133,9 @@ class Rejection(Exception):
 
 def store_unavailable() -> Rejection:
     return Rejection(503, "Store unavailable",
-                     "The node store is unavailable, so the change was not acknowledged; "
-                     "retry later", "store_unavailable")
+                     "The node store is unavailable: the change is not acknowledged (it may "
+                     "still be applied once the store is back); retry later",
+                     "store_unavailable")
 
 
 def node_not_registered() -> Rejection:

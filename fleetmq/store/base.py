@@ -44,6 +44,9 @@ class HistoryEvent:
     to_status: str
     reason: str
     at: float
+    key: int | None = None
+    """Unique per event written by the manager: a batch written twice (after a commit whose
+    outcome was unknown) keeps one copy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +70,18 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.upserts) + len(self.deletes) + len(self.touches) + len(self.events)
+
+    def halves(self) -> tuple[Batch, Batch]:
+        """Two batches with half the rows each (to find a row the store refuses). Safe to
+        write apart: a node is never both deleted and upserted in one batch, and touches
+        leave out the nodes being upserted."""
+        items = ([("upserts", r) for r in self.upserts] + [("deletes", d) for d in self.deletes]
+                 + [("touches", t) for t in self.touches] + [("events", e) for e in self.events])
+        middle = len(items) // 2
+        parts = (Batch(), Batch())
+        for index, (kind, item) in enumerate(items):
+            getattr(parts[index >= middle], kind).append(item)
+        return parts
 
 
 class Store(Protocol):

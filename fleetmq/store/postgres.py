@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from fleetmq.errors import StoreError
+from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.store.base import (
     LOAD_CHUNK,
     NODE_COLUMNS,
@@ -63,7 +63,8 @@ SCHEMA = (
     "    from_status text,\n"
     "    to_status text NOT NULL,\n"
     "    reason text NOT NULL,\n"
-    "    at double precision NOT NULL\n"
+    "    at double precision NOT NULL,\n"
+    "    key bigint UNIQUE\n"
     ");\n"
     "CREATE INDEX events_by_node ON events (node_id, id);\n"
     "CREATE INDEX events_by_time ON events (at);\n"
@@ -92,8 +93,9 @@ _TOUCH = (
 )
 _DELETE = "DELETE FROM nodes WHERE id = ANY($1::text[])"
 _EVENTS = (
-    "INSERT INTO events (node_id, from_status, to_status, reason, at) "
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[])"
+    "INSERT INTO events (node_id, from_status, to_status, reason, at, key) "
+    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], "
+    "$6::int8[]) ON CONFLICT (key) DO NOTHING"
 )
 _DECLARED = NODE_COLUMNS.index("declared_interval")
 
@@ -242,7 +244,7 @@ class PostgresStore:
                     await conn.execute(
                         _EVENTS, [e.node_id for e in events], [e.from_status for e in events],
                         [e.to_status for e in events], [e.reason for e in events],
-                        [e.at for e in events])
+                        [e.at for e in events], [e.key for e in events])
         await self._with_conn(apply, "writing")
 
     async def events(self, node_id: str, limit: int, before: int | None) -> list[StoredEvent]:
@@ -305,6 +307,8 @@ class PostgresStore:
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
                 return await fn(conn)
+        except asyncpg.DataError as exc:  # a value it refuses: retrying cannot help
+            raise StoreDataError(f"store {self.url} refused a value {doing}: {exc}") from exc
         except _FAILURES as exc:
             raise StoreError(f"store {self.url} failed {doing}: {exc}") from exc
 

@@ -18,7 +18,7 @@ from typing import IO, TypeVar
 
 import orjson
 
-from fleetmq.errors import StoreError
+from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.store.base import (
     LOAD_CHUNK,
     NODE_COLUMNS,
@@ -58,7 +58,8 @@ CREATE TABLE events (
     from_status TEXT,
     to_status TEXT NOT NULL,
     reason TEXT NOT NULL,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    key INTEGER UNIQUE
 );
 CREATE INDEX events_by_node ON events (node_id, id);
 CREATE INDEX events_by_time ON events (at);
@@ -74,8 +75,13 @@ _UPSERT = (
     f"VALUES ({', '.join('?' * len(NODE_COLUMNS))})"
 )
 _TOUCH = f"UPDATE nodes SET {', '.join(f'{c} = ?' for c in TOUCH_COLUMNS)} WHERE id = ?"
-_LOAD = f"SELECT json_array({', '.join(NODE_COLUMNS)}) FROM nodes"
-_EVENT = "INSERT INTO events (node_id, from_status, to_status, reason, at) VALUES (?, ?, ?, ?, ?)"
+# JSON prints REALs with 15 digits (a timestamp would move by up to a millisecond): those
+# columns come natively, beside the array of the others.
+_REALS = ("timeout_s", "registered_at", "last_seen", "status_since")
+_JSON_COLUMNS = [c for c in NODE_COLUMNS if c not in _REALS]
+_LOAD = f"SELECT json_array({', '.join(_JSON_COLUMNS)}), {', '.join(_REALS)} FROM nodes"
+_EVENT = ("INSERT OR IGNORE INTO events (node_id, from_status, to_status, reason, at, key) "
+          "VALUES (?, ?, ?, ?, ?, ?)")
 
 
 class SqliteStore:
@@ -157,7 +163,8 @@ class SqliteStore:
                 conn.execute("UPDATE fleetmq_schema SET version = ?", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
             raise
 
     async def close(self) -> None:
@@ -180,7 +187,14 @@ class SqliteStore:
 
         def chunk() -> list[NodeRow]:
             loads = orjson.loads
-            return [loads(text) for (text,) in cursor.fetchmany(LOAD_CHUNK)]
+            rows = []
+            for text, timeout_s, registered_at, last_seen, since in cursor.fetchmany(LOAD_CHUNK):
+                (node_id, node_type, name, capabilities, location, metadata, interval_s,
+                 declared, status, reason, session, uptime, free_kb, sensors) = loads(text)
+                rows.append((node_id, node_type, name, capabilities, location, metadata,
+                             interval_s, declared, timeout_s, registered_at, last_seen, status,
+                             reason, since, session, uptime, free_kb, sensors))
+            return rows
 
         try:
             while rows := await self._write(chunk):
@@ -203,7 +217,7 @@ class SqliteStore:
                 conn.executemany(_TOUCH, batch.touches)
             if batch.events:
                 conn.executemany(_EVENT, ((e.node_id, e.from_status, e.to_status, e.reason,
-                                           e.at) for e in batch.events))
+                                           e.at, e.key) for e in batch.events))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -247,5 +261,8 @@ class SqliteStore:
     async def _run(self, executor: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
         try:
             return await asyncio.get_running_loop().run_in_executor(executor, fn)
+        except (sqlite3.DataError, sqlite3.IntegrityError, OverflowError,
+                UnicodeEncodeError) as exc:  # a value it refuses: retrying cannot help
+            raise StoreDataError(f"store {self.url} refused a value: {exc}") from exc
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.url} failed: {exc}") from exc

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import secrets
 from collections import deque
 from collections.abc import Callable
 
-from fleetmq.errors import StoreError
+from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.events import Event, NodeTransitioned
 from fleetmq.registry import Registry
 from fleetmq.store.base import Batch, HistoryEvent, Store, node_row, touch_row
@@ -36,6 +38,9 @@ MAX_QUEUED_EVENTS = 2_000_000
 MAX_CALLBACKS = 100_000
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 10.0
+WRITE_DEADLINE_S = 10.0
+"""A batch (or a ping) that takes longer counts as a failure: a hung database is noticed."""
+PING_EVERY_S = 5.0
 
 
 class StoreUnavailableError(Exception):
@@ -52,11 +57,18 @@ class StoreWriter:
         self._monotonic = monotonic
         self._flush_interval_s = flush_interval_s
         self._sync_memory = isinstance(store, MemoryStore)
-        self._dirty: dict[str, None] = {}
+        # Both queues are in the order of ``_recorded`` (the sequence number of each record()
+        # call): a node recorded again moves to the back with its new number.
+        self._dirty: dict[str, int] = {}
+        self._events: deque[tuple[int, HistoryEvent]] = deque()
         self._touched: set[str] = set()
-        self._events: deque[HistoryEvent] = deque()
         self._recorded = 0
         self._committed = 0
+        """Every record() up to this number is in the store."""
+        self._run_key = secrets.randbits(31) << 32
+        """Events carry ``run_key | n``: a batch written twice (its commit was in doubt) does
+        not duplicate them."""
+        self._event_count = 0
         self._callbacks: deque[tuple[int, Callable[[], None]]] = deque()
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._wake = asyncio.Event()
@@ -66,6 +78,7 @@ class StoreWriter:
         self.rows_written = 0
         self.failures = 0
         self.events_dropped = 0
+        self.rows_rejected = 0
 
     # --- what the write path calls (synchronous, cheap) --------------------------------------
 
@@ -88,21 +101,28 @@ class StoreWriter:
 
     def record(self, events: list[Event]) -> None:
         """Registrations, transitions and deletes: durable with the next commit."""
-        history = [HistoryEvent(e.node_id, e.previous, e.status, e.reason, e.since)
-                   for e in events if isinstance(e, NodeTransitioned)]
+        history = []
+        for e in events:
+            if isinstance(e, NodeTransitioned):
+                self._event_count += 1
+                history.append(HistoryEvent(e.node_id, e.previous, e.status, e.reason, e.since,
+                                            self._run_key | self._event_count))
         if self._sync_memory:
             assert isinstance(self.store, MemoryStore)
             self.store.append(Batch(events=history))
             return
+        self._recorded += 1
+        seq = self._recorded
+        dirty = self._dirty
         for event in events:
-            self._dirty[event.node_id] = None
-        self._events.extend(history)
+            dirty.pop(event.node_id, None)
+            dirty[event.node_id] = seq
+        self._events.extend((seq, h) for h in history)
         if len(self._events) > MAX_QUEUED_EVENTS:
             overflow = len(self._events) - MAX_QUEUED_EVENTS
             for _ in range(overflow):
                 self._events.popleft()
             self.events_dropped += overflow
-        self._recorded += 1
         self._wake.set()
 
     def touch(self, node_id: str) -> None:
@@ -121,7 +141,8 @@ class StoreWriter:
 
     async def durable(self, timeout_s: float) -> None:
         """Wait until everything recorded so far is committed; StoreUnavailableError after
-        ``timeout_s`` (the change stays queued and is written once the store is back)."""
+        ``timeout_s`` or as soon as the store fails (the change stays queued and is written
+        once the store is back)."""
         if self._committed >= self._recorded:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -139,64 +160,102 @@ class StoreWriter:
 
     async def run(self) -> None:
         delay = RETRY_FIRST_S
-        last_flush = self._monotonic()
+        last_flush = last_ping = self._monotonic()
         while not self._stop.is_set():
-            if self._committed >= self._recorded:
-                self._wake.clear()
-                wait = (self._flush_interval_s - (self._monotonic() - last_flush)
-                        if self._touched else None)
-                if wait is None or wait > 0:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(wait):
-                            await self._wake.wait()
-                    continue
             try:
-                await self.flush_once()
-            except StoreError as exc:
-                self.failures += 1
-                if self._failure is None:
-                    log.error("store_unavailable store=%s error=%s", self.store.url, exc)
-                self._failure = str(exc)
-                self._fail_waiters()
+                if self._committed >= self._recorded:
+                    self._wake.clear()
+                    now = self._monotonic()
+                    wait = PING_EVERY_S - (now - last_ping)
+                    if self._touched:
+                        wait = min(wait, self._flush_interval_s - (now - last_flush))
+                    if wait > 0:
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(wait):
+                                await self._wake.wait()
+                        continue
+                    if now - last_ping >= PING_EVERY_S and not self._touched:
+                        # An idle store is still watched: a broken one is known (and
+                        # /readyz says so) before a registration has to find out.
+                        last_ping = now
+                        async with asyncio.timeout(WRITE_DEADLINE_S):
+                            await self.store.ping()
+                        self._recovered()
+                        continue
+                async with asyncio.timeout(WRITE_DEADLINE_S):
+                    await self.flush_once()
+            except (StoreError, TimeoutError) as exc:
+                self._failed(exc if isinstance(exc, StoreError) else StoreError(
+                    f"store {self.store.url} did not answer within {WRITE_DEADLINE_S:g} s"))
                 with contextlib.suppress(TimeoutError):  # a stop request cuts the wait short
                     async with asyncio.timeout(delay):
                         await self._stop.wait()
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
-            if self._failure is not None:
-                log.warning("store_recovered store=%s", self.store.url)
-                self._failure = None
+            self._recovered()
             delay = RETRY_FIRST_S
-            last_flush = self._monotonic()
+            last_flush = last_ping = self._monotonic()
+
+    def _failed(self, exc: StoreError) -> None:
+        self.failures += 1
+        if self._failure is None:
+            log.error("store_unavailable store=%s error=%s", self.store.url, exc)
+        self._failure = str(exc)
+        self._fail_waiters()
+
+    def _recovered(self) -> None:
+        if self._failure is not None:
+            log.warning("store_recovered store=%s", self.store.url)
+            self._failure = None
 
     async def flush_once(self) -> None:
         """Write one batch of what is queued (dirty nodes, events, touched nodes)."""
         target = self._recorded
-        dirty = list(self._dirty)[:MAX_BATCH] if len(self._dirty) > MAX_BATCH else list(
-            self._dirty)
-        for node_id in dirty:
+        taken = list(itertools.islice(self._dirty.items(), MAX_BATCH))
+        for node_id, _ in taken:
             del self._dirty[node_id]
         events = [self._events.popleft() for _ in range(min(MAX_BATCH, len(self._events)))]
-        complete = not self._dirty and not self._events
         touched = self._touched
         self._touched = set()
-        batch = Batch(events=events)
+        batch = Batch(events=[e for _, e in events])
         try:
-            await self._build(batch, dirty, touched)
+            await self._build(batch, [node_id for node_id, _ in taken], touched)
             if len(batch):
-                await self.store.write(batch)
+                await self._write_isolating(batch)
         except BaseException:
-            # Nothing is lost: put it all back for the next attempt (current state is re-read).
-            for node_id in dirty:
-                self._dirty.setdefault(node_id, None)
+            # Nothing is lost: put it all back, in front, for the next attempt (the nodes'
+            # current state is read again then).
+            merged = {node_id: min(seq, self._dirty.get(node_id, seq)) for node_id, seq in taken}
+            for node_id, seq in self._dirty.items():
+                merged.setdefault(node_id, seq)
+            self._dirty = merged
             self._events.extendleft(reversed(events))
             self._touched |= touched
             raise
         self.commits += 1
         self.rows_written += len(batch)
-        if complete:  # everything recorded up to target was in this batch
-            self._committed = max(self._committed, target)
+        # Everything recorded before the oldest change still queued is in the store now.
+        oldest = min((seq for seq in (next(iter(self._dirty.values()), None),
+                                      self._events[0][0] if self._events else None)
+                      if seq is not None), default=None)
+        committed = target if oldest is None else min(target, oldest - 1)
+        if committed > self._committed:
+            self._committed = committed
             self._release()
+
+    async def _write_isolating(self, batch: Batch) -> None:
+        """Write the batch; if the store refuses some value in it, write the rest and drop
+        that row alone (counted and logged), so one bad row never blocks the fleet."""
+        try:
+            await self.store.write(batch)
+        except StoreDataError as exc:
+            if len(batch) == 1:
+                self.rows_rejected += 1
+                log.error("store_row_rejected store=%s error=%s batch=%r", self.store.url, exc,
+                          batch)
+                return
+            for half in batch.halves():
+                await self._write_isolating(half)
 
     def stop(self) -> None:
         """Let ``run`` return after the batch in hand (cancelling it mid-write could write a

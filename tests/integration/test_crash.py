@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.integration.test_cli import Manager, clean_env, managers  # noqa: F401 (fixture)
 from tests.support import Mosquitto, free_port
@@ -73,14 +74,22 @@ async def mqtt_load(agent: Any, root: str, tag: str) -> None:
         await asyncio.sleep(0.005)
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'fleet.db'}"
+    url: str = request.getfixturevalue("postgres_store_url")
+    return url
+
+
 async def test_kill_9_at_random_moments_loses_nothing_acknowledged(
     managers: Any,  # noqa: F811 (the fixture imported above)
-    mosquitto: Mosquitto, root: str, tmp_path: Path, mqtt_clients: MqttClients
+    mosquitto: Mosquitto, root: str, store_url: str, mqtt_clients: MqttClients
 ) -> None:
     rng = random.Random()
     port = free_port()
     args = ["--broker", mosquitto.url, "--http", f"127.0.0.1:{port}", "--topic-root", root,
-            "--store", f"sqlite:///{tmp_path / 'fleet.db'}"]
+            "--store", store_url]
     env = clean_env()
     base = f"http://127.0.0.1:{port}/api/v1/fleet"
     ledger = Ledger()
@@ -112,6 +121,14 @@ async def test_kill_9_at_random_moments_loses_nothing_acknowledged(
         await manager.wait_ready(port, http)
         async with http.get(f"{base}/nodes") as resp:
             nodes = {n["id"]: n for n in (await resp.json())["nodes"]}
+        # The history survived too: each acknowledged node's first event is its registration,
+        # and its newest shows the state it is in.
+        for node_id in rng.sample(sorted(set(ledger.present) - ledger.doubt),
+                                  min(20, len(ledger.present))):
+            async with http.get(f"{base}/nodes/{node_id}/events") as resp:
+                history = (await resp.json())["events"]
+            assert (history[-1]["from"], history[-1]["reason"]) == (None, "registered")
+            assert history[0]["to"] == nodes[node_id]["status"], node_id
     assert len(ledger.present) > 20
     assert mqtt_acked
     for node_id, fields in ledger.present.items():
@@ -124,3 +141,4 @@ async def test_kill_9_at_random_moments_loses_nothing_acknowledged(
         assert node_id not in nodes, f"acknowledged delete of {node_id} was lost"
     for node_id in mqtt_acked:
         assert node_id in nodes, f"registration of {node_id} was answered over MQTT, then lost"
+        assert nodes[node_id]["location"] == f"shelf-{node_id.rsplit('-', 1)[1]}"

@@ -6,6 +6,7 @@ Each test gets its own SQLite file; the crash test (``test_crash.py``) kills rea
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import sqlite3
@@ -19,7 +20,7 @@ import pytest
 
 from fleetmq.app import FleetService
 from fleetmq.config import StoreSettings, parse_store
-from fleetmq.errors import StoreError
+from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.store import Batch, make_store
 from fleetmq.store.base import NodeRow, Store, StoredEvent
 from tests.conftest import eventually, make_settings, running
@@ -145,8 +146,9 @@ async def test_events_route_pages_newest_first_and_checks_its_parameters(
             status, doc = await events(http, svc, "n1", query)
             assert status == 400, query
             assert doc["error"] == "Invalid parameter"
-        status, doc = await events(http, svc, "never-seen")
-        assert (status, doc["error"]) == (404, "Node not found")
+        for query in ("", "?before=5"):
+            status, doc = await events(http, svc, "never-seen", query)
+            assert (status, doc["error"]) == (404, "Node not found")
 
 
 async def test_restart_republishes_statuses_and_grants_grace(
@@ -167,6 +169,10 @@ async def test_restart_republishes_statuses_and_grants_grace(
                                                "heartbeat_interval_seconds": 1})
             await post(http, svc, "heartbeat", {"node_id": "quiet", "status": "offline",
                                                 "reason": "shutdown"})
+        # As if the manager had been down for an hour: without grace, "alive" (timeout 3 s)
+        # would go offline at once.
+        with contextlib.closing(sqlite3.connect(tmp_path / "f.db")) as conn, conn:
+            conn.execute("UPDATE nodes SET last_seen = last_seen - 3600")
         broker.stop()
         broker.start()  # no persistence: every retained status is gone
         dashboard = await mqtt_clients(broker.port, "dashboard").connect()
@@ -194,13 +200,17 @@ async def test_restart_republishes_statuses_and_grants_grace(
 
 
 class FlakyStore:
-    """A real SQLite store that can be switched off, as a disk or a database server fails."""
+    """A real SQLite store that can be switched off, as a disk or a database server fails,
+    held (its commits wait for ``gate``), or made to refuse one node's row."""
 
     def __init__(self, inner: Store) -> None:
         self.inner = inner
         self.url = inner.url
         self.keeps_nodes = inner.keeps_nodes
         self.broken = False
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.poison: str | None = None
 
     def _check(self) -> None:
         if self.broken:
@@ -214,6 +224,9 @@ class FlakyStore:
 
     async def write(self, batch: Batch) -> None:
         self._check()
+        await self.gate.wait()
+        if any(row[0] == self.poison for row in batch.upserts):
+            raise StoreDataError(f"store {self.url} refused a value: bad row {self.poison}")
         await self.inner.write(batch)
 
     async def events(self, node_id: str, limit: int, before: int | None) -> list[StoredEvent]:
@@ -280,3 +293,83 @@ async def test_an_unusable_store_is_a_clear_error_at_start(
     with pytest.raises(StoreError, match="store"):
         async with FleetService(settings):
             pass
+
+
+async def test_answers_wait_for_the_commit_that_stores_them(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession,
+    mqtt_clients: MqttClients
+) -> None:
+    """A REST response and an MQTT reply acknowledge a change: neither goes out before the
+    store has it (the store is held, then let go)."""
+    store_settings = sqlite_settings(tmp_path / "f.db")
+    held = FlakyStore(make_store(store_settings))
+    async with FleetService(make_settings(mosquitto.url, root, store=store_settings),
+                            store=held) as svc:
+        await eventually(lambda: svc.ready, timeout=10)
+        agent = await mqtt_clients(mosquitto.port, "m1").connect()
+        await agent.subscribe(f"{root}/m1/reply")
+        held.gate.clear()
+        rest = asyncio.ensure_future(post(http, svc, "register", {"node_id": "r1",
+                                                                  "type": "picclaw"}))
+        await agent.publish(f"{root}/m1/register", json.dumps({"type": "microclaw"}))
+        # Both are applied in memory (readers see them) but not answered.
+        await eventually(lambda: svc.registry.get("m1") is not None
+                         and svc.registry.get("r1") is not None)
+        await asyncio.sleep(0.3)  # long enough for an answer that did not wait to arrive
+        assert not rest.done()
+        assert not bodies(agent, f"{root}/m1/reply")
+        held.gate.set()
+        assert (await rest)[0] == 200
+        await eventually(lambda: bodies(agent, f"{root}/m1/reply"))
+
+
+async def test_a_row_the_store_refuses_is_dropped_alone(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    store_settings = sqlite_settings(tmp_path / "f.db")
+    picky = FlakyStore(make_store(store_settings))
+    async with FleetService(make_settings(mosquitto.url, root, store=store_settings),
+                            store=picky) as svc:
+        await eventually(lambda: svc.ready, timeout=10)
+        picky.gate.clear()  # so both land in one batch
+        picky.poison = "bad"
+        pending = [asyncio.ensure_future(post(http, svc, "register",
+                                              {"node_id": node_id, "type": "picclaw"}))
+                   for node_id in ("good", "bad")]
+        await eventually(lambda: svc.registry.get("bad") is not None
+                         and svc.registry.get("good") is not None)
+        picky.gate.set()
+        assert [(await p)[0] for p in pending] == [200, 200]
+        assert (await readyz(http, svc))[0] == 200
+        assert (await post(http, svc, "register", {"node_id": "later", "type": "x"}))[0] == 200
+        async with http.get(api(svc, "/metrics")) as resp:
+            assert "fleetmq_store_rows_rejected_total 1" in await resp.text()
+    async with running(make_settings(mosquitto.url, root, store=store_settings)) as svc:
+        assert await get_node(http, svc, "good") is not None
+        assert await get_node(http, svc, "later") is not None
+        assert await get_node(http, svc, "bad") is None
+
+
+async def test_an_idle_store_that_breaks_is_noticed_without_a_write(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    store_settings = sqlite_settings(tmp_path / "f.db")
+    flaky = FlakyStore(make_store(store_settings))
+    async with FleetService(make_settings(mosquitto.url, root, store=store_settings),
+                            store=flaky) as svc:
+        await eventually(lambda: svc.ready, timeout=10)
+        flaky.broken = True
+
+        async def unready() -> bool:
+            return (await readyz(http, svc))[0] == 503
+
+        await eventually(unready, timeout=12)  # the writer pings an idle store every 5 s
+        status, doc = await post(http, svc, "register", {"node_id": "n", "type": "picclaw"})
+        assert (status, doc["error"]) == (503, "Store unavailable")
+        assert svc.registry.get("n") is None  # refused up front: nothing applied
+        flaky.broken = False
+
+        async def ready() -> bool:
+            return (await readyz(http, svc))[0] == 200
+
+        await eventually(ready, timeout=15)

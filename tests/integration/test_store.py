@@ -19,7 +19,7 @@ import pytest
 
 from fleetmq.clock import Instant
 from fleetmq.config import parse_store
-from fleetmq.errors import StoreError
+from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.models import HeartbeatRequest, RegisterRequest
 from fleetmq.registry import Node, Registry
 from fleetmq.store import SCHEMA_VERSION, Batch, HistoryEvent, Store, make_store
@@ -315,6 +315,37 @@ async def test_events_come_newest_first_in_pages(store_url: str) -> None:
         assert [e.at for e in await store.events("b", 1, None)] == [WALL + 1]
         assert await store.events("a", 10, min(ids)) == []
         assert await store.events("nobody", 10, None) == []
+
+
+@durable_only
+async def test_an_event_written_twice_is_kept_once(store_url: str) -> None:
+    """A batch whose commit was in doubt is written again: its events carry keys."""
+    async with opened(store_url) as store:
+        twice = HistoryEvent("a", None, "online", "registered", WALL, key=(7 << 32) | 1)
+        other = HistoryEvent("a", "online", "offline", "reported", WALL + 1, key=(7 << 32) | 2)
+        await store.write(Batch(events=[twice]))
+        await store.write(Batch(events=[twice, other]))
+        assert [e.reason for e in await store.events("a", 10, None)] == ["reported",
+                                                                         "registered"]
+
+
+def test_halves_split_a_batch_without_losing_a_row() -> None:
+    batch = Batch(upserts=[("u1",), ("u2",)], deletes=["d1"], touches=[("t1",)],
+                  events=[event("e", WALL), event("f", WALL)])
+    first, second = batch.halves()
+    assert (len(first), len(second)) == (3, 3)
+    for kind in ("upserts", "deletes", "touches", "events"):
+        assert getattr(first, kind) + getattr(second, kind) == getattr(batch, kind)
+
+
+async def test_postgresql_refusing_a_value_is_a_data_error(postgres_store_url: str) -> None:
+    """Not an outage: retrying the same row cannot succeed (the writer drops it alone)."""
+    async with opened(postgres_store_url) as store:
+        row = list(node_row(fleet()[0]))
+        row[4] = "bad\x00location"
+        with pytest.raises(StoreDataError):
+            await store.write(Batch(upserts=[tuple(row)]))
+        await store.write(Batch(upserts=[node_row(fleet()[0])]))  # still usable
 
 
 @every

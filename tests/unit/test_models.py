@@ -291,3 +291,20 @@ def test_error_message_never_echoes_more_than_64_characters_of_a_metadata_key() 
 
     assert "metadata" in rej.message
     assert "k" * 65 not in rej.message
+
+
+@pytest.mark.parametrize("body", [
+    {"node_type": "a\x00b"},
+    {"node_type": "x", "name": "n\x00"},
+    {"node_type": "x", "location": "\x00"},
+    {"node_type": "x", "capabilities": ["ok", "b\x00d"]},
+    {"node_type": "x", "metadata": {"k\x00": "v"}},
+    {"node_type": "x", "metadata": {"k": "v\x00"}},
+    {"node_type": "x", "session": "s\x00"},
+])
+def test_the_nul_character_is_refused_in_every_text_field(body: dict[str, object]) -> None:
+    """No store keeps U+0000 in text (PostgreSQL refuses it): one device must not be able to
+    block the store for the whole fleet."""
+    with pytest.raises(ValidationError) as info:
+        RegisterRequest.model_validate_json(json.dumps(body))
+    assert "NUL" in describe_error(info.value).message
