@@ -163,9 +163,19 @@ class StoreWriter:
         last_flush = last_ping = self._monotonic()
         while not self._stop.is_set():
             try:
+                now = self._monotonic()
+                if now - last_ping >= PING_EVERY_S:
+                    # Watched even when idle or busy: a broken store is known (and /readyz
+                    # says so) before a registration has to find out, and a PostgreSQL lock
+                    # lost with its connection is taken back (or the store is refused).
+                    last_ping = now
+                    async with asyncio.timeout(WRITE_DEADLINE_S):
+                        await self.store.ping()
+                    if self._committed >= self._recorded and not self._touched:
+                        self._recovered()
+                    continue
                 if self._committed >= self._recorded:
                     self._wake.clear()
-                    now = self._monotonic()
                     wait = PING_EVERY_S - (now - last_ping)
                     if self._touched:
                         wait = min(wait, self._flush_interval_s - (now - last_flush))
@@ -173,14 +183,6 @@ class StoreWriter:
                         with contextlib.suppress(TimeoutError):
                             async with asyncio.timeout(wait):
                                 await self._wake.wait()
-                        continue
-                    if now - last_ping >= PING_EVERY_S and not self._touched:
-                        # An idle store is still watched: a broken one is known (and
-                        # /readyz says so) before a registration has to find out.
-                        last_ping = now
-                        async with asyncio.timeout(WRITE_DEADLINE_S):
-                            await self.store.ping()
-                        self._recovered()
                         continue
                 async with asyncio.timeout(WRITE_DEADLINE_S):
                     await self.flush_once()
@@ -194,7 +196,7 @@ class StoreWriter:
                 continue
             self._recovered()
             delay = RETRY_FIRST_S
-            last_flush = last_ping = self._monotonic()
+            last_flush = self._monotonic()
 
     def _failed(self, exc: StoreError) -> None:
         self.failures += 1
