@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from fleetmq.app import FleetService
 from fleetmq.config import StoreSettings, parse_store
 from fleetmq.errors import StoreDataError, StoreError
-from fleetmq.store import Batch, make_store
+from fleetmq.store import Batch, HistoryEvent, make_store
 from fleetmq.store.base import NodeRow, Store, StoredEvent
 from tests.conftest import eventually, make_settings, running
 from tests.integration.mqtt_support import api, bodies, get_node, readyz
@@ -373,3 +374,23 @@ async def test_an_idle_store_that_breaks_is_noticed_without_a_write(
             return (await readyz(http, svc))[0] == 200
 
         await eventually(ready, timeout=15)
+
+
+async def test_history_older_than_history_days_is_pruned(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    store_settings = parse_store(f"sqlite:///{tmp_path / 'f.db'}", history_days=30)
+    store = make_store(store_settings)
+    await store.open()
+    now = time.time()
+    await store.write(Batch(events=[
+        HistoryEvent("n1", None, "online", "registered", now - 40 * 86_400),
+        HistoryEvent("n1", "online", "offline", "reported", now - 20 * 86_400)]))
+    await store.close()
+    async with running(make_settings(mosquitto.url, root, store=store_settings)) as svc:
+
+        async def pruned() -> bool:
+            status, doc = await events(http, svc, "n1")
+            return status == 200 and [e["reason"] for e in doc["events"]] == ["reported"]
+
+        await eventually(pruned)  # pruned on start, then every hour
