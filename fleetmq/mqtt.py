@@ -1,9 +1,12 @@
 """The manager's one MQTT connection, over paho-mqtt; the only module that imports paho.
 
-paho runs its network loop on its own thread. Its callbacks never touch fleetmq state: inbound
-messages go into a bounded deque that the event loop drains in batches, and connection changes
-are handed over with ``call_soon_threadsafe``. When the deque is full, paho's thread waits, so
-a backlog stays in the broker's queue for our persistent session instead of being dropped.
+paho runs no thread here: the event loop drives the socket (``add_reader``/``add_writer``, and
+``loop_misc`` once a second for keepalive pings), so paho's callbacks run on the loop and call
+straight into fleetmq. Only the blocking part of a connect (DNS, TCP, TLS handshake) runs in an
+executor thread, while nothing else touches that client. Inbound messages go into a bounded
+deque that the ingest task drains in batches; when the deque is full the loop stops reading the
+socket, so a backlog stays in the broker's queue for our persistent session instead of growing
+here, and reading resumes once the deque has drained below half.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import contextlib
 import logging
 import socket
 import ssl
-import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from fleetmq.errors import BrokerError
 log = logging.getLogger(__name__)
 
 INBOUND_BOUND = 50_000
-"""Messages received but not yet applied. Past it paho's thread waits (backpressure)."""
+"""Messages received but not yet applied. Past it the socket is not read (backpressure)."""
 SESSION_EXPIRY_S = 3600
 """MQTT 5: how long the broker keeps our session (and queues for it) while we are away."""
 RECONNECT_MIN_S = 0.5
@@ -39,12 +41,21 @@ RECONNECT_MAX_S = 30.0
 CONNACK_TIMEOUT_S = 5.0
 """An MQTT 5 CONNECT left unanswered this long counts as refused: amqtt (3.1.1 only) misreads
 one that carries properties or a will and waits for bytes that never come, instead of refusing."""
+CONNECT_TIMEOUT_S = 5.0
+"""TCP connect and TLS handshake, in the executor thread (``__aexit__`` lets one finish)."""
+MISC_INTERVAL_S = 1.0
+"""How often paho's ``loop_misc`` runs: keepalive pings and their timeout."""
+READ_BUDGET = 500
+"""Packets read per wake-up of the socket, so REST, expiry and ingest are never starved."""
+RECV_CHUNK = 65_536
+CLOSE_TIMEOUT_S = 2.0
+"""How long ``__aexit__`` waits for the DISCONNECT to be written before closing anyway."""
 _UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK codes: 3.1.1 "unacceptable protocol", MQTT 5 0x84
 
 
 class Inbound(NamedTuple):
-    """One received message, as the ingest path needs it (a tuple: built for every message
-    on paho's thread, where a frozen dataclass costs several times as much)."""
+    """One received message, as the ingest path needs it (a tuple: built for every message,
+    where a frozen dataclass costs several times as much)."""
 
     topic: str
     payload: bytes | bytearray
@@ -59,6 +70,69 @@ class Inbound(NamedTuple):
 class Will:
     topic: str
     payload: bytes
+
+
+class _Client(paho.Client):
+    """paho's client with buffered socket reads and a direct ``on_message``.
+
+    Two private paho methods are replaced (tests/unit/test_mqtt_link.py checks they exist):
+
+    - ``_sock_recv``: paho reads every packet with at least three ``recv`` calls (the type
+      byte, the length bytes one at a time, the rest); here one ``recv`` of up to 64 KiB serves
+      many packets. ``starved`` tells the reader that the socket had nothing more (paho's
+      ``loop_read`` returns success both after a packet and when there was none).
+    - ``_handle_on_message``: paho matches every message's topic against per-topic callbacks
+      (a recursive generator, ~7% of the ingest path) before calling ``on_message``; there are
+      none here.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rbuf = b""
+        self.rpos = 0
+        self.starved = False
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        buf = self.rbuf
+        pos = self.rpos
+        if pos >= len(buf):
+            sock = self._sock
+            if sock is None:
+                raise ConnectionError("self._sock is None")
+            try:
+                buf = sock.recv(max(bufsize, RECV_CHUNK))
+            except (BlockingIOError, ssl.SSLWantReadError) as err:
+                self.starved = True
+                raise BlockingIOError() from err
+            except ssl.SSLWantWriteError as err:
+                self.starved = True
+                self._call_socket_register_write()
+                raise BlockingIOError() from err
+            if not buf:
+                return buf  # end of stream: paho reports the connection lost
+            pos = 0
+            self.rbuf = buf
+        end = pos + bufsize
+        self.rpos = end
+        if pos == 0 and end >= len(buf):
+            return buf
+        return buf[pos:end]
+
+    def _handle_on_message(self, message: paho.MQTTMessage) -> None:
+        on_message = self.on_message
+        if on_message is not None:
+            on_message(self, self._userdata, message)
+
+    def drop_buffer(self) -> None:
+        self.rbuf = b""
+        self.rpos = 0
+
+    def buffered(self) -> bool:
+        """Bytes already received that the socket's readiness no longer announces."""
+        if self.rpos < len(self.rbuf):
+            return True
+        sock = self._sock
+        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
 
 
 class MqttLink:
@@ -89,10 +163,14 @@ class MqttLink:
         )
         self._monotonic = monotonic
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._client: paho.Client | None = None
+        self._client: _Client | None = None
+        self._sock: Any = None
+        """The socket the loop watches (the current client's), or None."""
         self._inbound: deque[Inbound] = deque()
-        self._space = threading.Event()
-        self._space.set()
+        self._paused = False
+        """The inbound deque is full: the socket is not read until it drains below half."""
+        self._read_soon = False
+        self._in_read = False
         self._waiting = False
         self._arrived = asyncio.Event()
         self._state_changed = asyncio.Event()
@@ -100,6 +178,13 @@ class MqttLink:
         self._connacks = 0
         self._generation = 0
         self._closing = False
+        self._connecting = False
+        """A connect runs in the executor: nothing on the loop may touch the client meanwhile."""
+        self._connect_task: asyncio.Task[None] | None = None
+        self._backoff_s = RECONNECT_MIN_S
+        self._misc_timer: asyncio.TimerHandle | None = None
+        self._socket_closed: asyncio.Future[None] | None = None
+        """Set once the socket closes, for ``__aexit__``."""
         self._connack_timer: asyncio.TimerHandle | None = None
         self._pending_subacks: dict[int, asyncio.Future[None]] = {}
         self._sent = 0
@@ -113,31 +198,47 @@ class MqttLink:
     # --- lifecycle -----------------------------------------------------------------------
 
     async def __aenter__(self) -> MqttLink:
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
+        self._misc_timer = loop.call_later(MISC_INTERVAL_S, self._misc)
         self._start_client()
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        client = self._client
         self._closing = True
-        self._client = None
         self._cancel_connack_timer()
+        if self._misc_timer is not None:
+            self._misc_timer.cancel()
+            self._misc_timer = None
+        task = self._connect_task
+        if task is not None and not task.done():
+            if not self._connecting:
+                task.cancel()  # a backoff sleep; a connect in the executor is let finish
+            await asyncio.gather(task, return_exceptions=True)
+        client, self._client = self._client, None
         if client is None:
             return
-        self._space.set()
-        with contextlib.suppress(Exception):
-            client.disconnect()
-        await asyncio.to_thread(client.loop_stop)
+        if client.socket() is not None:
+            closed = self._socket_closed = asyncio.get_running_loop().create_future()
+            with contextlib.suppress(Exception):
+                client.disconnect()
+                client.loop_write()  # usually written and closed on the spot
+            if client.socket() is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                        await closed
+            self._force_close(client)
         self._set_connected(connected=False, reason="stopped")
 
-    def _start_client(self) -> None:
-        client = paho.Client(
+    def _new_client(self) -> _Client:
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=self._client_id,
             protocol=self._protocol,
             clean_session=False if self._protocol is MQTTProtocolVersion.MQTTv311 else None,
+            # No reconnect from inside paho (it would block the loop): this class reconnects.
+            reconnect_on_failure=False,
         )
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)  # type: ignore[arg-type]
+        client.connect_timeout = CONNECT_TIMEOUT_S
         # The publisher keeps its own, smaller window (publisher.MAX_IN_FLIGHT): paho never
         # needs to queue behind it.
         client.max_inflight_messages_set(1000)
@@ -148,25 +249,229 @@ class MqttLink:
             client.username_pw_set(self._broker.username, self._broker.password)
         if self._broker.scheme == "mqtts":
             client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
-        client.on_socket_open = self._on_socket_open
+        client.on_socket_open = _set_nodelay
         client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
         client.on_publish = self._on_publish
-        if self._protocol is MQTTProtocolVersion.MQTTv5:
+        return client
+
+    def _start_client(self) -> None:
+        self._client = self._new_client()
+        self._schedule_connect(0.0)
+
+    # --- connecting ----------------------------------------------------------------------
+
+    def _schedule_connect(self, delay_s: float) -> None:
+        if self._closing or self._loop is None:
+            return
+        task = self._connect_task
+        if task is not None and not task.done():
+            if self._connecting:
+                return  # it connects again when it sees its client replaced
+            task.cancel()  # a backoff sleep: this request replaces it
+        self._connect_task = self._loop.create_task(
+            self._connect(delay_s), name=f"fleetmq-mqtt-connect-{self._client_id}")
+
+    def _next_backoff(self) -> float:
+        delay, self._backoff_s = self._backoff_s, min(RECONNECT_MAX_S, self._backoff_s * 2)
+        return delay
+
+    async def _connect(self, delay_s: float) -> None:
+        while not self._closing:
+            if delay_s > 0:
+                await asyncio.sleep(delay_s)
+            client = self._client
+            if client is None or self._closing:
+                return
+            error = await self._open(client)
+            if self._closing or client is not self._client:
+                self._abandon(client)  # stopped or replaced meanwhile: connect the new one
+                delay_s = 0.0
+                continue
+            if error is None:
+                self._attach(client)
+                return
+            self._note_error(f"cannot connect to {self._broker.describe()}: {error}")
+            delay_s = self._next_backoff()
+
+    async def _open(self, client: _Client) -> str | None:
+        """Open the socket and send CONNECT, in the executor; the error, or None."""
+        loop = asyncio.get_running_loop()
+        sock = client.socket()
+        if sock is not None:  # paho closes it when connecting again: unwatch it first
+            self._forget(client, sock)
+        # Off while paho connects on the executor thread: it writes CONNECT there itself.
+        client.on_socket_register_write = None
+        client.on_socket_unregister_write = None
+        client.on_socket_close = None
+        client.drop_buffer()
+        mqtt5 = self._protocol is MQTTProtocolVersion.MQTTv5  # the client's: read here, not there
+        self._connecting = True
+        try:
+            await loop.run_in_executor(None, self._blocking_connect, client, mqtt5)
+        except Exception as exc:  # refused, unreachable, TLS, bad host
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            self._connecting = False
+        if client.socket() is None:
+            return "connection closed while connecting"
+        return None
+
+    def _blocking_connect(self, client: _Client, mqtt5: bool) -> None:
+        host, port = self._broker.host, self._broker.port
+        if mqtt5:
             # Resume the session on every connect, the first included: registrations queued
             # while the manager restarted are applied, not lost.
             props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves it untyped
             props.SessionExpiryInterval = SESSION_EXPIRY_S
-            client.connect_async(self._broker.host, self._broker.port,
-                                 keepalive=self._keepalive_s, clean_start=False, properties=props)
+            client.connect(host, port, keepalive=self._keepalive_s, clean_start=False,
+                           properties=props)
         else:
-            client.connect_async(self._broker.host, self._broker.port, keepalive=self._keepalive_s)
-        self._client = client
-        client.loop_start()
+            client.connect(host, port, keepalive=self._keepalive_s)
+
+    def _attach(self, client: _Client) -> None:
+        """Hand the freshly connected socket to the event loop."""
+        loop = self._loop
+        sock = client.socket()
+        if loop is None or sock is None:
+            return
+        self._sock = sock
+        client.on_socket_register_write = self._want_write
+        client.on_socket_unregister_write = self._unwant_write
+        client.on_socket_close = self._socket_closing
+        if not self._paused:
+            loop.add_reader(sock, self._readable, client)
+        if client.want_write():
+            loop.add_writer(sock, self._writable, client)
+        self._socket_opened(client)
+
+    def _abandon(self, client: _Client) -> None:
+        """Close a client no longer in use: DISCONNECT if it can be written now, then close."""
+        if client.socket() is None:
+            return
+        with contextlib.suppress(Exception):
+            client.disconnect()
+            client.loop_write()
+        self._force_close(client)
+
+    def _force_close(self, client: _Client) -> None:
+        sock = client.socket()
+        if sock is None:
+            return
+        self._forget(client, sock)
+        # paho keeps the closed socket: none of its later calls (``__del__`` too) may reach us.
+        client.on_socket_register_write = None
+        client.on_socket_unregister_write = None
+        client.on_socket_close = None
+        with contextlib.suppress(OSError):
+            sock.close()
+
+    # --- the socket on the event loop ----------------------------------------------------
+
+    def _want_write(self, client: paho.Client, _u: object, sock: Any) -> None:
+        if self._in_read and client is self._client:
+            return  # the reader writes (PUBACKs) once it is done reading
+        if self._loop is not None:
+            self._loop.add_writer(sock, self._writable, client)
+
+    def _unwant_write(self, _c: paho.Client, _u: object, sock: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_writer(sock)
+
+    def _socket_closing(self, client: paho.Client, _u: object, sock: Any) -> None:
+        self._forget(client, sock)
+
+    def _forget(self, client: paho.Client, sock: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(sock)
+                loop.remove_writer(sock)
+        if sock is self._sock:
+            self._sock = None
+        if isinstance(client, _Client):
+            client.drop_buffer()
+        waiter = self._socket_closed
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _readable(self, client: _Client) -> None:
+        self._read_soon = False
+        if (client is not self._client or self._paused or self._connecting
+                or client.socket() is None):
+            return
+        client.starved = False
+        budget = READ_BUDGET
+        self._in_read = True
+        try:
+            while budget > 0:
+                budget -= 1
+                if client.loop_read() or client.starved or self._paused:
+                    break
+        except Exception:
+            log.exception("mqtt_read_failed broker=%s", self._broker.describe())
+        finally:
+            self._in_read = False
+        sock = client.socket()
+        if sock is None:
+            return
+        if client.want_write():
+            # PUBACKs (and anything queued while reading) go out now, in one go.
+            try:
+                client.loop_write()
+            except Exception:
+                log.exception("mqtt_write_failed broker=%s", self._broker.describe())
+            sock = client.socket()
+            if sock is not None and client.want_write() and self._loop is not None:
+                self._loop.add_writer(sock, self._writable, client)
+        if (sock is not None and not self._paused and not client.starved
+                and client.buffered() and not self._read_soon and self._loop is not None):
+            # Packets already received: the socket's readiness would not announce them again.
+            self._read_soon = True
+            self._loop.call_soon(self._readable, client)
+
+    def _writable(self, client: paho.Client) -> None:
+        if self._connecting and client is self._client:
+            return  # the executor thread owns it; its new socket is watched once connected
+        try:
+            client.loop_write()
+        except Exception:
+            log.exception("mqtt_write_failed broker=%s", self._broker.describe())
+
+    def _misc(self) -> None:
+        loop = self._loop
+        if loop is None or self._closing:
+            return
+        self._misc_timer = loop.call_later(MISC_INTERVAL_S, self._misc)
+        client = self._client
+        # Not while a connect runs (another thread owns the client), nor while reading is
+        # paused: the PINGRESP would wait unread and the ping time out.
+        if client is None or self._connecting or self._paused or client.socket() is None:
+            return
+        try:
+            client.loop_misc()
+        except Exception:
+            log.exception("mqtt_misc_failed broker=%s", self._broker.describe())
+
+    def _pause_reading(self) -> None:
+        self._paused = True
+        if self._sock is not None and self._loop is not None:
+            self._loop.remove_reader(self._sock)
+
+    def _resume_reading(self) -> None:
+        self._paused = False
+        client, sock, loop = self._client, self._sock, self._loop
+        if client is None or sock is None or loop is None or client.socket() is not sock:
+            return
+        loop.add_reader(self._sock, self._readable, client)
+        if not self._read_soon:
+            self._read_soon = True
+            loop.call_soon(self._readable, client)  # what is buffered already
 
     # --- state ---------------------------------------------------------------------------
 
@@ -193,39 +498,30 @@ class MqttLink:
         self._state_changed.set()
         self._wake_credit()
 
-    # --- paho callbacks, on paho's thread: they hand over through call_soon_threadsafe and
-    # touch only the hand-off fields (the inbound deque, _waiting, _acked), each written by one
-    # side only or guarded by re-checks, so no lock is needed ----------------------------------
-
-    def _call(self, fn: Callable[..., None], *args: Any) -> None:
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            with contextlib.suppress(RuntimeError):  # the loop closed between check and call
-                loop.call_soon_threadsafe(fn, *args)
-
-    def _on_socket_open(self, client: paho.Client, userdata: object, sock: Any) -> None:
-        _set_nodelay(client, userdata, sock)
-        self._call(self._socket_opened, client)
+    # --- paho callbacks: on the event loop (paho runs no thread). They must not drive paho's
+    # network calls (loop_read/loop_write) themselves: paho holds a lock around them. -------
 
     def _on_connect(self, client: paho.Client, _u: object, flags: Any, rc: ReasonCode,
                     _p: Properties | None) -> None:
-        self._call(self._connack_received)
-        if rc.is_failure:
-            self._call(self._connect_refused, rc.value, str(rc))
+        if client is not self._client:
             return
+        self._connack_received()
+        if rc.is_failure:
+            self._connect_refused(rc.value, str(rc))
+            return
+        self._backoff_s = RECONNECT_MIN_S
         mids = []
         for topic in self._subscriptions:
             result, mid = client.subscribe(topic, qos=1)
             if result == MQTTErrorCode.MQTT_ERR_SUCCESS and mid is not None:
                 mids.append(mid)
-        self._call(self._connected_waiting_subacks, client, mids, bool(flags.session_present))
-
-    def _on_connect_fail(self, _c: paho.Client, _u: object) -> None:
-        self._call(self._note_error, f"cannot connect to {self._broker.describe()}")
+        self._connected_waiting_subacks(client, mids, bool(flags.session_present))
 
     def _on_disconnect(self, client: paho.Client, _u: object, _f: Any, rc: ReasonCode,
                        _p: Properties | None) -> None:
-        self._call(self._set_connected_false, client, str(rc))
+        self._set_connected_false(client, str(rc))
+        if client is self._client and not self._closing:
+            self._schedule_connect(self._next_backoff())
 
     def _on_message(self, _c: paho.Client, _u: object, msg: paho.MQTTMessage) -> None:
         props = getattr(msg, "properties", None)
@@ -235,32 +531,29 @@ class MqttLink:
             inbound = Inbound(msg.topic, msg.payload, msg.retain, self._monotonic(),
                               getattr(props, "ResponseTopic", None),
                               getattr(props, "CorrelationData", None))
-        if len(self._inbound) >= INBOUND_BOUND:
-            self._space.clear()
-            # Re-check after clearing: the consumer may have drained in between.
-            while len(self._inbound) >= INBOUND_BOUND and self._client is not None:
-                self._space.wait(1.0)
-        self._inbound.append(inbound)
+        queue = self._inbound
+        queue.append(inbound)
         if self._waiting:
             self._waiting = False
-            self._call(self._arrived.set)
+            self._arrived.set()
+        if len(queue) >= INBOUND_BOUND and not self._paused:
+            self._pause_reading()
 
     def _on_subscribe(self, _c: paho.Client, _u: object, mid: int, codes: list[ReasonCode],
                       _p: Properties | None) -> None:
-        failed = [str(code) for code in codes if code.is_failure]
-        self._call(self._suback, mid, failed)
+        self._suback(mid, [str(code) for code in codes if code.is_failure])
 
     def _on_unsubscribe(self, _c: paho.Client, _u: object, mid: int, _codes: Any,
                         _p: Properties | None) -> None:
-        self._call(self._suback, mid, [])
+        self._suback(mid, [])
 
     def _on_publish(self, _c: paho.Client, _u: object, _mid: int, _rc: ReasonCode,
                     _p: Properties | None) -> None:
-        self._acked += 1  # only paho's thread writes it; the loop only reads
+        self._acked += 1
         if self._credit_waiter is not None:
-            self._call(self._wake_credit)
+            self._wake_credit()
 
-    # --- the same, on the event loop -----------------------------------------------------
+    # --- connection state ----------------------------------------------------------------
 
     def _note_error(self, message: str) -> None:
         if message != self.last_error:
@@ -279,24 +572,25 @@ class MqttLink:
     def _connect_refused(self, code: int, reason: str) -> None:
         if code in _UNSUPPORTED_PROTOCOL and self._may_fall_back():
             log.info("broker_mqtt5_refused broker=%s fallback=3.1.1", self._broker.describe())
-            self._fall_back_to_mqtt311()
+            # Inside paho's callback: paho closes the refused connection itself right after.
+            self._fall_back_to_mqtt311(abandon=False)
             return
         self._note_error(f"broker refused the connection: {reason}")
 
     def _may_fall_back(self) -> bool:
         return self._protocol is MQTTProtocolVersion.MQTTv5 and not self._ever_connected
 
-    def _fall_back_to_mqtt311(self) -> None:
+    def _fall_back_to_mqtt311(self, *, abandon: bool) -> None:
         self._cancel_connack_timer()
         self._protocol = MQTTProtocolVersion.MQTTv311
         old = self._client
         self._client = None
-        if old is not None:
-            old.disconnect()
-            threading.Thread(target=old.loop_stop, daemon=True).start()
+        if old is not None and abandon:
+            self._abandon(old)
+        self._backoff_s = RECONNECT_MIN_S
         self._start_client()
 
-    def _socket_opened(self, client: paho.Client) -> None:
+    def _socket_opened(self, client: _Client) -> None:
         # Armed once per unanswered stretch: a broker that drops and re-accepts the connection
         # without ever answering must not keep postponing the fallback.
         if self._connack_timer is not None or not self._may_fall_back() or self._loop is None:
@@ -308,13 +602,19 @@ class MqttLink:
         self._connacks += 1
         self._cancel_connack_timer()
 
-    def _connack_overdue(self, client: paho.Client, connacks: int) -> None:
+    def _connack_overdue(self, client: _Client, connacks: int) -> None:
         self._connack_timer = None
         if client is not self._client or connacks != self._connacks or not self._may_fall_back():
             return
+        if self._connecting:
+            # Another thread owns the client right now: look again once it is done.
+            if self._loop is not None:
+                self._connack_timer = self._loop.call_later(
+                    0.1, self._connack_overdue, client, connacks)
+            return
         log.info("broker_mqtt5_unanswered broker=%s timeout_s=%s fallback=3.1.1",
                  self._broker.describe(), CONNACK_TIMEOUT_S)
-        self._fall_back_to_mqtt311()
+        self._fall_back_to_mqtt311(abandon=True)
 
     def _cancel_connack_timer(self) -> None:
         if self._connack_timer is not None:
@@ -323,11 +623,11 @@ class MqttLink:
 
     def _connected_waiting_subacks(self, client: paho.Client, mids: list[int],
                                    session_present: bool) -> None:
-        if client is not self._client:
+        if client is not self._client or self._loop is None:
             return
         self._generation += 1
         generation = self._generation
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         futures = []
         for mid in mids:
             fut: asyncio.Future[None] = loop.create_future()
@@ -365,16 +665,13 @@ class MqttLink:
         while not self._inbound:
             self._arrived.clear()
             self._waiting = True
-            if self._inbound:
-                self._waiting = False
-                return
             await self._arrived.wait()
 
     def take_inbound(self, limit: int) -> list[Inbound]:
         queue = self._inbound
         batch = [queue.popleft() for _ in range(min(limit, len(queue)))]
-        if not self._space.is_set() and len(queue) < INBOUND_BOUND // 2:
-            self._space.set()
+        if self._paused and len(queue) < INBOUND_BOUND // 2:
+            self._resume_reading()
         return batch
 
     def oldest_pending(self) -> float | None:
@@ -402,7 +699,7 @@ class MqttLink:
                 correlation: bytes | None = None) -> bool:
         """Queue one publish on paho; False when not connected (nothing is queued)."""
         client = self._client
-        if client is None or not self.connected:
+        if client is None or not self.connected or self._connecting:
             return False
         props = None
         if correlation is not None and self.mqtt5:
@@ -451,7 +748,7 @@ class MqttLink:
         self, send: Callable[[paho.Client], tuple[MQTTErrorCode, int | None]], timeout_s: float
     ) -> None:
         client = self._client
-        if client is None or not self.connected:
+        if client is None or not self.connected or self._connecting:
             raise BrokerError("not connected")
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         result, mid = send(client)

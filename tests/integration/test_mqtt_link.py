@@ -1,0 +1,213 @@
+"""MqttLink on the event loop, against a scripted MQTT 3.1.1/5 broker on the same loop.
+
+The scripted broker shows what the real ones cannot be made to do on cue: hold a message
+burst while the link's deque is full, drop the connection, see the DISCONNECT arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import struct
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as paho
+import pytest
+
+from fleetmq import mqtt
+from fleetmq.config import BrokerSettings
+from fleetmq.mqtt import Inbound, MqttLink, Will
+from tests.conftest import eventually
+
+CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 0x10, 0x20, 0x30, 0x40, 0x80, 0x90
+UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 0xA0, 0xB0, 0xC0, 0xD0, 0xE0
+
+
+def _length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def packet(first: int, body: bytes) -> bytes:
+    return bytes([first]) + _length(len(body)) + body
+
+
+def publish(topic: str, payload: bytes, *, mqtt5: bool) -> bytes:
+    name = topic.encode()
+    return packet(PUBLISH, struct.pack("!H", len(name)) + name + (b"\0" if mqtt5 else b"")
+                  + payload)
+
+
+@dataclass
+class Session:
+    level: int
+    """4: MQTT 3.1.1, 5: MQTT 5."""
+    writer: asyncio.StreamWriter
+    received: list[int] = field(default_factory=list)
+    """Packet types received, in order."""
+
+
+@dataclass
+class ScriptedBroker:
+    """Answers CONNECT (unless told not to), SUBSCRIBE, UNSUBSCRIBE, PINGREQ and QoS 1 PUBLISH."""
+
+    answer_mqtt5: bool = True
+    sessions: list[Session] = field(default_factory=list)
+    connected: asyncio.Event = field(default_factory=asyncio.Event)
+    port: int = 0
+    on_subscribed: Callable[[Session], None] | None = None
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        session: Session | None = None
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                first = (await reader.readexactly(1))[0]
+                length, mult = 0, 1
+                while True:
+                    byte = (await reader.readexactly(1))[0]
+                    length += (byte & 0x7F) * mult
+                    mult *= 128
+                    if not byte & 0x80:
+                        break
+                body = await reader.readexactly(length)
+                kind = first & 0xF0
+                if session is not None:
+                    session.received.append(kind)
+                if kind == CONNECT:
+                    session = Session(level=body[6], writer=writer, received=[CONNECT])
+                    self.sessions.append(session)
+                    if session.level == 5 and not self.answer_mqtt5:
+                        continue  # like amqtt: a CONNECT it cannot read goes unanswered
+                    writer.write(packet(CONNACK, b"\0\0\0" if session.level == 5 else b"\0\0"))
+                    self.connected.set()
+                elif kind in (SUBSCRIBE, UNSUBSCRIBE):
+                    assert session is not None
+                    props = b"\0" if session.level == 5 else b""
+                    granted = b"\1" if kind == SUBSCRIBE or session.level == 5 else b""
+                    writer.write(packet(SUBACK if kind == SUBSCRIBE else UNSUBACK,
+                                        body[:2] + props + granted))
+                    if kind == SUBSCRIBE and self.on_subscribed is not None:
+                        self.on_subscribed(session)
+                elif kind == PINGREQ:
+                    writer.write(packet(PINGRESP, b""))
+                elif kind == PUBLISH and first & 0x06:
+                    topic_len = struct.unpack("!H", body[:2])[0]
+                    mid = body[2 + topic_len: 4 + topic_len]
+                    writer.write(packet(PUBACK, mid + (b"\0" if session and session.level == 5
+                                                       else b"")))
+                elif kind == DISCONNECT:
+                    break
+                await writer.drain()
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def scripted_broker(**kwargs: object) -> AsyncIterator[ScriptedBroker]:
+    broker = ScriptedBroker(**kwargs)  # type: ignore[arg-type]
+    server = await asyncio.start_server(broker.serve, "127.0.0.1", 0)
+    broker.port = server.sockets[0].getsockname()[1]
+    async with server:
+        yield broker
+        for session in broker.sessions:
+            session.writer.close()
+
+
+def link_to(broker: ScriptedBroker, *, mqtt5: bool = False, will: Will | None = None,
+            subscriptions: tuple[str, ...] = ("t/#",)) -> MqttLink:
+    return MqttLink(BrokerSettings("mqtt", "127.0.0.1", broker.port), "link-test",
+                    subscriptions=list(subscriptions), will=will, keepalive_s=5,
+                    prefer_mqtt5=mqtt5, monotonic=asyncio.get_running_loop().time)
+
+
+def test_the_private_paho_methods_the_link_replaces_still_exist() -> None:
+    # fleetmq.mqtt._Client overrides them: a paho release without them would bypass both.
+    assert callable(getattr(paho.Client, "_sock_recv", None))
+    assert callable(getattr(paho.Client, "_handle_on_message", None))
+
+
+@pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5"])
+async def test_messages_arrive_in_order_and_the_socket_waits_while_the_deque_is_full(
+    monkeypatch: pytest.MonkeyPatch, mqtt5: bool
+) -> None:
+    monkeypatch.setattr(mqtt, "INBOUND_BOUND", 100)
+    count = 1_000
+    burst = b"".join(publish(f"t/{i}", b"%d" % i, mqtt5=mqtt5) for i in range(count))
+
+    def send_burst(session: Session) -> None:
+        session.writer.write(burst)  # all at once: many packets per read
+
+    async with scripted_broker(on_subscribed=send_burst) as broker:
+        link = link_to(broker, mqtt5=mqtt5)
+        async with link:
+            await eventually(lambda: len(link._inbound) >= 100)
+            await asyncio.sleep(0.2)  # the socket is not read meanwhile
+            assert len(link._inbound) == 100
+            taken: list[Inbound] = []
+            while len(taken) < count:
+                await link.wait_inbound()
+                taken += link.take_inbound(30)
+                assert len(link._inbound) <= 100
+            assert [m.topic for m in taken] == [f"t/{i}" for i in range(count)]
+            assert [m.payload for m in taken] == [b"%d" % i for i in range(count)]
+            assert link.connected
+            assert link.protocol_name == ("5" if mqtt5 else "3.1.1")
+
+
+async def test_an_unanswered_mqtt5_connect_falls_back_to_3_1_1_with_the_will(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mqtt, "CONNACK_TIMEOUT_S", 0.3)
+    async with scripted_broker(answer_mqtt5=False) as broker:
+        link = link_to(broker, mqtt5=True, will=Will("m/status", b"offline"))
+        async with link:
+            await eventually(lambda: link.connected)
+            assert link.protocol_name == "3.1.1"
+            assert [s.level for s in broker.sessions] == [5, 4]
+
+
+async def test_a_dropped_connection_is_reconnected_and_resubscribed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mqtt, "RECONNECT_MIN_S", 0.05)
+    async with scripted_broker() as broker:
+        link = link_to(broker)
+        async with link:
+            await eventually(lambda: link.connected)
+            broker.sessions[0].writer.transport.abort()
+            await eventually(lambda: link.connections == 2 and link.connected)
+            assert [s.received.count(SUBSCRIBE) for s in broker.sessions] == [1, 1]
+
+
+async def test_publishes_are_acknowledged_and_exit_sends_disconnect_and_leaves_no_thread(
+) -> None:
+    async with scripted_broker() as broker:
+        link = link_to(broker, subscriptions=())
+        async with link:
+            await eventually(lambda: link.connected)
+            for i in range(300):
+                assert link.publish(f"out/{i}", b"x")
+            assert await link.flush(5.0)
+            assert link.in_flight == 0
+            await link.subscribe(["a/b"])
+            await link.unsubscribe(["a/b"])
+        assert not link.connected
+        await eventually(lambda: broker.sessions[0].received[-1:] == [DISCONNECT])
+        assert broker.sessions[0].received.count(PUBLISH) == 300
+    assert not [t for t in threading.enumerate() if t.name.startswith("paho")]
+
+
+async def test_an_unreachable_broker_is_retried_and_exit_does_not_wait() -> None:
+    async with scripted_broker() as broker:
+        port = broker.port
+    link = MqttLink(BrokerSettings("mqtt", "127.0.0.1", port), "link-test", subscriptions=[],
+                    will=None, prefer_mqtt5=False, monotonic=asyncio.get_running_loop().time)
+    async with asyncio.timeout(5.0):
+        async with link:
+            await eventually(lambda: "cannot connect" in link.last_error)
+            assert not link.connected
