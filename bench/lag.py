@@ -15,6 +15,7 @@ import argparse
 import json
 import multiprocessing as mp
 import os
+import socket
 import statistics
 import sys
 import tempfile
@@ -46,6 +47,10 @@ def _client(port: int, client_id: str) -> paho.Client:
     client.connect("127.0.0.1", port, keepalive=120)
     client.loop_start()
     return client
+
+
+def _no_delay(_c: object, _u: object, sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _background(port: int, nodes: int, rate: int, seconds: float, stop_at: float) -> None:
@@ -159,6 +164,9 @@ def run(port: int, http_port: int, args: argparse.Namespace) -> list[float]:
                 lags.append(now - at)
 
     probe = paho.Client(CallbackAPIVersion.VERSION2, client_id="lag-probe")
+    # paho leaves Nagle on: each probe (one small publish now and then) would wait for the
+    # broker's delayed ACK, ~20 ms that belong to the bench, not to the manager.
+    probe.on_socket_open = _no_delay
     probe.on_message = on_message
     probe.connect("127.0.0.1", port, keepalive=120)
     probe.loop_start()
