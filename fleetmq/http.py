@@ -72,8 +72,8 @@ def error_response(status: int, title: str, message: str,
     return json_response({"error": title, "message": message}, status, headers)
 
 
-@web.middleware
-async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error in the contract's JSON shape, whatever raised it."""
     try:
         return await handler(request)
     except Rejection as rej:
@@ -119,11 +119,13 @@ class RestApi:
         self._idle.set()
 
     @web.middleware
-    async def _track(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """One middleware (each costs a coroutine per request): requests in flight are
+        counted for shutdown, and every error is answered in the contract's shape."""
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await handler(request)
+            return await answer_errors(request, handler)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -134,7 +136,7 @@ class RestApi:
         return await wait_set(self._idle, timeout_s)
 
     def build(self) -> web.Application:
-        app = web.Application(middlewares=[self._track, json_errors],
+        app = web.Application(middlewares=[self._middleware],
                               client_max_size=MAX_PAYLOAD_BYTES)
         r = app.router
         r.add_post(f"{PREFIX}/register", self.register)
