@@ -13,11 +13,12 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.support import free_port
+from tests.support import Postgres, free_port, postgres_bindir
 
 
 def request(url: str, body: bytes | None = None, timeout: float = 10) -> bytes:
@@ -111,6 +112,24 @@ def start_manager(broker_url: str, root: str, *options: str, workdir: Path,
         stop_process(proc)
         raise
     return proc, http_port
+
+
+@contextmanager
+def postgres_if(wanted: bool) -> Iterator[Postgres | None]:
+    """A PostgreSQL server of the bench's own (initdb into a temporary directory, a free
+    port) when ``wanted``, stopped afterwards; None otherwise."""
+    if not wanted:
+        yield None
+        return
+    bindir = postgres_bindir()
+    if bindir is None:
+        raise SystemExit("PostgreSQL server binaries not found (apt-get install postgresql)")
+    server = Postgres(bindir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:

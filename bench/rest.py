@@ -46,6 +46,7 @@ from bench.common import (
     machine,
     metric,
     request,
+    stop_process,
     wait_for,
     write_result,
 )
@@ -222,16 +223,7 @@ class Bench:
         with (self.workdir / f"{name}.out").open("wb") as out:
             proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
 
-        def stop() -> None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-
-        self.stack.callback(stop)
+        self.stack.callback(stop_process, proc)
         return proc
 
     def scenarios(self) -> list[Scenario]:

@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     answers,
     machine,
+    postgres_if,
     print_table,
     stop_process,
     wait_for,
@@ -31,7 +32,7 @@ from bench.common import (
 )
 from fleetmq.config import parse_store
 from fleetmq.store import Batch, make_store
-from tests.support import Mosquitto, Postgres, free_port, postgres_bindir
+from tests.support import Mosquitto, free_port
 
 FILL_BATCH = 50_000
 
@@ -110,33 +111,24 @@ def main() -> None:
         workdir = Path(tmp)
         broker = Mosquitto(workdir)
         broker.start()
-        postgres = None
         try:
-            if "postgresql" in args.stores:
-                bindir = postgres_bindir()
-                if bindir is None:
-                    raise SystemExit("PostgreSQL server binaries not found (apt-get install "
-                                     "postgresql)")
-                postgres = Postgres(bindir)
-                postgres.start()
-            for nodes in args.nodes:
-                for kind in args.stores:
-                    if kind == "sqlite":
-                        url = f"sqlite:///{workdir / f'startup-{nodes}.db'}"
-                    else:
-                        assert postgres is not None
-                        name = f"startup_{nodes}"
-                        postgres.create_database(name)
-                        url = postgres.url(name)
-                    fill_s = asyncio.run(fill(url, nodes))
-                    timed = start_timed(broker.url, url, workdir)
-                    results.append({"store": kind, "nodes": nodes, "fill_s": round(fill_s, 1),
-                                    **timed})
-                    print(f"{kind} {nodes}: {timed}", flush=True)
+            with postgres_if("postgresql" in args.stores) as postgres:
+                for nodes in args.nodes:
+                    for kind in args.stores:
+                        if kind == "sqlite":
+                            url = f"sqlite:///{workdir / f'startup-{nodes}.db'}"
+                        else:
+                            assert postgres is not None
+                            name = f"startup_{nodes}"
+                            postgres.create_database(name)
+                            url = postgres.url(name)
+                        fill_s = asyncio.run(fill(url, nodes))
+                        timed = start_timed(broker.url, url, workdir)
+                        results.append({"store": kind, "nodes": nodes,
+                                        "fill_s": round(fill_s, 1), **timed})
+                        print(f"{kind} {nodes}: {timed}", flush=True)
         finally:
             broker.stop()
-            if postgres is not None:
-                postgres.stop()
     print()
     print_table(("store", "nodes", "ready (s)", "load (s)", "RSS (MB)"),
                 [(r["store"], f"{r['nodes']:,}", f"{r['ready_s']:.2f}", f"{r['load_s']:.2f}",

@@ -21,8 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import machine, print_table, write_result
-from tests.support import Postgres, postgres_bindir
+from bench.common import machine, postgres_if, print_table, write_result
 
 BENCH = Path(__file__).resolve().parent
 
@@ -49,44 +48,33 @@ def main() -> None:
     args = parser.parse_args()
 
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="fleetmq-bench-store-") as tmp:
-        postgres = None
-        try:
-            if "postgresql" in args.stores:
-                bindir = postgres_bindir()
-                if bindir is None:
-                    raise SystemExit("PostgreSQL server binaries not found "
-                                     "(apt-get install postgresql)")
-                postgres = Postgres(bindir)
-                postgres.start()
-            for number, kind in enumerate(args.stores):
-                def url(run: str, kind: str = kind, number: int = number) -> str:
-                    if kind == "memory":
-                        return "memory://"
-                    if kind == "sqlite":
-                        return "sqlite"  # the benches make a fresh file of their own
-                    assert postgres is not None
-                    name = f"bench_{run}_{number}"
-                    postgres.create_database(name)
-                    return postgres.url(name)
+    with (tempfile.TemporaryDirectory(prefix="fleetmq-bench-store-") as tmp,
+          postgres_if("postgresql" in args.stores) as postgres):
+        for number, kind in enumerate(args.stores):
+            def url(run: str, kind: str = kind, number: int = number) -> str:
+                if kind == "memory":
+                    return "memory://"
+                if kind == "sqlite":
+                    return "sqlite"  # the benches make a fresh file of their own
+                assert postgres is not None
+                name = f"bench_{run}_{number}"
+                postgres.create_database(name)
+                return postgres.url(name)
 
-                results = Path(tmp) / kind
-                results.mkdir()
-                ingest = run_bench("ingest", [
-                    "--skip-bare", "--mqtt-versions", args.mqtt_version,
-                    "--nodes", str(args.nodes), "--messages", str(args.messages),
-                    "--store", url("ingest")], results)
-                lag = run_bench("lag", [
-                    "--mqtt-version", args.mqtt_version, "--rate", str(args.rate),
-                    "--seconds", str(args.seconds), "--store", url("lag")], results)
-                result = ingest["results"][0]
-                rows.append({"store": kind, "ingest_per_s": result["per_s"],
-                             "lost": result["lost"],
-                             "lag_p50_ms": lag["lag_p50_ms"], "lag_p99_ms": lag["lag_p99_ms"],
-                             "probes_answered": lag["probes_answered"]})
-        finally:
-            if postgres is not None:
-                postgres.stop()
+            results = Path(tmp) / kind
+            results.mkdir()
+            ingest = run_bench("ingest", [
+                "--skip-bare", "--mqtt-versions", args.mqtt_version,
+                "--nodes", str(args.nodes), "--messages", str(args.messages),
+                "--store", url("ingest")], results)
+            lag = run_bench("lag", [
+                "--mqtt-version", args.mqtt_version, "--rate", str(args.rate),
+                "--seconds", str(args.seconds), "--store", url("lag")], results)
+            result = ingest["results"][0]
+            rows.append({"store": kind, "ingest_per_s": result["per_s"],
+                         "lost": result["lost"],
+                         "lag_p50_ms": lag["lag_p50_ms"], "lag_p99_ms": lag["lag_p99_ms"],
+                         "probes_answered": lag["probes_answered"]})
 
     memory = next((r for r in rows if r["store"] == "memory"), None)
     print(f"\nmachine: {os.cpu_count()} cores; MQTT {args.mqtt_version}; {args.nodes:,} nodes; "

@@ -11,7 +11,7 @@ import contextlib
 import json
 import sqlite3
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 
 from fleetmq.app import FleetService
-from fleetmq.config import StoreSettings, parse_store
+from fleetmq.config import Settings, StoreSettings, parse_store
 from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.store import Batch, HistoryEvent, make_store
 from fleetmq.store.base import NodeRow, Store, StoredEvent
@@ -244,14 +244,22 @@ class FlakyStore:
         await self.inner.close()
 
 
+@contextlib.asynccontextmanager
+async def with_flaky_store(mosquitto: Mosquitto, root: str, tmp_path: Path
+                           ) -> AsyncIterator[tuple[FleetService, FlakyStore, Settings]]:
+    """A ready manager over a FlakyStore around SQLite; also the settings to start another
+    manager on the same file afterwards."""
+    settings = make_settings(mosquitto.url, root, store=sqlite_settings(tmp_path / "f.db"))
+    flaky = FlakyStore(make_store(settings.store))
+    async with FleetService(settings, store=flaky) as svc:
+        await eventually(lambda: svc.ready, timeout=10)
+        yield svc, flaky, settings
+
+
 async def test_a_failing_store_refuses_registrations_and_catches_up(
     mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    store_settings = sqlite_settings(tmp_path / "f.db")
-    settings = make_settings(mosquitto.url, root, store=store_settings)
-    flaky = FlakyStore(make_store(store_settings))
-    async with FleetService(settings, store=flaky) as svc:
-        await eventually(lambda: svc.ready, timeout=10)
+    async with with_flaky_store(mosquitto, root, tmp_path) as (svc, flaky, settings):
         assert (await post(http, svc, "register", {"node_id": "a", "type": "picclaw"}))[0] == 200
         flaky.broken = True
         # The first write to fail answers 503 once its commit is late; then the store is
@@ -302,11 +310,7 @@ async def test_answers_wait_for_the_commit_that_stores_them(
 ) -> None:
     """A REST response and an MQTT reply acknowledge a change: neither goes out before the
     store has it (the store is held, then let go)."""
-    store_settings = sqlite_settings(tmp_path / "f.db")
-    held = FlakyStore(make_store(store_settings))
-    async with FleetService(make_settings(mosquitto.url, root, store=store_settings),
-                            store=held) as svc:
-        await eventually(lambda: svc.ready, timeout=10)
+    async with with_flaky_store(mosquitto, root, tmp_path) as (svc, held, _):
         agent = await mqtt_clients(mosquitto.port, "m1").connect()
         await agent.subscribe(f"{root}/m1/reply")
         held.gate.clear()
@@ -327,11 +331,7 @@ async def test_answers_wait_for_the_commit_that_stores_them(
 async def test_a_row_the_store_refuses_is_dropped_alone(
     mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    store_settings = sqlite_settings(tmp_path / "f.db")
-    picky = FlakyStore(make_store(store_settings))
-    async with FleetService(make_settings(mosquitto.url, root, store=store_settings),
-                            store=picky) as svc:
-        await eventually(lambda: svc.ready, timeout=10)
+    async with with_flaky_store(mosquitto, root, tmp_path) as (svc, picky, settings):
         picky.gate.clear()  # so both land in one batch
         picky.poison = "bad"
         pending = [asyncio.ensure_future(post(http, svc, "register",
@@ -345,7 +345,7 @@ async def test_a_row_the_store_refuses_is_dropped_alone(
         assert (await post(http, svc, "register", {"node_id": "later", "type": "x"}))[0] == 200
         async with http.get(api(svc, "/metrics")) as resp:
             assert "fleetmq_store_rows_rejected_total 1" in await resp.text()
-    async with running(make_settings(mosquitto.url, root, store=store_settings)) as svc:
+    async with running(settings) as svc:
         assert await get_node(http, svc, "good") is not None
         assert await get_node(http, svc, "later") is not None
         assert await get_node(http, svc, "bad") is None
@@ -354,11 +354,7 @@ async def test_a_row_the_store_refuses_is_dropped_alone(
 async def test_an_idle_store_that_breaks_is_noticed_without_a_write(
     mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
-    store_settings = sqlite_settings(tmp_path / "f.db")
-    flaky = FlakyStore(make_store(store_settings))
-    async with FleetService(make_settings(mosquitto.url, root, store=store_settings),
-                            store=flaky) as svc:
-        await eventually(lambda: svc.ready, timeout=10)
+    async with with_flaky_store(mosquitto, root, tmp_path) as (svc, flaky, _):
         flaky.broken = True
 
         async def unready() -> bool:
