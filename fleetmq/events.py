@@ -1,18 +1,18 @@
 """What the registry reports back: one event per transition or removal.
 
-Events are plain frozen records; publishers (retained status, metrics) consume them and never
-write back to the registry.
+Events are plain immutable records (named tuples: a mass expiry makes a million of them, and a
+tuple is built in a third of the time of a frozen dataclass); publishers (retained status,
+store, metrics) consume them and never write back to the registry.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from fleetmq.models import Status
 
 
-@dataclass(frozen=True, slots=True)
-class NodeTransitioned:
+class NodeTransitioned(NamedTuple):
     """A node entered a state (or registered): published as its retained status."""
 
     node_id: str
@@ -24,8 +24,7 @@ class NodeTransitioned:
     """The state before, None for a node registered for the first time."""
 
 
-@dataclass(frozen=True, slots=True)
-class NodeDeleted:
+class NodeDeleted(NamedTuple):
     """A node was decommissioned: its retained status is cleared."""
 
     node_id: str

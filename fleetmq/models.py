@@ -6,6 +6,7 @@ transports turn a ``ValidationError`` into their own reply with ``describe_error
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -47,11 +48,15 @@ def _no_nul(value: str) -> str:
     return value
 
 
-def _no_nul_metadata(value: dict[str, Scalar]) -> dict[str, Scalar]:
+def _check_metadata(value: dict[str, Scalar]) -> dict[str, Scalar]:
     for key, item in value.items():
         _no_nul(key)
         if isinstance(item, str):
             _no_nul(item)
+        elif isinstance(item, float) and not math.isfinite(item):
+            # The JSON parser takes NaN and Infinity, which JSON itself (and every reader of
+            # the REST documents) does not.
+            raise ValueError(f"value of {key!r} must be a finite number, not {item}")
     return value
 
 
@@ -88,7 +93,7 @@ class RegisterRequest(BaseModel):
         default_factory=list, max_length=256
     )
     location: Text | None = None
-    metadata: Annotated[dict[str, Scalar], AfterValidator(_no_nul_metadata)] = Field(
+    metadata: Annotated[dict[str, Scalar], AfterValidator(_check_metadata)] = Field(
         default_factory=dict)
     heartbeat_interval_seconds: Interval | None = None
     session: SessionId | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from fleetmq.clock import Instant
 from fleetmq.registry import Node
@@ -35,8 +35,7 @@ NodeRow = tuple[Any, ...]
 TouchRow = tuple[Any, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class HistoryEvent:
+class HistoryEvent(NamedTuple):
     """One transition, as it is kept: ``from_status`` is None for a first registration."""
 
     node_id: str

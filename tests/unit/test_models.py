@@ -308,3 +308,12 @@ def test_the_nul_character_is_refused_in_every_text_field(body: dict[str, object
     with pytest.raises(ValidationError) as info:
         RegisterRequest.model_validate_json(json.dumps(body))
     assert "NUL" in describe_error(info.value).message
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_metadata_numbers_must_be_finite(token: str) -> None:
+    """The JSON parser takes NaN and Infinity; JSON itself, and every reader of the REST
+    documents, does not."""
+    with pytest.raises(ValidationError) as info:
+        RegisterRequest.model_validate_json(f'{{"node_type": "x", "metadata": {{"v": {token}}}}}')
+    assert "finite" in describe_error(info.value).message
