@@ -22,6 +22,7 @@ from fleetmq.clock import Clock, SystemClock
 from fleetmq.config import Settings
 from fleetmq.errors import BrokerError, StoreError
 from fleetmq.fleet import Fleet
+from fleetmq.heap import Heap
 from fleetmq.http import HttpServer, RestApi
 from fleetmq.ingest import MqttIngest
 from fleetmq.metrics import Metrics
@@ -94,6 +95,7 @@ class FleetService:
         self._group: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
         self._writer_task: asyncio.Task[None] | None = None
+        self._heap = Heap()
         self._reconcile_task: asyncio.Task[bool] | None = None
 
     @property
@@ -166,6 +168,7 @@ class FleetService:
             await chunks.aclose()
             gc.freeze()
             gc.enable()
+        self._heap.frozen(len(nodes))
         log.info("store_loaded store=%s nodes=%d seconds=%.2f", self.store.url, len(nodes),
                  self.clock.now().mono - started.mono)
 
@@ -213,6 +216,7 @@ class FleetService:
                 await self._expire_due()
             except Exception:
                 log.exception("expiry_failed")
+            self._heap.settle(len(self.registry))
 
     async def _prune_loop(self) -> None:
         keep_s = self.settings.store.history_days * 86_400

