@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -30,7 +29,7 @@ from fleetmq.mqtt import MqttLink, Will
 from fleetmq.publisher import Publisher
 from fleetmq.registry import Node, Registry
 from fleetmq.store import make_store
-from fleetmq.store.base import NodeRow, Store, nodes_from_rows
+from fleetmq.store.base import Store, nodes_from_rows
 from fleetmq.store.writer import StoreWriter
 from fleetmq.topics import Topics
 from fleetmq.views import manager_status_payload
@@ -94,7 +93,6 @@ class FleetService:
         self._tasks: list[asyncio.Task[Any]] = []
         self._group: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
-        self._writer_task: asyncio.Task[None] | None = None
         self._heap = Heap()
         self._reconcile_task: asyncio.Task[bool] | None = None
 
@@ -122,7 +120,7 @@ class FleetService:
             group = self._group = await stack.enter_async_context(asyncio.TaskGroup())
             stack.push_async_callback(self._stop_loops)
             self._publisher_task = group.create_task(self.publisher.run(), name="fleetmq-publisher")
-            self._writer_task = group.create_task(self.writer.run(), name="fleetmq-store")
+            group.create_task(self.writer.run(), name="fleetmq-store")
             for name, coro in (
                 ("ingest", self.ingest.run()),
                 ("expiry", self._expire_loop()),
@@ -147,36 +145,30 @@ class FleetService:
         self._stack.push_async_callback(self._close_store)
         nodes: list[Node] = []
         chunks = self.store.load()
-        pending: asyncio.Future[list[NodeRow] | None] = asyncio.get_running_loop().create_future()
-        # A million new objects would make the cyclic collector walk them again and again
-        # (measured: it doubles the load time); they hold no cycles, so it pauses meanwhile and
-        # they are frozen afterwards, out of every later collection.
-        gc.disable()
-        try:
-            # The next chunk is fetched (in the store's thread or socket) while this one is
-            # turned into nodes.
-            pending = asyncio.ensure_future(anext(chunks, None))
-            while (rows := await pending) is not None:
+        with self._heap.loading():
+            try:
+                # The next chunk is fetched (in the store's thread or socket) while this one
+                # is turned into nodes.
                 pending = asyncio.ensure_future(anext(chunks, None))
-                nodes += nodes_from_rows(rows, started)
+                try:
+                    while (rows := await pending) is not None:
+                        pending = asyncio.ensure_future(anext(chunks, None))
+                        nodes += nodes_from_rows(rows, started)
+                finally:
+                    if not pending.done():
+                        pending.cancel()
+                        with contextlib.suppress(asyncio.CancelledError, StoreError):
+                            await pending
+            finally:
+                await chunks.aclose()
             self.registry.restore(nodes)
-        finally:
-            if not pending.done():
-                pending.cancel()
-                with contextlib.suppress(asyncio.CancelledError, StoreError):
-                    await pending
-            await chunks.aclose()
-            gc.freeze()
-            gc.enable()
         self._heap.frozen(len(nodes))
         log.info("store_loaded store=%s nodes=%d seconds=%.2f", self.store.url, len(nodes),
                  self.clock.now().mono - started.mono)
 
     async def _close_store(self) -> None:
-        # The loops have stopped: write what is still queued (heartbeats written behind too).
-        self.writer.stop()
-        if self._writer_task is not None:
-            await asyncio.wait([self._writer_task], timeout=STORE_CLOSE_TIMEOUT_S)
+        # The loops, the writer's own among them, have stopped (``_stop_loops``): write what
+        # is still queued (heartbeats written behind too), then close.
         await self.writer.close(STORE_CLOSE_TIMEOUT_S)
         await self.store.close()
 
