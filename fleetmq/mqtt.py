@@ -245,11 +245,8 @@ class MqttLink:
         client.max_queued_messages_set(0)
         if self._will is not None:
             client.will_set(self._will.topic, self._will.payload, qos=1, retain=True)
-        if self._broker.username is not None:
-            client.username_pw_set(self._broker.username, self._broker.password)
-        if self._broker.scheme == "mqtts":
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
-        client.on_socket_open = _set_nodelay
+        use_broker(client, self._broker)
+        client.on_socket_open = set_nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -767,7 +764,17 @@ class MqttLink:
         return False
 
 
-def _set_nodelay(_c: paho.Client, _u: object, sock: Any) -> None:
-    # paho leaves Nagle on: a small status publish would wait 40-90 ms for the ACK clock.
+def use_broker(client: paho.Client, broker: BrokerSettings) -> None:
+    """The credentials and TLS a broker URL asks for, on any of fleetmq's paho clients (the
+    manager's links, the agent, the simulator)."""
+    if broker.username is not None:
+        client.username_pw_set(broker.username, broker.password)
+    if broker.scheme == "mqtts":
+        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+
+
+def set_nodelay(_c: paho.Client, _u: object, sock: Any) -> None:
+    """paho's ``on_socket_open``: paho leaves Nagle on, so a small publish (a status, a
+    heartbeat) would wait 40-90 ms for the ACK clock."""
     with contextlib.suppress(OSError, AttributeError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

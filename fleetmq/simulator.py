@@ -15,7 +15,6 @@ import logging
 import random
 import secrets
 import socket
-import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +27,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fleetmq.clock import SystemClock
 from fleetmq.config import BrokerSettings
 from fleetmq.errors import BrokerError, ConfigError
+from fleetmq.mqtt import use_broker
 from fleetmq.topics import Topics, is_valid_root
 
 log = logging.getLogger(__name__)
@@ -149,10 +149,7 @@ class _Link:
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(max(100, QUEUE_BOUND // sim.settings.connections))
         client.connect_timeout = NETWORK_TIMEOUT_S
-        if broker.username is not None:
-            client.username_pw_set(broker.username, broker.password)
-        if broker.scheme == "mqtts":
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        use_broker(client, broker)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +21,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetmq.config import BrokerSettings
 from fleetmq.errors import BrokerError
+from fleetmq.mqtt import set_nodelay, use_broker
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +46,8 @@ class AgentConnection:
                              protocol=MQTTProtocolVersion.MQTTv311, clean_session=True,
                              reconnect_on_failure=False)
         client.will_set(will_topic, will_payload, qos=1, retain=False)
-        if broker.username is not None:
-            client.username_pw_set(broker.username, broker.password)
-        if broker.scheme == "mqtts":
-            client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
-        client.on_socket_open = _set_nodelay
+        use_broker(client, broker)
+        client.on_socket_open = set_nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -196,9 +192,3 @@ class AgentConnection:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(BrokerError(f"connection lost: {reason}"))
-
-
-def _set_nodelay(_c: paho.Client, _u: object, sock: Any) -> None:
-    # paho leaves Nagle on: a small heartbeat would wait 40-90 ms for the ACK clock.
-    with contextlib.suppress(OSError, AttributeError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
