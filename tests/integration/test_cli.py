@@ -247,11 +247,11 @@ async def test_flags_win_over_environment_variables(
     assert await manager.wait_exit() == 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-async def test_a_stop_signal_publishes_offline_shutdown_and_exits_0(
-    mosquitto: Any, root: str, managers: Any, http: aiohttp.ClientSession,
-    mqtt_clients: Any, sig: int
-) -> None:
+async def manager_watched_online(managers: Any, mosquitto: Any, root: str,
+                                 http: aiohttp.ClientSession, mqtt_clients: Any
+                                 ) -> tuple[Manager, Any, str]:
+    """A ready ``fleetmq serve`` on the session Mosquitto, and a client that has seen its
+    presence ``online``; returns them and the presence topic."""
     port = free_port()
     manager = managers("--broker", mosquitto.url, "--http", f"127.0.0.1:{port}",
                        "--topic-root", root)
@@ -261,6 +261,16 @@ async def test_a_stop_signal_publishes_offline_shutdown_and_exits_0(
     await watcher.subscribe(topic)
     await eventually(lambda: payloads(watcher, topic))
     assert payloads(watcher, topic)[-1]["status"] == "online"
+    return manager, watcher, topic
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+async def test_a_stop_signal_publishes_offline_shutdown_and_exits_0(
+    mosquitto: Any, root: str, managers: Any, http: aiohttp.ClientSession,
+    mqtt_clients: Any, sig: int
+) -> None:
+    manager, watcher, topic = await manager_watched_online(
+        managers, mosquitto, root, http, mqtt_clients)
 
     manager.signal(sig)
     started = time.monotonic()
@@ -285,15 +295,8 @@ async def test_kill_9_makes_the_broker_publish_the_managers_last_will(
     mosquitto: Any, root: str, managers: Any, http: aiohttp.ClientSession,
     mqtt_clients: Any
 ) -> None:
-    port = free_port()
-    manager = managers("--broker", mosquitto.url, "--http", f"127.0.0.1:{port}",
-                       "--topic-root", root)
-    await manager.wait_ready(port, http)
-    topic = f"{root}/_manager/status"
-    watcher = await mqtt_clients(mosquitto.port).connect()
-    await watcher.subscribe(topic)
-    await eventually(lambda: payloads(watcher, topic))
-    assert payloads(watcher, topic)[-1]["status"] == "online"
+    manager, watcher, topic = await manager_watched_online(
+        managers, mosquitto, root, http, mqtt_clients)
 
     manager.signal(signal.SIGKILL)
     assert await manager.wait_exit() == -signal.SIGKILL
