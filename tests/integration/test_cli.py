@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -338,25 +338,32 @@ async def test_embedded_broker_serves_mqtt_and_rest_and_stops_on_sigterm(
     assert_no_traceback(manager.log)
 
 
-async def test_embedded_broker_port_taken_exits_with_a_one_line_hint_to_use_broker(
-    managers: Any
-) -> None:
+async def exit_over_taken_port(start: Callable[[int], Manager]) -> tuple[str, int]:
+    """Start a manager with ``start(port)`` while that port is taken: it must exit non-zero
+    within 10 s with one line of error and no traceback. Returns the line and the port."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        manager = managers("--broker", f"embedded://127.0.0.1:{busy}",
-                           "--http", f"127.0.0.1:{free_port()}")
+        manager = start(busy)
         started = time.monotonic()
         code = await manager.wait_exit(timeout=10)
     assert code != 0
     assert time.monotonic() - started < 10
     lines = [line for line in manager.log.splitlines() if line.strip()]
     assert len(lines) == 1, manager.log
-    assert "already in use" in lines[0]
-    assert str(busy) in lines[0]
-    assert "--broker" in lines[0]
     assert_no_traceback(manager.log)
+    return lines[0], busy
+
+
+async def test_embedded_broker_port_taken_exits_with_a_one_line_hint_to_use_broker(
+    managers: Any
+) -> None:
+    line, busy = await exit_over_taken_port(lambda busy: managers(
+        "--broker", f"embedded://127.0.0.1:{busy}", "--http", f"127.0.0.1:{free_port()}"))
+    assert "already in use" in line
+    assert str(busy) in line
+    assert "--broker" in line
 
 
 @pytest.mark.parametrize("broker", ["mosquitto", "embedded"])
@@ -365,18 +372,8 @@ async def test_http_port_taken_exits_with_a_one_line_hint_to_use_http(
 ) -> None:
     url = (request.getfixturevalue("mosquitto").url if broker == "mosquitto"
            else f"embedded://127.0.0.1:{free_port()}")
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
-        manager = managers("--broker", url, "--http", f"127.0.0.1:{busy}", "--topic-root", root)
-        started = time.monotonic()
-        code = await manager.wait_exit(timeout=10)
-    assert code != 0
-    assert time.monotonic() - started < 10
-    lines = [line for line in manager.log.splitlines() if line.strip()]
-    assert len(lines) == 1, manager.log
-    assert "already in use" in lines[0]
-    assert str(busy) in lines[0]
-    assert "--http" in lines[0]
-    assert_no_traceback(manager.log)
+    line, busy = await exit_over_taken_port(lambda busy: managers(
+        "--broker", url, "--http", f"127.0.0.1:{busy}", "--topic-root", root))
+    assert "already in use" in line
+    assert str(busy) in line
+    assert "--http" in line
