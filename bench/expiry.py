@@ -25,16 +25,16 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, print_table, write_result
 from fleetmq.app import EXPIRY_BATCH, EXPIRY_TICK_S, IN_HAND_MARGIN_S
-from fleetmq.clock import FakeClock, Instant
-from fleetmq.events import Event, NodeTransitioned
+from fleetmq.core.clock import FakeClock, Instant
+from fleetmq.core.events import Event, NodeTransitioned
+from fleetmq.core.models import RegisterRequest
+from fleetmq.core.registry import Registry
+from fleetmq.core.topics import Topics
 from fleetmq.fleet import Fleet
 from fleetmq.heap import Heap
 from fleetmq.metrics import Metrics
-from fleetmq.models import RegisterRequest
-from fleetmq.publisher import Publisher
-from fleetmq.registry import Registry
+from fleetmq.mqtt.publisher import Publisher
 from fleetmq.store.writer import StoreWriter
-from fleetmq.topics import Topics
 
 TARGET_P99_S = 1.0
 MONO0 = 1000.0

@@ -27,9 +27,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import machine, print_table, write_result
-from fleetmq.clock import FakeClock
-from fleetmq.models import HeartbeatRequest, RegisterRequest
-from fleetmq.registry import Node, Registry
+from fleetmq.core.clock import FakeClock
+from fleetmq.core.models import HeartbeatRequest, RegisterRequest
+from fleetmq.core.registry import Node, Registry
 from fleetmq.views import node_json
 
 TARGET_BYTES = 1024

@@ -50,7 +50,7 @@ from bench.common import (
     wait_for,
     write_result,
 )
-from fleetmq.clock import SystemClock, format_timestamp
+from fleetmq.core.clock import SystemClock, format_timestamp
 from tests.support import Mosquitto, free_port
 
 PREFIX = "/api/v1/fleet"

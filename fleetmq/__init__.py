@@ -9,7 +9,6 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from fleetmq.app import FleetService
-from fleetmq.clock import Clock, FakeClock, Instant, SystemClock
 from fleetmq.config import (
     BrokerSettings,
     HttpSettings,
@@ -18,8 +17,9 @@ from fleetmq.config import (
     parse_broker,
     parse_store,
 )
+from fleetmq.core.clock import Clock, FakeClock, Instant, SystemClock
+from fleetmq.core.registry import Registry
 from fleetmq.errors import BrokerError, ConfigError, FleetmqError, StoreError
-from fleetmq.registry import Registry
 
 __all__ = [
     "BrokerError",

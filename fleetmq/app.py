@@ -16,22 +16,22 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
-from fleetmq.broker import EmbeddedBroker
-from fleetmq.clock import Clock, SystemClock
+from fleetmq.broker.embedded import EmbeddedBroker
 from fleetmq.config import Settings
+from fleetmq.core.clock import Clock, SystemClock
+from fleetmq.core.registry import Node, Registry
+from fleetmq.core.topics import Topics
 from fleetmq.errors import BrokerError, StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.heap import Heap
-from fleetmq.http import HttpServer, RestApi
-from fleetmq.ingest import MqttIngest
+from fleetmq.http.api import HttpServer, RestApi
 from fleetmq.metrics import Metrics
-from fleetmq.mqtt import MqttLink, Will
-from fleetmq.publisher import Publisher
-from fleetmq.registry import Node, Registry
+from fleetmq.mqtt.ingest import MqttIngest
+from fleetmq.mqtt.link import MqttLink, Will
+from fleetmq.mqtt.publisher import Publisher
 from fleetmq.store import make_store
 from fleetmq.store.base import Store, nodes_from_rows
 from fleetmq.store.writer import StoreWriter
-from fleetmq.topics import Topics
 from fleetmq.views import manager_status_payload
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import unquote, urlsplit
 
+from fleetmq.core.topics import is_valid_root
 from fleetmq.errors import ConfigError
-from fleetmq.topics import is_valid_root
 
 BrokerScheme = Literal["embedded", "mqtt", "mqtts"]
 DEFAULT_PORTS: dict[str, int] = {"embedded": 1883, "mqtt": 1883, "mqtts": 8883}

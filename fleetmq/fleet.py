@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from fleetmq.clock import Clock, Instant
-from fleetmq.events import Event, NodeTransitioned
+from fleetmq.core.clock import Clock, Instant
+from fleetmq.core.events import Event, NodeTransitioned
+from fleetmq.core.models import HeartbeatRequest, RegisterRequest
+from fleetmq.core.registry import HeartbeatApplied, Registered, Registry
 from fleetmq.metrics import Metrics
-from fleetmq.models import HeartbeatRequest, RegisterRequest
-from fleetmq.publisher import Publisher
-from fleetmq.registry import HeartbeatApplied, Registered, Registry
+from fleetmq.mqtt.publisher import Publisher
 from fleetmq.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)

@@ -9,10 +9,10 @@ from typing import Any
 
 import orjson
 
-from fleetmq.clock import format_timestamp
-from fleetmq.events import NodeTransitioned
-from fleetmq.models import Rejection
-from fleetmq.registry import Node
+from fleetmq.core.clock import format_timestamp
+from fleetmq.core.events import NodeTransitioned
+from fleetmq.core.models import Rejection
+from fleetmq.core.registry import Node
 
 MSG_REGISTERED = "Node successfully registered"
 MSG_UPDATED = "Node registration updated"

@@ -18,10 +18,10 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fleetmq.clock import SystemClock
+from fleetmq.core.clock import SystemClock
+from fleetmq.core.models import HeartbeatRequest, RegisterRequest, describe_error, quote
+from fleetmq.core.topics import is_valid_node_id, is_valid_root
 from fleetmq.errors import ConfigError
-from fleetmq.models import HeartbeatRequest, RegisterRequest, describe_error, quote
-from fleetmq.topics import is_valid_node_id, is_valid_root
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetmq.config import BrokerSettings
 from fleetmq.errors import BrokerError
-from fleetmq.mqtt import set_nodelay, use_broker
+from fleetmq.mqtt.link import set_nodelay, use_broker
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from fleetmq.agent.core import (
 )
 from fleetmq.agent.mqtt import AgentConnection
 from fleetmq.config import BrokerSettings
+from fleetmq.core.topics import Topics
 from fleetmq.errors import BrokerError
-from fleetmq.topics import Topics
 
 log = logging.getLogger(__name__)
 

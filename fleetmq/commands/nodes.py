@@ -20,9 +20,9 @@ from typing import Any
 import orjson
 
 from fleetmq.cli import env_name
-from fleetmq.clock import SystemClock
+from fleetmq.core.clock import SystemClock
+from fleetmq.core.models import STATUSES
 from fleetmq.errors import FleetmqError
-from fleetmq.models import STATUSES
 
 DEFAULT_API = "http://127.0.0.1:8080"
 PAGE_SIZE = 1000

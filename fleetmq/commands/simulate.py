@@ -2,7 +2,7 @@
 
 Options come from flags, then ``FLEETMQ_SIM_*`` variables, then defaults. A progress line goes
 to stderr while it runs, the summary table to stdout at the end. The engine is
-``fleetmq.simulator``; this module only parses, reports and handles signals.
+``fleetmq.agent.simulator``; this module only parses, reports and handles signals.
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ import sys
 from collections.abc import Mapping
 from typing import Any, TextIO
 
+from fleetmq.agent.simulator import SimSettings, SimStats, Simulator
 from fleetmq.cli import LOG_LEVELS, add_options, configure_logging
 from fleetmq.config import parse_broker
 from fleetmq.errors import ConfigError
-from fleetmq.simulator import SimSettings, SimStats, Simulator
 
 log = logging.getLogger("fleetmq.simulate")
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
 
-from fleetmq.clock import Instant
-from fleetmq.registry import Node
+from fleetmq.core.clock import Instant
+from fleetmq.core.registry import Node
 
 SCHEMA_VERSION = 1
 """Bumped with every change of the tables; each store migrates older versions on open and

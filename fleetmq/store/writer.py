@@ -21,9 +21,9 @@ import secrets
 from collections import deque
 from collections.abc import Callable
 
+from fleetmq.core.events import Event, NodeTransitioned
+from fleetmq.core.registry import Registry
 from fleetmq.errors import StoreDataError, StoreError
-from fleetmq.events import Event, NodeTransitioned
-from fleetmq.registry import Registry
 from fleetmq.store.base import Batch, HistoryEvent, Store, node_row, touch_row
 from fleetmq.store.memory import MemoryStore
 

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 import paho.mqtt.client as paho
 import pytest
 
-from fleetmq import mqtt
 from fleetmq.config import BrokerSettings
-from fleetmq.mqtt import Inbound, MqttLink, Will
+from fleetmq.mqtt import link as mqtt
+from fleetmq.mqtt.link import Inbound, MqttLink, Will
 from tests.conftest import eventually
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 0x10, 0x20, 0x30, 0x40, 0x80, 0x90
@@ -126,7 +126,7 @@ def link_to(broker: ScriptedBroker, *, mqtt5: bool = False, will: Will | None = 
 
 
 def test_the_private_paho_methods_the_link_replaces_still_exist() -> None:
-    # fleetmq.mqtt._Client overrides them: a paho release without them would bypass both.
+    # fleetmq.mqtt.link._Client overrides them: a paho release without them would bypass both.
     assert callable(getattr(paho.Client, "_sock_recv", None))
     assert callable(getattr(paho.Client, "_handle_on_message", None))
 

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import aiohttp
 import pytest
 
-from fleetmq.broker import EmbeddedBroker
+from fleetmq.broker.embedded import EmbeddedBroker
 from tests.conftest import (
     MqttClient,
     Received,

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from fleetmq.app import FleetService
-from fleetmq.http import STREAM_ABOVE
+from fleetmq.http.api import STREAM_ABOVE
 from tests.conftest import (
     broker_port,
     eventually,

@@ -17,11 +17,11 @@ from typing import Any
 import asyncpg
 import pytest
 
-from fleetmq.clock import Instant
 from fleetmq.config import parse_store
+from fleetmq.core.clock import Instant
+from fleetmq.core.models import HeartbeatRequest, RegisterRequest
+from fleetmq.core.registry import Node, Registry
 from fleetmq.errors import StoreDataError, StoreError
-from fleetmq.models import HeartbeatRequest, RegisterRequest
-from fleetmq.registry import Node, Registry
 from fleetmq.store import SCHEMA_VERSION, Batch, HistoryEvent, Store, make_store
 from fleetmq.store.base import (
     LOAD_CHUNK,

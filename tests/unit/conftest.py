@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from fleetmq.clock import FakeClock
-from fleetmq.models import HeartbeatRequest, RegisterRequest
-from fleetmq.registry import Node, Registry
+from fleetmq.core.clock import FakeClock
+from fleetmq.core.models import HeartbeatRequest, RegisterRequest
+from fleetmq.core.registry import Node, Registry
 
 NODE = "microclaw-esp32-f4cfa210"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 CORE = ("models", "topics", "registry", "events", "clock")
-PACKAGE = Path(__file__).resolve().parents[2] / "fleetmq"
+PACKAGE = Path(__file__).resolve().parents[2] / "fleetmq" / "core"
 ALLOWED = {"pydantic", "pydantic_core", "fleetmq"}
 
 
@@ -23,7 +23,7 @@ def test_core_module_imports_only_the_standard_library_and_pydantic(module: str)
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             roots.add(node.module.split(".")[0])
     foreign = roots - ALLOWED - set(sys.stdlib_module_names)
-    assert not foreign, f"fleetmq/{module}.py imports {sorted(foreign)}"
+    assert not foreign, f"fleetmq/core/{module}.py imports {sorted(foreign)}"
     inner = {n.module for n in ast.walk(tree)
              if isinstance(n, ast.ImportFrom) and n.module and n.module.startswith("fleetmq.")}
-    assert inner <= {f"fleetmq.{m}" for m in CORE}, f"fleetmq/{module}.py imports {inner}"
+    assert inner <= {f"fleetmq.core.{m}" for m in CORE}, f"fleetmq/core/{module}.py imports {inner}"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from fleetmq.models import (
+from fleetmq.core.models import (
     MAX_COUNTER,
     HeartbeatRequest,
     RegisterRequest,
@@ -16,7 +16,7 @@ from fleetmq.models import (
     describe_error,
     quote,
 )
-from fleetmq.topics import is_valid_node_id
+from fleetmq.core.topics import is_valid_node_id
 
 VALID_IDS = ["a", "Z", "0", "microclaw-esp32-f4cfa210", "a.b:c_d-e", "A" * 128, "9" + "z" * 127]
 INVALID_IDS = [

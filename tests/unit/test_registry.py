@@ -9,10 +9,10 @@ import random
 
 import pytest
 
-from fleetmq.clock import FakeClock
-from fleetmq.events import NodeDeleted, NodeTransitioned
-from fleetmq.models import Status
-from fleetmq.registry import NodeConflictError, NodeNotFoundError, Registry
+from fleetmq.core.clock import FakeClock
+from fleetmq.core.events import NodeDeleted, NodeTransitioned
+from fleetmq.core.models import Status
+from fleetmq.core.registry import NodeConflictError, NodeNotFoundError, Registry
 from tests.unit.conftest import NODE, hb, node_of, reg
 
 # --- register ------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from fleetmq.clock import FakeClock, Instant
-from fleetmq.events import NodeTransitioned
-from fleetmq.registry import Registry
+from fleetmq.core.clock import FakeClock, Instant
+from fleetmq.core.events import NodeTransitioned
+from fleetmq.core.registry import Registry
 from tests.unit.conftest import hb, node_of, reg
 
 EPS = 2**-10  # a power of two: FakeClock sums stay exact, so "just before" is really before

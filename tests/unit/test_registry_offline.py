@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from fleetmq.clock import FakeClock
-from fleetmq.events import NodeTransitioned
-from fleetmq.models import HeartbeatRequest
-from fleetmq.registry import Registry
+from fleetmq.core.clock import FakeClock
+from fleetmq.core.events import NodeTransitioned
+from fleetmq.core.models import HeartbeatRequest
+from fleetmq.core.registry import Registry
 from tests.unit.conftest import NODE, hb, node_of, reg
 
 # --- offline reports -----------------------------------------------------------------------

@@ -8,8 +8,8 @@ import pytest
 
 from fleetmq.cli import build_parser, env_name, main, settings_from
 from fleetmq.config import BrokerSettings, Settings, parse_broker, parse_hostport
+from fleetmq.core.topics import Kind, Parsed, Topics, is_valid_node_id, is_valid_root
 from fleetmq.errors import ConfigError
-from fleetmq.topics import Kind, Parsed, Topics, is_valid_node_id, is_valid_root
 
 # --- topics ----------------------------------------------------------------------------------
 

@@ -10,16 +10,16 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from fleetmq.clock import FakeClock, format_timestamp
-from fleetmq.events import NodeTransitioned
-from fleetmq.metrics import DROP_REASONS, Metrics, RateLimitedLog
-from fleetmq.models import (
+from fleetmq.core.clock import FakeClock, format_timestamp
+from fleetmq.core.events import NodeTransitioned
+from fleetmq.core.models import (
     RegisterRequest,
     describe_error,
     node_conflict,
     node_not_registered,
 )
-from fleetmq.registry import Node, NodeConflictError, Registry
+from fleetmq.core.registry import Node, NodeConflictError, Registry
+from fleetmq.metrics import DROP_REASONS, Metrics, RateLimitedLog
 from fleetmq.views import (
     dumps,
     error_body,

@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 
 from pydantic_core import to_json
 
-from fleetmq.clock import Instant
-from fleetmq.events import Event, NodeDeleted, NodeTransitioned
-from fleetmq.models import HeartbeatRequest, RegisterRequest, Scalar, Status
+from fleetmq.core.clock import Instant
+from fleetmq.core.events import Event, NodeDeleted, NodeTransitioned
+from fleetmq.core.models import HeartbeatRequest, RegisterRequest, Scalar, Status
 
 TIMEOUT_FACTOR = 3
 def _dump(value: object) -> str:

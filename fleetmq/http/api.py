@@ -17,12 +17,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from fleetmq.aio import wait_set
-from fleetmq.clock import format_timestamp
 from fleetmq.config import HttpSettings
-from fleetmq.errors import ConfigError, StoreError
-from fleetmq.fleet import Fleet
-from fleetmq.metrics import Metrics
-from fleetmq.models import (
+from fleetmq.core.clock import format_timestamp
+from fleetmq.core.models import (
     MAX_PAYLOAD_BYTES,
     STATUSES,
     HeartbeatRequest,
@@ -35,13 +32,16 @@ from fleetmq.models import (
     require_node_id,
     store_unavailable,
 )
-from fleetmq.mqtt import MqttLink
-from fleetmq.openapi import openapi_document
+from fleetmq.core.registry import Node, NodeConflictError, NodeNotFoundError, Registry
+from fleetmq.core.topics import is_valid_node_id
+from fleetmq.errors import ConfigError, StoreError
+from fleetmq.fleet import Fleet
+from fleetmq.http.openapi import openapi_document
+from fleetmq.metrics import Metrics
+from fleetmq.mqtt.link import MqttLink
+from fleetmq.mqtt.publisher import Publisher
 from fleetmq.ports import address_in_use
-from fleetmq.publisher import Publisher
-from fleetmq.registry import Node, NodeConflictError, NodeNotFoundError, Registry
 from fleetmq.store.writer import StoreUnavailableError, StoreWriter
-from fleetmq.topics import is_valid_node_id
 from fleetmq.views import dumps, heartbeat_reply, node_json, register_reply
 
 log = logging.getLogger(__name__)

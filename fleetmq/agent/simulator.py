@@ -24,11 +24,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fleetmq.clock import SystemClock
 from fleetmq.config import BrokerSettings
+from fleetmq.core.clock import SystemClock
+from fleetmq.core.topics import Topics, is_valid_root
 from fleetmq.errors import BrokerError, ConfigError
-from fleetmq.mqtt import use_broker
-from fleetmq.topics import Topics, is_valid_root
+from fleetmq.mqtt.link import use_broker
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pydantic import (
     ValidationError,
 )
 
-from fleetmq.topics import NODE_ID_PATTERN
+from fleetmq.core.topics import NODE_ID_PATTERN
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 QUOTE_LIMIT = 64

@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Any
 
 from fleetmq import __version__
-from fleetmq.models import HeartbeatRequest, RegisterRequest
-from fleetmq.topics import NODE_ID_PATTERN
+from fleetmq.core.models import HeartbeatRequest, RegisterRequest
+from fleetmq.core.topics import NODE_ID_PATTERN
 
 _TS = {"type": "string", "format": "date-time", "example": "2026-02-16T08:30:00.000Z"}
 _COUNTER = {"type": ["integer", "null"], "minimum": 0}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from fleetmq.models import Status
+from fleetmq.core.models import Status
 
 
 class NodeTransitioned(NamedTuple):

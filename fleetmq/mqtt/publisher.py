@@ -15,11 +15,11 @@ from collections import OrderedDict, deque
 from typing import Any
 
 from fleetmq.aio import wait_set
-from fleetmq.events import Event
+from fleetmq.core.events import Event
+from fleetmq.core.registry import Registry
+from fleetmq.core.topics import Topics
 from fleetmq.metrics import Metrics
-from fleetmq.mqtt import MqttLink
-from fleetmq.registry import Registry
-from fleetmq.topics import Topics
+from fleetmq.mqtt.link import MqttLink
 from fleetmq.views import dumps, node_status_payload
 
 log = logging.getLogger(__name__)

@@ -13,10 +13,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from fleetmq.errors import BrokerError
-from fleetmq.fleet import Fleet
-from fleetmq.metrics import Metrics, RateLimitedLog
-from fleetmq.models import (
+from fleetmq.core.models import (
     BARE_HEARTBEAT,
     MAX_PAYLOAD_BYTES,
     HeartbeatRequest,
@@ -28,11 +25,14 @@ from fleetmq.models import (
     quote,
     store_unavailable,
 )
-from fleetmq.mqtt import Inbound, MqttLink
-from fleetmq.publisher import Publisher
-from fleetmq.registry import NodeConflictError, NodeNotFoundError
+from fleetmq.core.registry import NodeConflictError, NodeNotFoundError
+from fleetmq.core.topics import Kind, Topics, is_valid_node_id
+from fleetmq.errors import BrokerError
+from fleetmq.fleet import Fleet
+from fleetmq.metrics import Metrics, RateLimitedLog
+from fleetmq.mqtt.link import Inbound, MqttLink
+from fleetmq.mqtt.publisher import Publisher
 from fleetmq.store.writer import StoreUnavailableError
-from fleetmq.topics import Kind, Topics, is_valid_node_id
 from fleetmq.views import heartbeat_reply, register_reply
 
 log = logging.getLogger(__name__)

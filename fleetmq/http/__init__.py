@@ -1,0 +1,1 @@
+"""The REST facade over aiohttp: the app and its routes, and the OpenAPI document."""
