@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import importlib
 import logging
 import os
@@ -19,6 +20,7 @@ from fleetmq import __version__
 from fleetmq.app import FleetService
 from fleetmq.config import (
     DEFAULT_STORE,
+    AuthSettings,
     HttpSettings,
     Settings,
     parse_broker,
@@ -78,6 +80,31 @@ SERVE_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
     ("--mqtt-version", "5", "5 (falls back to 3.1.1 if refused) or 3.1.1, which ingests faster "
                             "but ignores MQTT 5 response topics (default: 5)"),
     ("--log-level", "info", "debug, info, warning or error (default: info)"),
+    ("--auth", "auto",
+     "auto (on once the store has held an admin key), on (refuse to start without one) or off "
+     "(loopback listeners only unless given on purpose) (default: auto)"),
+    ("--admin-token-file", None,
+     "a file holding an admin token to adopt; if missing, one is created and written there "
+     "(mode 0600)"),
+    ("--broker-auth", "none",
+     "how an external broker checks logins: dynsec (mirror credentials into Mosquitto's dynamic "
+     "security plugin), external (the broker calls fleetmq's HTTP hooks, or its operator "
+     "configured it) or none (default: none)"),
+    ("--broker-admin", None,
+     "dynsec: mqtt://admin:pass@127.0.0.1:port (loopback) or mqtts://... of the plugin's admin"),
+    ("--broker-ca", None, "mqtts://: the CA file that signed the broker's certificate"),
+    ("--broker-cert", None, "mqtts://: a client certificate file, for brokers that ask for one"),
+    ("--broker-key", None, "mqtts://: the client certificate's key file"),
+    ("--http-tls-cert", None, "serve HTTPS with this certificate file (with --http-tls-key)"),
+    ("--http-tls-key", None, "the HTTPS certificate's key file"),
+    ("--metrics-public", "false", "true: /metrics without a token (default: false)"),
+    ("--trusted-proxy", "",
+     "comma-separated CIDRs of proxies whose X-Forwarded-For gives the client address"),
+    ("--audit-days", "365", "days the audit log is kept (default: 365)"),
+    ("--node-rate", "5", "register and heartbeat messages per second per node (default: 5)"),
+    ("--node-burst", "20", "burst of --node-rate (default: 20)"),
+    ("--key-rate", "1000", "requests and messages per second per API key (default: 1000)"),
+    ("--key-burst", "2000", "burst of --key-rate (default: 2000)"),
 )
 
 
@@ -114,13 +141,45 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
     return parser
 
 
+def _bool(option: str) -> Callable[[str], bool]:
+    def parse(text: str) -> bool:
+        value = text.strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{option} {text!r} is not true or false")
+    return parse
+
+
+def _auth_settings(args: argparse.Namespace) -> AuthSettings:
+    admin = parse_broker(args.broker_admin) if args.broker_admin else None
+    return AuthSettings(
+        mode=args.auth.lower(),
+        admin_token_file=args.admin_token_file or None,
+        broker_auth=args.broker_auth.lower(),
+        broker_admin=admin,
+        metrics_public=_bool("--metrics-public")(args.metrics_public),
+        trusted_proxies=tuple(p.strip() for p in args.trusted_proxy.split(",") if p.strip()),
+        audit_days=_float("--audit-days")(args.audit_days),
+        node_rate=_float("--node-rate")(args.node_rate),
+        node_burst=_int("--node-burst")(args.node_burst),
+        key_rate=_float("--key-rate")(args.key_rate),
+        key_burst=_int("--key-burst")(args.key_burst),
+    )
+
+
 def settings_from(args: argparse.Namespace) -> Settings:
     host, port = parse_hostport(args.http, "--http")
     if args.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     return Settings(
-        broker=parse_broker(args.broker),
-        http=HttpSettings(host=host, port=port),
+        broker=dataclasses.replace(parse_broker(args.broker), ca_file=args.broker_ca or None,
+                                   cert_file=args.broker_cert or None,
+                                   key_file=args.broker_key or None),
+        http=HttpSettings(host=host, port=port, tls_cert=args.http_tls_cert or None,
+                          tls_key=args.http_tls_key or None),
+        auth=_auth_settings(args),
         store=parse_store(args.store, _float("--flush-interval")(args.flush_interval),
                           _float("--history-days")(args.history_days)),
         topic_root=args.topic_root,

@@ -24,6 +24,11 @@ class BrokerSettings:
     port: int = 1883
     username: str | None = None
     password: str | None = None
+    ca_file: str | None = None
+    """``mqtts://``: the CA that signed the broker's certificate (default: the system's)."""
+    cert_file: str | None = None
+    """``mqtts://``: a client certificate, for brokers that ask for one."""
+    key_file: str | None = None
 
     @property
     def embedded(self) -> bool:
@@ -42,6 +47,9 @@ class BrokerSettings:
 class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8080
+    tls_cert: str | None = None
+    """With ``tls_key``: serve HTTPS."""
+    tls_key: str | None = None
     body_timeout_s: float = 15.0
     idle_timeout_s: float = 60.0
     shutdown_timeout_s: float = 10.0
@@ -103,11 +111,54 @@ def parse_store(text: str, flush_interval_s: float = 1.0,
         "for an absolute path), postgresql://user@host/db or memory:// (nothing kept)")
 
 
+AuthMode = Literal["auto", "on", "off"]
+BrokerAuth = Literal["none", "dynsec", "external"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Access control (contract section 8)."""
+
+    mode: AuthMode = "auto"
+    """auto: on once the store has held an admin key; on: refuse to start without one;
+    off: on purpose (a warning at every start)."""
+    admin_token_file: str | None = None
+    broker_auth: BrokerAuth = "none"
+    """How an external broker checks logins: dynsec (fleetmq mirrors credentials into
+    Mosquitto's dynamic security plugin), external (the operator configured it, e.g. EMQX
+    calling fleetmq's HTTP hooks) or none."""
+    broker_admin: BrokerSettings | None = None
+    """dynsec: the plugin's admin login (loopback or mqtts:// only)."""
+    metrics_public: bool = False
+    trusted_proxies: tuple[str, ...] = ()
+    """CIDRs whose X-Forwarded-For is believed for the client address."""
+    audit_days: float = 365.0
+    node_rate: float = 5.0
+    node_burst: int = 20
+    key_rate: float = 1000.0
+    key_burst: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "on", "off"):
+            raise ConfigError(f"--auth {self.mode!r} is not one of auto, on, off")
+        if self.broker_auth not in ("none", "dynsec", "external"):
+            raise ConfigError(f"--broker-auth {self.broker_auth!r} is not one of "
+                              "none, dynsec, external")
+        if not 0 < self.audit_days <= 36_500:
+            raise ConfigError(f"--audit-days {self.audit_days:g} is out of range: "
+                              "give days above 0 and at most 36500")
+        for name, rate in (("--node-rate", self.node_rate), ("--key-rate", self.key_rate)):
+            if not 0 < rate <= 1_000_000:
+                raise ConfigError(f"{name} {rate:g} is out of range: give messages per second "
+                                  "above 0 and at most 1000000")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     broker: BrokerSettings = BrokerSettings()
     http: HttpSettings = HttpSettings()
     store: StoreSettings = StoreSettings()
+    auth: AuthSettings = AuthSettings()
     topic_root: str = "fleet"
     heartbeat_interval_s: int = 60
     offline_after_s: float | None = None

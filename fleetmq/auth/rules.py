@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from fleetmq.topics import Topics, is_valid_node_id, is_valid_root
+from fleetmq.core.topics import Topics, is_valid_node_id, is_valid_root
 
 Role = Literal["read", "write", "admin", "broker", "enroll"]
 ROLES: tuple[Role, ...] = get_args(Role)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from fleetmq.auth.store import AuthStore, MemoryAuthStore
 from fleetmq.config import StoreSettings
 from fleetmq.errors import StoreError
 from fleetmq.store.base import SCHEMA_VERSION, Batch, HistoryEvent, Store, StoredEvent
@@ -16,6 +17,7 @@ __all__ = [
     "SqliteStore",
     "Store",
     "StoredEvent",
+    "make_auth_store",
     "make_store",
 ]
 
@@ -33,3 +35,19 @@ def make_store(settings: StoreSettings) -> Store:
             f"--store {settings.describe()} needs the asyncpg package: "
             "pip install 'fleetmq[postgres]'") from exc
     return PostgresStore(settings.location, settings.describe())
+
+
+def make_auth_store(settings: StoreSettings) -> AuthStore:
+    """The access-control tables of the same store (no lock: the CLI shares them)."""
+    if settings.scheme == "memory":
+        return MemoryAuthStore()
+    if settings.scheme == "sqlite":
+        from fleetmq.store.auth_sqlite import SqliteAuthStore  # noqa: PLC0415
+        return SqliteAuthStore(settings.location)
+    try:
+        from fleetmq.store.auth_postgres import PostgresAuthStore  # noqa: PLC0415
+    except ImportError as exc:
+        raise StoreError(
+            f"--store {settings.describe()} needs the asyncpg package: "
+            "pip install 'fleetmq[postgres]'") from exc
+    return PostgresAuthStore(settings.location, settings.describe())

@@ -44,7 +44,7 @@ def test_auth_rules_and_tokens_import_only_the_standard_library_and_topics() -> 
         modules |= {n.module for n in ast.walk(tree)
                     if isinstance(n, ast.ImportFrom) and n.module and not n.level}
         foreign = {m for m in modules if m.split(".")[0] not in sys.stdlib_module_names}
-        assert foreign <= {"fleetmq.topics"}, f"fleetmq/auth/{name}.py imports {foreign}"
+        assert foreign <= {"fleetmq.core.topics"}, f"fleetmq/auth/{name}.py imports {foreign}"
 
 
 # --- principals ----------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from fleetmq.auth.tokens import (
     same_digest,
     token_kind,
 )
-from fleetmq.topics import is_valid_node_id
+from fleetmq.core.topics import is_valid_node_id
 
 ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
 

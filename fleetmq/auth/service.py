@@ -1,0 +1,335 @@
+"""The live authority: checks tokens, makes and revokes credentials, and tells the brokers'
+edges when a credential stops working.
+
+It keeps every credential in memory (a token check is one SHA-256 and one dict lookup), writes
+every change through the ``AuthStore`` before it answers, and polls the store's sequence number
+so that changes made by the CLI are seen within ``poll_s``. Listeners hear of every credential
+that changed or ended; they apply it at their edge (closing broker sessions, mirroring to
+Mosquitto). It knows nothing of HTTP or MQTT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import heapq
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from fleetmq.auth.passwords import mosquitto_hash
+from fleetmq.auth.rules import Principal
+from fleetmq.auth.store import AuditEntry, AuthStore, Credential, LastAdminError
+from fleetmq.auth.tokens import digest, new_key_id, new_token, token_kind
+from fleetmq.core.clock import Clock
+from fleetmq.errors import FleetmqError
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.2
+"""How often the store's sequence number is read: a change by the CLI is live within this."""
+USE_FLUSH_S = 5.0
+MAX_VALID_NODE_TOKENS = 2
+KEY_ROLES = ("read", "write", "admin", "broker", "enroll")
+
+Failure = Literal["missing", "malformed", "unknown", "expired", "revoked"]
+Listener = Callable[[list[Credential]], None]
+
+
+class AuthError(FleetmqError):
+    """A credential change that cannot be made: ``code`` is the HTTP status to answer."""
+
+    def __init__(self, code: int, title: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.title = title
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What a presented token is: a principal, or why not."""
+
+    principal: Principal | None
+    credential: Credential | None = None
+    failure: Failure | None = None
+
+
+def principal_of(c: Credential) -> Principal:
+    if c.node_id is not None:
+        return Principal("node", c.node_id)
+    return Principal("key", c.id, c.role)  # type: ignore[arg-type]  # role checked on create
+
+
+class AuthService:
+    def __init__(self, store: AuthStore, clock: Clock, poll_s: float = POLL_S) -> None:
+        self.store = store
+        self._clock = clock
+        self._poll_s = poll_s
+        self._by_digest: dict[bytes, Credential] = {}
+        self._by_id: dict[str, Credential] = {}
+        self._by_node: dict[str, list[Credential]] = {}
+        self._ends: list[tuple[float, str]] = []
+        """(end, id) of credentials that will stop working: a heap, checked each poll."""
+        self._seq = 0
+        self.required = False
+        """The store requires auth: it has held an admin key (for good)."""
+        self._used: dict[str, float] = {}
+        self._listeners: list[Listener] = []
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Read every credential (the store must be open)."""
+        changes = await self.store.changes(0)
+        self._absorb(changes.credentials, changes.seq, changes.required, notify=False)
+
+    async def run(self) -> None:
+        """Poll for changes made elsewhere, end what expires, write last-use times behind."""
+        since_flush = 0.0
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                await self.refresh()
+                self._end_due()
+                since_flush += self._poll_s
+                if since_flush >= USE_FLUSH_S:
+                    since_flush = 0.0
+                    await self.flush_uses()
+            except Exception:
+                log.exception("auth_poll_failed")
+
+    async def refresh(self) -> None:
+        if await self.store.seq() != self._seq:
+            changes = await self.store.changes(self._seq)
+            self._absorb(changes.credentials, changes.seq, changes.required, notify=True)
+
+    async def flush_uses(self) -> None:
+        used, self._used = self._used, {}
+        if used:
+            await self.store.record_use(list(used.items()))
+
+    def add_listener(self, listener: Listener) -> None:
+        """``listener(credentials)`` hears of every credential written (here or by the CLI)
+        and of every one whose expiry, revocation or grace has just passed."""
+        self._listeners.append(listener)
+
+    # --- checking --------------------------------------------------------------------------
+
+    def verify(self, token: str | None) -> Verdict:
+        if not token:
+            return Verdict(None, failure="missing")
+        if token_kind(token) is None:
+            return Verdict(None, failure="malformed")
+        cred = self._by_digest.get(digest(token))
+        if cred is None:
+            return Verdict(None, failure="unknown")
+        now = self._now()
+        if cred.revoked_at is not None and cred.revoked_at <= now:
+            return Verdict(None, cred, "revoked")
+        if cred.expires_at is not None and cred.expires_at <= now:
+            return Verdict(None, cred, "expired")
+        self._used[cred.id] = now
+        return Verdict(principal_of(cred), cred)
+
+    def valid(self, cred_id: str) -> bool:
+        """Whether the credential of that id still works (sessions check it on revocation)."""
+        cred = self._by_id.get(cred_id)
+        return cred is not None and cred.valid_at(self._now())
+
+    def keys(self) -> list[Credential]:
+        return sorted((c for c in self._by_id.values() if c.is_key),
+                      key=lambda c: (c.created_at, c.id))
+
+    def key(self, key_id: str) -> Credential | None:
+        cred = self._by_id.get(key_id)
+        return cred if cred is not None and cred.is_key else None
+
+    def node_credentials(self, node_id: str) -> list[Credential]:
+        """The node's credentials that still work, newest first."""
+        now = self._now()
+        return sorted((c for c in self._by_node.get(node_id, ()) if c.valid_at(now)),
+                      key=lambda c: -c.created_at)
+
+    def has_valid_admin(self) -> bool:
+        now = self._now()
+        return any(c.role == "admin" and c.valid_at(now) for c in self._by_id.values())
+
+    # --- changes (durable when they return) -----------------------------------------------
+
+    async def create_key(self, role: str, *, name: str = "", expires_in_s: float | None = None,
+                         max_uses: int | None = None, id_pattern: str | None = None,
+                         node_type: str | None = None, allow_registered: bool = False,
+                         actor: str, address: str | None = None,
+                         token: str | None = None) -> tuple[Credential, str]:
+        """A new API key (or enroll key); ``token`` adopts a given one (``--admin-token-file``)."""
+        if role not in KEY_ROLES:
+            raise AuthError(400, "Invalid field", f"Field 'role' must be one of "
+                            f"{', '.join(KEY_ROLES)}, not {role[:64]!r}")
+        kind = "enr" if role == "enroll" else "key"
+        if token is None:
+            token = new_token(kind)
+        elif token_kind(token) != kind:
+            raise AuthError(400, "Invalid token", f"not a well-formed fmq_{kind}_ token")
+        now = self._now()
+        cred = Credential(
+            id=new_key_id(), digest=digest(token), created_at=now, role=role, name=name,
+            broker_hash=mosquitto_hash(token),
+            expires_at=None if expires_in_s is None else now + expires_in_s,
+            max_uses=max_uses, id_pattern=id_pattern, node_type=node_type,
+            allow_registered=allow_registered)
+        await self._save([cred], [AuditEntry(now, "key_created", actor, address,
+                                             f"key:{cred.id} role={role}")],
+                         require=role == "admin")
+        return cred, token
+
+    async def revoke_key(self, key_id: str, *, cascade: bool = False, actor: str,
+                         address: str | None = None) -> list[Credential]:
+        """Revoke a key (and, with ``cascade``, the node credentials it enrolled). Refuses
+        (409) to revoke the last valid admin key."""
+        cred = self.key(key_id)
+        if cred is None:
+            raise AuthError(404, "Key not found", f"No API key with ID {key_id[:64]}")
+        now = self._now()
+        ended = [cred.revoked(now)]
+        if cascade:
+            ended += [c.revoked(now) for c in self._by_id.values()
+                      if c.enrolled_by == key_id and c.valid_at(now)]
+        audit = [AuditEntry(now, "key_revoked", actor, address, f"key:{key_id}")]
+        audit += [AuditEntry(now, "credential_revoked", actor, address,
+                             f"node:{c.node_id} cascade=key:{key_id}") for c in ended[1:]]
+        try:
+            await self._save(ended, audit, keep_admin_at=now if cred.role == "admin" else None)
+        except LastAdminError:
+            raise AuthError(409, "Last admin key",
+                            "Revoking the last valid admin key is refused: auth stays on for "
+                            "good; create another admin key first") from None
+        return ended
+
+    async def issue_credential(self, node_id: str, *, expires_in_s: float | None = None,
+                               grace_s: float = 0.0, actor: str, address: str | None = None,
+                               enrolled_by: str | None = None) -> tuple[Credential, str]:
+        """A new token for the node. An older one stays valid for ``grace_s`` more (0: it is
+        revoked now); at most two tokens of a node are valid at once."""
+        now = self._now()
+        token = new_token("node")
+        cred = Credential(id=new_key_id(), digest=digest(token), created_at=now,
+                          node_id=node_id, expires_at=None if expires_in_s is None
+                          else now + expires_in_s, enrolled_by=enrolled_by,
+                          broker_hash=mosquitto_hash(token))
+        older = self.node_credentials(node_id)
+        ending: list[Credential] = []
+        for index, old in enumerate(older):
+            # The newest old one keeps its grace; any other goes now (two valid at most).
+            end = now + grace_s if index == 0 and grace_s > 0 else now
+            ending.append(old.revoked(end))
+        action = "credential_rotated" if older else "credential_issued"
+        if enrolled_by is not None:
+            action = "enrolled"
+        subject = f"node:{node_id}" + (f" grace={grace_s:g}s" if older and grace_s else "")
+        await self._save([*ending, cred], [AuditEntry(now, action, actor, address, subject)])
+        return cred, token
+
+    async def revoke_credentials(self, node_id: str, *, actor: str,
+                                 address: str | None = None) -> int:
+        """Revoke every token of the node; how many still worked."""
+        now = self._now()
+        ended = [c.revoked(now) for c in self.node_credentials(node_id)]
+        if ended:
+            await self._save(ended, [AuditEntry(now, "credential_revoked", actor, address,
+                                                f"node:{node_id}")])
+        return len(ended)
+
+    async def enroll(self, key: Credential, node_id: str, node_type: str, *, registered: bool,
+                     actor: str, address: str | None = None) -> tuple[Credential, str]:
+        """A node credential made with an enroll key, within the key's limits."""
+        now = self._now()
+
+        def refuse(code: int, title: str, message: str) -> AuthError:
+            log.info("enrollment_refused key=%s node_id=%s reason=%s", key.id, node_id, title)
+            return AuthError(code, title, message)
+
+        if self.node_credentials(node_id):
+            raise refuse(409, "Already enrolled",
+                         f"Node {node_id} already has a credential; an admin can rotate it")
+        if registered and not key.allow_registered:
+            raise refuse(403, "Forbidden", f"Node {node_id} is registered already and this "
+                         "enroll key does not allow registered ids")
+        if key.max_uses is not None and key.uses >= key.max_uses:
+            raise refuse(403, "Forbidden", "This enroll key has been used up")
+        if key.id_pattern is not None and not fnmatch.fnmatchcase(node_id, key.id_pattern):
+            raise refuse(403, "Forbidden",
+                         f"Node id {node_id} is outside this enroll key's id pattern")
+        if key.node_type is not None and node_type.casefold() != key.node_type.casefold():
+            raise refuse(403, "Forbidden",
+                         f"Node type {node_type[:64]} is outside this enroll key's type")
+        used = replace(key, uses=key.uses + 1, last_used_at=now)
+        token = new_token("node")
+        cred = Credential(id=new_key_id(), digest=digest(token), created_at=now,
+                          node_id=node_id, enrolled_by=key.id,
+                          broker_hash=mosquitto_hash(token))
+        await self._save([used, cred], [AuditEntry(now, "enrolled", actor, address,
+                                                   f"node:{node_id} key:{key.id}")])
+        return cred, token
+
+    async def audit(self, action: str, actor: str, address: str | None, subject: str) -> None:
+        """An audit entry on its own (a refusal the store should remember)."""
+        await self._save([], [AuditEntry(self._now(), action, actor, address, subject)])
+
+    # --- internals -------------------------------------------------------------------------
+
+    async def _save(self, credentials: list[Credential], audit: list[AuditEntry], *,
+                    require: bool = False, keep_admin_at: float | None = None) -> None:
+        seq = await self.store.save(credentials, audit, require=require,
+                                    keep_admin_at=keep_admin_at)
+        if seq == self._seq + 1:  # nobody else wrote meanwhile: what was saved is all
+            self._absorb([replace(c, seq=seq) for c in credentials], seq,
+                         self.required or require, notify=True)
+        else:
+            await self.refresh()
+
+    def _absorb(self, credentials: list[Credential], seq: int, required: bool, *,
+                notify: bool) -> None:
+        now = self._now()
+        for cred in credentials:
+            old = self._by_id.get(cred.id)
+            if old is not None:
+                self._by_digest.pop(old.digest, None)
+                siblings = self._by_node.get(old.node_id or "", [])
+                if old in siblings:
+                    siblings.remove(old)
+            self._by_id[cred.id] = cred
+            self._by_digest[cred.digest] = cred
+            if cred.node_id is not None:
+                self._by_node.setdefault(cred.node_id, []).append(cred)
+            ends = cred.ends_at()
+            if ends is not None and ends > now:
+                heapq.heappush(self._ends, (ends, cred.id))
+        self._seq = max(self._seq, seq)
+        self.required = self.required or required
+        if notify and credentials:
+            self._tell(credentials)
+
+    def _end_due(self) -> None:
+        now = self._now()
+        ended: list[Credential] = []
+        while self._ends and self._ends[0][0] <= now:
+            _, cred_id = heapq.heappop(self._ends)
+            cred = self._by_id.get(cred_id)
+            if cred is not None and not cred.valid_at(now):
+                ended.append(cred)
+                if cred.revoked_at is None:
+                    log.info("credential_expired identity=%s", cred.broker_identity)
+        if ended:
+            self._tell(list({c.id: c for c in ended}.values()))
+
+    def _tell(self, credentials: list[Credential]) -> None:
+        for listener in self._listeners:
+            try:
+                listener(credentials)
+            except Exception:
+                log.exception("auth_listener_failed")
+
+    def _now(self) -> float:
+        return self._clock.now().wall

@@ -1,0 +1,204 @@
+"""What access control keeps: credentials (API keys, enroll keys, node tokens), the audit log,
+and the store protocol every backend (memory, SQLite, PostgreSQL) implements.
+
+A store keeps SHA-256 digests, never tokens. Every change bumps one sequence number, and each
+changed row carries it, so a running manager polls one integer and reloads only what changed
+(the CLI writes to the same store while the manager runs). It decides nothing: ``AuthService``
+does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from fleetmq.errors import StoreError
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """One token's record. ``node_id`` is set for a node credential, ``role`` for a key
+    (``read``, ``write``, ``admin``, ``broker`` or ``enroll``)."""
+
+    id: str
+    digest: bytes
+    created_at: float
+    node_id: str | None = None
+    role: str | None = None
+    name: str = ""
+    expires_at: float | None = None
+    revoked_at: float | None = None
+    """When it stops working: now at a revocation, later while a rotated-out token's grace runs."""
+    last_used_at: float | None = None
+    uses: int = 0
+    max_uses: int | None = None
+    id_pattern: str | None = None
+    node_type: str | None = None
+    allow_registered: bool = False
+    enrolled_by: str | None = None
+    """The enroll key's id, for a node credential made by enrollment."""
+    broker_hash: str | None = None
+    """The token as a Mosquitto password-file hash (for ``credentials export``): the broker
+    checks logins itself without fleetmq ever keeping the token."""
+    seq: int = 0
+
+    @property
+    def is_key(self) -> bool:
+        return self.node_id is None
+
+    @property
+    def broker_identity(self) -> str:
+        """The MQTT username and client id: the node id, or ``_key.<id>``."""
+        return self.node_id if self.node_id is not None else f"_key.{self.id}"
+
+    def ends_at(self) -> float | None:
+        """The earliest of expiry and revocation: from then on the token is refused."""
+        ends = [t for t in (self.expires_at, self.revoked_at) if t is not None]
+        return min(ends) if ends else None
+
+    def valid_at(self, now: float) -> bool:
+        ends = self.ends_at()
+        return ends is None or now < ends
+
+    def revoked(self, at: float) -> Credential:
+        if self.revoked_at is not None and self.revoked_at <= at:
+            return self
+        return replace(self, revoked_at=at)
+
+
+CREDENTIAL_COLUMNS: tuple[str, ...] = (
+    "id", "digest", "created_at", "node_id", "role", "name", "expires_at", "revoked_at",
+    "last_used_at", "uses", "max_uses", "id_pattern", "node_type", "allow_registered",
+    "enrolled_by", "broker_hash", "seq",
+)
+"""The order of a credential row, in every SQL store (the dataclass's field order)."""
+
+
+def credential_from_row(row: tuple[object, ...]) -> Credential:
+    values = list(row)
+    values[1] = bytes(values[1])  # type: ignore[call-overload]  # BLOB/bytea: bytes or memoryview
+    values[13] = bool(values[13])
+    return Credential(*values)  # type: ignore[arg-type]  # columns in field order
+
+
+def credential_row(c: Credential) -> tuple[object, ...]:
+    return (c.id, c.digest, c.created_at, c.node_id, c.role, c.name, c.expires_at,
+            c.revoked_at, c.last_used_at, c.uses, c.max_uses, c.id_pattern, c.node_type,
+            int(c.allow_registered), c.enrolled_by, c.broker_hash, c.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEntry:
+    at: float
+    action: str
+    """``key_created``, ``key_revoked``, ``credential_issued``, ``credential_rotated``,
+    ``credential_revoked``, ``credential_expired``, ``key_expired``, ``enrolled``,
+    ``needs_reissue``, ``enrollment_refused``..."""
+    actor: str
+    """``key:<id>``, ``node:<id>``, ``cli`` or ``manager``."""
+    address: str | None
+    subject: str
+    id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthChanges:
+    seq: int
+    required: bool
+    credentials: list[Credential]
+    """Every credential whose row changed after the ``since`` asked for."""
+
+
+class LastAdminError(StoreError):
+    """The change would leave no valid admin key: refused (auth stays on for good)."""
+
+
+class AuthStore(Protocol):
+    """Where credentials live; each method may raise ``StoreError``. Opening takes no lock:
+    the CLI manages keys in the store of a running manager."""
+
+    url: str
+
+    async def open(self) -> None:
+        """Connect and create the access-control tables if they are missing."""
+
+    async def changes(self, since: int) -> AuthChanges:
+        """The sequence number now, whether auth is required, and the credentials written
+        after ``since`` (all of them for 0)."""
+
+    async def seq(self) -> int:
+        """The sequence number now: one cheap read, polled by the manager."""
+
+    async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
+                   require: bool = False, keep_admin_at: float | None = None) -> int:
+        """Write the rows and the audit entries in one transaction under a new sequence
+        number (returned); ``require`` marks the store as requiring auth from now on.
+        With ``keep_admin_at``, raise ``LastAdminError`` (and write nothing) if no admin
+        key would still be valid at that moment."""
+
+    async def record_use(self, used: list[tuple[str, float]]) -> None:
+        """Set ``last_used_at`` (id, moment) without a new sequence number: bookkeeping,
+        written behind."""
+
+    async def audit(self, limit: int, before: int | None) -> list[AuditEntry]:
+        """Newest first, ids below ``before`` when given."""
+
+    async def prune_audit(self, older_than: float) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryAuthStore:
+    """``memory://``: nothing survives the process (auth then needs ``--admin-token-file``)."""
+
+    url = "memory://"
+
+    def __init__(self) -> None:
+        self._credentials: dict[str, Credential] = {}
+        self._audit: list[AuditEntry] = []
+        self._seq = 0
+        self._required = False
+
+    async def open(self) -> None:
+        return None
+
+    async def changes(self, since: int) -> AuthChanges:
+        return AuthChanges(self._seq, self._required,
+                           [c for c in self._credentials.values() if c.seq > since])
+
+    async def seq(self) -> int:
+        return self._seq
+
+    async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
+                   require: bool = False, keep_admin_at: float | None = None) -> int:
+        after = dict(self._credentials)
+        for c in credentials:
+            after[c.id] = replace(c, seq=self._seq + 1)
+        if keep_admin_at is not None and not any(
+                c.role == "admin" and c.valid_at(keep_admin_at) for c in after.values()):
+            raise LastAdminError("that would leave no valid admin key")
+        self._seq += 1
+        self._credentials = after
+        self._required = self._required or require
+        for entry in audit:
+            self._audit.append(replace(entry, id=len(self._audit) + 1))
+        return self._seq
+
+    async def record_use(self, used: list[tuple[str, float]]) -> None:
+        for cred_id, at in used:
+            c = self._credentials.get(cred_id)
+            if c is not None:
+                self._credentials[cred_id] = replace(c, last_used_at=at)
+
+    async def audit(self, limit: int, before: int | None) -> list[AuditEntry]:
+        newest_first = [e for e in reversed(self._audit) if before is None or e.id < before]
+        return newest_first[:limit]
+
+    async def prune_audit(self, older_than: float) -> int:
+        kept = [e for e in self._audit if e.at >= older_than]
+        dropped = len(self._audit) - len(kept)
+        self._audit = kept
+        return dropped
+
+    async def close(self) -> None:
+        return None

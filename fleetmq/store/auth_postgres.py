@@ -1,0 +1,174 @@
+"""Access-control tables in the fleet's PostgreSQL database (the ``postgres`` extra).
+
+A small pool of its own and no advisory lock: the CLI manages credentials in the store of a
+running manager. Writers serialise on the ``auth_meta`` sequence row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import asyncpg
+
+from fleetmq.auth.store import (
+    CREDENTIAL_COLUMNS,
+    AuditEntry,
+    AuthChanges,
+    Credential,
+    LastAdminError,
+    credential_from_row,
+    credential_row,
+)
+from fleetmq.errors import StoreError
+
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 10.0
+COMMAND_TIMEOUT_S = 10.0
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS auth_meta (k text PRIMARY KEY, v bigint NOT NULL);
+INSERT INTO auth_meta (k, v) VALUES ('seq', 0), ('required', 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS credentials (
+    id text PRIMARY KEY,
+    digest bytea NOT NULL UNIQUE,
+    created_at double precision NOT NULL,
+    node_id text,
+    role text,
+    name text NOT NULL,
+    expires_at double precision,
+    revoked_at double precision,
+    last_used_at double precision,
+    uses bigint NOT NULL,
+    max_uses bigint,
+    id_pattern text,
+    node_type text,
+    allow_registered integer NOT NULL,
+    enrolled_by text,
+    broker_hash text,
+    seq bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS credentials_by_seq ON credentials (seq);
+CREATE TABLE IF NOT EXISTS audit (
+    id bigserial PRIMARY KEY,
+    at double precision NOT NULL,
+    action text NOT NULL,
+    actor text NOT NULL,
+    address text,
+    subject text NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+"""
+
+_SELECT = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"
+_UPSERT = (
+    f"INSERT INTO credentials ({', '.join(CREDENTIAL_COLUMNS)}) VALUES "
+    f"({', '.join(f'${i}' for i in range(1, len(CREDENTIAL_COLUMNS) + 1))}) "
+    "ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in CREDENTIAL_COLUMNS if c != "id"))
+_VALID_ADMINS = ("SELECT count(*) FROM credentials WHERE role = 'admin' "
+                 "AND (revoked_at IS NULL OR revoked_at > $1) "
+                 "AND (expires_at IS NULL OR expires_at > $1)")
+_FAILURES: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class PostgresAuthStore:
+    def __init__(self, dsn: str, url: str) -> None:
+        self.dsn = dsn
+        self.url = url
+        self._pool: Any = None
+
+    async def open(self) -> None:
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn, min_size=1, max_size=2, timeout=CONNECT_TIMEOUT_S,
+                command_timeout=COMMAND_TIMEOUT_S,
+                server_settings={"application_name": "fleetmq-auth"})
+        except _FAILURES as exc:
+            raise StoreError(f"cannot open store {self.url}: {exc}; pass --store with a "
+                             "reachable postgresql:// URL") from exc
+
+        async def create(conn: Any) -> None:
+            # Two creators at once (CLI and manager) race on IF NOT EXISTS: serialise them.
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(727274101)")
+                await conn.execute(SCHEMA)
+        await self._with(create, "creating the access-control tables in")
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await pool.close()
+            except _FAILURES:
+                pool.terminate()
+
+    async def changes(self, since: int) -> AuthChanges:
+        async def read(conn: Any) -> AuthChanges:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                meta = dict(await conn.fetch("SELECT k, v FROM auth_meta"))
+                rows = await conn.fetch(f"{_SELECT} WHERE seq > $1", since)
+            return AuthChanges(int(meta["seq"]), bool(meta["required"]),
+                               [credential_from_row(tuple(r)) for r in rows])
+        return await self._with(read, "reading credentials from")
+
+    async def seq(self) -> int:
+        async def read(conn: Any) -> int:
+            return int(await conn.fetchval("SELECT v FROM auth_meta WHERE k = 'seq'"))
+        return await self._with(read, "reading")
+
+    async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
+                   require: bool = False, keep_admin_at: float | None = None) -> int:
+        async def write(conn: Any) -> int:
+            async with conn.transaction():
+                seq = int(await conn.fetchval(
+                    "UPDATE auth_meta SET v = v + 1 WHERE k = 'seq' RETURNING v"))
+                if credentials:
+                    await conn.executemany(
+                        _UPSERT, [(*credential_row(c)[:-1], seq) for c in credentials])
+                if audit:
+                    await conn.executemany(
+                        "INSERT INTO audit (at, action, actor, address, subject) "
+                        "VALUES ($1, $2, $3, $4, $5)",
+                        [(e.at, e.action, e.actor, e.address, e.subject) for e in audit])
+                if require:
+                    await conn.execute("UPDATE auth_meta SET v = 1 WHERE k = 'required'")
+                if keep_admin_at is not None and not await conn.fetchval(
+                        _VALID_ADMINS, keep_admin_at):
+                    raise LastAdminError("that would leave no valid admin key")
+            return seq
+        return await self._with(write, "writing credentials to")
+
+    async def record_use(self, used: list[tuple[str, float]]) -> None:
+        async def write(conn: Any) -> None:
+            await conn.executemany("UPDATE credentials SET last_used_at = $1 WHERE id = $2",
+                                   [(at, cred_id) for cred_id, at in used])
+        await self._with(write, "writing to")
+
+    async def audit(self, limit: int, before: int | None) -> list[AuditEntry]:
+        async def read(conn: Any) -> list[AuditEntry]:
+            rows = await conn.fetch(
+                "SELECT at, action, actor, address, subject, id FROM audit WHERE id < $1 "
+                "ORDER BY id DESC LIMIT $2",
+                before if before is not None else 2**63 - 1, limit)
+            return [AuditEntry(*r) for r in rows]
+        return await self._with(read, "reading the audit log from")
+
+    async def prune_audit(self, older_than: float) -> int:
+        async def write(conn: Any) -> int:
+            status = await conn.execute("DELETE FROM audit WHERE at < $1", older_than)
+            return int(status.split()[-1])
+        return await self._with(write, "pruning the audit log of")
+
+    async def _with(self, fn: Callable[[Any], Awaitable[T]], doing: str) -> T:
+        if self._pool is None:
+            raise StoreError(f"store {self.url} is not open")
+        try:
+            async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
+                return await fn(conn)
+        except LastAdminError:
+            raise
+        except _FAILURES as exc:
+            raise StoreError(f"store {self.url} failed {doing}: {exc}") from exc
