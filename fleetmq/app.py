@@ -16,6 +16,10 @@ from collections.abc import Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
+from fleetmq.auth.rules import TopicRules
+from fleetmq.auth.service import AuthService
+from fleetmq.auth.startup import adopt_admin_token_file, decide_mode, warn_cleartext
+from fleetmq.auth.store import AuthStore
 from fleetmq.broker.embedded import EmbeddedBroker
 from fleetmq.config import Settings
 from fleetmq.core.clock import Clock, SystemClock
@@ -29,7 +33,7 @@ from fleetmq.metrics import Metrics
 from fleetmq.mqtt.ingest import MqttIngest
 from fleetmq.mqtt.link import MqttLink, Will
 from fleetmq.mqtt.publisher import Publisher
-from fleetmq.store import make_store
+from fleetmq.store import make_auth_store, make_store
 from fleetmq.store.base import Store, nodes_from_rows
 from fleetmq.store.writer import StoreWriter
 from fleetmq.views import manager_status_payload
@@ -49,11 +53,17 @@ PRUNE_EVERY_S = 3600.0
 
 class FleetService:
     def __init__(self, settings: Settings, clock: Clock | None = None,
-                 store: Store | None = None) -> None:
-        """``store`` replaces the one ``settings.store`` names (tests pass their own)."""
+                 store: Store | None = None, auth_store: AuthStore | None = None) -> None:
+        """``store`` and ``auth_store`` replace the ones ``settings.store`` names (tests pass
+        their own)."""
         self.settings = settings
         self.clock = clock or SystemClock()
         self.topics = Topics(settings.topic_root)
+        self.rules = TopicRules(settings.topic_root)
+        self.auth = AuthService(auth_store if auth_store is not None
+                                else make_auth_store(settings.store), self.clock)
+        self.auth_enabled = False
+        """Decided at start (``--auth`` and the store), fixed for the process's life."""
         self.metrics = Metrics()
         self.registry = Registry(settings.heartbeat_interval_s, settings.default_timeout_s)
         # Two connections: ingest (persistent session, subscriptions) and output (statuses,
@@ -109,6 +119,7 @@ class FleetService:
         stack = self._stack
         try:
             self.http.check_port_free()
+            await self._open_auth()
             broker = self.settings.broker
             if broker.embedded:
                 await stack.enter_async_context(EmbeddedBroker(broker.host, broker.port))
@@ -120,6 +131,7 @@ class FleetService:
             group = self._group = await stack.enter_async_context(asyncio.TaskGroup())
             stack.push_async_callback(self._stop_loops)
             self._publisher_task = group.create_task(self.publisher.run(), name="fleetmq-publisher")
+            self._tasks.append(group.create_task(self.auth.run(), name="fleetmq-auth"))
             group.create_task(self.writer.run(), name="fleetmq-store")
             for name, coro in (
                 ("ingest", self.ingest.run()),
@@ -137,6 +149,26 @@ class FleetService:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stack.aclose()
+
+    async def _open_auth(self) -> None:
+        """Credentials loaded, the first admin key adopted, the mode decided: all before any
+        listener opens."""
+        await self.auth.store.open()
+        self._stack.push_async_callback(self._close_auth)
+        await self.auth.load()
+        if self.settings.auth.admin_token_file is not None:
+            await adopt_admin_token_file(self.auth, self.settings.auth.admin_token_file)
+        self.auth_enabled = decide_mode(self.settings, self.auth)
+        warn_cleartext(self.settings)
+        log.debug("auth_decided mode=%s enabled=%s keys=%d", self.settings.auth.mode,
+                  self.auth_enabled, len(self.auth.keys()))
+
+    async def _close_auth(self) -> None:
+        try:
+            await self.auth.flush_uses()
+        except StoreError as exc:
+            log.warning("auth_last_use_not_written error=%s", exc)
+        await self.auth.store.close()
 
     async def _open_store(self) -> None:
         """Open the store and load every node into the registry, straight into its objects."""
@@ -212,14 +244,18 @@ class FleetService:
 
     async def _prune_loop(self) -> None:
         keep_s = self.settings.store.history_days * 86_400
+        audit_keep_s = self.settings.auth.audit_days * 86_400
         while True:
             try:
                 dropped = await self.store.prune(self.clock.now().wall - keep_s)
+                audit_dropped = await self.auth.store.prune_audit(
+                    self.clock.now().wall - audit_keep_s)
             except Exception:
                 log.exception("history_prune_failed")
             else:
-                if dropped:
-                    log.info("history_pruned events=%d", dropped)
+                if dropped or audit_dropped:
+                    log.info("history_pruned events=%d audit_entries=%d", dropped,
+                             audit_dropped)
             await asyncio.sleep(PRUNE_EVERY_S)
 
     async def _expire_due(self) -> None:

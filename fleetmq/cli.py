@@ -208,9 +208,10 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with FleetService(settings) as service:
-        log.info("fleetmq_ready_to_serve version=%s http=%s:%d broker=%s root=%s",
+        log.info("fleetmq_ready_to_serve version=%s http=%s:%d broker=%s root=%s auth=%s",
                  __version__, settings.http.host, service.http_port,
-                 settings.broker.describe(), settings.topic_root)
+                 settings.broker.describe(), settings.topic_root,
+                 "on" if service.auth_enabled else "off")
         await stop.wait()
         log.info("fleetmq_stopping")
     log.info("fleetmq_stopped")
