@@ -159,6 +159,7 @@ class FleetService:
         if self.settings.auth.admin_token_file is not None:
             await adopt_admin_token_file(self.auth, self.settings.auth.admin_token_file)
         self.auth_enabled = decide_mode(self.settings, self.auth)
+        self.ingest.own_reply_only = self.auth_enabled
         warn_cleartext(self.settings)
         log.debug("auth_decided mode=%s enabled=%s keys=%d", self.settings.auth.mode,
                   self.auth_enabled, len(self.auth.keys()))

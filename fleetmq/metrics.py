@@ -28,6 +28,7 @@ class Metrics:
         self.replies_published = 0
         self.replies_overflowed = 0
         self.expiry_passes = 0
+        self.response_topics_refused = 0
 
     def render(self, *, nodes: int, connected: bool, backlog: int,
                store: StoreFigures | None = None) -> str:
@@ -62,6 +63,8 @@ class Metrics:
             f"fleetmq_replies_published_total {self.replies_published}",
             "# TYPE fleetmq_replies_overflowed_total counter",
             f"fleetmq_replies_overflowed_total {self.replies_overflowed}",
+            "# TYPE fleetmq_response_topics_refused_total counter",
+            f"fleetmq_response_topics_refused_total {self.response_topics_refused}",
         ]
         if store is not None:
             lines += [

@@ -59,6 +59,9 @@ class MqttIngest:
         self._sync_seen = asyncio.Event()
         self._last_retained_at = 0.0
         self._stale_cleared = 0
+        self.own_reply_only = False
+        """Auth on (contract section 6): a Response Topic other than the sender's own reply
+        topic is ignored and counted, and the answer goes to the sender's reply topic."""
 
     async def run(self) -> None:
         link = self._link
@@ -140,8 +143,10 @@ class MqttIngest:
                                "offline_ignored node_id=%s reason=%s", node_id, result.ignored)
             return
         # Accepted heartbeats are answered only where MQTT 5 asks, at a topic we may write to.
-        topic = msg.response_topic
-        if topic is not None and not self._topics.is_foreign_reply_target(topic, node_id):
+        if msg.response_topic is None:
+            return
+        topic = self._answer_topic(node_id, msg.response_topic)
+        if topic is not None:
             body = heartbeat_reply(result.node, now.wall)
             if result.events:  # a transition is acknowledged once stored
                 self._fleet.writer.when_durable(
@@ -150,10 +155,21 @@ class MqttIngest:
                 self._publisher.reply(topic, body, msg.correlation)
 
     def _reply(self, node_id: str, msg: Inbound, body: dict[str, Any]) -> None:
-        topic = msg.response_topic
-        if topic is None or self._topics.is_foreign_reply_target(topic, node_id):
-            topic = self._topics.reply(node_id)
-        self._publisher.reply(topic, body, msg.correlation)
+        topic = None
+        if msg.response_topic is not None:
+            topic = self._answer_topic(node_id, msg.response_topic)
+        self._publisher.reply(topic or self._topics.reply(node_id), body, msg.correlation)
+
+    def _answer_topic(self, node_id: str, asked: str) -> str | None:
+        """Where an answer to a request with that Response Topic goes; None where the topic
+        must not be written to (the manager never writes where a device points it inside the
+        fleet's namespace)."""
+        if self.own_reply_only:
+            own = self._topics.reply(node_id)
+            if asked != own:
+                self._metrics.response_topics_refused += 1
+            return own
+        return None if self._topics.is_foreign_reply_target(asked, node_id) else asked
 
     def _drop(self, reason: str, msg: Inbound, detail: str) -> None:
         self._metrics.dropped[reason] += 1

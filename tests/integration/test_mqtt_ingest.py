@@ -12,14 +12,17 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
+from fleetmq.config import AuthSettings
 from tests.conftest import broker_port, eventually, make_settings, running
 from tests.integration.mqtt_support import (
     V5Client,
+    api,
     bodies,
     codes,
     dropped,
@@ -379,3 +382,35 @@ async def test_mqtt5_response_topic_in_the_fleet_namespace_or_wildcard_is_never_
         assert seen == {own, f"{root}/node-7/register", f"{root}/node-7/heartbeat",
                         f"{root}/node-7/status", f"{root}/_manager/status",
                         f"answers/{root}/ok"}
+
+
+async def test_with_auth_on_only_the_senders_own_reply_topic_is_honoured(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession,
+    v5_clients: Callable[[str], V5Client],
+) -> None:
+    # Section 6: with auth on, any Response Topic but the sender's own reply topic is ignored
+    # and counted, and the answer goes to the sender's reply topic instead.
+    own = f"{root}/node-9/reply"
+    elsewhere = f"answers/{root}/node-9"  # honoured with auth off (test above)
+    settings = make_settings(mosquitto.url, root, auth=AuthSettings(
+        admin_token_file=str(tmp_path / "admin.token"), broker_auth="external"))
+    async with running(settings) as svc:
+        assert svc.auth_enabled
+        agent = await v5_clients("node-9").connect()
+        await agent.subscribe(f"answers/{root}/#")
+        await agent.subscribe(f"{root}/+/reply")
+        await agent.publish(f"{root}/node-9/register", json.dumps({"type": "picclaw"}),
+                            properties=request_properties(elsewhere, b"r1"))
+        [reg] = await eventually(lambda: agent.answers_on(own))
+        assert reg.correlation == b"r1"
+        await agent.publish(f"{root}/node-9/heartbeat", b"",
+                            properties=request_properties(f"{root}/node-10/reply", b"h2"))
+        await eventually(lambda: len(agent.answers_on(own)) == 2)
+        assert agent.answers_on(own)[1].correlation == b"h2"
+        assert agent.answers_on(elsewhere) == []
+        assert agent.received(f"{root}/node-10/reply") == []
+        token = (tmp_path / "admin.token").read_text().strip()
+        async with http.get(api(svc, "/metrics"),
+                            headers={"Authorization": f"Bearer {token}"}) as resp:
+            text = await resp.text()
+        assert "fleetmq_response_topics_refused_total 2" in text
