@@ -147,10 +147,11 @@ class AuthService:
         return cred if cred is not None and cred.is_key else None
 
     def node_credentials(self, node_id: str) -> list[Credential]:
-        """The node's credentials that still work, newest first."""
+        """The node's credentials that still work, the current one first (one in its grace
+        after a rotation ends sooner)."""
         now = self._now()
         return sorted((c for c in self._by_node.get(node_id, ()) if c.valid_at(now)),
-                      key=lambda c: -c.created_at)
+                      key=lambda c: (c.revoked_at is None, c.created_at), reverse=True)
 
     def has_valid_admin(self) -> bool:
         now = self._now()
