@@ -34,6 +34,7 @@ from fleetmq.fleet import Fleet
 from fleetmq.heap import Heap
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.publisher import Publisher
+from fleetmq.rates import NodeRates
 from fleetmq.store.writer import StoreWriter
 
 TARGET_P99_S = 1.0
@@ -106,7 +107,7 @@ def run(scenario: str, nodes: int, spread_s: float, timeout_s: float) -> Outcome
     # (dirty node, history event); the commits run in a task of their own, not measured here.
     writer = StoreWriter(store=None, registry=registry,  # type: ignore[arg-type]  # never flushed here
                          monotonic=clock.monotonic)
-    fleet = Fleet(registry, clock, publisher, metrics, writer)
+    fleet = Fleet(registry, clock, publisher, metrics, writer, NodeRates(1e6, 1_000_000))
     lateness: list[float] = []
     cpu = max_call = max_pass = 0.0
     ticks = calls = 0

@@ -41,6 +41,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
+    UNLIMITED_NODES,
     answers,
     fresh_store,
     machine,
@@ -204,7 +205,7 @@ class Bench:
         self.server = self._spawn("fleetmq", [
             sys.executable, "-m", "fleetmq", "serve", "--broker", self.broker.url,
             "--http", f"127.0.0.1:{self.http_port}", "--store", fresh_store(self.workdir),
-            "--topic-root", ROOT,
+            "--topic-root", ROOT, *UNLIMITED_NODES,
             "--log-level", "warning"])
         self.list_file = self.workdir / "list.json"
         self._spawn("bare", [sys.executable, __file__, "--bare-server", str(self.bare_port),

@@ -33,6 +33,7 @@ from fleetmq.metrics import Metrics
 from fleetmq.mqtt.ingest import MqttIngest
 from fleetmq.mqtt.link import MqttLink, Will
 from fleetmq.mqtt.publisher import Publisher
+from fleetmq.rates import NodeRates
 from fleetmq.store import make_auth_store, make_store
 from fleetmq.store.base import Store, nodes_from_rows
 from fleetmq.store.writer import StoreWriter
@@ -94,7 +95,9 @@ class FleetService:
         self.store = store if store is not None else make_store(settings.store)
         self.writer = StoreWriter(self.store, self.registry, self.clock.monotonic,
                                   settings.store.flush_interval_s)
-        self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer)
+        self.rates = NodeRates(settings.auth.node_rate, settings.auth.node_burst)
+        self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer,
+                           self.rates)
         self.ingest = MqttIngest(self.link, self.topics, self.fleet, self.publisher, self.metrics)
         self.api = RestApi(self.fleet, self.registry, (self.link, self.out), self.publisher,
                            self.metrics, settings.http, settings.topic_root)

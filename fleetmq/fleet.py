@@ -16,6 +16,7 @@ from fleetmq.core.models import HeartbeatRequest, RegisterRequest
 from fleetmq.core.registry import HeartbeatApplied, Registered, Registry
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.publisher import Publisher
+from fleetmq.rates import NodeRates
 from fleetmq.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -23,15 +24,18 @@ log = logging.getLogger(__name__)
 
 class Fleet:
     def __init__(self, registry: Registry, clock: Clock, publisher: Publisher,
-                 metrics: Metrics, writer: StoreWriter) -> None:
+                 metrics: Metrics, writer: StoreWriter, rates: NodeRates) -> None:
         self.registry = registry
         self.clock = clock
+        self.rates = rates
         self._publisher = publisher
         self._metrics = metrics
         self.writer = writer
 
     def register(self, node_id: str, req: RegisterRequest) -> tuple[Registered, Instant]:
-        """Raises StoreUnavailableError while the store is down, NodeConflictError."""
+        """Raises RateLimitedError, StoreUnavailableError while the store is down,
+        NodeConflictError."""
+        self.rates.check(node_id, self.clock.monotonic())
         self.writer.check_available()
         now = self.clock.now()
         result = self.registry.register(node_id, req, now)
@@ -41,6 +45,9 @@ class Fleet:
         return result, now
 
     def heartbeat(self, node_id: str, req: HeartbeatRequest) -> tuple[HeartbeatApplied, Instant]:
+        """Raises RateLimitedError, NodeNotFoundError."""
+        if req.status != "offline":  # a last will is never refused: the node is gone
+            self.rates.check(node_id, self.clock.monotonic())
         now = self.clock.now()
         result = self.registry.heartbeat(node_id, req, now)
         if result.events:

@@ -13,6 +13,7 @@ from typing import Protocol
 DROP_REASONS = (
     "invalid_json", "invalid_payload", "invalid_topic_id", "id_mismatch", "too_large",
     "retained", "unknown_node", "conflict", "late_will", "store_unavailable",
+    "rate_limited",
 )
 
 

@@ -143,6 +143,12 @@ def store_unavailable() -> Rejection:
                      "store_unavailable")
 
 
+def rate_limited(retry_after_s: float) -> Rejection:
+    return Rejection(429, "Too many requests",
+                     f"The node is over its message rate; retry in {math.ceil(retry_after_s)} s",
+                     "rate_limited")
+
+
 def node_not_registered() -> Rejection:
     return Rejection(404, "Node not found", "Node must register first", "unknown_node")
 

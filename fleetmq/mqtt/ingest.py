@@ -23,6 +23,7 @@ from fleetmq.core.models import (
     node_conflict,
     node_not_registered,
     quote,
+    rate_limited,
     store_unavailable,
 )
 from fleetmq.core.registry import NodeConflictError, NodeNotFoundError
@@ -32,6 +33,7 @@ from fleetmq.fleet import Fleet
 from fleetmq.metrics import Metrics, RateLimitedLog
 from fleetmq.mqtt.link import Inbound, MqttLink
 from fleetmq.mqtt.publisher import Publisher
+from fleetmq.rates import RateLimitedError
 from fleetmq.store.writer import StoreUnavailableError
 from fleetmq.views import heartbeat_reply, register_reply
 
@@ -106,6 +108,12 @@ class MqttIngest:
             self._drop(rej.reason, msg, rej.message)
             self._reply(node_id, msg, {"error": rej.title, "message": rej.message,
                                        "code": rej.code})
+        except RateLimitedError as limited:
+            self._metrics.dropped["rate_limited"] += 1
+            if limited.answer:  # one 429 a second: a flood gets no flood of replies
+                refusal = rate_limited(limited.retry_after_s)
+                self._reply(node_id, msg, {"error": refusal.title, "message": refusal.message,
+                                           "code": refusal.code})
         else:
             self._metrics.mqtt_applied += 1
 
