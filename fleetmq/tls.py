@@ -28,6 +28,7 @@ class Options:
 HTTP_OPTIONS = Options(ca="", cert="--http-tls-cert", key="--http-tls-key")
 BROKER_TLS_OPTIONS = Options(ca="", cert="--broker-tls-cert", key="--broker-tls-key")
 BROKER_OPTIONS = Options()
+API_OPTIONS = Options(ca="--api-ca", cert="", key="")
 
 
 def server_context(cert_file: str, key_file: str, names: Options) -> ssl.SSLContext:
