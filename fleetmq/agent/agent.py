@@ -26,7 +26,7 @@ from fleetmq.agent.core import (
     capabilities_tuple,
     parse_interval,
 )
-from fleetmq.agent.credentials import Credentials, obtain_token, read_token_file
+from fleetmq.agent.credentials import Credentials, read_token_file
 from fleetmq.config import parse_broker
 from fleetmq.errors import ConfigError, FleetmqError
 from fleetmq.tls import API_OPTIONS, broker_context, client_context
@@ -179,8 +179,7 @@ class Agent:
 
     async def _run(self) -> None:
         try:
-            token = await obtain_token(self._credentials, self.spec.register_body(None),
-                                       self._api_tls, self._stop)
+            token = await self._token()
             if self._stop.is_set():
                 return  # stopped while enrolling
             await self._transport(token).run(self._stop)
@@ -189,6 +188,19 @@ class Agent:
             log.error("agent_gave_up node_id=%s error=%s", self.node_id, exc)
         finally:
             self._ended.set()
+
+    async def _token(self) -> str | None:
+        """The node token: given, kept in the token file, or enrolled for; None without
+        credentials or if stopped while enrolling."""
+        credentials = self._credentials
+        if credentials.enroll_key is None:
+            if credentials.token_file is not None:
+                return read_token_file(credentials.token_file) or credentials.token
+            return credentials.token
+        from fleetmq.agent.enroll import obtain_token  # noqa: PLC0415 (aiohttp only when used)
+
+        return await obtain_token(credentials, self.spec.register_body(None), self._api_tls,
+                                  self._stop)
 
     def _transport(self, token: str | None) -> _Transport:
         uptime = Uptime()

@@ -19,11 +19,11 @@ from urllib.parse import urlsplit
 
 from fleetmq.agent.credentials import (
     Credentials,
-    enroll_many,
     probe_writable,
     read_tokens_file,
     write_tokens_file,
 )
+from fleetmq.agent.enroll import enroll_many
 from fleetmq.agent.simulator import SimSettings, SimStats, Simulator
 from fleetmq.cli import LOG_LEVELS, add_options, configure_logging
 from fleetmq.commands.agent import TLS_CLIENT_OPTIONS
