@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 import paho.mqtt.client as paho
 import pytest
+from cryptography.hazmat.primitives import serialization
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from fleetmq.agent import Agent
@@ -193,7 +194,9 @@ async def test_the_manager_refuses_a_broker_its_ca_does_not_vouch_for(
 
 # --- certificate files: one clear line ---------------------------------------------------------
 
-def test_tls_contexts_refuse_wrong_files_with_a_sentence_naming_the_option(pki: Pki) -> None:
+def test_tls_contexts_refuse_wrong_files_with_a_sentence_naming_the_option(
+    pki: Pki, tmp_path: Path
+) -> None:
     with pytest.raises(ConfigError, match=r"^--http-tls-cert /nowhere/c.pem: cannot read it"):
         server_context("/nowhere/c.pem", pki.server.key, HTTP_OPTIONS)
     with pytest.raises(ConfigError, match=r"--http-tls-key .* is not the key of the certificate"):
@@ -202,6 +205,14 @@ def test_tls_contexts_refuse_wrong_files_with_a_sentence_naming_the_option(pki: 
         client_context(pki.server.key, None, None)
     with pytest.raises(ConfigError, match="--broker-key was given without --broker-cert"):
         client_context(pki.ca, None, pki.client.key)
+    # An encrypted key is refused in a sentence, never with a passphrase prompt.
+    encrypted = tmp_path / "encrypted.key"
+    key = serialization.load_pem_private_key(Path(pki.server.key).read_bytes(), None)
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase")))
+    with pytest.raises(ConfigError, match="is encrypted: give an unencrypted PEM key"):
+        server_context(pki.server.cert, str(encrypted), HTTP_OPTIONS)
     context = client_context(pki.ca, pki.client.cert, pki.client.key)
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.check_hostname
