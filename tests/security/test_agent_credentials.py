@@ -338,8 +338,9 @@ async def test_fleetmq_simulate_enrolls_each_node_and_logs_each_in_with_its_own_
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
 
 
-def test_simulate_refuses_one_token_for_many_nodes(tmp_path: Path) -> None:
+def test_simulate_refuses_one_token_for_many_nodes(capsys: pytest.CaptureFixture[str]) -> None:
     from fleetmq.cli import main
 
     code = main(["simulate", "--nodes", "2", "--token", new_token("node")], env={})
     assert code == 2
+    assert "--token is one node's token: it works with --nodes 1 only" in capsys.readouterr().err
