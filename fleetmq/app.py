@@ -125,7 +125,8 @@ class FleetService:
             await self._open_auth()
             broker = self.settings.broker
             if broker.embedded:
-                await stack.enter_async_context(EmbeddedBroker(broker.host, broker.port))
+                await stack.enter_async_context(
+                    EmbeddedBroker(broker.host, broker.port, self.settings.broker_tls))
             await self._open_store()
             self.fleet.grant_grace()
             await stack.enter_async_context(self.out)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import importlib
 import logging
 import os
@@ -24,6 +23,7 @@ from fleetmq.config import (
     HttpSettings,
     Settings,
     parse_broker,
+    parse_broker_tls,
     parse_hostport,
     parse_store,
 )
@@ -95,6 +95,10 @@ SERVE_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
     ("--broker-ca", None, "mqtts://: the CA file that signed the broker's certificate"),
     ("--broker-cert", None, "mqtts://: a client certificate file, for brokers that ask for one"),
     ("--broker-key", None, "mqtts://: the client certificate's key file"),
+    ("--broker-tls", None,
+     "HOST:PORT of a TLS listener of the embedded broker, beside its TCP one (default: none)"),
+    ("--broker-tls-cert", None, "the embedded broker's TLS certificate file (PEM)"),
+    ("--broker-tls-key", None, "the embedded broker's TLS key file (PEM, unencrypted)"),
     ("--http-tls-cert", None, "serve HTTPS with this certificate file (with --http-tls-key)"),
     ("--http-tls-key", None, "the HTTPS certificate's key file"),
     ("--metrics-public", "false", "true: /metrics without a token (default: false)"),
@@ -174,9 +178,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     return Settings(
-        broker=dataclasses.replace(parse_broker(args.broker), ca_file=args.broker_ca or None,
-                                   cert_file=args.broker_cert or None,
-                                   key_file=args.broker_key or None),
+        broker=parse_broker(args.broker, ca_file=args.broker_ca, cert_file=args.broker_cert,
+                            key_file=args.broker_key),
+        broker_tls=parse_broker_tls(args.broker_tls, args.broker_tls_cert, args.broker_tls_key),
         http=HttpSettings(host=host, port=port, tls_cert=args.http_tls_cert or None,
                           tls_key=args.http_tls_key or None),
         auth=_auth_settings(args),

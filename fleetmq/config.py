@@ -54,6 +54,22 @@ class HttpSettings:
     idle_timeout_s: float = 60.0
     shutdown_timeout_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            given, missing = (("--http-tls-cert", "--http-tls-key") if self.tls_key is None
+                              else ("--http-tls-key", "--http-tls-cert"))
+            raise ConfigError(f"{given} was given without {missing}: give both to serve HTTPS")
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerTlsSettings:
+    """The embedded broker's TLS listener (``--broker-tls HOST:PORT``), beside its TCP one."""
+
+    host: str
+    port: int
+    cert_file: str
+    key_file: str
+
 
 StoreScheme = Literal["memory", "sqlite", "postgresql"]
 DEFAULT_STORE = "sqlite:///fleetmq.db"
@@ -159,6 +175,8 @@ class Settings:
     http: HttpSettings = HttpSettings()
     store: StoreSettings = StoreSettings()
     auth: AuthSettings = AuthSettings()
+    broker_tls: BrokerTlsSettings | None = None
+    """The embedded broker's TLS listener; None: TCP only."""
     topic_root: str = "fleet"
     heartbeat_interval_s: int = 60
     offline_after_s: float | None = None
@@ -207,6 +225,10 @@ class Settings:
                 f"--keepalive {self.keepalive_s} is out of range: give whole seconds from 5 to "
                 "65535 (long enough that a backlog of messages cannot outrun the ping)"
             )
+        if self.broker_tls is not None and not self.broker.embedded:
+            raise ConfigError(f"--broker-tls is a listener of the embedded broker, but --broker "
+                              f"is {self.broker.describe()}: drop --broker-tls, or configure "
+                              "TLS on that broker")
         if self.client_id is not None and not self.client_id.startswith(CLIENT_ID_PREFIX):
             raise ConfigError(
                 f"--client-id {self.client_id!r} must begin with {CLIENT_ID_PREFIX!r}, "
@@ -214,8 +236,18 @@ class Settings:
             )
 
 
-def parse_broker(text: str) -> BrokerSettings:
-    """``embedded``, ``embedded://HOST:PORT``, ``mqtt://[user:pass@]host[:port]``, ``mqtts://``."""
+def parse_broker(text: str, *, ca_file: str | None = None, cert_file: str | None = None,
+                 key_file: str | None = None) -> BrokerSettings:
+    """``embedded``, ``embedded://HOST:PORT``, ``mqtt://[user:pass@]host[:port]``, ``mqtts://``;
+    the TLS files (``--broker-ca``, ``--broker-cert``, ``--broker-key``) go with mqtts:// only."""
+    tls_files = {"--broker-ca": ca_file, "--broker-cert": cert_file, "--broker-key": key_file}
+    given = [option for option, path in tls_files.items() if path]
+    if given and urlsplit(text).scheme != "mqtts":
+        scheme = urlsplit(text).scheme or text
+        raise ConfigError(f"{given[0]} is for an mqtts:// broker, not {scheme}: use --broker "
+                          f"mqtts://host:port, or drop {given[0]}")
+    if bool(cert_file) != bool(key_file):
+        raise ConfigError("--broker-cert and --broker-key go together: give both")
     if text == "embedded":
         return BrokerSettings()
     parts = urlsplit(text)
@@ -242,7 +274,27 @@ def parse_broker(text: str) -> BrokerSettings:
         port=port,
         username=unquote(parts.username) if parts.username else None,
         password=unquote(parts.password) if parts.password else None,
+        ca_file=ca_file or None,
+        cert_file=cert_file or None,
+        key_file=key_file or None,
     )
+
+
+def parse_broker_tls(text: str | None, cert_file: str | None,
+                     key_file: str | None) -> BrokerTlsSettings | None:
+    """``--broker-tls HOST:PORT`` with ``--broker-tls-cert`` and ``--broker-tls-key``."""
+    if not text:
+        if cert_file or key_file:
+            raise ConfigError("--broker-tls-cert and --broker-tls-key need --broker-tls HOST:PORT "
+                              "(the embedded broker's TLS listener, e.g. 127.0.0.1:8883)")
+        return None
+    host, port = parse_hostport(text, "--broker-tls")
+    if not cert_file or not key_file:
+        raise ConfigError("--broker-tls needs --broker-tls-cert and --broker-tls-key: "
+                          "the listener's certificate and key files")
+    if port == 0:
+        raise ConfigError("--broker-tls needs a port from 1 to 65535 (e.g. 127.0.0.1:8883)")
+    return BrokerTlsSettings(host, port, cert_file, key_file)
 
 
 def parse_hostport(text: str, option: str) -> tuple[str, int]:

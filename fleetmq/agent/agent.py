@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
@@ -24,8 +26,10 @@ from fleetmq.agent.core import (
     capabilities_tuple,
     parse_interval,
 )
+from fleetmq.agent.credentials import Credentials, read_token_file
 from fleetmq.config import parse_broker
-from fleetmq.errors import ConfigError
+from fleetmq.errors import ConfigError, FleetmqError
+from fleetmq.tls import API_OPTIONS, broker_context, client_context
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +50,13 @@ class Agent:
     agent.registered.wait()`` waits for the manager's acknowledgement. ``api="http://..."``
     uses the REST API instead of MQTT. ``telemetry`` is a sync or async callable returning a
     dict with ``uptime_seconds``, ``free_memory_kb``, ``sensors_active`` (any of them), or None.
+
+    Credentials (contract section 8): ``token`` (a node token: the MQTT password, with the node
+    id as username and client id; the REST bearer token), or ``token_file`` (a file that holds
+    it), or ``enroll_key`` with ``token_file`` (enroll at ``enroll_api``, default ``api``, once;
+    the token is kept in the file, mode 0600). TLS: ``ca_file`` (the CA of an ``mqtts://``
+    broker), ``cert_file``/``key_file`` (a client certificate), ``api_ca_file`` (the CA of an
+    ``https://`` API). A refused enrollment ends the agent: see ``error`` and ``ended``.
     """
 
     def __init__(
@@ -62,6 +73,14 @@ class Agent:
         metadata: Mapping[str, str | int | float | bool | None] | None = None,
         name: str | None = None,
         topic_root: str = "fleet",
+        token: str | None = None,
+        token_file: str | None = None,
+        enroll_key: str | None = None,
+        enroll_api: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        api_ca_file: str | None = None,
     ) -> None:
         self.spec = AgentSpec(
             node_id=node_id, node_type=node_type, interval_s=parse_interval(interval_s),
@@ -76,14 +95,41 @@ class Agent:
         self._state = AgentState()
         self._api = _check_api(api) if api is not None else None
         self._broker = None
+        self._broker_tls: ssl.SSLContext | None = None
         if self._api is None:
-            self._broker = parse_broker(broker or DEFAULT_BROKER)
+            self._broker = parse_broker(broker or DEFAULT_BROKER, ca_file=ca_file,
+                                        cert_file=cert_file, key_file=key_file)
             if self._broker.embedded:
                 raise ConfigError(
                     f"--broker {broker!r}: an agent connects to a running broker: "
                     "use mqtt://host:port or mqtts://host:port")
+            self._broker_tls = broker_context(self._broker)
+        elif ca_file or cert_file or key_file:
+            raise ConfigError("--broker-ca, --broker-cert and --broker-key are for MQTT agents: "
+                              "a REST agent trusts --api-ca")
+        self._credentials = Credentials(token=token, token_file=token_file,
+                                        enroll_key=enroll_key,
+                                        enroll_api=enroll_api or self._api)
+        self._credentials.check()
+        if enroll_key is not None and token_file is None:
+            raise ConfigError("--enroll-key needs --token-file: the file the node keeps its token "
+                              "in (an enroll key works once per node id)")
+        if enroll_api is not None:
+            _check_api(enroll_api, "--enroll-api")
+        if (token or token_file or enroll_key) and self._broker is not None \
+                and self._broker.username is not None:
+            raise ConfigError("the broker URL carries a user name, and a node token was given: "
+                              "with a token the agent logs in as its node id; drop the user "
+                              "from --broker")
+        if token_file is not None and enroll_key is None \
+                and read_token_file(token_file) is None:
+            raise ConfigError(f"--token-file {token_file} holds no token: give --enroll-key "
+                              "to enroll and keep the token there")
+        self._api_tls = _api_context(api_ca_file, enroll_api or self._api)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._error: FleetmqError | None = None
+        self._ended = asyncio.Event()
 
     # --- what the application reads ----------------------------------------------------------
 
@@ -112,27 +158,66 @@ class Agent:
     def transport(self) -> str:
         return "rest" if self._api is not None else "mqtt"
 
+    @property
+    def error(self) -> FleetmqError | None:
+        """Why the agent gave up (an enrollment refused for good), or None."""
+        return self._error
+
+    @property
+    def ended(self) -> asyncio.Event:
+        """Set when the agent stopped on its own (see ``error``) or was stopped."""
+        return self._ended
+
     # --- lifecycle -------------------------------------------------------------------------
 
     async def __aenter__(self) -> Agent:
         if self._task is not None:
             raise RuntimeError("an Agent can be entered once")
+        log.info("agent_starting node_id=%s transport=%s", self.node_id, self.transport)
+        self._task = asyncio.create_task(self._run(), name=f"fleetmq-agent-{self.node_id}")
+        return self
+
+    async def _run(self) -> None:
+        try:
+            token = await self._token()
+            if self._stop.is_set():
+                return  # stopped while enrolling
+            await self._transport(token).run(self._stop)
+        except FleetmqError as exc:
+            self._error = exc
+            log.error("agent_gave_up node_id=%s error=%s", self.node_id, exc)
+        finally:
+            self._ended.set()
+
+    async def _token(self) -> str | None:
+        """The node token: given, kept in the token file, or enrolled for; None without
+        credentials or if stopped while enrolling."""
+        credentials = self._credentials
+        if credentials.enroll_key is None:
+            if credentials.token_file is not None:
+                return read_token_file(credentials.token_file) or credentials.token
+            return credentials.token
+        from fleetmq.agent.enroll import obtain_token  # noqa: PLC0415 (aiohttp only when used)
+
+        return await obtain_token(credentials, self.spec.register_body(None), self._api_tls,
+                                  self._stop)
+
+    def _transport(self, token: str | None) -> _Transport:
         uptime = Uptime()
-        transport: _Transport
         if self._api is not None:
             from fleetmq.agent.over_rest import RestTransport  # noqa: PLC0415 (aiohttp only here)
 
-            transport = RestTransport(self.spec, self._api, self._state, self._telemetry, uptime)
-        else:
-            from fleetmq.agent.over_mqtt import MqttTransport  # noqa: PLC0415 (paho only here)
+            return RestTransport(self.spec, self._api, self._state, self._telemetry, uptime,
+                                 token=token, tls=self._api_tls)
+        from fleetmq.agent.over_mqtt import MqttTransport  # noqa: PLC0415 (paho only here)
 
-            assert self._broker is not None  # set whenever api is None
-            transport = MqttTransport(self.spec, self._broker, self._state, self._telemetry,
-                                      uptime)
-        log.info("agent_starting node_id=%s transport=%s", self.node_id, self.transport)
-        self._task = asyncio.create_task(transport.run(self._stop),
-                                         name=f"fleetmq-agent-{self.node_id}")
-        return self
+        assert self._broker is not None  # set whenever api is None
+        broker = self._broker
+        if token is not None:
+            # Contract section 5: username = client id = node id, the token as password.
+            broker = replace(broker, username=self.node_id, password=token)
+        return MqttTransport(self.spec, broker, self._state, self._telemetry, uptime,
+                             tls=self._broker_tls)
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
@@ -163,9 +248,18 @@ class Agent:
         return True
 
 
-def _check_api(api: str) -> str:
+def _check_api(api: str, option: str = "--api") -> str:
     parts = urlsplit(api)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"--api {api!r} is not an HTTP URL: use http://host:port "
-                          "(for example http://127.0.0.1:8080)")
+        raise ConfigError(f"{option} {api!r} is not an HTTP URL: use http://host:port "
+                          "(for example http://127.0.0.1:8080) or https://host:port")
     return api
+
+
+def _api_context(api_ca_file: str | None, api: str | None) -> ssl.SSLContext | None:
+    """The HTTPS client context of the REST API (the transport's or enrollment's)."""
+    https = api is not None and urlsplit(api).scheme == "https"
+    if api_ca_file is not None and not https:
+        raise ConfigError("--api-ca is for an https:// API: give --api https://host:port "
+                          "(or --enroll-api), or drop --api-ca")
+    return client_context(api_ca_file, None, None, API_OPTIONS) if https else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +28,21 @@ log = logging.getLogger(__name__)
 
 MessageHandler = Callable[[str, bytes, bool], None]
 """``(topic, payload, retain)``, called on the event loop."""
+_LOGIN_REFUSED = (4, 5, 0x86, 0x87, 0x8C)
+"""CONNACK codes for a refused login: 3.1.1 bad user name or password, not authorized; MQTT 5
+bad user name or password, not authorized, bad authentication method."""
+
+
+class LoginRefused(BrokerError):
+    """The broker refused the agent's login: a wrong, missing or revoked token."""
 
 
 class AgentConnection:
     """A connected paho client: ``await open()``, publish, subscribe, ``await close()``."""
 
     def __init__(self, broker: BrokerSettings, client_id: str, *, will_topic: str,
-                 will_payload: bytes, keepalive_s: int, on_message: MessageHandler) -> None:
+                 will_payload: bytes, keepalive_s: int, on_message: MessageHandler,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._broker = broker
         self._loop = asyncio.get_running_loop()
         self._on_message_cb = on_message
@@ -46,7 +55,7 @@ class AgentConnection:
                              protocol=MQTTProtocolVersion.MQTTv311, clean_session=True,
                              reconnect_on_failure=False)
         client.will_set(will_topic, will_payload, qos=1, retain=False)
-        use_broker(client, broker)
+        use_broker(client, broker, tls)
         client.on_socket_open = set_nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -86,6 +95,13 @@ class AgentConnection:
                               f"within {timeout_s} s") from None
         if code.is_failure:
             await self.close(0)
+            if code.value in _LOGIN_REFUSED:
+                given = ("its token was not accepted: check --token (FLEETMQ_AGENT_TOKEN) and "
+                         "that the node's credential is valid" if self._broker.password else
+                         "no token was given: pass --token (FLEETMQ_AGENT_TOKEN) or "
+                         "--enroll-key with --token-file")
+                raise LoginRefused(f"{self._broker.describe()} refused the login ({code}): "
+                                   f"{given}")
             raise BrokerError(f"{self._broker.describe()} refused the connection: {code}")
 
     async def close(self, timeout_s: float) -> None:

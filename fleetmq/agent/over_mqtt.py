@@ -10,6 +10,7 @@ import asyncio
 import json
 import logging
 import math
+import ssl
 from typing import Any
 
 from fleetmq.agent.core import (
@@ -26,7 +27,7 @@ from fleetmq.agent.core import (
     read_telemetry,
     sleep_unless_stopped,
 )
-from fleetmq.agent.mqtt import AgentConnection
+from fleetmq.agent.mqtt import AgentConnection, LoginRefused
 from fleetmq.config import BrokerSettings
 from fleetmq.core.topics import Topics
 from fleetmq.errors import BrokerError
@@ -42,9 +43,11 @@ class MqttTransport:
     """Runs until ``stop`` is set; one ``AgentConnection`` (and one session) per connection."""
 
     def __init__(self, spec: AgentSpec, broker: BrokerSettings, state: AgentState,
-                 telemetry: Telemetry | None, uptime: Uptime) -> None:
+                 telemetry: Telemetry | None, uptime: Uptime,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._spec = spec
         self._broker = broker
+        self._tls = tls
         self._state = state
         self._telemetry = telemetry
         self._uptime = uptime
@@ -62,6 +65,9 @@ class MqttTransport:
                 await self._one_connection(stop)
                 if self._uptime.now() - started >= STABLE_AFTER_S:
                     backoff.reset()
+            except LoginRefused as exc:
+                log.error("agent_login_refused node_id=%s broker=%s error=%s",
+                          self._spec.node_id, self._broker.describe(), exc)
             except BrokerError as exc:
                 log.warning("agent_connection_failed node_id=%s broker=%s error=%s",
                             self._spec.node_id, self._broker.describe(), exc)
@@ -82,7 +88,8 @@ class MqttTransport:
         will = _json({"status": "offline", "reason": "connection_lost", "session": session})
         conn = AgentConnection(self._broker, spec.node_id,
                                will_topic=topics.heartbeat(spec.node_id), will_payload=will,
-                               keepalive_s=self._keepalive_s, on_message=self._on_message)
+                               keepalive_s=self._keepalive_s, on_message=self._on_message,
+                               tls=self._tls)
         await conn.open(NETWORK_TIMEOUT_S)
         try:
             if stop.is_set():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import ssl
 from typing import Any
 
 import aiohttp
@@ -41,8 +42,11 @@ class RestTransport:
     """Runs until ``stop`` is set, with one HTTP session (keep-alive) for its whole life."""
 
     def __init__(self, spec: AgentSpec, api: str, state: AgentState,
-                 telemetry: Telemetry | None, uptime: Uptime) -> None:
+                 telemetry: Telemetry | None, uptime: Uptime, *, token: str | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._spec = spec
+        self._headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+        self._tls = tls
         self._base = api.rstrip("/") + "/api/v1/fleet"
         self._state = state
         self._telemetry = telemetry
@@ -53,7 +57,10 @@ class RestTransport:
     async def run(self, stop: asyncio.Event) -> None:
         self._state.session = self._session
         timeout = aiohttp.ClientTimeout(total=NETWORK_TIMEOUT_S)
-        async with aiohttp.ClientSession(timeout=timeout) as http:
+        # ssl=True: the system's CAs; a context: --api-ca's. Either way verified.
+        connector = aiohttp.TCPConnector(ssl=self._tls or True)
+        async with aiohttp.ClientSession(timeout=timeout, headers=self._headers,
+                                         connector=connector) as http:
             await self._loop(http, stop)
             await self._say_goodbye(http)
 

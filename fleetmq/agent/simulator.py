@@ -15,7 +15,7 @@ import logging
 import random
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ from fleetmq.core.clock import SystemClock
 from fleetmq.core.topics import Topics, is_valid_root
 from fleetmq.errors import BrokerError, ConfigError
 from fleetmq.mqtt.link import use_broker
+from fleetmq.tls import broker_context
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,10 @@ class _Link:
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(max(100, QUEUE_BOUND // sim.settings.connections))
         client.connect_timeout = NETWORK_TIMEOUT_S
-        use_broker(client, broker)
+        use_broker(client, broker, sim.tls)
+        token = sim.tokens.get(client_id)
+        if token is not None:  # the node's own login: username = client id = node id
+            client.username_pw_set(client_id, token)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
@@ -253,8 +257,15 @@ class _Link:
 class Simulator:
     """``async with Simulator(settings) as sim: await sim.run(stop)``; read ``sim.stats``."""
 
-    def __init__(self, settings: SimSettings) -> None:
+    def __init__(self, settings: SimSettings, tokens: Mapping[str, str] | None = None) -> None:
+        """``tokens``: node id -> node token, for a broker that checks logins (one connection
+        per node then: a login speaks for one node only)."""
+        if tokens and not settings.own_connections:
+            raise ConfigError("node tokens need one connection per node: give --connections "
+                              f"{settings.nodes} (= --nodes) or leave it out")
         self.settings = settings
+        self.tokens: Mapping[str, str] = tokens or {}
+        self.tls = broker_context(settings.broker)  # files read now: a wrong path fails here
         self.stats = SimStats()
         self.loop = asyncio.get_running_loop()
         self._topics = Topics(settings.topic_root)

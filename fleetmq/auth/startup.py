@@ -44,6 +44,9 @@ def listeners(settings: Settings) -> list[tuple[str, str, bool]]:
     own = [("REST API (--http)", settings.http.host, settings.http.tls_cert is not None)]
     if settings.broker.embedded:
         own.append(("embedded MQTT broker (--broker)", settings.broker.host, False))
+    if settings.broker_tls is not None:
+        own.append(("embedded MQTT broker's TLS listener (--broker-tls)",
+                    settings.broker_tls.host, True))
     return own
 
 

@@ -12,8 +12,10 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+from fleetmq.config import BrokerTlsSettings
 from fleetmq.errors import BrokerError
 from fleetmq.ports import address_in_use
+from fleetmq.tls import BROKER_TLS_OPTIONS, server_context
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +25,14 @@ SHUTDOWN_GRACE_S = 1.0
 SHUTDOWN_TIMEOUT_S = 5.0
 
 
-def _config(host: str, port: int) -> dict[str, Any]:
+def _config(host: str, port: int, tls: BrokerTlsSettings | None = None) -> dict[str, Any]:
+    listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
+    if tls is not None:
+        # amqtt makes the context itself (TLS 1.2+, a client certificate optional and unused).
+        listeners["tls"] = {"type": "tcp", "bind": f"{tls.host}:{tls.port}", "ssl": True,
+                            "certfile": tls.cert_file, "keyfile": tls.key_file}
     return {
-        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "listeners": listeners,
         # An explicit plugin list: amqtt's defaults add $SYS, event and packet logging.
         "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
     }
@@ -63,9 +70,12 @@ def _broker_class() -> Any:
 
 
 class EmbeddedBroker:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, tls: BrokerTlsSettings | None = None) -> None:
         self.host = host
         self.port = port
+        self.tls = tls
+        if tls is not None:  # read now, for a one-line error instead of amqtt's traceback
+            server_context(tls.cert_file, tls.key_file, BROKER_TLS_OPTIONS)
         self._broker: Any = None
 
     async def __aenter__(self) -> EmbeddedBroker:
@@ -78,7 +88,11 @@ class EmbeddedBroker:
                 f"--broker mqtt://{self.host}:{self.port} to use it, or "
                 f"--broker embedded://{self.host}:<free port> to run the embedded one elsewhere"
             )
-        broker = _broker_class()(_config(self.host, self.port))
+        if self.tls is not None and address_in_use(self.tls.host, self.tls.port):
+            raise BrokerError(f"cannot start the embedded MQTT broker's TLS listener: "
+                              f"{self.tls.host}:{self.tls.port} is already in use: pass "
+                              "--broker-tls HOST:PORT with a free port")
+        broker = _broker_class()(_config(self.host, self.port, self.tls))
         broker._subscriptions = _SnapshotDict()  # see _SnapshotDict: an amqtt race
         try:
             await broker.start()
@@ -86,7 +100,8 @@ class EmbeddedBroker:
             raise BrokerError(f"cannot start the embedded MQTT broker on "
                               f"{self.host}:{self.port}: {exc}") from exc
         self._broker = broker
-        log.info("embedded_broker_started address=%s:%d", self.host, self.port)
+        log.info("embedded_broker_started address=%s:%d tls=%s", self.host, self.port,
+                 f"{self.tls.host}:{self.tls.port}" if self.tls is not None else "off")
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

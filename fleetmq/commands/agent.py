@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fleetmq.agent import DEFAULT_BROKER, Agent
-from fleetmq.cli import LOG_LEVELS, add_options, configure_logging, env_name
+from fleetmq.cli import LOG_LEVELS, SERVE_OPTIONS, add_options, configure_logging, env_name
 from fleetmq.errors import ConfigError
 
 log = logging.getLogger("fleetmq.agent.cli")
@@ -29,7 +29,21 @@ AGENT_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
     ("--interval", "60", "heartbeat interval in whole seconds (default: 60)"),
     ("--topic-root", "fleet", "first MQTT topic level (default: fleet)"),
     ("--log-level", "info", "debug, info, warning or error (default: info)"),
+    ("--token", None, "the node's token (fmq_node_...): its MQTT password (username and client "
+                      "id: the node id) and its REST bearer token"),
+    ("--token-file", None, "a file that holds the node's token; with --enroll-key, where the "
+                           "enrolled token is kept (mode 0600)"),
+    ("--enroll-key", None, "an enroll key (fmq_enr_...): if --token-file holds no token, enroll "
+                           "at the manager and keep the token there"),
+    ("--enroll-api", None, "the manager's REST URL to enroll at, for MQTT agents "
+                           "(default: --api)"),
+    ("--api-ca", None, "https:// API: the CA file that signed the manager's certificate "
+                       "(default: the system's CAs)"),
 )
+TLS_CLIENT_OPTIONS: tuple[tuple[str, str | None, str], ...] = tuple(
+    option for option in SERVE_OPTIONS
+    if option[0] in ("--broker-ca", "--broker-cert", "--broker-key"))
+"""``--broker-ca``, ``--broker-cert``, ``--broker-key``: as ``serve`` has them."""
 
 
 ENV_PREFIX = "FLEETMQ_AGENT_"
@@ -46,7 +60,8 @@ def add_command(subparsers: Any, env: Mapping[str, str]) -> None:
                     "(shutdown) message and exit 0. Every option can also be set with the "
                     "environment variable shown; flags win over the environment.")
     # --broker and --api come from flags first, so they are resolved in run_agent.
-    add_options(parser, AGENT_OPTIONS, env, ENV_PREFIX, flags_only=("--broker", "--api"))
+    add_options(parser, AGENT_OPTIONS + TLS_CLIENT_OPTIONS, env, ENV_PREFIX,
+                flags_only=("--broker", "--api"))
     parser.set_defaults(run=run_agent, agent_env=dict(_transport_env(env)))
 
 
@@ -85,7 +100,11 @@ def agent_from(args: argparse.Namespace) -> Agent:
         raise ConfigError(f"--interval {args.interval!r} is not a number of seconds") from None
     broker, api = _transport(args)
     return Agent(_required(args, "--node-id"), _required(args, "--node-type"),
-                 broker=broker, api=api, interval_s=interval, topic_root=args.topic_root)
+                 broker=broker, api=api, interval_s=interval, topic_root=args.topic_root,
+                 token=args.token or None, token_file=args.token_file or None,
+                 enroll_key=args.enroll_key or None, enroll_api=args.enroll_api or None,
+                 ca_file=args.broker_ca or None, cert_file=args.broker_cert or None,
+                 key_file=args.broker_key or None, api_ca_file=args.api_ca or None)
 
 
 async def run_until_signalled(agent: Agent) -> None:
@@ -94,8 +113,20 @@ async def run_until_signalled(agent: Agent) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with agent:
-        await stop.wait()
+        await wait_first(stop, agent.ended)
+        if agent.error is not None:
+            raise agent.error  # the CLI prints it in one line and exits 1
         log.info("agent_stopping node_id=%s", agent.node_id)
+
+
+async def wait_first(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 def run_agent(args: argparse.Namespace) -> int:

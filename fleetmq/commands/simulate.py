@@ -13,12 +13,23 @@ import logging
 import signal
 import sys
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TextIO
+from urllib.parse import urlsplit
 
+from fleetmq.agent.credentials import (
+    Credentials,
+    probe_writable,
+    read_tokens_file,
+    write_tokens_file,
+)
+from fleetmq.agent.enroll import enroll_many
 from fleetmq.agent.simulator import SimSettings, SimStats, Simulator
 from fleetmq.cli import LOG_LEVELS, add_options, configure_logging
+from fleetmq.commands.agent import TLS_CLIENT_OPTIONS
 from fleetmq.config import parse_broker
 from fleetmq.errors import ConfigError
+from fleetmq.tls import API_OPTIONS, client_context
 
 log = logging.getLogger("fleetmq.simulate")
 
@@ -42,6 +53,16 @@ SIM_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
     ("--topic-root", "fleet", "first MQTT topic level (default: fleet)"),
     ("--node-type", "simulated", "node_type the nodes register with (default: simulated)"),
     ("--log-level", "warning", "debug, info, warning or error (default: warning)"),
+    ("--token", None, "with --nodes 1: the node token of sim-000001 (its MQTT password)"),
+    ("--enroll-key", None,
+     "an enroll key (fmq_enr_...): enroll every node at --api first, a few at a time, and log "
+     "each in with its own token (one connection per node)"),
+    ("--token-file", None,
+     "with --enroll-key: keep the nodes' tokens in this file (`<node id> <token>` lines, mode "
+     "0600) and reuse them on the next run (default: in memory only)"),
+    ("--api", "http://127.0.0.1:8080",
+     "the manager's REST URL, for --enroll-key (default: http://127.0.0.1:8080)"),
+    ("--api-ca", None, "https:// --api: the CA file that signed the manager's certificate"),
 )
 
 
@@ -55,7 +76,7 @@ def add_command(subparsers: Any, env: Mapping[str, str]) -> None:
                     "evenly over it) over K shared MQTT connections, until --duration is over "
                     "or Ctrl-C/SIGTERM; then print a summary. Every option can also be set "
                     "with the environment variable shown; flags win over the environment.")
-    add_options(parser, SIM_OPTIONS, env, ENV_PREFIX)
+    add_options(parser, SIM_OPTIONS + TLS_CLIENT_OPTIONS, env, ENV_PREFIX)
     parser.set_defaults(run=run_simulate)
 
 
@@ -71,19 +92,79 @@ def settings_from(args: argparse.Namespace) -> SimSettings:
     if args.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
     nodes: int = _number("--nodes", args.nodes, int)
+    logins = bool(args.token or args.enroll_key)  # a login per node: a connection per node
     connections = (_number("--connections", args.connections, int)
-                   if args.connections not in (None, "") else min(nodes, DEFAULT_CONNECTIONS))
+                   if args.connections not in (None, "")
+                   else nodes if logins else min(nodes, DEFAULT_CONNECTIONS))
     return SimSettings(
         nodes=nodes,
         interval_s=_number("--interval", args.interval, int),
         connections=connections,
-        broker=parse_broker(args.broker),
+        broker=parse_broker(args.broker, ca_file=args.broker_ca, cert_file=args.broker_cert,
+                            key_file=args.broker_key),
         duration_s=(_number("--duration", args.duration, float)
                     if args.duration not in (None, "") else None),
         kill_fraction=_number("--kill-fraction", args.kill_fraction, float),
         topic_root=args.topic_root,
         node_type=args.node_type,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SimLogins:
+    """How the simulated nodes log in: none, one given token, or enrolled tokens."""
+
+    token: str | None = None
+    enroll_key: str | None = None
+    token_file: str | None = None
+    api: str = "http://127.0.0.1:8080"
+    api_ca: str | None = None
+
+    def check(self, settings: SimSettings) -> None:
+        Credentials(token=self.token, enroll_key=self.enroll_key, enroll_api=self.api).check()
+        if self.token is not None and settings.nodes != 1:
+            raise ConfigError("--token is one node's token: it works with --nodes 1 only; give "
+                              "--enroll-key to enroll every simulated node")
+        if self.token_file is not None and self.enroll_key is None:
+            raise ConfigError("--token-file keeps enrolled tokens: it needs --enroll-key")
+        if self.api_ca is not None and urlsplit(self.api).scheme != "https":
+            raise ConfigError("--api-ca is for an https:// --api: give --api https://host:port, "
+                              "or drop --api-ca")
+        if self.token_file is not None:
+            read_tokens_file(self.token_file)  # a malformed file fails now, not after enrolling
+            probe_writable(self.token_file)
+
+
+def logins_from(args: argparse.Namespace) -> SimLogins:
+    return SimLogins(token=args.token or None, enroll_key=args.enroll_key or None,
+                     token_file=args.token_file or None, api=args.api,
+                     api_ca=args.api_ca or None)
+
+
+async def node_tokens(settings: SimSettings, logins: SimLogins,
+                      stop: asyncio.Event) -> dict[str, str] | None:
+    """node id -> token for every simulated node (enrolling those without one); None if
+    stopped meanwhile."""
+    if logins.token is not None:
+        return {settings.node_id(0): logins.token}
+    if logins.enroll_key is None:
+        return {}
+    kept = read_tokens_file(logins.token_file) if logins.token_file is not None else {}
+    bodies = [{"node_id": node_id, "node_type": settings.node_type,
+               "capabilities": ["simulated"], "heartbeat_interval_seconds": settings.interval_s}
+              for node_id in map(settings.node_id, range(settings.nodes)) if node_id not in kept]
+    if not bodies:
+        return kept
+    log.warning("simulator_enrolling nodes=%d api=%s", len(bodies), logins.api)
+    https = urlsplit(logins.api).scheme == "https"
+    tls = client_context(logins.api_ca, None, None, API_OPTIONS) if https else None
+    enrolled = await enroll_many(logins.api, logins.enroll_key, bodies, tls, stop)
+    if enrolled is None:
+        return None
+    tokens = {**kept, **enrolled}
+    if logins.token_file is not None:
+        write_tokens_file(logins.token_file, tokens)
+    return tokens
 
 
 class Progress:
@@ -149,13 +230,17 @@ def summary(settings: SimSettings, stats: SimStats, elapsed_s: float) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows) + "\n"
 
 
-async def simulate(settings: SimSettings, out: TextIO, err: TextIO) -> SimStats:
+async def simulate(settings: SimSettings, out: TextIO, err: TextIO,
+                   logins: SimLogins | None = None) -> SimStats:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     done = asyncio.Event()
-    async with Simulator(settings) as sim:
+    tokens = await node_tokens(settings, logins or SimLogins(), stop)
+    if tokens is None:
+        return SimStats()  # stopped while enrolling
+    async with Simulator(settings, tokens) as sim:
         progress = Progress(sim, err)
         # Not a TaskGroup: it would wrap a BrokerError from run() in an ExceptionGroup.
         reporter = asyncio.create_task(progress.run(done))
@@ -173,6 +258,8 @@ async def simulate(settings: SimSettings, out: TextIO, err: TextIO) -> SimStats:
 
 def run_simulate(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    logins = logins_from(args)
+    logins.check(settings)
     configure_logging(args.log_level.lower())
-    asyncio.run(simulate(settings, sys.stdout, sys.stderr))
+    asyncio.run(simulate(settings, sys.stdout, sys.stderr, logins))
     return 0

@@ -42,6 +42,7 @@ from fleetmq.mqtt.link import MqttLink
 from fleetmq.mqtt.publisher import Publisher
 from fleetmq.ports import address_in_use
 from fleetmq.store.writer import StoreUnavailableError, StoreWriter
+from fleetmq.tls import HTTP_OPTIONS, server_context
 from fleetmq.views import dumps, heartbeat_reply, node_json, register_reply
 
 log = logging.getLogger(__name__)
@@ -433,6 +434,10 @@ class HttpServer:
         self._settings = settings
         self._runner: web.AppRunner | None = None
         self.port = settings.port
+        # Read at construction, so a wrong certificate path stops the start before anything
+        # else opens.
+        self._ssl = (server_context(settings.tls_cert, settings.tls_key, HTTP_OPTIONS)
+                     if settings.tls_cert is not None and settings.tls_key is not None else None)
 
     def check_port_free(self) -> None:
         """Refuse a taken port at once, before the embedded broker or the MQTT link start
@@ -451,7 +456,8 @@ class HttpServer:
             handle_signals=False,
         )
         await runner.setup()
-        site = web.TCPSite(runner, self._settings.host, self._settings.port)
+        site = web.TCPSite(runner, self._settings.host, self._settings.port,
+                           ssl_context=self._ssl)
         try:
             await site.start()
         except OSError as exc:
@@ -464,7 +470,8 @@ class HttpServer:
         addresses = runner.addresses
         if addresses:
             self.port = addresses[0][1]
-        log.info("http_listening address=%s:%d", self._settings.host, self.port)
+        log.info("http_listening address=%s:%d tls=%s", self._settings.host, self.port,
+                 self._ssl is not None)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

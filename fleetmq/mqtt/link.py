@@ -29,6 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetmq.config import BrokerSettings
 from fleetmq.errors import BrokerError
+from fleetmq.tls import broker_context
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,7 @@ class MqttLink:
         monotonic: Callable[[], float],
     ) -> None:
         self._broker = broker
+        self._tls = broker_context(broker)  # files read now: a wrong path fails the start
         self._client_id = client_id
         self._subscriptions = subscriptions
         self._will = will
@@ -245,7 +247,7 @@ class MqttLink:
         client.max_queued_messages_set(0)
         if self._will is not None:
             client.will_set(self._will.topic, self._will.payload, qos=1, retain=True)
-        use_broker(client, self._broker)
+        use_broker(client, self._broker, self._tls)
         client.on_socket_open = set_nodelay
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
@@ -764,13 +766,16 @@ class MqttLink:
         return False
 
 
-def use_broker(client: paho.Client, broker: BrokerSettings) -> None:
+def use_broker(client: paho.Client, broker: BrokerSettings,
+               tls: ssl.SSLContext | None = None) -> None:
     """The credentials and TLS a broker URL asks for, on any of fleetmq's paho clients (the
-    manager's links, the agent, the simulator)."""
+    manager's links, the agent, the simulator). ``tls``: the context ``broker_context(broker)``
+    made once (made here if not given): TLS 1.2+, the broker's certificate and host name checked
+    against ``--broker-ca`` (else the system's CAs), ``--broker-cert`` presented if given."""
     if broker.username is not None:
         client.username_pw_set(broker.username, broker.password)
     if broker.scheme == "mqtts":
-        client.tls_set(cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_set_context(tls if tls is not None else broker_context(broker))
 
 
 def set_nodelay(_c: paho.Client, _u: object, sock: Any) -> None:
