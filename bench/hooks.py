@@ -167,7 +167,7 @@ def main() -> None:
                         help="node credentials in the store")
     parser.add_argument("--concurrency", type=int, default=64,
                         help="HTTP connections the broker side holds")
-    parser.add_argument("--authorize", type=int, default=20_000, help="authorize calls")
+    parser.add_argument("--authorize", type=int, default=10_000, help="authorize calls")
     parser.add_argument("--revocations", type=int, default=5)
     args = parser.parse_args()
     args.nodes = min(args.nodes, args.credentials - args.revocations)
@@ -202,7 +202,8 @@ def main() -> None:
         ("machine", f"{machine()['cores']} cores, python {machine()['python']}"),
         ("credentials in the store", f"{args.credentials:,} (written in {filled_s:.1f} s)"),
         ("manager ready (loads them all)", f"{ready_s:.2f} s"),
-        ("broker-side HTTP connections", f"{args.concurrency}"),
+        ("broker-side HTTP connections", f"{args.concurrency} (latencies below include the "
+                                          "wait for one)"),
         (f"reconnect storm: {storm_f['logins']:,} logins",
          f"all answered in {storm_f['seconds']:.2f} s ({storm_f['per_s']:,}/s), "
          f"{storm_f['allowed']:,} allowed; {storm_f['latency']}"),

@@ -9,6 +9,7 @@ receiving its reply, its topics free of anything the attacker sent.
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -63,11 +64,13 @@ class Client:
     _result: list[Any] = field(default_factory=list)
     _client: paho.Client | None = None
 
-    async def connect(self) -> bool:
+    async def connect(self, will: tuple[str, bytes] | None = None) -> bool:
         """True if the broker accepted the login."""
         client = paho.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id or
                              self.username, protocol=MQTTProtocolVersion.MQTTv311)
         client.username_pw_set(self.username, self.password)
+        if will is not None:
+            client.will_set(will[0], will[1], qos=1, retain=True)
         answered = threading.Event()
 
         def on_connect(_c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -121,6 +124,16 @@ class Client:
     def got(self, topic: str) -> list[bytes]:
         with self._lock:
             return [p for t, p in self.messages if t == topic]
+
+    def kill(self) -> None:
+        """Drop the TCP connection without DISCONNECT: the broker sends the will, if any."""
+        assert self._client is not None
+        sock = self._client.socket()
+        self._client.loop_stop()
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        self._client = None
 
     def close(self) -> None:
         if self._client is not None:
@@ -259,6 +272,20 @@ async def test_b_with_as_client_id_acts_only_as_b_and_a_stays_connected(fleet: F
     await b.subscribe(f"{r}/sensor-a/reply")
     await _assert_untouched(fleet, a, manager)  # A was not kicked by "its" client id
     assert b.got(f"{r}/sensor-a/reply") == []
+
+
+async def test_b_will_on_as_topics_never_arrives(fleet: Fleet) -> None:
+    a, manager = await _watching(fleet)
+    r = fleet.root
+    for topic in (f"{r}/sensor-a/heartbeat", f"{r}/sensor-a/status", f"{r}/_manager/status"):
+        b = fleet.client("sensor-b")
+        if await b.connect(will=(topic, b'{"status": "offline"}')):
+            b.kill()  # the broker may take the login; the will must then go nowhere
+    marker = fleet.client("sensor-b")
+    assert await marker.connect(will=(f"{r}/sensor-b/heartbeat", b"b-will"))
+    marker.kill()  # B's own will does arrive: proves wills are sent at all
+    await eventually(lambda: manager.got(f"{r}/sensor-b/heartbeat") == [b"b-will"])
+    await _assert_untouched(fleet, a, manager)
 
 
 async def test_wrong_password_under_as_name_leaves_a_connected(fleet: Fleet) -> None:
