@@ -113,7 +113,8 @@ class FleetService:
                                   settings.store.flush_interval_s)
         self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer)
         self.ingest = MqttIngest(self.link, self.topics, self.fleet, self.publisher, self.metrics)
-        self.broker_hooks = BrokerHooks(self.auth, self.rules, self.manager_login)
+        self.broker_hooks = BrokerHooks(self.auth, self.rules, self.clock.monotonic,
+                                        self.manager_login, self.metrics.broker_hooks)
         self.api = RestApi(self.fleet, self.registry, (self.link, self.out), self.publisher,
                            self.metrics, settings.http, settings.topic_root,
                            broker_hooks=self.broker_hooks)

@@ -20,6 +20,7 @@ import hmac
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qsl
@@ -31,6 +32,7 @@ from fleetmq.auth.rules import MANAGER_CLIENT_PREFIX, Principal, TopicRules, res
 from fleetmq.auth.tokens import bearer_token
 from fleetmq.config import OUTPUT_USER_SUFFIX
 from fleetmq.http.api import error_response, json_response
+from fleetmq.metrics import RateLimitedLog
 
 if TYPE_CHECKING:
     from fleetmq.auth.service import AuthService
@@ -87,13 +89,17 @@ class ManagerLogin:
 class BrokerHooks:
     """The two hook routes over one ``AuthService`` and one set of ``TopicRules``."""
 
-    def __init__(self, auth: AuthService, rules: TopicRules,
-                 manager: ManagerLogin | None = None) -> None:
+    def __init__(self, auth: AuthService, rules: TopicRules, monotonic: Callable[[], float],
+                 manager: ManagerLogin | None = None,
+                 counts: Counter[tuple[str, str, str]] | None = None) -> None:
         self._auth = auth
         self._rules = rules
+        self._monotonic = monotonic
         self._manager = manager
-        self.counts: Counter[str] = Counter()
-        """Answers by hook, result and reason (``authenticate.deny.wrong_identity``...)."""
+        self.counts: Counter[tuple[str, str, str]] = Counter() if counts is None else counts
+        """Answers by (hook, result, reason): ``Metrics.broker_hooks`` renders them."""
+        # The broker calls for every CONNECT an attacker sends: log a few, count them all.
+        self._warn = RateLimitedLog(log)
 
     def add_routes(self, router: web.UrlDispatcher) -> None:
         router.add_post(AUTHENTICATE_PATH, self.authenticate)
@@ -109,10 +115,12 @@ class BrokerHooks:
         username, password = fields.get("username", ""), fields.get("password", "")
         client_id = fields.get("clientid", "")
         result, reason, cred_id = self._login(username, password, client_id)
-        self.counts[f"authenticate.{result}.{reason}"] += 1
+        self.counts["authenticate", result, reason] += 1
         if result == "deny":
-            log.info("broker_login_refused reason=%s username=%.64r clientid=%.64r peer=%.64s",
-                     reason, username, client_id, fields.get("peerhost", "?"))
+            self._warn.warning(
+                f"login:{reason}", self._monotonic(),
+                "broker_login_refused reason=%s username=%.64r clientid=%.64r peer=%.64s",
+                reason, username, client_id, fields.get("peerhost", "?"))
             return json_response({"result": "deny", "is_superuser": False})
         body: dict[str, object] = {"result": "allow", "is_superuser": False}
         if cred_id is not None:
@@ -125,7 +133,7 @@ class BrokerHooks:
             return refused
         fields = await _fields(request)
         result, reason = self._judge(fields)
-        self.counts[f"authorize.{result}.{reason}"] += 1
+        self.counts["authorize", result, reason] += 1
         if result == "deny":
             log.debug("broker_action_refused reason=%s username=%.64r action=%.16s topic=%.128r",
                       reason, fields.get("username", ""), fields.get("action", ""),
@@ -214,12 +222,12 @@ class BrokerHooks:
         """None when the caller is a broker key or an admin key; else the 401 or 403."""
         verdict = self._auth.verify(bearer_token(request.headers.get("Authorization")))
         if verdict.principal is None:
-            self.counts[f"caller.401.{verdict.failure}"] += 1
+            self.counts["caller", "401", verdict.failure or "missing"] += 1
             return error_response(401, "Unauthorized",
                                   "The broker hooks need a key of role broker as bearer token",
                                   {"WWW-Authenticate": 'Bearer realm="fleetmq"'})
         if not rest_allowed(verdict.principal, "broker_hooks"):
-            self.counts["caller.403"] += 1
+            self.counts["caller", "403", "role"] += 1
             return error_response(403, "Forbidden",
                                   "Only a key of role broker (or admin) may call the broker hooks")
         return None

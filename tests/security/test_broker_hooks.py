@@ -356,3 +356,19 @@ def test_a_manager_without_the_hooks_has_no_secret(mosquitto: Mosquitto, root: s
                                   auth=AuthSettings(broker_auth="external")))
     assert hooked.manager_login is not None
     assert "password=***" in repr(hooked.manager_login)
+
+
+async def test_refused_logins_and_callers_are_counted_in_metrics(hooks: Hooks) -> None:
+    assert await hooks.login(NODE_A, hooks.b.token) == "deny"
+    assert await hooks.login(NODE_A, hooks.a.token, NODE_B) == "deny"
+    status, _, _ = await hooks.call(AUTHENTICATE_PATH, {"username": NODE_A}, bearer=None)
+    assert status == 401
+    admin_file = Path(hooks.service.settings.auth.admin_token_file or "")
+    admin_token = (await asyncio.to_thread(admin_file.read_text)).strip()
+    async with hooks.http.get(hooks.base + "/metrics",
+                              headers={"Authorization": f"Bearer {admin_token}"}) as resp:
+        text = await resp.text()
+    prefix = "fleetmq_broker_hook_answers_total"
+    assert f'{prefix}{{hook="authenticate",result="deny",reason="wrong_identity"}} 1' in text
+    assert f'{prefix}{{hook="authenticate",result="deny",reason="client_id"}} 1' in text
+    assert f'{prefix}{{hook="caller",result="401",reason="missing"}} 1' in text
