@@ -244,11 +244,13 @@ async def _fields(request: web.Request) -> dict[str, str]:
     except TimeoutError:
         raise web.HTTPRequestTimeout() from None
     if request.content_type == "application/x-www-form-urlencoded":
-        try:
-            pairs = parse_qsl(body.decode("utf-8", "surrogateescape"), keep_blank_values=True)
-        except ValueError:
-            pairs = []
-        return dict(pairs)
+        pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        fields = dict(pairs)
+        if len(fields) != len(pairs):
+            # A name twice is ambiguous (a value that smuggled in '&username=...' unencoded):
+            # judge nothing rather than guess which one the broker meant.
+            raise _bad_body("a field appears twice in the form")
+        return fields
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError:

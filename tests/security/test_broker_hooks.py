@@ -220,12 +220,20 @@ async def test_hooks_refuse_callers_without_a_broker_key(hooks: Hooks, path: str
     await hooks.victim_untouched()
 
 
-async def test_a_body_that_is_neither_json_nor_form_is_a_400(hooks: Hooks) -> None:
-    async with hooks.http.post(hooks.base + AUTHENTICATE_PATH, data=b"username=x",
+@pytest.mark.parametrize(("content_type", "body"), [
+    ("text/plain", b"username=x"),
+    ("application/json", b'["username", "x"]'),
+    ("application/x-www-form-urlencoded",
+     b"username=sensor-b&password=x&username=sensor-a&clientid=sensor-a"),
+])
+async def test_a_body_that_is_not_one_json_object_or_an_unambiguous_form_is_a_400(
+        hooks: Hooks, content_type: str, body: bytes) -> None:
+    async with hooks.http.post(hooks.base + AUTHENTICATE_PATH, data=body,
                                headers={"Authorization": f"Bearer {hooks.bearer}",
-                                        "Content-Type": "text/plain"}) as resp:
+                                        "Content-Type": content_type}) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"] == "Bad Request"
+    await hooks.victim_untouched()
 
 
 # --- authorize -------------------------------------------------------------------------------
