@@ -22,20 +22,24 @@ import secrets
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 from urllib.parse import parse_qsl
 
 import orjson
 from aiohttp import web
 
-from fleetmq.auth.rules import MANAGER_CLIENT_PREFIX, Principal, TopicRules, rest_allowed
+from fleetmq.auth.rules import (
+    KEY_IDENTITY_PREFIX,
+    MANAGER_CLIENT_PREFIX,
+    Principal,
+    TopicRules,
+    rest_allowed,
+)
+from fleetmq.auth.service import AuthService, principal_of
 from fleetmq.auth.tokens import bearer_token
 from fleetmq.config import OUTPUT_USER_SUFFIX
 from fleetmq.http.api import error_response, json_response
 from fleetmq.metrics import RateLimitedLog
-
-if TYPE_CHECKING:
-    from fleetmq.auth.service import AuthService
 
 log = logging.getLogger(__name__)
 
@@ -202,21 +206,16 @@ class BrokerHooks:
             manager = self._manager
             ok = manager is not None and manager.owns(username)
             return Principal("manager", username) if ok else None
-        if username.startswith("_key."):
-            key = self._auth.key(username[len("_key."):])
-            if key is None or key.role not in BROKER_ROLES:
-                return None
-            creds = [key]
+        if username.startswith(KEY_IDENTITY_PREFIX):
+            key = self._auth.key(username[len(KEY_IDENTITY_PREFIX):])
+            creds = [key] if key is not None and key.role in BROKER_ROLES else []
         else:
             creds = self._auth.node_credentials(username)
         if credential:
             # The session's own credential (EMQX client_attrs): it must still work itself.
             creds = [c for c in creds if c.id == credential]
-        if not any(self._auth.valid(c.id) for c in creds):
-            return None
-        if username.startswith("_key."):
-            return Principal("key", creds[0].id, creds[0].role)  # type: ignore[arg-type]  # role checked above
-        return Principal("node", username)
+        valid = [c for c in creds if self._auth.valid(c.id)]
+        return principal_of(valid[0]) if valid else None
 
     def _check_caller(self, request: web.Request) -> web.Response | None:
         """None when the caller is a broker key or an admin key; else the 401 or 403."""
