@@ -79,6 +79,9 @@ class FleetService:
                               if settings.auth.broker_auth == "external"
                               and not settings.broker.embedded
                               and settings.broker.username is None else None)
+        if self.manager_login is not None:
+            log.info("manager_broker_login username=%s: a secret of this process that only "
+                     "fleetmq's HTTP auth hooks accept", self.manager_login.username)
         broker = settings.broker if self.manager_login is None else replace(
             settings.broker, username=self.manager_login.username,
             password=self.manager_login.password)
