@@ -14,6 +14,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 from fleetmq.auth.rules import TopicRules
@@ -21,7 +22,7 @@ from fleetmq.auth.service import AuthService
 from fleetmq.auth.startup import adopt_admin_token_file, decide_mode, warn_cleartext
 from fleetmq.auth.store import AuthStore
 from fleetmq.broker.embedded import EmbeddedBroker
-from fleetmq.config import Settings
+from fleetmq.config import CLIENT_ID_PREFIX, OUTPUT_USER_SUFFIX, Settings
 from fleetmq.core.clock import Clock, SystemClock
 from fleetmq.core.registry import Node, Registry
 from fleetmq.core.topics import Topics
@@ -29,6 +30,7 @@ from fleetmq.errors import BrokerError, StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.heap import Heap
 from fleetmq.http.api import HttpServer, RestApi
+from fleetmq.http.broker_hooks import BrokerHooks, ManagerLogin
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.ingest import MqttIngest
 from fleetmq.mqtt.link import MqttLink, Will
@@ -72,8 +74,20 @@ class FleetService:
         # publishes queue behind every inbound message, so under a heartbeat backlog status
         # messages would wait for the whole backlog.
         prefer_mqtt5 = settings.mqtt_version == "5" and not settings.broker.embedded  # amqtt: 3.1.1
+        # A broker that calls the HTTP hooks knows the manager by a secret of this process's
+        # own, unless the operator gave the manager a login of their own in --broker.
+        self.manager_login = (ManagerLogin.new(settings.mqtt_client_id)
+                              if settings.auth.broker_auth == "external"
+                              and not settings.broker.embedded
+                              and settings.broker.username is None else None)
+        if self.manager_login is not None:
+            log.info("manager_broker_login username=%s: a secret of this process that only "
+                     "fleetmq's HTTP auth hooks accept", self.manager_login.username)
+        broker = settings.broker if self.manager_login is None else replace(
+            settings.broker, username=self.manager_login.username,
+            password=self.manager_login.password)
         self.link = MqttLink(
-            settings.broker,
+            broker,
             settings.mqtt_client_id,
             subscriptions=[self.topics.register_filter, self.topics.heartbeat_filter],
             will=None,
@@ -81,8 +95,14 @@ class FleetService:
             prefer_mqtt5=prefer_mqtt5,
             monotonic=self.clock.monotonic,
         )
+        out_broker = broker
+        if broker.username is not None and broker.username.startswith(CLIENT_ID_PREFIX):
+            # A broker that makes each username its client id (Mosquitto's
+            # use_username_as_clientid, which `credentials export` relies on) would let two
+            # connections under one username kick each other: the output one gets its own.
+            out_broker = replace(broker, username=broker.username + OUTPUT_USER_SUFFIX)
         self.out = MqttLink(
-            settings.broker,
+            out_broker,
             f"{settings.mqtt_client_id}-out",
             subscriptions=[],
             will=Will(self.topics.manager_status,
@@ -99,8 +119,11 @@ class FleetService:
         self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer,
                            self.rates)
         self.ingest = MqttIngest(self.link, self.topics, self.fleet, self.publisher, self.metrics)
+        self.broker_hooks = BrokerHooks(self.auth, self.rules, self.clock.monotonic,
+                                        self.manager_login, self.metrics.broker_hooks)
         self.api = RestApi(self.fleet, self.registry, (self.link, self.out), self.publisher,
-                           self.metrics, settings.http, settings.topic_root)
+                           self.metrics, settings.http, settings.topic_root,
+                           broker_hooks=self.broker_hooks)
         self.http = HttpServer(self.api, settings.http)
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []

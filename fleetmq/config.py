@@ -15,6 +15,8 @@ from fleetmq.errors import ConfigError
 BrokerScheme = Literal["embedded", "mqtt", "mqtts"]
 DEFAULT_PORTS: dict[str, int] = {"embedded": 1883, "mqtt": 1883, "mqtts": 8883}
 CLIENT_ID_PREFIX = "_fleetmq"
+OUTPUT_USER_SUFFIX = "-out"
+"""A broker username beginning with CLIENT_ID_PREFIX: the output connection adds this to it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,8 @@ class Metrics:
         self.replies_overflowed = 0
         self.expiry_passes = 0
         self.response_topics_refused = 0
+        self.broker_hooks: Counter[tuple[str, str, str]] = Counter()
+        """HTTP auth hook answers by (hook, result, reason); refused callers as hook "caller"."""
 
     def render(self, *, nodes: int, connected: bool, backlog: int,
                store: StoreFigures | None = None) -> str:
@@ -66,6 +68,12 @@ class Metrics:
             f"fleetmq_replies_overflowed_total {self.replies_overflowed}",
             "# TYPE fleetmq_response_topics_refused_total counter",
             f"fleetmq_response_topics_refused_total {self.response_topics_refused}",
+        ]
+        lines.append("# TYPE fleetmq_broker_hook_answers_total counter")
+        lines += [
+            f'fleetmq_broker_hook_answers_total{{hook="{hook}",result="{result}",'
+            f'reason="{reason}"}} {count}'
+            for (hook, result, reason), count in sorted(self.broker_hooks.items())
         ]
         if store is not None:
             lines += [

@@ -11,7 +11,7 @@ import bisect
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -44,6 +44,9 @@ from fleetmq.ports import address_in_use
 from fleetmq.store.writer import StoreUnavailableError, StoreWriter
 from fleetmq.tls import HTTP_OPTIONS, server_context
 from fleetmq.views import dumps, heartbeat_reply, node_json, register_reply
+
+if TYPE_CHECKING:  # broker_hooks imports this module's responses
+    from fleetmq.http.broker_hooks import BrokerHooks
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +106,8 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
 class RestApi:
     def __init__(self, fleet: Fleet, registry: Registry, links: tuple[MqttLink, ...],
                  publisher: Publisher, metrics: Metrics, settings: HttpSettings,
-                 topic_root: str) -> None:
+                 topic_root: str, broker_hooks: BrokerHooks | None = None) -> None:
+        self._broker_hooks = broker_hooks
         self._fleet = fleet
         self._writer: StoreWriter = fleet.writer
         self._registry = registry
@@ -150,6 +154,8 @@ class RestApi:
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/v1/openapi.json", self.openapi)
+        if self._broker_hooks is not None:
+            self._broker_hooks.add_routes(r)
         return app
 
     async def _body(self, request: web.Request) -> bytes:

@@ -45,6 +45,38 @@ _EVENT_QUERY = [
 ]
 
 
+def _hook(summary: str, fields: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+    """A broker hook: EMQX 5 sends JSON or a form, fleetmq answers 200 with the verdict."""
+    schema = {"type": "object", "properties": {k: {"type": "string"} for k in fields}}
+    return {"post": {
+        "summary": summary,
+        "description": "Called by the broker with a key of role broker (or admin) as bearer.",
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": schema},
+            "application/x-www-form-urlencoded": {"schema": schema}}},
+        "responses": {"200": {"description": "The verdict", "content": {"application/json": {
+                          "schema": {"type": "object", "properties": answer}}}},
+                      "400": _error("A body that is neither JSON nor a form"),
+                      "401": _error("No valid bearer token"),
+                      "403": _error("The bearer is not a broker or admin key")},
+    }}
+
+
+_VERDICT = {"result": {"type": "string", "enum": ["allow", "deny"]}}
+_BROKER_HOOK_PATHS = {
+    "/api/v1/broker/authenticate": _hook(
+        "EMQX HTTP authentication: may this CONNECT log in?",
+        dict.fromkeys(("username", "password", "clientid", "peerhost")),
+        {**_VERDICT, "is_superuser": {"type": "boolean"},
+         "client_attrs": {"type": "object"}}),
+    "/api/v1/broker/authorize": _hook(
+        "EMQX HTTP authorization: may this client publish or subscribe here?",
+        dict.fromkeys(("username", "clientid", "action", "topic", "qos", "retain",
+                       "credential")),
+        _VERDICT),
+}
+
+
 _JSON_SCHEMA_KEYS = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum",
                      "lt": "exclusiveMaximum"}
 
@@ -233,6 +265,7 @@ def openapi_document(topic_root: str) -> dict[str, Any]:
             "/metrics": {"get": {"summary": "Counters in Prometheus text format",
                                  "responses": {"200": {"description": "Metrics",
                                                        "content": {"text/plain": {}}}}}},
+            **_BROKER_HOOK_PATHS,
         },
         "components": {"schemas": _schemas()},
     }

@@ -86,6 +86,14 @@ def _check_expiry(doc: dict[str, Any]) -> None:
         assert 0 <= r["lateness_p50_s"] <= r["lateness_p99_s"] <= r["lateness_max_s"] < 2
 
 
+def _check_hooks(doc: dict[str, Any]) -> None:
+    assert doc["storm"]["allowed"] == doc["storm"]["logins"] == 200
+    assert doc["authorize"]["allowed"] == doc["authorize"]["calls"] == 300
+    _positive(doc["storm"], "per_s")
+    _positive(doc["authorize"], "per_s")
+    assert 0 <= doc["revocation_s"]["median"] <= doc["revocation_s"]["max"] < 2
+
+
 @dataclass(frozen=True)
 class Bench:
     argv: tuple[str, ...]
@@ -128,6 +136,11 @@ BENCHES = {
         ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
         "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,
         mosquitto=False),
+    "hooks": Bench(
+        ("bench/hooks.py", "--nodes", "200", "--credentials", "1000", "--authorize", "300",
+         "--revocations", "2", "--concurrency", "8"),
+        "hooks.json", ("reconnect storm: 200 logins", "authorize: 300 calls",
+                       "revocation by the CLI path"), _check_hooks),
 }
 
 

@@ -1,0 +1,267 @@
+"""The HTTP auth hooks a broker calls to check logins and topics live against fleetmq's
+credentials: EMQX 5's HTTP authentication and HTTP authorization (contract section 8, "Brokers
+with HTTP auth hooks").
+
+``POST /api/v1/broker/authenticate`` answers ``{"result": "allow"|"deny", "is_superuser":
+false}`` for a CONNECT; ``POST /api/v1/broker/authorize`` answers ``{"result": "allow"|"deny"}``
+for a publish or subscribe. The decisions are ``TopicRules``'; this module only reads the
+broker's request, finds the principal and answers. Each call is one SHA-256 and a few dict
+lookups, so a reconnect storm costs little more than HTTP itself.
+
+Only the broker calls these routes: each handler checks its own bearer token (a key of role
+``broker``, or ``admin``), whatever middleware runs before it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import secrets
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+from urllib.parse import parse_qsl
+
+import orjson
+from aiohttp import web
+
+from fleetmq.auth.rules import (
+    KEY_IDENTITY_PREFIX,
+    MANAGER_CLIENT_PREFIX,
+    Principal,
+    TopicRules,
+    rest_allowed,
+)
+from fleetmq.auth.service import AuthService, principal_of
+from fleetmq.auth.tokens import bearer_token
+from fleetmq.config import OUTPUT_USER_SUFFIX
+from fleetmq.http.api import error_response, json_response
+from fleetmq.metrics import RateLimitedLog
+
+log = logging.getLogger(__name__)
+
+AUTHENTICATE_PATH = "/api/v1/broker/authenticate"
+AUTHORIZE_PATH = "/api/v1/broker/authorize"
+BODY_TIMEOUT_S = 5.0
+"""The broker sends small bodies at once; a slow one is not a broker."""
+MAX_FIELD = 1024
+"""Longest username, client id or topic judged at all: no identity or fleet topic comes near
+(a node id has at most 128 characters, a token 52); longer ones are refused unread."""
+CREDENTIAL_ATTR = "fleetmq_credential"
+"""The ``client_attrs`` entry (EMQX 5.7 and later) naming the credential a session logged in
+with; sent back as ``credential`` in authorize calls, it makes a rotation end old sessions too."""
+
+BROKER_ROLES = ("read", "write", "admin")
+"""Key roles with broker rights; ``broker`` and ``enroll`` keys have none."""
+
+Result = Literal["allow", "deny"]
+_ALLOW: dict[str, object] = {"result": "allow"}
+_DENY: dict[str, object] = {"result": "deny"}
+
+
+@dataclass(frozen=True, slots=True)
+class ManagerLogin:
+    """The manager's own broker login on a broker that calls these hooks: a username beginning
+    with ``_fleetmq`` (which no node id or key identity can) and a secret drawn per process."""
+
+    username: str
+    password: str
+
+    @classmethod
+    def new(cls, username: str) -> ManagerLogin:
+        if not username.startswith(MANAGER_CLIENT_PREFIX):
+            raise ValueError(f"the manager's username must begin with {MANAGER_CLIENT_PREFIX}")
+        return cls(username, secrets.token_urlsafe(32))
+
+    def owns(self, username: str) -> bool:
+        """Whether ``username`` is one of the manager's two connections' usernames."""
+        return username in (self.username, self.username + OUTPUT_USER_SUFFIX)
+
+    def matches(self, username: str, password: str) -> bool:
+        # Digests of equal length, so the comparison's time says nothing about the secret.
+        return self.owns(username) and hmac.compare_digest(
+            hashlib.sha256(password.encode("utf-8", "surrogatepass")).digest(),
+            hashlib.sha256(self.password.encode()).digest())
+
+    def __repr__(self) -> str:
+        return f"ManagerLogin({self.username!r}, password=***)"
+
+
+class BrokerHooks:
+    """The two hook routes over one ``AuthService`` and one set of ``TopicRules``."""
+
+    def __init__(self, auth: AuthService, rules: TopicRules, monotonic: Callable[[], float],
+                 manager: ManagerLogin | None = None,
+                 counts: Counter[tuple[str, str, str]] | None = None) -> None:
+        self._auth = auth
+        self._rules = rules
+        self._monotonic = monotonic
+        self._manager = manager
+        self.counts: Counter[tuple[str, str, str]] = Counter() if counts is None else counts
+        """Answers by (hook, result, reason): ``Metrics.broker_hooks`` renders them."""
+        # The broker calls for every CONNECT an attacker sends: log a few, count them all.
+        self._warn = RateLimitedLog(log)
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        router.add_post(AUTHENTICATE_PATH, self.authenticate)
+        router.add_post(AUTHORIZE_PATH, self.authorize)
+
+    # --- routes ----------------------------------------------------------------------------
+
+    async def authenticate(self, request: web.Request) -> web.Response:
+        refused = self._check_caller(request)
+        if refused is not None:
+            return refused
+        fields = await _fields(request)
+        username, password = fields.get("username", ""), fields.get("password", "")
+        client_id = fields.get("clientid", "")
+        result, reason, cred_id = self._login(username, password, client_id)
+        self.counts["authenticate", result, reason] += 1
+        if result == "deny":
+            self._warn.warning(
+                f"login:{reason}", self._monotonic(),
+                "broker_login_refused reason=%s username=%.64r clientid=%.64r peer=%.64s",
+                reason, username, client_id, fields.get("peerhost", "?"))
+            return json_response({"result": "deny", "is_superuser": False})
+        body: dict[str, object] = {"result": "allow", "is_superuser": False}
+        if cred_id is not None:
+            body["client_attrs"] = {CREDENTIAL_ATTR: cred_id}
+        return json_response(body)
+
+    async def authorize(self, request: web.Request) -> web.Response:
+        refused = self._check_caller(request)
+        if refused is not None:
+            return refused
+        fields = await _fields(request)
+        result, reason = self._judge(fields)
+        self.counts["authorize", result, reason] += 1
+        if result == "deny":
+            log.debug("broker_action_refused reason=%s username=%.64r action=%.16s topic=%.128r",
+                      reason, fields.get("username", ""), fields.get("action", ""),
+                      fields.get("topic", ""))
+            return json_response(_DENY)
+        return json_response(_ALLOW)
+
+    # --- decisions -------------------------------------------------------------------------
+
+    def _login(self, username: str, password: str,
+               client_id: str) -> tuple[Result, str, str | None]:
+        """(result, reason, the credential's id) for a CONNECT."""
+        if not username or not password or max(len(username), len(client_id)) > MAX_FIELD:
+            return "deny", "malformed", None
+        if username.startswith(MANAGER_CLIENT_PREFIX):
+            return self._manager_login(username, password, client_id)
+        verdict = self._auth.verify(password)  # refuses a 10 kB password by its length first
+        p = verdict.principal
+        reason: str
+        if p is None or verdict.credential is None:
+            reason = verdict.failure or "unknown"
+        elif p.broker_identity != username:
+            reason = "wrong_identity"
+        elif p.kind == "key" and p.role not in BROKER_ROLES:
+            reason = "no_broker_rights"  # broker and enroll keys (contract section 8's table)
+        elif not self._rules.client_id_allowed(p, client_id):
+            reason = "client_id"
+        else:
+            return "allow", p.kind, verdict.credential.id
+        return "deny", reason, None
+
+    def _manager_login(self, username: str, password: str,
+                       client_id: str) -> tuple[Result, str, str | None]:
+        manager = self._manager
+        if manager is None or len(password) > MAX_FIELD or not manager.matches(username,
+                                                                                password):
+            return "deny", "not_manager", None
+        if not self._rules.client_id_allowed(Principal("manager", username), client_id):
+            return "deny", "client_id", None
+        return "allow", "manager", None
+
+    def _judge(self, fields: dict[str, str]) -> tuple[Result, str]:
+        """(result, reason) for a publish or subscribe by an authenticated client."""
+        username, topic = fields.get("username", ""), fields.get("topic", "")
+        if max(len(username), len(topic)) > MAX_FIELD:
+            return "deny", "malformed"
+        principal = self._principal(username, fields.get("credential", ""))
+        if principal is None:
+            return "deny", "no_credential"
+        client_id = fields.get("clientid")
+        if client_id is not None and not self._rules.client_id_allowed(principal, client_id):
+            return "deny", "client_id"
+        action = fields.get("action", "")
+        if action == "publish":
+            allowed = self._rules.publish_allowed(principal, topic)
+        elif action == "subscribe":
+            allowed = self._rules.subscribe_allowed(principal, topic)  # judges $share/g/f as f
+        else:
+            return "deny", "unknown_action"
+        return ("allow", action) if allowed else ("deny", action)
+
+    def _principal(self, username: str, credential: str) -> Principal | None:
+        """Whoever holds ``username`` now, None when nothing valid stands behind it: a revoked
+        or expired identity loses every right at its next check."""
+        if username.startswith(MANAGER_CLIENT_PREFIX):
+            manager = self._manager
+            ok = manager is not None and manager.owns(username)
+            return Principal("manager", username) if ok else None
+        if username.startswith(KEY_IDENTITY_PREFIX):
+            key = self._auth.key(username[len(KEY_IDENTITY_PREFIX):])
+            creds = [key] if key is not None and key.role in BROKER_ROLES else []
+        else:
+            creds = self._auth.node_credentials(username)
+        if credential:
+            # The session's own credential (EMQX client_attrs): it must still work itself.
+            creds = [c for c in creds if c.id == credential]
+        valid = [c for c in creds if self._auth.valid(c.id)]
+        return principal_of(valid[0]) if valid else None
+
+    def _check_caller(self, request: web.Request) -> web.Response | None:
+        """None when the caller is a broker key or an admin key; else the 401 or 403."""
+        verdict = self._auth.verify(bearer_token(request.headers.get("Authorization")))
+        if verdict.principal is None:
+            self.counts["caller", "401", verdict.failure or "missing"] += 1
+            return error_response(401, "Unauthorized",
+                                  "The broker hooks need a key of role broker as bearer token",
+                                  {"WWW-Authenticate": 'Bearer realm="fleetmq"'})
+        if not rest_allowed(verdict.principal, "broker_hooks"):
+            self.counts["caller", "403", "role"] += 1
+            return error_response(403, "Forbidden",
+                                  "Only a key of role broker (or admin) may call the broker hooks")
+        return None
+
+
+async def _fields(request: web.Request) -> dict[str, str]:
+    """The broker's fields from a JSON object or a form body (EMQX sends either), as strings.
+
+    A body that is neither answers 400 (a misconfigured broker, not a client to judge).
+    """
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT_S):
+            body = await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout() from None
+    if request.content_type == "application/x-www-form-urlencoded":
+        pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
+        fields = dict(pairs)
+        if len(fields) != len(pairs):
+            # A name twice is ambiguous (a value that smuggled in '&username=...' unencoded):
+            # judge nothing rather than guess which one the broker meant.
+            raise _bad_body("a field appears twice in the form")
+        return fields
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise _bad_body("the body is not JSON (nor a form with Content-Type "
+                        "application/x-www-form-urlencoded)") from None
+    if not isinstance(value, dict):
+        raise _bad_body("the body must be a JSON object")
+    # EMQX renders every placeholder as a string; a number or boolean (qos, retain) is read
+    # as its JSON text, anything else is left out and so refused.
+    return {k: v if isinstance(v, str) else orjson.dumps(v).decode()
+            for k, v in value.items() if isinstance(v, str | int | float | bool)}
+
+
+def _bad_body(message: str) -> web.HTTPBadRequest:
+    return web.HTTPBadRequest(text=message)
