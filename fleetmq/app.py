@@ -18,7 +18,12 @@ from typing import Any
 
 from fleetmq.auth.rules import TopicRules
 from fleetmq.auth.service import AuthService
-from fleetmq.auth.startup import adopt_admin_token_file, decide_mode, warn_cleartext
+from fleetmq.auth.startup import (
+    AuthSetupError,
+    adopt_admin_token_file,
+    decide_mode,
+    warn_cleartext,
+)
 from fleetmq.auth.store import AuthStore
 from fleetmq.broker.embedded import EmbeddedBroker
 from fleetmq.config import Settings
@@ -30,6 +35,8 @@ from fleetmq.fleet import Fleet
 from fleetmq.heap import Heap
 from fleetmq.http.api import HttpServer, RestApi
 from fleetmq.metrics import Metrics
+from fleetmq.mqtt.dynsec import check_admin_url
+from fleetmq.mqtt.dynsec_mirror import DynsecMirror, login_for, manager_logins
 from fleetmq.mqtt.ingest import MqttIngest
 from fleetmq.mqtt.link import MqttLink, Will
 from fleetmq.mqtt.publisher import Publisher
@@ -71,8 +78,14 @@ class FleetService:
         # publishes queue behind every inbound message, so under a heartbeat backlog status
         # messages would wait for the whole backlog.
         prefer_mqtt5 = settings.mqtt_version == "5" and not settings.broker.embedded  # amqtt: 3.1.1
+        # --broker-auth dynsec: each connection is its own dynsec client, provisioned at start
+        # through --broker-admin with a fresh password (--broker needs no credentials).
+        self._manager_logins = manager_logins(
+            [settings.mqtt_client_id, f"{settings.mqtt_client_id}-out"]
+        ) if settings.auth.broker_auth == "dynsec" else {}
+        self.dynsec: DynsecMirror | None = None
         self.link = MqttLink(
-            settings.broker,
+            login_for(settings.broker, self._manager_logins, settings.mqtt_client_id),
             settings.mqtt_client_id,
             subscriptions=[self.topics.register_filter, self.topics.heartbeat_filter],
             will=None,
@@ -81,7 +94,7 @@ class FleetService:
             monotonic=self.clock.monotonic,
         )
         self.out = MqttLink(
-            settings.broker,
+            login_for(settings.broker, self._manager_logins, f"{settings.mqtt_client_id}-out"),
             f"{settings.mqtt_client_id}-out",
             subscriptions=[],
             will=Will(self.topics.manager_status,
@@ -125,6 +138,10 @@ class FleetService:
                 await stack.enter_async_context(EmbeddedBroker(broker.host, broker.port))
             await self._open_store()
             self.fleet.grant_grace()
+            if self._manager_logins:
+                self.dynsec = await stack.enter_async_context(DynsecMirror(
+                    self.auth, check_admin_url(self.settings.auth.broker_admin),
+                    self.settings.topic_root, self._manager_logins, self.clock))
             await stack.enter_async_context(self.out)
             await stack.enter_async_context(self.link)
             stack.push_async_callback(self._say_goodbye)
@@ -156,9 +173,17 @@ class FleetService:
         await self.auth.store.open()
         self._stack.push_async_callback(self._close_auth)
         await self.auth.load()
+        # With a dynsec mirror, tokens made from here on (the admin token file's too) wait in
+        # the outbox for it; without one, no token may wait there.
+        await self.auth.store.set_mirror(bool(self._manager_logins))
         if self.settings.auth.admin_token_file is not None:
             await adopt_admin_token_file(self.auth, self.settings.auth.admin_token_file)
         self.auth_enabled = decide_mode(self.settings, self.auth)
+        if self._manager_logins:
+            if self.settings.broker.embedded:
+                raise AuthSetupError("--broker-auth dynsec mirrors credentials into an external "
+                                     "Mosquitto: pass --broker mqtt://HOST:PORT")
+            check_admin_url(self.settings.auth.broker_admin)  # before any listener opens
         warn_cleartext(self.settings)
         log.debug("auth_decided mode=%s enabled=%s keys=%d", self.settings.auth.mode,
                   self.auth_enabled, len(self.auth.keys()))
