@@ -228,11 +228,13 @@ class AuthService:
         if cascade:
             ended += [c.revoked(now) for c in self._by_id.values()
                       if c.enrolled_by == key_id and c.valid_at(now)]
+        removals = self._removals(ended, now)
         audit = [AuditEntry(now, "key_revoked", actor, address, f"key:{key_id}")]
         audit += [AuditEntry(now, "credential_revoked", actor, address,
                              f"node:{c.node_id} cascade=key:{key_id}") for c in ended[1:]]
         try:
-            await self._save(ended, audit, keep_admin_at=now if cred.role == "admin" else None)
+            await self._save(ended, audit, keep_admin_at=now if cred.role == "admin" else None,
+                             outbox=removals)
         except LastAdminError:
             raise AuthError(409, "Last admin key",
                             "Revoking the last valid admin key is refused: auth stays on for "
@@ -275,7 +277,8 @@ class AuthService:
         ended = [c.revoked(now) for c in self.node_credentials(node_id)]
         if ended:
             await self._save(ended, [AuditEntry(now, "credential_revoked", actor, address,
-                                                f"node:{node_id}")])
+                                                f"node:{node_id}")],
+                             outbox=self._removals(ended, now))
         return len(ended)
 
     async def enroll(self, key: Credential, node_id: str, node_type: str, *, registered: bool,
@@ -335,6 +338,18 @@ class AuthService:
                          self.required or require, notify=True)
         else:
             await self.refresh()
+
+    def _removals(self, ended: list[Credential], now: float) -> list[OutboxRow]:
+        """Outbox rows that take identities left without a valid token off a broker mirror,
+        written with the revocation (so a CLI revocation is durable for the mirror too)."""
+        gone = {c.id for c in ended}
+        rows: list[OutboxRow] = []
+        for c in ended:
+            if not on_broker(c) or (c.node_id is not None and any(
+                    o.id not in gone for o in self.node_credentials(c.node_id))):
+                continue
+            rows.append(OutboxRow(c.broker_identity, "remove", c.id, created_at=now))
+        return rows
 
     def _absorb(self, credentials: list[Credential], seq: int, required: bool, *,
                 notify: bool) -> None:

@@ -131,18 +131,22 @@ OUTBOX_ORDER = "ORDER BY (action = 'remove') DESC, id"
 def outbox_plan(rows: Sequence[OutboxRow]) -> list[tuple[str, tuple[object, ...]]]:
     """The statements (``?`` placeholders) that add ``rows``: a newer ``put`` supersedes the
     identity's older ones (their tokens are gone at once); a ``remove`` drops the pending
-    ``put`` of the credential it ends and any earlier ``remove`` of that identity."""
+    ``put`` of the credential it ends, and is not added twice for one identity (the pending
+    one keeps its place in the order)."""
     plan: list[tuple[str, tuple[object, ...]]] = []
+    insert = (f"INSERT INTO broker_outbox ({', '.join(OUTBOX_COLUMNS)}) "
+              "SELECT ?, ?, ?, ?, ?, ?")
     for r in rows:
+        values = (r.identity, r.action, r.cred_id, r.secret, r.not_before, r.created_at)
         if r.action == "put":
             plan.append(("DELETE FROM broker_outbox WHERE identity = ? AND action = 'put'",
                          (r.identity,)))
+            plan.append((insert, values))
         else:
-            plan.append(("DELETE FROM broker_outbox WHERE identity = ? AND (action = 'remove' "
-                         "OR (action = 'put' AND cred_id = ?))", (r.identity, r.cred_id)))
-        plan.append((f"INSERT INTO broker_outbox ({', '.join(OUTBOX_COLUMNS)}) "
-                     "VALUES (?, ?, ?, ?, ?, ?)",
-                     (r.identity, r.action, r.cred_id, r.secret, r.not_before, r.created_at)))
+            plan.append(("DELETE FROM broker_outbox WHERE identity = ? AND action = 'put' "
+                         "AND cred_id = ?", (r.identity, r.cred_id)))
+            plan.append((f"{insert} WHERE NOT EXISTS (SELECT 1 FROM broker_outbox WHERE "
+                         "identity = ? AND action = 'remove')", (*values, r.identity)))
     return plan
 
 
@@ -265,8 +269,10 @@ class MemoryAuthStore:
                 self._outbox = [o for o in self._outbox
                                 if not (o.identity == r.identity and o.action == "put")]
             else:
-                self._outbox = [o for o in self._outbox if not (o.identity == r.identity and (
-                    o.action == "remove" or o.cred_id == r.cred_id))]
+                self._outbox = [o for o in self._outbox if not (
+                    o.identity == r.identity and o.action == "put" and o.cred_id == r.cred_id)]
+                if any(o.identity == r.identity and o.action == "remove" for o in self._outbox):
+                    continue
             self._outbox_id += 1
             self._outbox.append(replace(r, id=self._outbox_id))
 

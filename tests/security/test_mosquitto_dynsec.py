@@ -1,33 +1,217 @@
 """Attacks on a real Mosquitto 2.0 whose dynamic security plugin fleetmq mirrors
 (``--broker-auth dynsec``, contract section 8). Each asserts the attack fails AND the victim is
-untouched."""
+untouched: still connected, still subscribed, its node and status unchanged."""
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from fleetmq.app import FleetService
 from tests.conftest import eventually
 from tests.security.conftest import dynsec_settings, mirrored, settled
-from tests.security.peer import NOT_AUTHORIZED, Peer
+from tests.security.peer import NOT_AUTHORIZED, V311, Peer
 from tests.support import Mosquitto
 
 pytestmark = pytest.mark.mosquitto
+Peers = Callable[..., Peer]
+REGISTER = json.dumps({"type": "esp32", "heartbeat_interval_seconds": 30}).encode()
+OFFLINE = json.dumps({"status": "offline", "reason": "connection_lost"}).encode()
 
 
-async def test_node_with_its_credential_connects_and_heartbeats(
-        dynsec_mosquitto: Mosquitto, root: str, tmp_path: Path,
-        peers: Callable[..., Peer]) -> None:
+@dataclass
+class Scene:
+    service: FleetService
+    root: str
+    a: Peer
+    """The victim: registered, connected, subscribed to its reply and status."""
+    b: Peer
+    """The attacker: a node with a valid credential of its own."""
+    a_id: str
+    b_id: str
+    b_token: str
+
+    def a_node(self) -> tuple[object, ...]:
+        node = self.service.registry.get(self.a_id)
+        assert node is not None
+        return (node.status, node.status_reason, node.last_seen, node.type, node.session)
+
+    async def assert_a_untouched(self, before: tuple[object, ...]) -> None:
+        """A is still connected and subscribed (a fresh reply reaches it), its node unchanged."""
+        assert self.a.connected
+        assert self.a_node() == before
+        replies = len(self.a.received(f"{self.root}/{self.a_id}/reply"))
+        # A heartbeat of an unknown node earns a 404 reply; here A asks for one with a register.
+        assert await self.a.publish(f"{self.root}/{self.a_id}/register", REGISTER) == 0
+        await eventually(lambda: len(self.a.received(f"{self.root}/{self.a_id}/reply"))
+                         > replies)
+
+
+async def scene(service: FleetService, broker: Mosquitto, root: str, peers: Peers) -> Scene:
+    a_id, b_id = f"a-{root}", f"b-{root}"
+    _, a_token = await service.auth.issue_credential(a_id, actor="test")
+    _, b_token = await service.auth.issue_credential(b_id, actor="test")
+    await settled(service)
+    a = peers(broker, a_id, a_id, a_token)
+    assert await a.connect() == 0
+    for topic in (f"{root}/{a_id}/reply", f"{root}/{a_id}/status"):
+        assert await a.subscribe(topic) == 1
+    assert await a.publish(f"{root}/{a_id}/register", REGISTER) == 0
+    await eventually(lambda: a.received(f"{root}/{a_id}/reply"))
+    await eventually(lambda: a.received(f"{root}/{a_id}/status"))
+    b = peers(broker, b_id, b_id, b_token)
+    assert await b.connect() == 0
+    return Scene(service, root, a, b, a_id, b_id, b_token)
+
+
+@pytest.fixture
+async def attacked(dynsec_mosquitto: Mosquitto, root: str, tmp_path: Path, peers: Peers):  # type: ignore[no-untyped-def]
     async with mirrored(dynsec_settings(dynsec_mosquitto, root, tmp_path)) as service:
-        node = f"a-{root}"
-        _cred, token = await service.auth.issue_credential(node, actor="test")
-        a = peers(dynsec_mosquitto, node, node, token)
-        await settled(service)
-        assert await a.connect() == 0
-        assert await a.subscribe(f"{root}/{node}/status") == 1
-        assert await a.publish(f"{root}/{node}/register",
-                               json.dumps({"node_type": "esp32"}).encode()) == 0
-        await eventually(lambda: service.registry.get(node) is not None)
+        yield await scene(service, dynsec_mosquitto, root, peers)
+
+
+async def test_node_publishing_another_nodes_heartbeat_or_register_is_refused(
+        attacked: Scene) -> None:
+    s, before = attacked, attacked.a_node()
+    for topic in (f"{s.root}/{s.a_id}/heartbeat", f"{s.root}/{s.a_id}/register"):
+        assert await s.b.publish(topic, OFFLINE) == NOT_AUTHORIZED
+    await s.assert_a_untouched(before)
+    assert s.service.registry.get(s.b_id) is None  # nothing of B's reached the manager
+
+
+async def test_node_forging_retained_statuses_is_refused(attacked: Scene, peers: Peers,
+                                                         dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    forged = json.dumps({"node_id": s.a_id, "status": "offline"}).encode()
+    assert await s.b.publish(f"{s.root}/{s.a_id}/status", forged, retain=True) == NOT_AUTHORIZED
+    assert await s.b.publish(f"{s.root}/_manager/status", forged,
+                             retain=True) == NOT_AUTHORIZED
+    assert await s.b.publish(f"{s.root}/{s.b_id}/status", forged,
+                             retain=True) == NOT_AUTHORIZED
+    await s.assert_a_untouched(before)
+    assert forged not in s.a.received(f"{s.root}/{s.a_id}/status")
+    # A newcomer reading A's retained status sees the manager's, not the forgery.
+    _, key = await s.service.auth.create_key("read", actor="test")
+    await settled(s.service)
+    reader = peers(dynsec_mosquitto, f"_key.{s.service.auth.verify(key).principal.id}",  # type: ignore[union-attr]
+                   f"_key.{s.service.auth.verify(key).principal.id}", key)  # type: ignore[union-attr]
+    assert await reader.connect() == 0
+    assert await reader.subscribe(f"{s.root}/+/status") == 1
+    [status] = await eventually(lambda: reader.received(f"{s.root}/{s.a_id}/status"))
+    assert json.loads(status)["status"] == s.a_node()[0]
+    assert not reader.received(f"{s.root}/{s.b_id}/status")
+
+
+async def test_will_naming_another_nodes_topic_never_reaches_the_manager(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    s.b.close()
+    for topic, retain in ((f"{s.root}/{s.a_id}/heartbeat", False),
+                          (f"{s.root}/{s.a_id}/status", True)):
+        attacker = peers(dynsec_mosquitto, s.b_id, s.b_id, s.b_token)
+        code = await attacker.connect(will=(topic, OFFLINE, retain))
+        if code == 0:  # Mosquitto 2.0 accepts the CONNECT and drops the will when it fires
+            attacker.kill()
+        else:
+            assert code == NOT_AUTHORIZED
+    await s.assert_a_untouched(before)
+    last = json.loads(s.a.received(f"{s.root}/{s.a_id}/status")[-1])
+    assert last["status"] == s.a_node()[0] != "offline"
+
+
+@pytest.mark.parametrize("pattern", ["{root}/#", "{root}/+/reply", "{root}/{a}/reply", "$SYS/#",
+                                     "$CONTROL/#", "$share/x/{root}/+/heartbeat", "#"])
+async def test_node_subscribing_beyond_its_own_topics_is_refused(attacked: Scene,
+                                                                 pattern: str) -> None:
+    s, before = attacked, attacked.a_node()
+    topic = pattern.format(root=s.root, a=s.a_id)
+    assert await s.b.subscribe(topic) == NOT_AUTHORIZED
+    await s.assert_a_untouched(before)
+    assert not s.b.messages  # not even A's reply that followed
+
+
+async def test_refused_subscription_over_mqtt311_gets_0x80_and_the_connection_stays(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    s.b.close()
+    old = peers(dynsec_mosquitto, s.b_id, s.b_id, s.b_token, protocol=V311)
+    assert await old.connect() == 0
+    assert await old.subscribe(f"{s.root}/+/reply") == 0x80
+    assert await old.subscribe(f"{s.root}/{s.b_id}/reply") == 1
+    assert old.connected
+    await s.assert_a_untouched(before)
+
+
+async def test_node_connecting_with_another_nodes_client_id_is_refused(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    thief = peers(dynsec_mosquitto, s.a_id, s.b_id, s.b_token)
+    assert await thief.connect() == NOT_AUTHORIZED
+    await s.assert_a_untouched(before)
+
+
+async def test_key_holder_connecting_as_a_node_or_the_manager_is_refused(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    cred, key = await s.service.auth.create_key("admin", actor="test")
+    await settled(s.service)
+    manager_ids = [s.service.settings.mqtt_client_id, f"{s.service.settings.mqtt_client_id}-out"]
+    for client_id in [s.a_id, *manager_ids]:
+        thief = peers(dynsec_mosquitto, client_id, f"_key.{cred.id}", key)
+        assert await thief.connect() == NOT_AUTHORIZED
+    assert s.service.ready  # the manager's connections were never taken over
+    await s.assert_a_untouched(before)
+    own = peers(dynsec_mosquitto, f"_key.{cred.id}", f"_key.{cred.id}", key)
+    assert await own.connect() == 0  # the key works under its own identity
+
+
+async def test_wrong_password_with_a_live_client_id_leaves_that_client_connected(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    for clean in (True, False):
+        thief = peers(dynsec_mosquitto, s.a_id, s.a_id, "fmq_node_" + "x" * 43)
+        assert await thief.connect(clean=clean, session_expiry=3600) == NOT_AUTHORIZED
+    await s.assert_a_untouched(before)
+
+
+async def test_revoked_keys_persistent_session_cannot_be_resumed(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s = attacked
+    cred, key = await s.service.auth.create_key("read", actor="test")
+    other, other_key = await s.service.auth.create_key("read", actor="test")
+    await settled(s.service)
+    ident = f"_key.{cred.id}"
+    holder = peers(dynsec_mosquitto, ident, ident, key)
+    assert await holder.connect(clean=False, session_expiry=3600) == 0
+    assert await holder.subscribe(f"{s.root}/+/status") == 1
+    holder.close()
+    await s.service.auth.revoke_key(cred.id, actor="test")
+    await settled(s.service)
+    again = peers(dynsec_mosquitto, ident, ident, key)
+    assert await again.connect(clean=False, session_expiry=3600) == NOT_AUTHORIZED
+    taker = peers(dynsec_mosquitto, ident, f"_key.{other.id}", other_key)
+    assert await taker.connect(clean=False, session_expiry=3600) == NOT_AUTHORIZED
+    assert not again.messages and not taker.messages
+
+
+async def test_revocation_kicks_a_live_connection_within_one_second(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    cred, key = await s.service.auth.create_key("write", actor="test")
+    await settled(s.service)
+    holder = peers(dynsec_mosquitto, f"_key.{cred.id}", f"_key.{cred.id}", key)
+    assert await holder.connect() == 0
+    started = time.monotonic()
+    await s.service.auth.revoke_credentials(s.b_id, actor="test")
+    await s.service.auth.revoke_key(cred.id, actor="test")
+    await eventually(lambda: s.b.disconnected.is_set() and holder.disconnected.is_set(),
+                     timeout=1.0, interval=0.01)
+    assert time.monotonic() - started < 1.0
+    again = peers(dynsec_mosquitto, s.b_id, s.b_id, s.b_token)
+    assert await again.connect() == NOT_AUTHORIZED
+    await s.assert_a_untouched(before)
