@@ -46,6 +46,7 @@ MANAGER_WAIT_S = 5.0
 (they retry with backoff if the broker is not there yet)."""
 IDLE_S = 1.0
 RETRY_S = 1.0
+CONNECTION_CHECK_S = 0.25
 BATCH = 100
 
 
@@ -145,10 +146,22 @@ class DynsecMirror:
             return
         if self._reconcile_at is not None:
             wait_s = min(wait_s, self._reconcile_at - self._clock.now().mono)
+        await self._sleep(min(wait_s, IDLE_S * 60))
+
+    async def _sleep(self, seconds: float) -> None:
+        """Until woken, ``seconds`` pass, or the admin connection changes (a reconnect means
+        provisioning and reconciliation are due)."""
         self._wake.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(max(0.0, min(wait_s, IDLE_S * 60))):
-                await self._wake.wait()
+        connections = self.admin.connections
+        deadline = self._clock.now().mono + max(0.0, seconds)
+        while self.admin.connections == connections and self.admin.connected:
+            left = deadline - self._clock.now().mono
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(left, CONNECTION_CHECK_S)):
+                    await self._wake.wait()
+                    return
 
     async def _note_changes(self) -> None:
         """Durable first: an ended credential becomes a ``remove`` row (or brings its

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -196,7 +196,8 @@ async def test_revoked_keys_persistent_session_cannot_be_resumed(
     assert await again.connect(clean=False, session_expiry=3600) == NOT_AUTHORIZED
     taker = peers(dynsec_mosquitto, ident, f"_key.{other.id}", other_key)
     assert await taker.connect(clean=False, session_expiry=3600) == NOT_AUTHORIZED
-    assert not again.messages and not taker.messages
+    assert not again.messages
+    assert not taker.messages
 
 
 async def test_revocation_kicks_a_live_connection_within_one_second(
@@ -215,3 +216,143 @@ async def test_revocation_kicks_a_live_connection_within_one_second(
     again = peers(dynsec_mosquitto, s.b_id, s.b_id, s.b_token)
     assert await again.connect() == NOT_AUTHORIZED
     await s.assert_a_untouched(before)
+
+
+# --- rotation, the CLI, reconciliation, the outbox across restarts -------------------------
+
+async def test_rotation_keeps_the_broker_password_until_first_use_or_grace_end(
+        dynsec_mosquitto: Mosquitto, root: str, tmp_path: Path, peers: Peers) -> None:
+    async with mirrored(dynsec_settings(dynsec_mosquitto, root, tmp_path)) as service:
+        node = f"r-{root}"
+        _, token1 = await service.auth.issue_credential(node, actor="test")
+        await settled(service)
+        a = peers(dynsec_mosquitto, node, node, token1)
+        assert await a.connect() == 0
+        _, token2 = await service.auth.issue_credential(node, grace_s=60, actor="test")
+        await service.auth.refresh()
+        # Within the grace the broker still holds the old password: the device keeps working.
+        early = peers(dynsec_mosquitto, node, node, token2)
+        assert await early.connect() == NOT_AUTHORIZED
+        assert a.connected
+        # The new token's first REST use switches the broker now, and kicks the old session.
+        assert service.auth.verify(token2).principal is not None
+        await eventually(a.disconnected.is_set, timeout=2)
+        fresh = peers(dynsec_mosquitto, node, node, token2)
+        assert await fresh.connect() == 0
+        stale = peers(dynsec_mosquitto, node, node, token1)
+        assert await stale.connect() == NOT_AUTHORIZED
+        # A rotation whose grace simply runs out switches at its end.
+        _, token3 = await service.auth.issue_credential(node, grace_s=1.0, actor="test")
+        assert fresh.connected
+        await eventually(fresh.disconnected.is_set, timeout=4)
+        last = peers(dynsec_mosquitto, node, node, token3)
+        assert await last.connect() == 0
+
+
+async def test_credentials_made_by_the_cli_while_the_manager_runs_reach_the_broker(
+        dynsec_mosquitto: Mosquitto, root: str, tmp_path: Path, peers: Peers) -> None:
+    from fleetmq.auth.service import AuthService
+    from fleetmq.config import parse_store
+    from fleetmq.core.clock import SystemClock
+    from fleetmq.store.auth_sqlite import SqliteAuthStore
+
+    db = tmp_path / "fleet.db"
+    settings = dynsec_settings(dynsec_mosquitto, root, tmp_path)
+    async with mirrored(replace(settings, store=parse_store(f"sqlite:///{db}"))):
+        cli = AuthService(SqliteAuthStore(str(db)), SystemClock())
+        await cli.store.open()
+        try:
+            await cli.load()
+            node = f"c-{root}"
+            _, token = await cli.issue_credential(node, actor="cli")
+            a = peers(dynsec_mosquitto, node, node, token)
+
+            async def logs_in() -> bool:
+                if await a.connect() == 0:
+                    return True
+                a.connack = None
+                return False
+            await eventually(logs_in, timeout=5)
+            await cli.revoke_credentials(node, actor="cli")
+            await eventually(a.disconnected.is_set, timeout=2)
+        finally:
+            await cli.store.close()
+
+
+async def test_reconcile_after_broker_restart_with_an_edited_file(
+        own_dynsec: Mosquitto, root: str, tmp_path: Path, peers: Peers) -> None:
+    async with mirrored(dynsec_settings(own_dynsec, root, tmp_path)) as service:
+        assert service.dynsec is not None
+        lost, drifted = f"lost-{root}", f"drift-{root}"
+        lost_cred, _ = await service.auth.issue_credential(lost, actor="test")
+        _, drifted_token = await service.auth.issue_credential(drifted, actor="test")
+        await settled(service)
+        done = service.dynsec.reconciliations
+        own_dynsec.stop()
+        config = json.loads(own_dynsec.dynsec_file.read_text())
+        clients = {c["username"]: c for c in config["clients"]}
+        ghost = dict(clients[drifted], username=f"ghost-{root}", clientid=f"ghost-{root}")
+        clients[drifted]["clientid"] = f"ghost-{root}"  # drift: B's client id no longer pinned
+        del clients[lost]  # the plugin lost A
+        config["clients"] = [*clients.values(), ghost]
+        own_dynsec.dynsec_file.write_text(json.dumps(config))
+        own_dynsec.start()
+        await eventually(lambda: service.dynsec is not None
+                         and service.dynsec.reconciliations > done, timeout=20)
+        await eventually(lambda: service.ready, timeout=20)
+        names = {c["username"] for c in await service.dynsec.admin.list_clients()}
+        assert f"ghost-{root}" not in names  # unknown to fleetmq: deleted
+        flagged = [c for c in service.auth.credentials() if c.id == lost_cred.id]
+        assert flagged[0].needs_reissue
+        entries = await service.auth.store.audit(50, None)
+        assert any(e.action == "needs_reissue" and lost in e.subject for e in entries)
+        fixed = peers(own_dynsec, drifted, drifted, drifted_token)
+        assert await fixed.connect() == 0  # its client id pinned again
+        thief = peers(own_dynsec, f"ghost-{root}", drifted, drifted_token)
+        assert await thief.connect() == NOT_AUTHORIZED
+
+
+async def test_reconcile_after_manager_restart_deletes_clients_it_does_not_know(
+        dynsec_mosquitto: Mosquitto, root: str, tmp_path: Path, peers: Peers) -> None:
+    settings = dynsec_settings(dynsec_mosquitto, root, tmp_path)  # memory store: forgets all
+    node = f"m-{root}"
+    async with mirrored(settings) as service:
+        _, token = await service.auth.issue_credential(node, actor="test")
+        await settled(service)
+        a = peers(dynsec_mosquitto, node, node, token)
+        assert await a.connect() == 0
+    async with mirrored(settings) as service:
+        assert service.dynsec is not None
+        names = {c["username"] for c in await service.dynsec.admin.list_clients()}
+        assert node not in names
+        await eventually(a.disconnected.is_set, timeout=2)
+        again = peers(dynsec_mosquitto, node, node, token)
+        assert await again.connect() == NOT_AUTHORIZED
+
+
+async def test_outbox_survives_a_manager_restart_and_sends_revocations_first(
+        own_dynsec: Mosquitto, root: str, tmp_path: Path, peers: Peers) -> None:
+    from fleetmq.config import parse_store
+
+    db = tmp_path / "fleet.db"
+    settings = replace(dynsec_settings(own_dynsec, root, tmp_path),
+                       store=parse_store(f"sqlite:///{db}"))
+    revoked, added = f"old-{root}", f"new-{root}"
+    async with mirrored(settings) as service:
+        _, old_token = await service.auth.issue_credential(revoked, actor="test")
+        await settled(service)
+        own_dynsec.stop()
+        await eventually(lambda: not service.ready)
+        await service.auth.revoke_credentials(revoked, actor="test")
+        _, new_token = await service.auth.issue_credential(added, actor="test")
+        pending = await service.auth.store.outbox(10)
+        assert [(r.action, r.identity) for r in pending] == [("remove", revoked),
+                                                             ("put", added)]
+    own_dynsec.start()
+    async with mirrored(settings) as service:
+        await settled(service)
+        assert await peers(own_dynsec, added, added, new_token).connect() == 0
+        assert await peers(own_dynsec, revoked, revoked, old_token).connect() == NOT_AUTHORIZED
+    log = own_dynsec.log.read_text()
+    assert log.index(f"deleteClient | username={revoked}") < log.index(
+        f"createClient | username={added}")
