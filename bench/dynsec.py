@@ -28,17 +28,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import paho.mqtt.client as paho  # noqa: E402
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion  # noqa: E402
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleetmq.auth.dynsec_acls import marker, node_acls, role_name  # noqa: E402
-from fleetmq.auth.service import AuthService  # noqa: E402
-from fleetmq.auth.store import Credential, MemoryAuthStore  # noqa: E402
-from fleetmq.auth.tokens import digest, new_key_id, new_token  # noqa: E402
-from fleetmq.config import parse_broker  # noqa: E402
-from fleetmq.core.clock import SystemClock  # noqa: E402
-from fleetmq.mqtt.dynsec_mirror import DynsecMirror, manager_logins  # noqa: E402
-from tests.support import Mosquitto  # noqa: E402
+from fleetmq.auth.dynsec_acls import marker, node_acls, role_name
+from fleetmq.auth.service import AuthService
+from fleetmq.auth.store import Credential, MemoryAuthStore
+from fleetmq.auth.tokens import digest, new_key_id, new_token
+from fleetmq.config import parse_broker
+from fleetmq.core.clock import SystemClock
+from fleetmq.mqtt.dynsec_mirror import DynsecMirror, manager_logins
+from tests.support import Mosquitto
 
 ROOT = "bench"
 
@@ -85,8 +85,8 @@ def connect(port: int, node: str, token: str) -> tuple[paho.Client, threading.Ev
     return client, gone
 
 
-async def wait_until(condition: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_until(condition: object, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
     while not await condition():  # type: ignore[operator]
         if time.monotonic() > deadline:
             raise TimeoutError("benchmark condition not met")

@@ -124,8 +124,9 @@ class OutboxRow:
 
 
 OUTBOX_COLUMNS = ("identity", "action", "cred_id", "secret", "not_before", "created_at")
-OUTBOX_ORDER = "ORDER BY (action = 'remove') DESC, id"
-"""Revocations first, then the rest in the order written."""
+OUTBOX_ORDER = "ORDER BY (action = 'remove') DESC, COALESCE(not_before, 0), id"
+"""Revocations first, then what is due in the order written, then what waits (a rotation's
+grace) by when it is due: a batch never fills with waiting rows while due ones queue."""
 
 
 def outbox_plan(rows: Sequence[OutboxRow]) -> list[tuple[str, tuple[object, ...]]]:
@@ -277,7 +278,8 @@ class MemoryAuthStore:
             self._outbox.append(replace(r, id=self._outbox_id))
 
     async def outbox(self, limit: int) -> list[OutboxRow]:
-        return sorted(self._outbox, key=lambda o: (o.action != "remove", o.id))[:limit]
+        return sorted(self._outbox, key=lambda o: (o.action != "remove", o.not_before or 0,
+                                                   o.id))[:limit]
 
     async def outbox_done(self, ids: Sequence[int]) -> None:
         gone = set(ids)

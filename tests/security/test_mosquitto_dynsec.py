@@ -356,3 +356,20 @@ async def test_outbox_survives_a_manager_restart_and_sends_revocations_first(
     log = own_dynsec.log.read_text()
     assert log.index(f"deleteClient | username={revoked}") < log.index(
         f"createClient | username={added}")
+
+
+async def test_dynsec_with_the_embedded_broker_refuses_to_start(root: str,
+                                                                  tmp_path: Path) -> None:
+    from fleetmq.auth.startup import AuthSetupError
+    from fleetmq.config import AuthSettings, parse_broker
+    from tests.conftest import make_settings
+    from tests.support import free_port
+
+    settings = make_settings(
+        f"embedded://127.0.0.1:{free_port()}", root,
+        auth=AuthSettings(mode="on", admin_token_file=str(tmp_path / "admin-token"),
+                          broker_auth="dynsec",
+                          broker_admin=parse_broker("mqtt://admin:pw@127.0.0.1:1")))
+    with pytest.raises(AuthSetupError, match="--broker-auth dynsec"):
+        async with FleetService(settings):
+            pass

@@ -66,7 +66,9 @@ def test_drift_deletes_only_unknown_clients_of_its_own_root():
     found = drift("fleet", wanted, set(), clients, [role("a"), role("ghost")])
     assert found.delete_clients == ["ghost"]
     assert found.delete_roles == [role_name("fleet", "ghost")]
-    assert not found.lost and not found.fix_clients and not found.fix_roles
+    assert not found.lost
+    assert not found.fix_clients
+    assert not found.fix_roles
 
 
 def test_drift_reports_lost_identities_unless_a_put_is_pending():
@@ -90,3 +92,19 @@ def test_acls_compare_without_priorities_or_case():
     assert acl_set([{"acltype": "publishClientSend", "topic": "t", "allow": True,
                      "priority": 3}]) == acl_set([{"acltype": "publishclientsend",
                                                     "topic": "t", "allow": True}])
+
+
+def test_a_cleartext_admin_url_to_another_host_is_refused_at_start():
+    import pytest
+
+    from fleetmq.auth.startup import AuthSetupError
+    from fleetmq.config import parse_broker
+    from fleetmq.mqtt.dynsec import check_admin_url
+
+    for url in ("mqtt://admin:pw@192.0.2.1:1883", "mqtt://127.0.0.1:1883"):
+        with pytest.raises(AuthSetupError):
+            check_admin_url(parse_broker(url))
+    with pytest.raises(AuthSetupError):
+        check_admin_url(None)
+    assert check_admin_url(parse_broker("mqtts://admin:pw@192.0.2.1:8883")).scheme == "mqtts"
+    assert check_admin_url(parse_broker("mqtt://admin:pw@127.0.0.1:1883")).username == "admin"
