@@ -139,6 +139,7 @@ async def measure(n: int, puts: int, revokes: int) -> dict[str, float]:
                         await asyncio.sleep(0.002)
                     latencies.append(time.monotonic() - began)
                     client.loop_stop()
+                    await wait_until(empty, 3600)  # each revocation measured on its own
         finally:
             broker.stop()
         return {"clients": n, "file_mb": broker.dynsec_file.stat().st_size / 1e6,
