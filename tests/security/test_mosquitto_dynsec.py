@@ -373,3 +373,28 @@ async def test_dynsec_with_the_embedded_broker_refuses_to_start(root: str,
     with pytest.raises(AuthSetupError, match="--broker-auth dynsec"):
         async with FleetService(settings):
             pass
+
+
+async def test_a_broker_that_lost_its_whole_file_is_repaired_and_lost_nodes_flagged(
+        own_dynsec: Mosquitto, root: str, tmp_path: Path, peers: Peers) -> None:
+    async with mirrored(dynsec_settings(own_dynsec, root, tmp_path)) as service:
+        assert service.dynsec is not None
+        node = f"gone-{root}"
+        await service.auth.issue_credential(node, actor="test")
+        await settled(service)
+        done = service.dynsec.reconciliations
+        own_dynsec.stop()
+        own_dynsec.init_dynsec()  # a fresh file: only the plugin's admin is left
+        own_dynsec.start()
+        # The manager's own clients come back (fresh logins through the admin) ...
+        await eventually(lambda: service.dynsec is not None
+                         and service.dynsec.reconciliations > done, timeout=20)
+        await eventually(lambda: service.ready, timeout=40)
+        # ... the node is flagged: fleetmq holds no token to re-create it ...
+        [cred] = service.auth.node_credentials(node)
+        assert cred.needs_reissue
+        # ... and a new credential brings it back.
+        _, token = await service.auth.issue_credential(node, actor="test")
+        await settled(service)
+        assert await peers(own_dynsec, node, node, token).connect() == 0
+        assert not service.auth.node_credentials(node)[0].needs_reissue
