@@ -201,7 +201,15 @@ class DynsecMirror:
                 later = [r.not_before - now for r in rows if r.not_before is not None]
                 return min(later, default=IDLE_S * 60)
             for row in due:
-                await self._send(row)
+                try:
+                    await self._send(row)
+                except DynsecError as exc:
+                    # The plugin answered and refused: retrying the same row would block every
+                    # row behind it. Drop it; reconciliation repairs what it can (an unknown
+                    # client is deleted, a lost one flagged needs_reissue).
+                    log.error("dynsec_row_refused action=%s identity=%s error=%s", row.action,
+                              row.identity, exc.error)
+                    self._reconcile_at = self._clock.now().mono
                 await self.auth.store.outbox_done([row.id])
                 if self._ended or self._first_used:
                     await self._note_changes()
