@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -14,7 +14,13 @@ import pytest
 
 from fleetmq.app import FleetService
 from tests.conftest import eventually
-from tests.security.conftest import dynsec_settings, mirrored, settled
+from tests.security.dynsec_support import (
+    dynsec_broker,
+    dynsec_settings,
+    mirrored,
+    peer_factory,
+    settled,
+)
 from tests.security.peer import NOT_AUTHORIZED, V311, Peer
 from tests.support import Mosquitto
 
@@ -22,6 +28,27 @@ pytestmark = pytest.mark.mosquitto
 Peers = Callable[..., Peer]
 REGISTER = json.dumps({"type": "esp32", "heartbeat_interval_seconds": 30}).encode()
 OFFLINE = json.dumps({"status": "offline", "reason": "connection_lost"}).encode()
+
+
+@pytest.fixture(scope="session")
+def dynsec_mosquitto() -> Iterator[Mosquitto]:
+    """One dynsec broker for the tests that leave it running (each on its own root and with
+    node ids of its own: usernames are global to the broker)."""
+    with dynsec_broker() as broker:
+        yield broker
+
+
+@pytest.fixture
+def own_dynsec(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A dynsec broker for one test that restarts it or edits its file."""
+    with dynsec_broker(tmp_path / "broker") as broker:
+        yield broker
+
+
+@pytest.fixture
+def peers() -> Iterator[Peers]:
+    with peer_factory() as make:
+        yield make
 
 
 @dataclass

@@ -1,16 +1,14 @@
-"""Fixtures of the dynsec attack tests: a Mosquitto with the dynamic security plugin, and a
-manager with auth on mirroring into it."""
+"""Helpers of the dynsec attack tests: a Mosquitto with the dynamic security plugin, and a
+manager with auth on mirroring into it. The fixtures themselves are thin wrappers in the test
+module (no conftest of its own here, so other security suites can keep theirs)."""
 
 from __future__ import annotations
 
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import replace
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from fleetmq.app import FleetService
 from fleetmq.config import AuthSettings, Settings, parse_broker
@@ -19,31 +17,20 @@ from tests.security.peer import Peer
 from tests.support import Mosquitto
 
 
-@pytest.fixture(scope="session")
-def dynsec_mosquitto() -> Iterator[Mosquitto]:
-    """One dynsec broker for the attack tests that leave it running (each on its own root
-    and its own node ids)."""
+@contextmanager
+def dynsec_broker(workdir: Path | None = None) -> Iterator[Mosquitto]:
+    """A Mosquitto with the dynsec plugin: in ``workdir`` (persistent, for a test that restarts
+    it or edits its file), or in a temporary directory."""
     _require_mosquitto()
     with tempfile.TemporaryDirectory(prefix="fleetmq-dynsec-") as tmp:
-        broker = Mosquitto(Path(tmp), dynsec=True)
+        where = workdir if workdir is not None else Path(tmp)
+        where.mkdir(parents=True, exist_ok=True)
+        broker = Mosquitto(where, persistence=workdir is not None, dynsec=True)
         broker.start()
         try:
             yield broker
         finally:
             broker.stop()
-
-
-@pytest.fixture
-def own_dynsec(tmp_path: Path) -> Iterator[Mosquitto]:
-    """A dynsec broker for one test that restarts it or edits its file."""
-    _require_mosquitto()
-    broker = Mosquitto(tmp_path / "broker", persistence=True, dynsec=True)
-    broker.workdir.mkdir()
-    broker.start()
-    try:
-        yield broker
-    finally:
-        broker.stop()
 
 
 def dynsec_settings(broker: Mosquitto, root: str, tmp_path: Path, **auth: Any) -> Settings:
@@ -72,8 +59,8 @@ async def settled(service: FleetService) -> None:
     await eventually(empty, timeout=10)
 
 
-@pytest.fixture
-def peers() -> Iterator[Callable[..., Peer]]:
+@contextmanager
+def peer_factory() -> Iterator[Callable[..., Peer]]:
     made: list[Peer] = []
 
     def make(broker: Mosquitto, client_id: str, username: str | None = None,
@@ -86,5 +73,3 @@ def peers() -> Iterator[Callable[..., Peer]]:
     for peer in made:
         peer.close()
 
-
-__all__ = ["dynsec_settings", "mirrored", "replace", "settled"]
