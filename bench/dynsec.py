@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from bench.common import machine, print_table, write_result
 from fleetmq.auth.dynsec_acls import marker, node_acls, role_name
 from fleetmq.auth.service import AuthService
 from fleetmq.auth.store import Credential, MemoryAuthStore
@@ -155,13 +156,16 @@ def main() -> None:
     parser.add_argument("--puts", type=int, default=20)
     parser.add_argument("--revokes", type=int, default=5)
     args = parser.parse_args()
-    print("clients  file MB  broker start s  reconcile s  put ms  puts/s  revoke ms (median/max)")
-    for size in (int(s) for s in args.sizes.split(",")):
-        r = asyncio.run(measure(size, args.puts, args.revokes))
-        print(f"{r['clients']:>7,}  {r['file_mb']:7.1f}  {r['broker_start_s']:14.2f}  "
-              f"{r['reconcile_s']:11.2f}  {r['put_ms']:6.1f}  {r['puts_per_s']:6.1f}  "
-              f"{r['revoke_ms_median']:9.1f} / {r['revoke_ms_max']:.1f}", flush=True)
-
+    results = [asyncio.run(measure(int(size), args.puts, args.revokes))
+               for size in args.sizes.split(",")]
+    print_table(("clients", "file MB", "broker start s", "reconcile s", "put ms", "puts/s",
+                 "revoke ms median", "revoke ms max"),
+                [(f"{r['clients']:,.0f}", f"{r['file_mb']:.1f}", f"{r['broker_start_s']:.2f}",
+                  f"{r['reconcile_s']:.2f}", f"{r['put_ms']:.1f}", f"{r['puts_per_s']:.1f}",
+                  f"{r['revoke_ms_median']:.1f}", f"{r['revoke_ms_max']:.1f}")
+                 for r in results])
+    write_result("dynsec", {"machine": machine(), "puts": args.puts, "revokes": args.revokes,
+                            "sizes": results})
 
 if __name__ == "__main__":
     main()

@@ -97,6 +97,13 @@ class Bench:
     mosquitto: bool = True
 
 
+def _check_dynsec(doc: dict[str, Any]) -> None:
+    [size] = doc["sizes"]
+    assert size["clients"] == 200
+    assert size["puts_per_s"] > 0
+    assert 0 < size["revoke_ms_median"] < 1000  # the 1 s of the contract, even here
+
+
 BENCHES = {
     "ingest": Bench(
         ("bench/ingest.py", "--nodes", "100", "--messages", "1000", "--publishers", "1"),
@@ -128,6 +135,9 @@ BENCHES = {
         ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
         "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,
         mosquitto=False),
+    "dynsec": Bench(
+        ("bench/dynsec.py", "--sizes", "200", "--puts", "2", "--revokes", "1"),
+        "dynsec.json", ("clients", "revoke ms median"), _check_dynsec),
 }
 
 

@@ -357,13 +357,15 @@ async def test_reconcile_after_manager_restart_deletes_clients_it_does_not_know(
         assert await again.connect() == NOT_AUTHORIZED
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 async def test_outbox_survives_a_manager_restart_and_sends_revocations_first(
-        own_dynsec: Mosquitto, root: str, tmp_path: Path, peers: Peers) -> None:
+        own_dynsec: Mosquitto, root: str, tmp_path: Path, peers: Peers, backend: str,
+        request: pytest.FixtureRequest) -> None:
     from fleetmq.config import parse_store
 
-    db = tmp_path / "fleet.db"
-    settings = replace(dynsec_settings(own_dynsec, root, tmp_path),
-                       store=parse_store(f"sqlite:///{db}"))
+    url = (f"sqlite:///{tmp_path / 'fleet.db'}" if backend == "sqlite"
+           else request.getfixturevalue("postgres_store_url"))
+    settings = replace(dynsec_settings(own_dynsec, root, tmp_path), store=parse_store(url))
     revoked, added = f"old-{root}", f"new-{root}"
     async with mirrored(settings) as service:
         _, old_token = await service.auth.issue_credential(revoked, actor="test")
