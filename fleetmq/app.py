@@ -19,7 +19,12 @@ from typing import Any
 
 from fleetmq.auth.rules import TopicRules
 from fleetmq.auth.service import AuthService
-from fleetmq.auth.startup import adopt_admin_token_file, decide_mode, warn_cleartext
+from fleetmq.auth.startup import (
+    AuthSetupError,
+    adopt_admin_token_file,
+    decide_mode,
+    warn_cleartext,
+)
 from fleetmq.auth.store import AuthStore
 from fleetmq.broker.embedded import EmbeddedBroker
 from fleetmq.config import CLIENT_ID_PREFIX, OUTPUT_USER_SUFFIX, Settings
@@ -32,6 +37,8 @@ from fleetmq.heap import Heap
 from fleetmq.http.api import HttpServer, RestApi
 from fleetmq.http.broker_hooks import BrokerHooks, ManagerLogin
 from fleetmq.metrics import Metrics
+from fleetmq.mqtt.dynsec import check_admin_url
+from fleetmq.mqtt.dynsec_mirror import DynsecMirror, login_for, manager_logins
 from fleetmq.mqtt.ingest import MqttIngest
 from fleetmq.mqtt.link import MqttLink, Will
 from fleetmq.mqtt.publisher import Publisher
@@ -74,8 +81,14 @@ class FleetService:
         # publishes queue behind every inbound message, so under a heartbeat backlog status
         # messages would wait for the whole backlog.
         prefer_mqtt5 = settings.mqtt_version == "5" and not settings.broker.embedded  # amqtt: 3.1.1
-        # A broker that calls the HTTP hooks knows the manager by a secret of this process's
-        # own, unless the operator gave the manager a login of their own in --broker.
+        # The manager's own broker logins. --broker-auth dynsec: each connection is its own
+        # dynsec client, provisioned at start through --broker-admin with a fresh password
+        # (--broker needs no credentials). A broker that calls the HTTP hooks knows the manager
+        # by a secret of this process's own, unless the operator gave it a login in --broker.
+        self._manager_logins = manager_logins(
+            [settings.mqtt_client_id, f"{settings.mqtt_client_id}-out"]
+        ) if settings.auth.broker_auth == "dynsec" else {}
+        self.dynsec: DynsecMirror | None = None
         self.manager_login = (ManagerLogin.new(settings.mqtt_client_id)
                               if settings.auth.broker_auth == "external"
                               and not settings.broker.embedded
@@ -87,7 +100,7 @@ class FleetService:
             settings.broker, username=self.manager_login.username,
             password=self.manager_login.password)
         self.link = MqttLink(
-            broker,
+            login_for(broker, self._manager_logins, settings.mqtt_client_id),
             settings.mqtt_client_id,
             subscriptions=[self.topics.register_filter, self.topics.heartbeat_filter],
             will=None,
@@ -102,7 +115,7 @@ class FleetService:
             # connections under one username kick each other: the output one gets its own.
             out_broker = replace(broker, username=broker.username + OUTPUT_USER_SUFFIX)
         self.out = MqttLink(
-            out_broker,
+            login_for(out_broker, self._manager_logins, f"{settings.mqtt_client_id}-out"),
             f"{settings.mqtt_client_id}-out",
             subscriptions=[],
             will=Will(self.topics.manager_status,
@@ -152,6 +165,10 @@ class FleetService:
                     EmbeddedBroker(broker.host, broker.port, self.settings.broker_tls))
             await self._open_store()
             self.fleet.grant_grace()
+            if self._manager_logins:
+                self.dynsec = await stack.enter_async_context(DynsecMirror(
+                    self.auth, check_admin_url(self.settings.auth.broker_admin),
+                    self.settings.topic_root, self._manager_logins, self.clock))
             await stack.enter_async_context(self.out)
             await stack.enter_async_context(self.link)
             stack.push_async_callback(self._say_goodbye)
@@ -183,10 +200,18 @@ class FleetService:
         await self.auth.store.open()
         self._stack.push_async_callback(self._close_auth)
         await self.auth.load()
+        # With a dynsec mirror, tokens made from here on (the admin token file's too) wait in
+        # the outbox for it; without one, no token may wait there.
+        await self.auth.store.set_mirror(bool(self._manager_logins))
         if self.settings.auth.admin_token_file is not None:
             await adopt_admin_token_file(self.auth, self.settings.auth.admin_token_file)
         self.auth_enabled = decide_mode(self.settings, self.auth)
         self.ingest.own_reply_only = self.auth_enabled
+        if self._manager_logins:
+            if self.settings.broker.embedded:
+                raise AuthSetupError("--broker-auth dynsec mirrors credentials into an external "
+                                     "Mosquitto: pass --broker mqtt://HOST:PORT")
+            check_admin_url(self.settings.auth.broker_admin)  # before any listener opens
         warn_cleartext(self.settings)
         log.debug("auth_decided mode=%s enabled=%s keys=%d", self.settings.auth.mode,
                   self.auth_enabled, len(self.auth.keys()))

@@ -14,7 +14,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 # Directives the test broker sets itself; the rest of the repo's mosquitto.conf is kept.
 _OVERRIDDEN = {"listener", "protocol", "persistence", "persistence_location", "persistence_file",
-               "autosave_interval", "log_dest", "user", "password_file", "acl_file", "pid_file"}
+               "autosave_interval", "log_dest", "user", "password_file", "acl_file", "pid_file",
+               "allow_anonymous", "plugin", "plugin_opt_config_file"}
+DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
 
 
 def free_port() -> int:
@@ -26,10 +28,18 @@ def free_port() -> int:
 class Mosquitto:
     """A Mosquitto process on a free port, configured from the repo's mosquitto.conf."""
 
-    def __init__(self, workdir: Path, *, persistence: bool = False) -> None:
+    def __init__(self, workdir: Path, *, persistence: bool = False,
+                 dynsec: bool = False) -> None:
         self.port = free_port()
+        while self.port == 1883:
+            self.port = free_port()
         self.workdir = workdir
         self.persistence = persistence
+        self.dynsec = dynsec
+        """With the dynamic security plugin (its file made by ``mosquitto_ctrl dynsec init``,
+        admin ``admin`` with ``admin_password``) and no anonymous logins."""
+        self.dynsec_file = workdir / "dynamic-security.json"
+        self.admin_password = os.urandom(12).hex()
         self.proc: subprocess.Popen[bytes] | None = None
         self.conf = workdir / "mosquitto.conf"
         self.log = workdir / "mosquitto.log"
@@ -41,9 +51,11 @@ class Mosquitto:
             if words and not words[0].startswith("#") and words[0] in _OVERRIDDEN:
                 continue
             kept.append(line)
+        if self.dynsec:
+            kept += [f"plugin {DYNSEC_PLUGIN}", f"plugin_opt_config_file {self.dynsec_file}"]
         kept += [
             f"listener {self.port} 127.0.0.1",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if self.dynsec else 'true'}",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",
             f"log_dest file {self.log}",
@@ -52,7 +64,19 @@ class Mosquitto:
             kept.append("user root")  # as root Mosquitto would drop to its own user
         self.conf.write_text("\n".join(kept) + "\n")
 
+    def init_dynsec(self) -> None:
+        """A new plugin file holding only the admin (``mosquitto_ctrl dynsec init``)."""
+        self.dynsec_file.unlink(missing_ok=True)
+        subprocess.run(["mosquitto_ctrl", "dynsec", "init", str(self.dynsec_file), "admin",
+                        self.admin_password], check=True, capture_output=True, timeout=30)
+
+    @property
+    def admin_url(self) -> str:
+        return f"mqtt://admin:{self.admin_password}@127.0.0.1:{self.port}"
+
     def start(self) -> None:
+        if self.dynsec and not self.dynsec_file.exists():
+            self.init_dynsec()
         self._write_config()
         self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -20,7 +20,7 @@ from typing import Literal
 
 from fleetmq.auth.passwords import mosquitto_hash
 from fleetmq.auth.rules import Principal
-from fleetmq.auth.store import AuditEntry, AuthStore, Credential, LastAdminError
+from fleetmq.auth.store import AuditEntry, AuthStore, Credential, LastAdminError, OutboxRow
 from fleetmq.auth.tokens import digest, new_key_id, new_token, token_kind
 from fleetmq.core.clock import Clock
 from fleetmq.errors import FleetmqError
@@ -32,6 +32,8 @@ POLL_S = 0.2
 USE_FLUSH_S = 5.0
 MAX_VALID_NODE_TOKENS = 2
 KEY_ROLES = ("read", "write", "admin", "broker", "enroll")
+BROKER_ROLES = ("read", "write", "admin")
+"""Key roles that log in to the broker (``broker`` and ``enroll`` keys have no broker rights)."""
 
 Failure = Literal["missing", "malformed", "unknown", "expired", "revoked"]
 Listener = Callable[[list[Credential]], None]
@@ -56,6 +58,20 @@ class Verdict:
     failure: Failure | None = None
 
 
+def on_broker(c: Credential) -> bool:
+    """Whether the credential is a broker login (a node, or a read/write/admin key)."""
+    return c.node_id is not None or c.role in BROKER_ROLES
+
+
+def broker_put(cred: Credential, token: str, not_before: float | None = None) -> list[OutboxRow]:
+    """The outbox row that hands a new token to a broker mirror, if one is active (the store
+    drops it otherwise): written in the same transaction as the credential, so a credential
+    made by the CLI reaches the broker too."""
+    if not on_broker(cred):
+        return []
+    return [OutboxRow(cred.broker_identity, "put", cred.id, token, not_before, cred.created_at)]
+
+
 def principal_of(c: Credential) -> Principal:
     if c.node_id is not None:
         return Principal("node", c.node_id)
@@ -77,6 +93,9 @@ class AuthService:
         """The store requires auth: it has held an admin key (for good)."""
         self._used: dict[str, float] = {}
         self._listeners: list[Listener] = []
+        self._first_use: list[Callable[[Credential], None]] = []
+        self._seen: set[str] = set()
+        """Credentials this process has accepted at least once (first-use hook)."""
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -115,6 +134,12 @@ class AuthService:
         and of every one whose expiry, revocation or grace has just passed."""
         self._listeners.append(listener)
 
+    def add_first_use_listener(self, listener: Callable[[Credential], None]) -> None:
+        """``listener(credential)`` hears of a credential's first accepted use by this process
+        that the store has not recorded yet (a rotated node's new token: the broker mirror
+        then switches the broker's password at once instead of at the grace's end)."""
+        self._first_use.append(listener)
+
     # --- checking --------------------------------------------------------------------------
 
     def verify(self, token: str | None) -> Verdict:
@@ -130,6 +155,13 @@ class AuthService:
             return Verdict(None, cred, "revoked")
         if cred.expires_at is not None and cred.expires_at <= now:
             return Verdict(None, cred, "expired")
+        if cred.last_used_at is None and self._first_use and cred.id not in self._seen:
+            self._seen.add(cred.id)
+            for listener in self._first_use:
+                try:
+                    listener(cred)
+                except Exception:
+                    log.exception("auth_first_use_listener_failed")
         self._used[cred.id] = now
         return Verdict(principal_of(cred), cred)
 
@@ -182,7 +214,7 @@ class AuthService:
             allow_registered=allow_registered)
         await self._save([cred], [AuditEntry(now, "key_created", actor, address,
                                              f"key:{cred.id} role={role}")],
-                         require=role == "admin")
+                         require=role == "admin", outbox=broker_put(cred, token))
         return cred, token
 
     async def revoke_key(self, key_id: str, *, cascade: bool = False, actor: str,
@@ -197,11 +229,13 @@ class AuthService:
         if cascade:
             ended += [c.revoked(now) for c in self._by_id.values()
                       if c.enrolled_by == key_id and c.valid_at(now)]
+        removals = self._removals(ended, now)
         audit = [AuditEntry(now, "key_revoked", actor, address, f"key:{key_id}")]
         audit += [AuditEntry(now, "credential_revoked", actor, address,
                              f"node:{c.node_id} cascade=key:{key_id}") for c in ended[1:]]
         try:
-            await self._save(ended, audit, keep_admin_at=now if cred.role == "admin" else None)
+            await self._save(ended, audit, keep_admin_at=now if cred.role == "admin" else None,
+                             outbox=removals)
         except LastAdminError:
             raise AuthError(409, "Last admin key",
                             "Revoking the last valid admin key is refused: auth stays on for "
@@ -229,7 +263,12 @@ class AuthService:
         if enrolled_by is not None:
             action = "enrolled"
         subject = f"node:{node_id}" + (f" grace={grace_s:g}s" if older and grace_s else "")
-        await self._save([*ending, cred], [AuditEntry(now, action, actor, address, subject)])
+        # The broker keeps one password per client: it changes when the old token's grace
+        # ends (or at the new token's first use). With two older tokens valid (a rotation
+        # within a grace) the oldest, the broker's, is revoked now: the switch is at once.
+        deferred = now + grace_s if grace_s > 0 and len(older) == 1 else None
+        await self._save([*ending, cred], [AuditEntry(now, action, actor, address, subject)],
+                         outbox=broker_put(cred, token, deferred))
         return cred, token
 
     async def revoke_credentials(self, node_id: str, *, actor: str,
@@ -239,7 +278,8 @@ class AuthService:
         ended = [c.revoked(now) for c in self.node_credentials(node_id)]
         if ended:
             await self._save(ended, [AuditEntry(now, "credential_revoked", actor, address,
-                                                f"node:{node_id}")])
+                                                f"node:{node_id}")],
+                             outbox=self._removals(ended, now))
         return len(ended)
 
     async def enroll(self, key: Credential, node_id: str, node_type: str, *, registered: bool,
@@ -271,7 +311,8 @@ class AuthService:
                           node_id=node_id, enrolled_by=key.id,
                           broker_hash=mosquitto_hash(token))
         await self._save([used, cred], [AuditEntry(now, "enrolled", actor, address,
-                                                   f"node:{node_id} key:{key.id}")])
+                                                   f"node:{node_id} key:{key.id}")],
+                         outbox=broker_put(cred, token))
         return cred, token
 
     async def audit(self, action: str, actor: str, address: str | None, subject: str) -> None:
@@ -280,15 +321,36 @@ class AuthService:
 
     # --- internals -------------------------------------------------------------------------
 
+    async def save(self, credentials: list[Credential], audit: list[AuditEntry]) -> None:
+        """Write changed records (a broker mirror flagging ``needs_reissue``) and audit them."""
+        await self._save(credentials, audit)
+
+    def credentials(self) -> list[Credential]:
+        """Every credential known, valid or not."""
+        return list(self._by_id.values())
+
     async def _save(self, credentials: list[Credential], audit: list[AuditEntry], *,
-                    require: bool = False, keep_admin_at: float | None = None) -> None:
+                    require: bool = False, keep_admin_at: float | None = None,
+                    outbox: list[OutboxRow] | None = None) -> None:
         seq = await self.store.save(credentials, audit, require=require,
-                                    keep_admin_at=keep_admin_at)
+                                    keep_admin_at=keep_admin_at, outbox=outbox or ())
         if seq == self._seq + 1:  # nobody else wrote meanwhile: what was saved is all
             self._absorb([replace(c, seq=seq) for c in credentials], seq,
                          self.required or require, notify=True)
         else:
             await self.refresh()
+
+    def _removals(self, ended: list[Credential], now: float) -> list[OutboxRow]:
+        """Outbox rows that take identities left without a valid token off a broker mirror,
+        written with the revocation (so a CLI revocation is durable for the mirror too)."""
+        gone = {c.id for c in ended}
+        rows: list[OutboxRow] = []
+        for c in ended:
+            if not on_broker(c) or (c.node_id is not None and any(
+                    o.id not in gone for o in self.node_credentials(c.node_id))):
+                continue
+            rows.append(OutboxRow(c.broker_identity, "remove", c.id, created_at=now))
+        return rows
 
     def _absorb(self, credentials: list[Credential], seq: int, required: bool, *,
                 notify: bool) -> None:

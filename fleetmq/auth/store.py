@@ -9,6 +9,7 @@ does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -40,6 +41,9 @@ class Credential:
     broker_hash: str | None = None
     """The token as a Mosquitto password-file hash (for ``credentials export``): the broker
     checks logins itself without fleetmq ever keeping the token."""
+    needs_reissue: bool = False
+    """The broker mirror (dynsec) lost this credential's client: fleetmq holds no token to
+    re-create it, so MQTT logins fail until an admin issues a new credential."""
     seq: int = 0
 
     @property
@@ -69,7 +73,7 @@ class Credential:
 CREDENTIAL_COLUMNS: tuple[str, ...] = (
     "id", "digest", "created_at", "node_id", "role", "name", "expires_at", "revoked_at",
     "last_used_at", "uses", "max_uses", "id_pattern", "node_type", "allow_registered",
-    "enrolled_by", "broker_hash", "seq",
+    "enrolled_by", "broker_hash", "needs_reissue", "seq",
 )
 """The order of a credential row, in every SQL store (the dataclass's field order)."""
 
@@ -78,13 +82,14 @@ def credential_from_row(row: tuple[object, ...]) -> Credential:
     values = list(row)
     values[1] = bytes(values[1])  # type: ignore[call-overload]  # BLOB/bytea: bytes or memoryview
     values[13] = bool(values[13])
+    values[16] = bool(values[16])
     return Credential(*values)  # type: ignore[arg-type]  # columns in field order
 
 
 def credential_row(c: Credential) -> tuple[object, ...]:
     return (c.id, c.digest, c.created_at, c.node_id, c.role, c.name, c.expires_at,
             c.revoked_at, c.last_used_at, c.uses, c.max_uses, c.id_pattern, c.node_type,
-            int(c.allow_registered), c.enrolled_by, c.broker_hash, c.seq)
+            int(c.allow_registered), c.enrolled_by, c.broker_hash, int(c.needs_reissue), c.seq)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +104,51 @@ class AuditEntry:
     address: str | None
     subject: str
     id: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One pending change for a broker mirror (dynsec), durable until the broker
+    acknowledged it. ``put`` gives ``identity`` the token ``secret`` of credential
+    ``cred_id`` (the only place a token is ever kept, and only until it is sent: 2.0's plugin
+    takes plaintext passwords only); ``remove`` deletes the identity from the broker. A ``put``
+    waits until ``not_before`` when set (a rotation's grace)."""
+
+    identity: str
+    action: str
+    cred_id: str | None = None
+    secret: str | None = None
+    not_before: float | None = None
+    created_at: float = 0.0
+    id: int = 0
+
+
+OUTBOX_COLUMNS = ("identity", "action", "cred_id", "secret", "not_before", "created_at")
+OUTBOX_ORDER = "ORDER BY (action = 'remove') DESC, COALESCE(not_before, 0), id"
+"""Revocations first, then what is due in the order written, then what waits (a rotation's
+grace) by when it is due: a batch never fills with waiting rows while due ones queue."""
+
+
+def outbox_plan(rows: Sequence[OutboxRow]) -> list[tuple[str, tuple[object, ...]]]:
+    """The statements (``?`` placeholders) that add ``rows``: a newer ``put`` supersedes the
+    identity's older ones (their tokens are gone at once); a ``remove`` drops the pending
+    ``put`` of the credential it ends, and is not added twice for one identity (the pending
+    one keeps its place in the order)."""
+    plan: list[tuple[str, tuple[object, ...]]] = []
+    insert = (f"INSERT INTO broker_outbox ({', '.join(OUTBOX_COLUMNS)}) "
+              "SELECT ?, ?, ?, ?, ?, ?")
+    for r in rows:
+        values = (r.identity, r.action, r.cred_id, r.secret, r.not_before, r.created_at)
+        if r.action == "put":
+            plan.append(("DELETE FROM broker_outbox WHERE identity = ? AND action = 'put'",
+                         (r.identity,)))
+            plan.append((insert, values))
+        else:
+            plan.append(("DELETE FROM broker_outbox WHERE identity = ? AND action = 'put' "
+                         "AND cred_id = ?", (r.identity, r.cred_id)))
+            plan.append((f"{insert} WHERE NOT EXISTS (SELECT 1 FROM broker_outbox WHERE "
+                         "identity = ? AND action = 'remove')", (*values, r.identity)))
+    return plan
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +180,29 @@ class AuthStore(Protocol):
         """The sequence number now: one cheap read, polled by the manager."""
 
     async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
-                   require: bool = False, keep_admin_at: float | None = None) -> int:
+                   require: bool = False, keep_admin_at: float | None = None,
+                   outbox: Sequence[OutboxRow] = ()) -> int:
         """Write the rows and the audit entries in one transaction under a new sequence
         number (returned); ``require`` marks the store as requiring auth from now on.
         With ``keep_admin_at``, raise ``LastAdminError`` (and write nothing) if no admin
-        key would still be valid at that moment."""
+        key would still be valid at that moment. ``outbox`` rows are written in the same
+        transaction if a broker mirror is active, and dropped otherwise."""
+
+    async def set_mirror(self, active: bool) -> None:
+        """Record whether a broker mirror runs; inactive also empties the outbox (no token
+        waits for a mirror that will not come)."""
+
+    async def outbox_add(self, rows: Sequence[OutboxRow]) -> None:
+        """Add rows (if a mirror is active), superseding as ``outbox_plan`` says."""
+
+    async def outbox(self, limit: int) -> list[OutboxRow]:
+        """Pending rows, revocations first."""
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        """Delete rows the broker acknowledged (or that no longer apply)."""
+
+    async def outbox_due(self, cred_ids: Sequence[str], at: float) -> int:
+        """Bring the waiting ``put`` of these credentials forward to ``at``; how many moved."""
 
     async def record_use(self, used: list[tuple[str, float]]) -> None:
         """Set ``last_used_at`` (id, moment) without a new sequence number: bookkeeping,
@@ -158,6 +226,9 @@ class MemoryAuthStore:
         self._audit: list[AuditEntry] = []
         self._seq = 0
         self._required = False
+        self._mirror = False
+        self._outbox: list[OutboxRow] = []
+        self._outbox_id = 0
 
     async def open(self) -> None:
         return None
@@ -170,7 +241,8 @@ class MemoryAuthStore:
         return self._seq
 
     async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
-                   require: bool = False, keep_admin_at: float | None = None) -> int:
+                   require: bool = False, keep_admin_at: float | None = None,
+                   outbox: Sequence[OutboxRow] = ()) -> int:
         after = dict(self._credentials)
         for c in credentials:
             after[c.id] = replace(c, seq=self._seq + 1)
@@ -182,7 +254,45 @@ class MemoryAuthStore:
         self._required = self._required or require
         for entry in audit:
             self._audit.append(replace(entry, id=len(self._audit) + 1))
+        await self.outbox_add(outbox)
         return self._seq
+
+    async def set_mirror(self, active: bool) -> None:
+        self._mirror = active
+        if not active:
+            self._outbox = []
+
+    async def outbox_add(self, rows: Sequence[OutboxRow]) -> None:
+        if not self._mirror:
+            return
+        for r in rows:
+            if r.action == "put":
+                self._outbox = [o for o in self._outbox
+                                if not (o.identity == r.identity and o.action == "put")]
+            else:
+                self._outbox = [o for o in self._outbox if not (
+                    o.identity == r.identity and o.action == "put" and o.cred_id == r.cred_id)]
+                if any(o.identity == r.identity and o.action == "remove" for o in self._outbox):
+                    continue
+            self._outbox_id += 1
+            self._outbox.append(replace(r, id=self._outbox_id))
+
+    async def outbox(self, limit: int) -> list[OutboxRow]:
+        return sorted(self._outbox, key=lambda o: (o.action != "remove", o.not_before or 0,
+                                                   o.id))[:limit]
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        gone = set(ids)
+        self._outbox = [o for o in self._outbox if o.id not in gone]
+
+    async def outbox_due(self, cred_ids: Sequence[str], at: float) -> int:
+        moved = 0
+        for i, o in enumerate(self._outbox):
+            if o.action == "put" and o.cred_id in cred_ids and (
+                    o.not_before is not None and o.not_before > at):
+                self._outbox[i] = replace(o, not_before=at)
+                moved += 1
+        return moved
 
     async def record_use(self, used: list[tuple[str, float]]) -> None:
         for cred_id, at in used:

@@ -6,19 +6,23 @@ running manager. Writers serialise on the ``auth_meta`` sequence row.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
 
 from fleetmq.auth.store import (
     CREDENTIAL_COLUMNS,
+    OUTBOX_COLUMNS,
+    OUTBOX_ORDER,
     AuditEntry,
     AuthChanges,
     Credential,
     LastAdminError,
+    OutboxRow,
     credential_from_row,
     credential_row,
+    outbox_plan,
 )
 from fleetmq.errors import StoreError
 
@@ -59,6 +63,17 @@ CREATE TABLE IF NOT EXISTS audit (
     subject text NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+ALTER TABLE credentials ADD COLUMN IF NOT EXISTS needs_reissue integer NOT NULL DEFAULT 0;
+INSERT INTO auth_meta (k, v) VALUES ('mirror', 0) ON CONFLICT DO NOTHING;
+CREATE TABLE IF NOT EXISTS broker_outbox (
+    id bigserial PRIMARY KEY,
+    identity text NOT NULL,
+    action text NOT NULL,
+    cred_id text,
+    secret text,
+    not_before double precision,
+    created_at double precision NOT NULL
+);
 """
 
 _SELECT = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"
@@ -120,7 +135,8 @@ class PostgresAuthStore:
         return await self._with(read, "reading")
 
     async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
-                   require: bool = False, keep_admin_at: float | None = None) -> int:
+                   require: bool = False, keep_admin_at: float | None = None,
+                   outbox: Sequence[OutboxRow] = ()) -> int:
         async def write(conn: Any) -> int:
             async with conn.transaction():
                 seq = int(await conn.fetchval(
@@ -138,8 +154,47 @@ class PostgresAuthStore:
                 if keep_admin_at is not None and not await conn.fetchval(
                         _VALID_ADMINS, keep_admin_at):
                     raise LastAdminError("that would leave no valid admin key")
+                await _add_outbox(conn, outbox)
             return seq
         return await self._with(write, "writing credentials to")
+
+    # --- the broker mirror's outbox ---------------------------------------------------------
+
+    async def set_mirror(self, active: bool) -> None:
+        async def write(conn: Any) -> None:
+            async with conn.transaction():
+                await conn.execute("UPDATE auth_meta SET v = $1 WHERE k = 'mirror'",
+                                   int(active))
+                if not active:
+                    await conn.execute("DELETE FROM broker_outbox")
+        await self._with(write, "writing to")
+
+    async def outbox_add(self, rows: Sequence[OutboxRow]) -> None:
+        async def write(conn: Any) -> None:
+            async with conn.transaction():
+                await _add_outbox(conn, rows)
+        await self._with(write, "writing the broker outbox to")
+
+    async def outbox(self, limit: int) -> list[OutboxRow]:
+        async def read(conn: Any) -> list[OutboxRow]:
+            rows = await conn.fetch(f"SELECT {', '.join(OUTBOX_COLUMNS)}, id FROM broker_outbox "
+                                    f"{OUTBOX_ORDER} LIMIT $1", limit)
+            return [OutboxRow(*r) for r in rows]
+        return await self._with(read, "reading the broker outbox from")
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        async def write(conn: Any) -> None:
+            await conn.execute("DELETE FROM broker_outbox WHERE id = ANY($1::bigint[])",
+                               list(ids))
+        await self._with(write, "writing the broker outbox to")
+
+    async def outbox_due(self, cred_ids: Sequence[str], at: float) -> int:
+        async def write(conn: Any) -> int:
+            status = await conn.execute(
+                "UPDATE broker_outbox SET not_before = $1 WHERE action = 'put' "
+                "AND cred_id = ANY($2::text[]) AND not_before > $1", at, list(cred_ids))
+            return int(status.split()[-1])
+        return await self._with(write, "writing the broker outbox to")
 
     async def record_use(self, used: list[tuple[str, float]]) -> None:
         async def write(conn: Any) -> None:
@@ -172,3 +227,14 @@ class PostgresAuthStore:
             raise
         except _FAILURES as exc:
             raise StoreError(f"store {self.url} failed {doing}: {exc}") from exc
+
+
+async def _add_outbox(conn: Any, rows: Sequence[OutboxRow]) -> None:
+    """Inside the caller's transaction; nothing unless a mirror is active."""
+    if not rows or not await conn.fetchval("SELECT v FROM auth_meta WHERE k = 'mirror'"):
+        return
+    for statement, args in outbox_plan(rows):
+        numbered = statement
+        for i in range(1, statement.count("?") + 1):
+            numbered = numbered.replace("?", f"${i}", 1)
+        await conn.execute(numbered, *args)

@@ -10,18 +10,22 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from fleetmq.auth.store import (
     CREDENTIAL_COLUMNS,
+    OUTBOX_COLUMNS,
+    OUTBOX_ORDER,
     AuditEntry,
     AuthChanges,
     Credential,
     LastAdminError,
+    OutboxRow,
     credential_from_row,
     credential_row,
+    outbox_plan,
 )
 from fleetmq.errors import StoreError
 
@@ -59,6 +63,16 @@ CREATE TABLE IF NOT EXISTS audit (
     subject TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (at);
+INSERT OR IGNORE INTO auth_meta (k, v) VALUES ('mirror', 0);
+CREATE TABLE IF NOT EXISTS broker_outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    identity TEXT NOT NULL,
+    action TEXT NOT NULL,
+    cred_id TEXT,
+    secret TEXT,
+    not_before REAL,
+    created_at REAL NOT NULL
+);
 """
 
 _SELECT = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"
@@ -97,6 +111,10 @@ class SqliteAuthStore:
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")
         conn.executescript(SCHEMA)  # idempotent: IF NOT EXISTS, OR IGNORE
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(credentials)")}
+        if "needs_reissue" not in columns:  # a store made before the dynsec mirror
+            conn.execute("ALTER TABLE credentials ADD COLUMN needs_reissue INTEGER NOT NULL "
+                         "DEFAULT 0")
         self._conn = conn
 
     async def close(self) -> None:
@@ -121,7 +139,8 @@ class SqliteAuthStore:
             "SELECT v FROM auth_meta WHERE k = 'seq'").fetchone()[0]))
 
     async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
-                   require: bool = False, keep_admin_at: float | None = None) -> int:
+                   require: bool = False, keep_admin_at: float | None = None,
+                   outbox: Sequence[OutboxRow] = ()) -> int:
         def write(conn: sqlite3.Connection) -> int:
             seq = int(conn.execute(
                 "UPDATE auth_meta SET v = v + 1 WHERE k = 'seq' RETURNING v").fetchone()[0])
@@ -134,7 +153,47 @@ class SqliteAuthStore:
             if keep_admin_at is not None and not conn.execute(
                     _VALID_ADMINS, (keep_admin_at, keep_admin_at)).fetchone()[0]:
                 raise LastAdminError("that would leave no valid admin key")
+            self._add_outbox(conn, outbox)
             return seq
+        return await self._run(lambda: self._transaction(write))
+
+    # --- the broker mirror's outbox ---------------------------------------------------------
+
+    @staticmethod
+    def _add_outbox(conn: sqlite3.Connection, rows: Sequence[OutboxRow]) -> None:
+        if not rows or not conn.execute(
+                "SELECT v FROM auth_meta WHERE k = 'mirror'").fetchone()[0]:
+            return
+        for statement, args in outbox_plan(rows):
+            conn.execute(statement, args)
+
+    async def set_mirror(self, active: bool) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("UPDATE auth_meta SET v = ? WHERE k = 'mirror'", (int(active),))
+            if not active:
+                conn.execute("DELETE FROM broker_outbox")
+        await self._run(lambda: self._transaction(write))
+
+    async def outbox_add(self, rows: Sequence[OutboxRow]) -> None:
+        await self._run(lambda: self._transaction(lambda conn: self._add_outbox(conn, rows)))
+
+    async def outbox(self, limit: int) -> list[OutboxRow]:
+        def read(conn: sqlite3.Connection) -> list[OutboxRow]:
+            rows = conn.execute(f"SELECT {', '.join(OUTBOX_COLUMNS)}, id FROM broker_outbox "
+                                f"{OUTBOX_ORDER} LIMIT ?", (limit,)).fetchall()
+            return [OutboxRow(*row) for row in rows]
+        return await self._run(lambda: self._read(read))
+
+    async def outbox_done(self, ids: Sequence[int]) -> None:
+        def write(conn: sqlite3.Connection) -> None:
+            conn.executemany("DELETE FROM broker_outbox WHERE id = ?", ((i,) for i in ids))
+        await self._run(lambda: self._transaction(write))
+
+    async def outbox_due(self, cred_ids: Sequence[str], at: float) -> int:
+        def write(conn: sqlite3.Connection) -> int:
+            return sum(conn.execute(
+                "UPDATE broker_outbox SET not_before = ? WHERE action = 'put' AND cred_id = ? "
+                "AND not_before > ?", (at, c, at)).rowcount for c in cred_ids)
         return await self._run(lambda: self._transaction(write))
 
     async def record_use(self, used: list[tuple[str, float]]) -> None:

@@ -105,6 +105,13 @@ class Bench:
     mosquitto: bool = True
 
 
+def _check_dynsec(doc: dict[str, Any]) -> None:
+    [size] = doc["sizes"]
+    assert size["clients"] == 200
+    assert size["puts_per_s"] > 0
+    assert 0 < size["revoke_ms_median"] < 1000  # the 1 s of the contract, even here
+
+
 BENCHES = {
     "ingest": Bench(
         ("bench/ingest.py", "--nodes", "100", "--messages", "1000", "--publishers", "1"),
@@ -141,6 +148,9 @@ BENCHES = {
          "--revocations", "2", "--concurrency", "8"),
         "hooks.json", ("reconnect storm: 200 logins", "authorize: 300 calls",
                        "revocation by the CLI path"), _check_hooks),
+    "dynsec": Bench(
+        ("bench/dynsec.py", "--sizes", "200", "--puts", "2", "--revokes", "1"),
+        "dynsec.json", ("clients", "revoke ms median"), _check_dynsec),
 }
 
 
