@@ -79,7 +79,9 @@ def mosquitto_with(tmp_path: Path) -> Iterator[MosquittoFactory]:
                         "tls_version tlsv1.2"]
             if require_certificate:
                 listener.append("require_certificate true")
-        logins = None if passwords is None else {MANAGER_USER: MANAGER_PASSWORD, **passwords}
+        # The manager's output connection logs in as <user>-out (see FleetService).
+        logins = None if passwords is None else {
+            MANAGER_USER: MANAGER_PASSWORD, f"{MANAGER_USER}-out": MANAGER_PASSWORD, **passwords}
         workdir = tmp_path / f"mosquitto-{len(started)}"
         workdir.mkdir()
         broker = ConfiguredMosquitto(workdir, listener, logins)
