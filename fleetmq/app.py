@@ -29,6 +29,7 @@ from fleetmq.errors import BrokerError, StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.heap import Heap
 from fleetmq.http.api import HttpServer, RestApi
+from fleetmq.http.auth import RestAccess
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.ingest import MqttIngest
 from fleetmq.mqtt.link import MqttLink, Will
@@ -96,8 +97,10 @@ class FleetService:
                                   settings.store.flush_interval_s)
         self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer)
         self.ingest = MqttIngest(self.link, self.topics, self.fleet, self.publisher, self.metrics)
+        self.access = RestAccess(self.auth, settings.auth, self.clock.monotonic,
+                                 self.metrics.auth_refused)
         self.api = RestApi(self.fleet, self.registry, (self.link, self.out), self.publisher,
-                           self.metrics, settings.http, settings.topic_root)
+                           self.metrics, settings.http, settings.topic_root, self.access)
         self.http = HttpServer(self.api, settings.http)
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -159,6 +162,7 @@ class FleetService:
         if self.settings.auth.admin_token_file is not None:
             await adopt_admin_token_file(self.auth, self.settings.auth.admin_token_file)
         self.auth_enabled = decide_mode(self.settings, self.auth)
+        self.access.enabled = self.auth_enabled
         warn_cleartext(self.settings)
         log.debug("auth_decided mode=%s enabled=%s keys=%d", self.settings.auth.mode,
                   self.auth_enabled, len(self.auth.keys()))

@@ -36,6 +36,8 @@ from fleetmq.core.registry import Node, NodeConflictError, NodeNotFoundError, Re
 from fleetmq.core.topics import is_valid_node_id
 from fleetmq.errors import ConfigError, StoreError
 from fleetmq.fleet import Fleet
+from fleetmq.http.access import AccessRoutes
+from fleetmq.http.auth import RestAccess
 from fleetmq.http.openapi import openapi_document
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.link import MqttLink
@@ -102,8 +104,13 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
 class RestApi:
     def __init__(self, fleet: Fleet, registry: Registry, links: tuple[MqttLink, ...],
                  publisher: Publisher, metrics: Metrics, settings: HttpSettings,
-                 topic_root: str) -> None:
+                 topic_root: str, access: RestAccess | None = None) -> None:
+        """``access``: the bearer-token gate and the access-control routes (None: neither)."""
         self._fleet = fleet
+        self._access = access
+        self._access_routes = None if access is None else AccessRoutes(
+            access.auth, access, fleet, registry, self._body, self._durable,
+            fleet.clock.monotonic)
         self._writer: StoreWriter = fleet.writer
         self._registry = registry
         self._links = links
@@ -121,10 +128,15 @@ class RestApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """One middleware (each costs a coroutine per request): requests in flight are
-        counted for shutdown, and every error is answered in the contract's shape."""
+        counted for shutdown, the token gate decides before any body is read, and every
+        error is answered in the contract's shape."""
         self._in_flight += 1
         self._idle.clear()
         try:
+            if self._access is not None:
+                refusal = self._access.check(request)
+                if refusal is not None:
+                    return refusal
             return await answer_errors(request, handler)
         finally:
             self._in_flight -= 1
@@ -149,6 +161,9 @@ class RestApi:
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/v1/openapi.json", self.openapi)
+        if self._access is not None and self._access_routes is not None:
+            self._access_routes.add_to(r)
+            self._access.bind(app)
         return app
 
     async def _body(self, request: web.Request) -> bytes:
@@ -172,6 +187,8 @@ class RestApi:
         except ValidationError as exc:
             raise describe_error(exc) from None
         node_id = require_node_id(req.node_id)
+        if self._access is not None:
+            self._access.require_node(request, node_id)
         try:
             result, now = self._fleet.register(node_id, req)
         except NodeConflictError as exc:
@@ -188,6 +205,8 @@ class RestApi:
         except ValidationError as exc:
             raise describe_error(exc) from None
         node_id = require_node_id(req.node_id)
+        if self._access is not None:
+            self._access.require_node(request, node_id)
         try:
             result, now = self._fleet.heartbeat(node_id, req)
         except NodeNotFoundError:
@@ -201,6 +220,9 @@ class RestApi:
 
     async def delete_node(self, request: web.Request) -> web.Response:
         node_id = _path_id(request)
+        if self._access is not None and self._registry.get(node_id) is not None:
+            # Its credentials go first: if that fails nothing is deleted and a retry works.
+            await self._access.revoke_node(request, node_id)
         try:
             self._fleet.delete(node_id)
         except NodeNotFoundError:
