@@ -117,7 +117,8 @@ class RestApi:
         self._publisher = publisher
         self._metrics = metrics
         self._settings = settings
-        self._openapi = dumps(openapi_document(topic_root))
+        self._topic_root = topic_root
+        self._openapi = b""
         self._list_cache: tuple[int, bytes] = (-1, b"")
         """The whole fleet's list document and the registry version it shows (dashboards
         poll it; it is rebuilt after any change)."""
@@ -148,6 +149,12 @@ class RestApi:
         return await wait_set(self._idle, timeout_s)
 
     def build(self) -> web.Application:
+        """The application; built once access control's mode is decided (the OpenAPI
+        document declares bearer tokens only where the server requires them)."""
+        access = self._access
+        self._openapi = dumps(openapi_document(
+            self._topic_root, auth=access is not None and access.enabled,
+            metrics_public=access is not None and access.metrics_public))
         app = web.Application(middlewares=[self._middleware],
                               client_max_size=MAX_PAYLOAD_BYTES)
         r = app.router

@@ -132,6 +132,10 @@ class RestAccess:
         self.enabled = False
         """Set once at start, before the REST listener opens (``FleetService``)."""
 
+    @property
+    def metrics_public(self) -> bool:
+        return self._settings.metrics_public
+
     def bind(self, app: web.Application) -> None:
         """Learn the rule of every route of ``app`` (call after its routes are added)."""
         self._rules = rules_for(app.router.routes(), self._settings.metrics_public)
