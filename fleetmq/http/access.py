@@ -108,7 +108,8 @@ class AccessRoutes:
     async def revoke_key(self, request: web.Request) -> web.Response:
         key_id = request.match_info["key_id"]
         cascade = _flag(request.query.get("cascade"), "cascade")
-        if not _KEY_ID.fullmatch(key_id) or self._auth.key(key_id) is None:
+        key = self._auth.key(key_id) if _KEY_ID.fullmatch(key_id) else None
+        if key is None or key.revoked_at is not None:  # a revoked key is history
             raise Rejection(404, "Key not found", f"No API key with ID {quote(key_id)}",
                             "unknown_key")
         ended = await self._change(self._auth.revoke_key(key_id, cascade=cascade,
@@ -129,7 +130,7 @@ class AccessRoutes:
         node_id = _path_id(request)
         req = await self._parse(request, CredentialRequest, empty_ok=True)
         expires_in_s = req.expires_in_seconds
-        presented: Credential | None = request.get(CREDENTIAL)
+        presented = request.get(CREDENTIAL)
         if (presented is not None and presented.node_id is not None
                 and presented.expires_at is not None):
             # A node renews its own credential but cannot lengthen its lifetime: the new one
@@ -259,8 +260,7 @@ class AccessRoutes:
 
 
 def _principal(request: web.Request) -> Principal | None:
-    principal: Principal | None = request.get(PRINCIPAL)
-    return principal
+    return request.get(PRINCIPAL)
 
 
 def _path_id(request: web.Request) -> str:

@@ -25,6 +25,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from fleetmq.auth.limits import LoginBackoff
 from fleetmq.auth.rules import Action, Principal, rest_allowed
 from fleetmq.auth.service import AuthService
+from fleetmq.auth.store import Credential
 from fleetmq.auth.tokens import bearer_token
 from fleetmq.config import AuthSettings
 from fleetmq.core.models import Rejection, store_unavailable
@@ -33,9 +34,9 @@ from fleetmq.views import dumps
 
 log = logging.getLogger(__name__)
 
-PRINCIPAL = "fleetmq.principal"
+PRINCIPAL = web.RequestKey("fleetmq_principal", Principal)
 """The request key under which an authenticated request carries its ``Principal``."""
-CREDENTIAL = "fleetmq.credential"
+CREDENTIAL = web.RequestKey("fleetmq_credential", Credential)
 """... and the ``Credential`` it presented."""
 API_PREFIX = "/api/v1/"
 FLEET = "/api/v1/fleet"
@@ -167,7 +168,8 @@ class RestAccess:
                 failure = "malformed"  # another scheme, or a bearer without a token
             return self._unauthorized(request, header, token, failure)
         request[PRINCIPAL] = principal
-        request[CREDENTIAL] = verdict.credential
+        if verdict.credential is not None:
+            request[CREDENTIAL] = verdict.credential
         if rule is _ANY_TOKEN:
             return None
         if principal.kind == "node" and not rule.nodes_may:
@@ -183,7 +185,7 @@ class RestAccess:
 
     def require_node(self, request: web.Request, node_id: str) -> None:
         """A node token acts only for its own id: raise 403 for a body naming another."""
-        principal: Principal | None = request.get(PRINCIPAL)
+        principal = request.get(PRINCIPAL)
         if principal is not None and principal.kind == "node" and principal.id != node_id:
             self.refused[(403, "node")] += 1
             raise Rejection(403, "Forbidden", "A node token acts only for its own node_id",
@@ -215,7 +217,7 @@ class RestAccess:
 
     def actor(self, request: web.Request) -> str:
         """``key:<id>`` or ``node:<id>`` for the audit log; ``anonymous`` while auth is off."""
-        principal: Principal | None = request.get(PRINCIPAL)
+        principal = request.get(PRINCIPAL)
         if principal is None:
             return "anonymous"
         return f"{principal.kind}:{principal.id}"
