@@ -88,7 +88,8 @@ RULES: dict[tuple[str, str], RouteRule] = {
     ("POST", "/api/v1/broker/authenticate"): RouteRule("broker_hooks"),
     ("POST", "/api/v1/broker/authorize"): RouteRule("broker_hooks"),
 }
-"""Every route's rule, by method and path. A route missing here fails closed (admin only)."""
+"""Every route's rule, by method and path. A route missing here fails closed (admin only),
+except static files (``add_static``: the dashboard's), which are open."""
 _UNLISTED = RouteRule("keys")  # an action only admin keys hold
 _ANY_TOKEN = RouteRule("fleet_read")  # 404/405 under /api/v1: a valid token first
 
@@ -103,7 +104,7 @@ def rules_for(routes: Iterable[AbstractRoute], metrics_public: bool
         method = "GET" if route.method == "HEAD" else route.method
         rule = RULES.get((method, path))
         if rule is None:
-            if not path.startswith(API_PREFIX) and method == "GET":
+            if isinstance(resource, web.StaticResource):
                 rule = OPEN  # the dashboard's static files hold no fleet data
             else:
                 log.warning("route_without_access_rule method=%s path=%s (admin keys only)",
@@ -122,7 +123,6 @@ class RestAccess:
                  monotonic: Callable[[], float], refused: Counter[tuple[int, str]],
                  backoff: LoginBackoff | None = None) -> None:
         self.auth = auth
-        self._auth = auth
         self._settings = settings
         self._monotonic = monotonic
         self.refused = refused
@@ -160,7 +160,7 @@ class RestAccess:
         assert rule.action is not None
         header = request.headers.get("Authorization")
         token = bearer_token(header)
-        verdict = self._auth.verify(token)
+        verdict = self.auth.verify(token)
         principal = verdict.principal
         if principal is None:
             failure = verdict.failure or "unknown"
@@ -194,7 +194,7 @@ class RestAccess:
     async def revoke_node(self, request: web.Request, node_id: str) -> None:
         """Revoke a node's credentials (its deletion), or raise 503 if the store refuses."""
         try:
-            await self._auth.revoke_credentials(node_id, actor=self.actor(request),
+            await self.auth.revoke_credentials(node_id, actor=self.actor(request),
                                                 address=self.client_address(request))
         except StoreError as exc:
             log.warning("auth_store_write_failed error=%s", exc)

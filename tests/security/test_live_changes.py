@@ -12,6 +12,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from fleetmq.config import AuthSettings, StoreSettings
 from tests.conftest import eventually, make_settings, running
@@ -210,3 +211,20 @@ async def test_fleetmq_nodes_sends_its_token(
         assert code == 1
         assert "401" in err
         assert "--token" in err
+
+
+async def test_credentials_export_writes_a_private_password_file_and_an_acl(
+        tmp_path: Path) -> None:
+    pytest.importorskip("fleetmq.auth.export")  # written on its own branch
+    store = f"sqlite:///{tmp_path / 'fleet.db'}"
+    code, token, _ = await _cli("credentials", "issue", "exp-1", "--store", store)
+    assert code == 0
+    out = tmp_path / "mosq"
+    code, _, err = await _cli("credentials", "export", "--format", "mosquitto", "--out",
+                              str(out), "--store", store)
+    assert code == 0, err
+    assert "cannot end sessions that are already connected" in err
+    assert (out / "passwords").stat().st_mode & 0o777 == 0o600
+    assert "exp-1:" in (out / "passwords").read_text()
+    assert token.strip() not in (out / "passwords").read_text()
+    assert (out / "acl").read_text()
