@@ -4,8 +4,18 @@ a rule, the open ones are exactly the contract's, and the document says what the
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+
+import pytest
+
 from fleetmq.auth.rules import ACTIONS
-from fleetmq.http.auth import RULES
+from fleetmq.auth.service import AuthService
+from fleetmq.auth.store import MemoryAuthStore
+from fleetmq.config import AuthSettings
+from fleetmq.core.clock import FakeClock
+from fleetmq.errors import ConfigError
+from fleetmq.http.auth import RULES, RestAccess
 from fleetmq.http.openapi import openapi_document
 
 HTTP_METHODS = {"get", "post", "delete", "put", "patch"}
@@ -57,3 +67,12 @@ def test_the_document_declares_bearer_tokens_only_when_auth_is_on() -> None:
 def test_metrics_public_opens_metrics_in_the_document() -> None:
     doc = openapi_document("fleet", auth=True, metrics_public=True)
     assert doc["paths"]["/metrics"]["get"]["security"] == []
+
+
+def test_a_trusted_proxy_that_is_not_a_cidr_is_a_config_error() -> None:
+    auth = AuthService(MemoryAuthStore(), FakeClock())
+    with pytest.raises(ConfigError, match="is not a CIDR"):
+        RestAccess(auth, AuthSettings(trusted_proxies=("ten.0.0.0/8",)), time.monotonic,
+                   Counter())
+    RestAccess(auth, AuthSettings(trusted_proxies=("10.0.0.0/8", "::1", "192.168.1.7")),
+               time.monotonic, Counter())
