@@ -35,6 +35,7 @@ from fleetmq.errors import BrokerError, StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.heap import Heap
 from fleetmq.http.api import HttpServer, RestApi
+from fleetmq.http.auth import RestAccess
 from fleetmq.http.broker_hooks import BrokerHooks, ManagerLogin
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.dynsec import check_admin_url
@@ -134,8 +135,10 @@ class FleetService:
         self.ingest = MqttIngest(self.link, self.topics, self.fleet, self.publisher, self.metrics)
         self.broker_hooks = BrokerHooks(self.auth, self.rules, self.clock.monotonic,
                                         self.manager_login, self.metrics.broker_hooks)
+        self.access = RestAccess(self.auth, settings.auth, self.clock.monotonic,
+                                 self.metrics.auth_refused)
         self.api = RestApi(self.fleet, self.registry, (self.link, self.out), self.publisher,
-                           self.metrics, settings.http, settings.topic_root,
+                           self.metrics, settings.http, settings.topic_root, self.access,
                            broker_hooks=self.broker_hooks)
         self.http = HttpServer(self.api, settings.http)
         self._stack = AsyncExitStack()
@@ -206,7 +209,7 @@ class FleetService:
         if self.settings.auth.admin_token_file is not None:
             await adopt_admin_token_file(self.auth, self.settings.auth.admin_token_file)
         self.auth_enabled = decide_mode(self.settings, self.auth)
-        self.ingest.own_reply_only = self.auth_enabled
+        self.ingest.own_reply_only = self.access.enabled = self.auth_enabled
         if self._manager_logins:
             if self.settings.broker.embedded:
                 raise AuthSetupError("--broker-auth dynsec mirrors credentials into an external "

@@ -32,7 +32,7 @@ from fleetmq.errors import ConfigError, FleetmqError
 log = logging.getLogger("fleetmq")
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
-COMMAND_MODULES: tuple[str, ...] = ("nodes", "agent", "simulate")
+COMMAND_MODULES: tuple[str, ...] = ("nodes", "agent", "simulate", "keys", "credentials")
 """Commands besides ``serve``: modules of ``fleetmq.commands``, each with
 ``add_command(subparsers, env)`` that adds its parser and sets ``run=<fn(args) -> int>``."""
 

@@ -32,6 +32,8 @@ class Metrics:
         self.response_topics_refused = 0
         self.broker_hooks: Counter[tuple[str, str, str]] = Counter()
         """HTTP auth hook answers by (hook, result, reason); refused callers as hook "caller"."""
+        self.auth_refused: Counter[tuple[int, str]] = Counter()
+        """REST requests refused by access control, by (status, reason)."""
 
     def render(self, *, nodes: int, connected: bool, backlog: int,
                store: StoreFigures | None = None) -> str:
@@ -75,6 +77,7 @@ class Metrics:
             f'reason="{reason}"}} {count}'
             for (hook, result, reason), count in sorted(self.broker_hooks.items())
         ]
+        lines += _refusals(self.auth_refused)
         if store is not None:
             lines += [
                 "# TYPE fleetmq_store_available gauge",
@@ -93,6 +96,22 @@ class Metrics:
                 f"fleetmq_store_rows_rejected_total {store.rows_rejected}",
             ]
         return "\n".join(lines) + "\n"
+
+
+AUTH_REFUSALS: tuple[tuple[int, str], ...] = (
+    (401, "missing"), (401, "malformed"), (401, "unknown"), (401, "expired"),
+    (401, "revoked"), (403, "key"), (403, "node"), (429, "login_backoff"),
+    (429, "enroll_rate"),
+)
+"""Always rendered (zero included), so a dashboard's rate() has a series from the start."""
+
+
+def _refusals(refused: Counter[tuple[int, str]]) -> list[str]:
+    lines = ["# TYPE fleetmq_auth_refused_total counter"]
+    for status, reason in sorted(set(AUTH_REFUSALS) | set(refused)):
+        lines.append(f'fleetmq_auth_refused_total{{status="{status}",reason="{reason}"}} '
+                     f"{refused[(status, reason)]}")
+    return lines
 
 
 class StoreFigures(Protocol):

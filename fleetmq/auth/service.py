@@ -92,6 +92,9 @@ class AuthService:
         self.required = False
         """The store requires auth: it has held an admin key (for good)."""
         self._used: dict[str, float] = {}
+        self._last_used: dict[str, float] = {}
+        """Uses seen by this process: ``record_use`` writes them behind without a sequence
+        number, so the in-memory records would otherwise never show them."""
         self._listeners: list[Listener] = []
         self._first_use: list[Callable[[Credential], None]] = []
         self._seen: set[str] = set()
@@ -162,13 +165,20 @@ class AuthService:
                     listener(cred)
                 except Exception:
                     log.exception("auth_first_use_listener_failed")
-        self._used[cred.id] = now
+        self._used[cred.id] = self._last_used[cred.id] = now
         return Verdict(principal_of(cred), cred)
 
     def valid(self, cred_id: str) -> bool:
         """Whether the credential of that id still works (sessions check it on revocation)."""
         cred = self._by_id.get(cred_id)
         return cred is not None and cred.valid_at(self._now())
+
+    def last_used_at(self, cred: Credential) -> float | None:
+        """The latest use known: by this process, or as the store last said."""
+        seen = self._last_used.get(cred.id)
+        if seen is None or (cred.last_used_at is not None and cred.last_used_at > seen):
+            return cred.last_used_at
+        return seen
 
     def keys(self) -> list[Credential]:
         return sorted((c for c in self._by_id.values() if c.is_key),

@@ -32,6 +32,7 @@ HEADERS = ("ID", "TYPE", "STATUS", "REASON", "LAST SEEN", "LOCATION")
 # option, metavar, default, help; the environment variable is FLEETMQ_<OPTION>.
 OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--api", "URL", DEFAULT_API, f"base URL of the manager's REST API (default: {DEFAULT_API})"),
+    ("--token", "TOKEN", None, "an API key (role read or above), sent as a bearer token"),
     ("--status", "S", None, "only nodes in this state: online, degraded or offline"),
     ("--type", "T", None, "only nodes of this node_type (case-insensitive)"),
     ("--location", "L", None, "only nodes at this location (case-insensitive)"),
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     filters = {key: value for key, value in (("status", args.status), ("node_type", args.type),
                                               ("location", args.location)) if value}
     now = SystemClock().now().wall
-    rows = [_row(node, now) for node in fetch_nodes(api, filters)]
+    rows = [_row(node, now) for node in fetch_nodes(api, filters, args.token)]
     counts = Counter(row[2] for row in rows)
     try:
         sys.stdout.write(render_table(rows))
@@ -71,14 +72,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def fetch_nodes(api: str, filters: Mapping[str, str]) -> Iterator[dict[str, Any]]:
+def fetch_nodes(api: str, filters: Mapping[str, str],
+                token: str | None = None) -> Iterator[dict[str, Any]]:
     """Every matching node, sorted by id, one page at a time."""
     after: str | None = None
     while True:
         query = {**filters, "limit": str(PAGE_SIZE)}
         if after is not None:
             query["after"] = after
-        page = _get_json(f"{api}/api/v1/fleet/nodes?{urllib.parse.urlencode(query)}", api)
+        page = _get_json(f"{api}/api/v1/fleet/nodes?{urllib.parse.urlencode(query)}", api,
+                         token)
         nodes, after = page.get("nodes"), page.get("next")
         if not isinstance(nodes, list) or not (after is None or isinstance(after, str)):
             raise ApiError(f"{api} did not answer with a fleetmq node list: is --api the "
@@ -141,14 +144,20 @@ def _base_url(text: str) -> str:
     return url
 
 
-def _get_json(url: str, api: str) -> dict[str, Any]:
-    request = urllib.request.Request(url, headers={"Accept": "application/json"})
+def _get_json(url: str, api: str, token: str | None = None) -> dict[str, Any]:
+    headers = {"Accept": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token.strip()}"
+    request = urllib.request.Request(url, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=REQUEST_TIMEOUT_S) as response:
             body = response.read()
     except urllib.error.HTTPError as exc:
+        hint = ""
+        if exc.code in (401, 403):
+            hint = "; pass --token (or set FLEETMQ_TOKEN) with a key of role read or above"
         raise ApiError(f"the fleetmq API at {api} answered {exc.code}: "
-                       f"{_error_detail(exc)}") from None
+                       f"{_error_detail(exc)}{hint}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise ApiError(f"cannot reach the fleetmq API at {api}: {reason}; is `fleetmq serve` "

@@ -36,6 +36,8 @@ from fleetmq.core.registry import Node, NodeConflictError, NodeNotFoundError, Re
 from fleetmq.core.topics import is_valid_node_id
 from fleetmq.errors import ConfigError, StoreError
 from fleetmq.fleet import Fleet
+from fleetmq.http.access import AccessRoutes
+from fleetmq.http.auth import RestAccess
 from fleetmq.http.openapi import openapi_document
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.link import MqttLink
@@ -106,16 +108,24 @@ async def answer_errors(request: web.Request, handler: Handler) -> web.StreamRes
 class RestApi:
     def __init__(self, fleet: Fleet, registry: Registry, links: tuple[MqttLink, ...],
                  publisher: Publisher, metrics: Metrics, settings: HttpSettings,
-                 topic_root: str, broker_hooks: BrokerHooks | None = None) -> None:
+                 topic_root: str, access: RestAccess | None = None,
+                 broker_hooks: BrokerHooks | None = None) -> None:
+        """``access``: the bearer-token gate and the access-control routes (None: neither);
+        ``broker_hooks``: the HTTP auth hooks a broker calls."""
         self._broker_hooks = broker_hooks
         self._fleet = fleet
+        self._access = access
+        self._access_routes = None if access is None else AccessRoutes(
+            access.auth, access, fleet, registry, self._body, self._durable,
+            fleet.clock.monotonic)
         self._writer: StoreWriter = fleet.writer
         self._registry = registry
         self._links = links
         self._publisher = publisher
         self._metrics = metrics
         self._settings = settings
-        self._openapi = dumps(openapi_document(topic_root))
+        self._topic_root = topic_root
+        self._openapi = b""
         self._list_cache: tuple[int, bytes] = (-1, b"")
         """The whole fleet's list document and the registry version it shows (dashboards
         poll it; it is rebuilt after any change)."""
@@ -126,10 +136,15 @@ class RestApi:
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         """One middleware (each costs a coroutine per request): requests in flight are
-        counted for shutdown, and every error is answered in the contract's shape."""
+        counted for shutdown, the token gate decides before any body is read, and every
+        error is answered in the contract's shape."""
         self._in_flight += 1
         self._idle.clear()
         try:
+            if self._access is not None:
+                refusal = self._access.check(request)
+                if refusal is not None:
+                    return refusal
             return await answer_errors(request, handler)
         finally:
             self._in_flight -= 1
@@ -141,6 +156,12 @@ class RestApi:
         return await wait_set(self._idle, timeout_s)
 
     def build(self) -> web.Application:
+        """The application; built once access control's mode is decided (the OpenAPI
+        document declares bearer tokens only where the server requires them)."""
+        access = self._access
+        self._openapi = dumps(openapi_document(
+            self._topic_root, auth=access is not None and access.enabled,
+            metrics_public=access is not None and access.metrics_public))
         app = web.Application(middlewares=[self._middleware],
                               client_max_size=MAX_PAYLOAD_BYTES)
         r = app.router
@@ -156,6 +177,9 @@ class RestApi:
         r.add_get("/api/v1/openapi.json", self.openapi)
         if self._broker_hooks is not None:
             self._broker_hooks.add_routes(r)
+        if self._access is not None and self._access_routes is not None:
+            self._access_routes.add_to(r)
+            self._access.bind(app)
         return app
 
     async def _body(self, request: web.Request) -> bytes:
@@ -179,6 +203,8 @@ class RestApi:
         except ValidationError as exc:
             raise describe_error(exc) from None
         node_id = require_node_id(req.node_id)
+        if self._access is not None:
+            self._access.require_node(request, node_id)
         try:
             result, now = self._fleet.register(node_id, req)
         except NodeConflictError as exc:
@@ -195,6 +221,8 @@ class RestApi:
         except ValidationError as exc:
             raise describe_error(exc) from None
         node_id = require_node_id(req.node_id)
+        if self._access is not None:
+            self._access.require_node(request, node_id)
         try:
             result, now = self._fleet.heartbeat(node_id, req)
         except NodeNotFoundError:
@@ -208,6 +236,9 @@ class RestApi:
 
     async def delete_node(self, request: web.Request) -> web.Response:
         node_id = _path_id(request)
+        if self._access is not None and self._registry.get(node_id) is not None:
+            # Its credentials go first: if that fails nothing is deleted and a retry works.
+            await self._access.revoke_node(request, node_id)
         try:
             self._fleet.delete(node_id)
         except NodeNotFoundError:

@@ -11,6 +11,7 @@ from typing import Any
 from fleetmq import __version__
 from fleetmq.core.models import HeartbeatRequest, RegisterRequest
 from fleetmq.core.topics import NODE_ID_PATTERN
+from fleetmq.http.openapi_access import access_paths, access_schemas, secure
 
 _TS = {"type": "string", "format": "date-time", "example": "2026-02-16T08:30:00.000Z"}
 _COUNTER = {"type": ["integer", "null"], "minimum": 0}
@@ -182,7 +183,16 @@ def _schemas() -> dict[str, Any]:
     }
 
 
-def openapi_document(topic_root: str) -> dict[str, Any]:
+def openapi_document(topic_root: str, *, auth: bool = False,
+                     metrics_public: bool = False) -> dict[str, Any]:
+    """The document; with ``auth``, each route's bearer requirement and refusals too."""
+    document = _document(topic_root)
+    document["paths"].update(access_paths())
+    document["components"]["schemas"].update(access_schemas())
+    return secure(document, metrics_public) if auth else document
+
+
+def _document(topic_root: str) -> dict[str, Any]:
     query = [
         {"name": name, "in": "query", "required": False, "schema": schema,
          "description": description}
