@@ -44,6 +44,7 @@ from fleetmq.http.access_models import (
     key_listed,
 )
 from fleetmq.http.auth import CREDENTIAL, FLEET, PRINCIPAL, RestAccess
+from fleetmq.rates import RateLimitedError
 from fleetmq.store.writer import StoreUnavailableError
 from fleetmq.views import dumps, register_reply
 
@@ -195,12 +196,15 @@ class AccessRoutes:
                 raise store_unavailable() from None
         try:
             result, now = self._fleet.register(node_id, req)
-        except (NodeConflictError, StoreUnavailableError) as exc:
-            # Registered meanwhile as another type, or the store is down: the device gets
-            # no answer it could use, so the credential must not outlive this request.
+        except (NodeConflictError, StoreUnavailableError, RateLimitedError) as exc:
+            # Registered meanwhile as another type, the store is down or the node is over its
+            # rate: the device gets no answer it could use, so the credential must not
+            # outlive this request.
             await self._change(self._auth.revoke_credentials(node_id, **self._who(request)))
             if isinstance(exc, NodeConflictError):
                 raise node_conflict(exc.node_id, exc.existing_type) from None
+            if isinstance(exc, RateLimitedError):
+                raise
             raise store_unavailable() from None
         await self._durable()
         log.info("node_enrolled node_id=%s key=%s", node_id, principal.id)

@@ -10,6 +10,8 @@ import asyncio
 import bisect
 import contextlib
 import logging
+import math
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,7 @@ from fleetmq.core.models import (
     node_conflict,
     node_not_registered,
     quote,
+    rate_limited,
     require_node_id,
     store_unavailable,
 )
@@ -43,6 +46,7 @@ from fleetmq.metrics import Metrics
 from fleetmq.mqtt.link import MqttLink
 from fleetmq.mqtt.publisher import Publisher
 from fleetmq.ports import address_in_use
+from fleetmq.rates import RateLimitedError
 from fleetmq.store.writer import StoreUnavailableError, StoreWriter
 from fleetmq.tls import HTTP_OPTIONS, server_context
 from fleetmq.views import dumps, heartbeat_reply, node_json, register_reply
@@ -78,12 +82,19 @@ def error_response(status: int, title: str, message: str,
     return json_response({"error": title, "message": message}, status, headers)
 
 
-async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every error in the contract's JSON shape, whatever raised it."""
+async def answer_errors(request: web.Request, handler: Handler,
+                        refused: Counter[tuple[int, str]]) -> web.StreamResponse:
+    """Every error in the contract's JSON shape, whatever raised it; 429s counted in
+    ``refused`` by reason."""
     try:
         return await handler(request)
     except Rejection as rej:
         return error_response(rej.code, rej.title, rej.message)
+    except RateLimitedError as exc:  # a node over its rate (contract section 8, "Limits")
+        refused[(429, "node_rate")] += 1
+        limited = rate_limited(exc.retry_after_s)
+        return error_response(limited.code, limited.title, limited.message,
+                              {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -145,7 +156,7 @@ class RestApi:
                 refusal = self._access.check(request)
                 if refusal is not None:
                     return refusal
-            return await answer_errors(request, handler)
+            return await answer_errors(request, handler, self._metrics.auth_refused)
         finally:
             self._in_flight -= 1
             if not self._in_flight:

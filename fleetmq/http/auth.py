@@ -22,7 +22,7 @@ from typing import Literal
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from fleetmq.auth.limits import LoginBackoff
+from fleetmq.auth.limits import KeyedLimiter, LoginBackoff
 from fleetmq.auth.rules import Action, Principal, rest_allowed
 from fleetmq.auth.service import AuthService
 from fleetmq.auth.store import Credential
@@ -128,6 +128,7 @@ class RestAccess:
         self.refused = refused
         """(status, reason) -> count, rendered in /metrics."""
         self._backoff = backoff or LoginBackoff()
+        self._key_rates = KeyedLimiter(settings.key_rate, settings.key_burst)
         self._proxies = _networks(settings.trusted_proxies)
         self._rules: dict[AbstractRoute, RouteRule] = {}
         self.enabled = False
@@ -170,6 +171,13 @@ class RestAccess:
         request[PRINCIPAL] = principal
         if verdict.credential is not None:
             request[CREDENTIAL] = verdict.credential
+        if principal.kind == "key" and rule.action != "broker_hooks":
+            # The broker's hook calls are its fleet's logins, not the key's own traffic: a
+            # reconnect storm must not be throttled by the broker key's rate.
+            wait = self._key_rates.take(principal.id, self._monotonic())
+            if wait > 0:
+                return self.too_many("key_rate", wait, "This API key is over its request "
+                                     "rate (--key-rate); wait before trying again")
         if rule is _ANY_TOKEN:
             return None
         if principal.kind == "node" and not rule.nodes_may:

@@ -1,0 +1,74 @@
+"""Rates over REST (contract section 8 "Limits"): a node past its rate and a key past its rate
+get 429 with Retry-After, counted; the others, and the broker's hook calls, are untouched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+from tests.security.conftest import FLEET, guarded_manager
+from tests.support import Mosquitto
+
+
+async def test_a_node_past_its_rate_gets_429_and_another_node_is_untouched(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession,
+) -> None:
+    async with guarded_manager(mosquitto, root, tmp_path, http, node_rate=1.0,
+                               node_burst=3) as g:
+        c = g.client
+        writer = await c.key(g.admin, "write")
+        assert (await c.register(writer, "busy")).status == 200  # the first of its 3
+        assert (await c.register(writer, "calm")).status == 200
+        statuses = [(await c.heartbeat(writer, "busy", uptime_seconds=n)).status
+                    for n in range(4)]
+        assert statuses[:2] == [200, 200]
+        limited = await c.heartbeat(writer, "busy", uptime_seconds=99)
+        assert limited.status == 429
+        assert limited.json["error"] == "Too many requests"
+        assert 1 <= int(limited.headers["Retry-After"]) <= 2
+        # The refused heartbeat changed nothing; another node is not held back.
+        assert (await g.snapshot("busy"))["uptime_seconds"] != 99
+        assert (await c.heartbeat(writer, "calm", uptime_seconds=7)).status == 200
+        assert (await g.snapshot("calm"))["uptime_seconds"] == 7
+        # A last will is never refused: the node is gone either way.
+        offline = await c.heartbeat(writer, "busy", status="offline", reason="shutdown")
+        assert offline.status == 200
+        assert (await g.snapshot("busy"))["status"] == "offline"
+        metrics = (await c.request("GET", "/metrics", g.admin)).raw.decode()
+        assert 'fleetmq_auth_refused_total{status="429",reason="node_rate"}' in metrics
+
+
+async def test_a_key_past_its_rate_gets_429_and_other_keys_are_untouched(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession,
+) -> None:
+    async with guarded_manager(mosquitto, root, tmp_path, http, key_rate=1.0,
+                               key_burst=5) as g:
+        c = g.client
+        # The admin key makes two keys and then reads with one of them: 3 of its 5.
+        greedy = await c.key(g.admin, "read")
+        other = await c.key(g.admin, "read")
+        statuses = [(await c.request("GET", f"{FLEET}/nodes", greedy)).status
+                    for _ in range(6)]
+        assert statuses[:5] == [200] * 5
+        assert statuses[5] == 429
+        limited = await c.request("GET", f"{FLEET}/nodes", greedy)
+        assert limited.status == 429
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert (await c.request("GET", f"{FLEET}/nodes", other)).status == 200
+
+
+async def test_the_brokers_hook_calls_are_not_held_to_its_keys_rate(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession,
+) -> None:
+    # A reconnect storm is the fleet's logins, not the broker key's own traffic.
+    async with guarded_manager(mosquitto, root, tmp_path, http, key_rate=1.0,
+                               key_burst=2) as g:
+        c = g.client
+        broker = await c.key(g.admin, "broker")
+        node_token = await c.credential(g.admin, "storm-1")
+        login = {"username": "storm-1", "password": node_token, "clientid": "storm-1"}
+        answers = [await c.request("POST", "/api/v1/broker/authenticate", broker, body=login)
+                   for _ in range(20)]
+        assert [a.status for a in answers] == [200] * 20
+        assert {a.json["result"] for a in answers} == {"allow"}
