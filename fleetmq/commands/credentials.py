@@ -37,7 +37,8 @@ from fleetmq.http.access_models import MAX_GRACE_S, credential_issued
 
 Exporter = Callable[[list[Credential], str], tuple[str, str]]
 """``fleetmq.auth.export.mosquitto_files(credentials, root)`` -> (password file, acl file)."""
-HEADERS = ("ID", "CREATED", "LAST USED", "EXPIRES", "VALID UNTIL", "ENROLLED BY")
+HEADERS = ("ID", "CREATED", "LAST USED", "EXPIRES", "VALID UNTIL", "ENROLLED BY",
+           "NEEDS REISSUE")
 NO_LIVE_REVOCATION = (
     "note: a static password file cannot end sessions that are already connected: after a "
     "revocation, export again, reload Mosquitto (SIGHUP) and disconnect the client; use "
@@ -118,7 +119,8 @@ def run_show(args: argparse.Namespace) -> int:
 
     async def show(auth: AuthService) -> list[tuple[str, ...]]:
         return [(c.id, when(c.created_at), when(auth.last_used_at(c)), when(c.expires_at),
-                 when(c.ends_at()), c.enrolled_by or "-")
+                 when(c.ends_at()), c.enrolled_by or "-",
+                 "yes" if c.needs_reissue else "no")
                 for c in auth.node_credentials(node_id)]
 
     rows = with_auth(args, show)

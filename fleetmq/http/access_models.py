@@ -102,7 +102,8 @@ def credential_shown(auth: AuthService, cred: Credential) -> dict[str, Any]:
             "last_used_at": timestamp(auth.last_used_at(cred)),
             "expires_at": timestamp(cred.expires_at),
             "valid_until": timestamp(cred.ends_at()),
-            "enrolled_by": cred.enrolled_by}
+            "enrolled_by": cred.enrolled_by,
+            "needs_reissue": cred.needs_reissue}
 
 
 def audit_entry(entry: AuditEntry) -> dict[str, Any]:

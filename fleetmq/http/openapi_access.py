@@ -167,12 +167,17 @@ def access_schemas() -> dict[str, Any]:
                                "type": "array", "items": {
                                    "type": "object",
                                    "required": ["id", "created_at", "last_used_at",
-                                                "expires_at", "valid_until", "enrolled_by"],
+                                                "expires_at", "valid_until", "enrolled_by",
+                                                "needs_reissue"],
                                    "properties": {
                                        "id": {"type": "string"}, "created_at": _TS,
                                        "last_used_at": _TS_OR_NULL, "expires_at": _TS_OR_NULL,
                                        "valid_until": _TS_OR_NULL,
-                                       "enrolled_by": {"type": ["string", "null"]}}}}}},
+                                       "enrolled_by": {"type": ["string", "null"]},
+                                       "needs_reissue": {
+                                           "type": "boolean",
+                                           "description": "The broker lost this credential "
+                                           "(dynsec reconciliation): issue a new one"}}}}}},
         "EnrollResponse": {
             "type": "object", "required": ["node_id", "status", "message", "timestamp", "token"],
             "properties": {"node_id": {"type": "string"}, "status": {"const": "registered"},

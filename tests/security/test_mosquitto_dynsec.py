@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from fleetmq.app import FleetService
@@ -333,6 +334,12 @@ async def test_reconcile_after_broker_restart_with_an_edited_file(
         assert flagged[0].needs_reissue
         entries = await service.auth.store.audit(50, None)
         assert any(e.action == "needs_reissue" and lost in e.subject for e in entries)
+        admin = (tmp_path / "admin-token").read_text().strip()
+        async with aiohttp.ClientSession() as http, http.get(
+                f"http://127.0.0.1:{service.http_port}/api/v1/fleet/nodes/{lost}/credentials",
+                headers={"Authorization": f"Bearer {admin}"}) as resp:
+            shown = (await resp.json())["credentials"]
+        assert [c["needs_reissue"] for c in shown] == [True]  # the operator sees it
         fixed = peers(own_dynsec, drifted, drifted, drifted_token)
         assert await fixed.connect() == 0  # its client id pinned again
         thief = peers(own_dynsec, f"ghost-{root}", drifted, drifted_token)
