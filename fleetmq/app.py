@@ -12,14 +12,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import replace
 from typing import Any
 
 from fleetmq.auth.rules import TopicRules
 from fleetmq.auth.service import AuthService
 from fleetmq.auth.startup import adopt_admin_token_file, decide_mode, warn_cleartext
 from fleetmq.auth.store import AuthStore
+from fleetmq.broker.access import MANAGER_USERNAME
 from fleetmq.broker.embedded import EmbeddedBroker
 from fleetmq.config import Settings
 from fleetmq.core.clock import Clock, SystemClock
@@ -71,8 +74,16 @@ class FleetService:
         # publishes queue behind every inbound message, so under a heartbeat backlog status
         # messages would wait for the whole backlog.
         prefer_mqtt5 = settings.mqtt_version == "5" and not settings.broker.embedded  # amqtt: 3.1.1
+        # The embedded broker knows the manager's connections by a secret drawn per process,
+        # handed to it and to our links only (never written anywhere): no device can present it.
+        self._broker_secret = secrets.token_urlsafe(32)
+        link_broker = settings.broker
+        if settings.broker.embedded:
+            link_broker = replace(settings.broker, username=MANAGER_USERNAME,
+                                  password=self._broker_secret)
+        self.embedded_broker: EmbeddedBroker | None = None
         self.link = MqttLink(
-            settings.broker,
+            link_broker,
             settings.mqtt_client_id,
             subscriptions=[self.topics.register_filter, self.topics.heartbeat_filter],
             will=None,
@@ -81,7 +92,7 @@ class FleetService:
             monotonic=self.clock.monotonic,
         )
         self.out = MqttLink(
-            settings.broker,
+            link_broker,
             f"{settings.mqtt_client_id}-out",
             subscriptions=[],
             will=Will(self.topics.manager_status,
@@ -122,7 +133,7 @@ class FleetService:
             await self._open_auth()
             broker = self.settings.broker
             if broker.embedded:
-                await stack.enter_async_context(EmbeddedBroker(broker.host, broker.port))
+                await stack.enter_async_context(self._embedded_broker())
             await self._open_store()
             self.fleet.grant_grace()
             await stack.enter_async_context(self.out)
@@ -162,6 +173,18 @@ class FleetService:
         warn_cleartext(self.settings)
         log.debug("auth_decided mode=%s enabled=%s keys=%d", self.settings.auth.mode,
                   self.auth_enabled, len(self.auth.keys()))
+
+    def _embedded_broker(self) -> EmbeddedBroker:
+        broker = self.settings.broker
+        if self.auth_enabled:
+            embedded = EmbeddedBroker(broker.host, broker.port, auth=self.auth, rules=self.rules,
+                                      manager_secret=self._broker_secret,
+                                      monotonic=self.clock.monotonic)
+            self.metrics.broker_access = embedded.counters
+        else:
+            embedded = EmbeddedBroker(broker.host, broker.port)
+        self.embedded_broker = embedded
+        return embedded
 
     async def _close_auth(self) -> None:
         try:
