@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from amqtt.broker import Broker
-from amqtt.contexts import Action
+from amqtt.contexts import Action, ListenerType
 from amqtt.errors import BrokerError as AmqttBrokerError
 from amqtt.mqtt.connack import ConnackPacket
 from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
@@ -38,6 +39,12 @@ BACKOFF_DELAY_S = 1.0
 TAKEOVER_TIMEOUT_S = 2.0
 """How long the old connection of a client id may take to end when a new login takes it over."""
 CLOSE_TIMEOUT_S = 1.0
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues before amqtt accepts them. asyncio's default (100) drops the
+SYNs of a reconnect storm, and each dropped one waits 1, 3, 7 s to retry."""
+SESSIONS_CEILING = 5000
+"""Sessions past which the embedded broker is beyond what was measured to carry it well
+(docs/embedded-broker.md): a warning says to move to Mosquitto or EMQX."""
 _ADMITTED = "fleetmq.admitted"
 """The ``Admitted`` of a session's latest login, in amqtt's ``Session.attributes``."""
 _ENDED = "fleetmq.ended"
@@ -73,6 +80,17 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
         self._monotonic = monotonic
         self._max_queued = max_queued
         self.counters = access.counters if access is not None else AccessCounters()
+        self._past_ceiling = False
+
+    async def _create_server_instance(self, listener_name: str, listener_type: Any,
+                                      address: str | None, port: int,
+                                      ssl_context: Any) -> Any:
+        if listener_type != ListenerType.TCP:
+            return await super()._create_server_instance(listener_name, listener_type, address,
+                                                         port, ssl_context)
+        return await asyncio.start_server(
+            functools.partial(self.stream_connected, listener_name=listener_name),
+            address, port, reuse_address=True, ssl=ssl_context, backlog=LISTEN_BACKLOG)
 
     # --- CONNECT: authenticate first, then the session ------------------------------------
 
@@ -188,9 +206,21 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
                 ended.set()
 
     async def _authenticate(self, session: Session, listener: Any) -> bool:
+        self._warn_past_ceiling()
         if self._access is None:
             return bool(await super()._authenticate(session, listener))
         return True  # authenticated in _client_connected, before any session was touched
+
+    def _warn_past_ceiling(self) -> None:
+        sessions = len(self._sessions)
+        if sessions >= SESSIONS_CEILING and not self._past_ceiling:
+            log.warning("embedded_broker_past_ceiling sessions=%d ceiling=%d: the embedded "
+                        "broker was measured up to about this many clients (see "
+                        "docs/embedded-broker.md); run Mosquitto or EMQX and pass --broker",
+                        sessions, SESSIONS_CEILING)
+        # Warned again only after the fleet has come back well below the ceiling.
+        self._past_ceiling = sessions >= SESSIONS_CEILING * 0.9 and (
+            self._past_ceiling or sessions >= SESSIONS_CEILING)
 
     # --- topics ---------------------------------------------------------------------------
 
