@@ -71,15 +71,15 @@ def admitted_of(session: Session) -> Admitted | None:
 
 class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
     def __init__(self, config: dict[str, Any], *, access: BrokerAccess | None,
-                 backoff: LoginBackoff, monotonic: Callable[[], float],
-                 max_queued: int) -> None:
+                 counters: AccessCounters, backoff: LoginBackoff,
+                 monotonic: Callable[[], float], max_queued: int) -> None:
         super().__init__(config)
         self._subscriptions = SnapshotDict()  # see SnapshotDict: an amqtt race
         self._access = access
         self._backoff = backoff
         self._monotonic = monotonic
         self._max_queued = max_queued
-        self.counters = access.counters if access is not None else AccessCounters()
+        self.counters = counters
         self._past_ceiling = False
 
     async def _create_server_instance(self, listener_name: str, listener_type: Any,
@@ -116,13 +116,19 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
                 log.debug("broker_connect_unreadable address=%s error=%.200r", peer[0], exc)
                 await _close(writer)
                 return
-            admitted = await self._admit(access, session, writer, peer[0])
-            if admitted is None:
+            try:
+                admitted = await self._admit(access, session, writer, peer[0])
+                if admitted is None:
+                    return
+                session = await self._resolve_session(session, admitted)
+            except Exception:
+                log.exception("broker_login_failed address=%s", peer[0])
+                await _close(writer)
                 return
-            session = await self._resolve_session(session, admitted)
             # Nothing awaits between this check and amqtt registering the session, so a
             # revocation that arrived meanwhile is never missed.
             if not access.still_valid(admitted):
+                access.counters.logins_refused["revoked"] += 1
                 await self._refuse(writer, Refused("revoked", 4))
                 return
             try:

@@ -126,8 +126,8 @@ class EmbeddedBroker:
         broker = FleetBroker(
             _config(self.host, self.port, auth=self._access is not None,
                     session_expiry_s=self._session_expiry_s),
-            access=self._access, backoff=LoginBackoff(), monotonic=self._monotonic,
-            max_queued=self._max_queued)
+            access=self._access, counters=self.counters, backoff=LoginBackoff(),
+            monotonic=self._monotonic, max_queued=self._max_queued)
         try:
             await broker.start()
         except Exception as exc:
