@@ -147,6 +147,7 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
         decided = access.check(login)
         if isinstance(decided, Admitted):
             session.attributes[_ADMITTED] = decided
+            session.password = None  # the token is not needed past here: keep it nowhere
             return decided
         now = self._monotonic()
         in_backoff = self._backoff.retry_after(address, session.username, now) > 0

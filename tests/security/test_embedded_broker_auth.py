@@ -147,6 +147,8 @@ async def test_will_on_another_nodes_topic_is_refused_at_connect(
     assert [x["status"] for x in a.json_on(t.status("node-a"))] == ["online"]
     assert (await fleet.rest_node("node-a") or {}).get("status") == "online"
     await fleet.still_serves(a, "node-a")
+    # Long after B's sockets went: no will of B's ever made A offline.
+    assert "offline" not in [x["status"] for x in a.json_on(t.status("node-a"))]
 
 
 @pytest.mark.parametrize("pattern", ["{root}/#", "{root}/+/reply", "$SYS/#", "#",
