@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
@@ -26,6 +27,7 @@ from fleetmq.auth.startup import (
     warn_cleartext,
 )
 from fleetmq.auth.store import AuthStore
+from fleetmq.broker.access import MANAGER_USERNAME
 from fleetmq.broker.embedded import EmbeddedBroker
 from fleetmq.config import CLIENT_ID_PREFIX, OUTPUT_USER_SUFFIX, Settings
 from fleetmq.core.clock import Clock, SystemClock
@@ -82,24 +84,31 @@ class FleetService:
         # publishes queue behind every inbound message, so under a heartbeat backlog status
         # messages would wait for the whole backlog.
         prefer_mqtt5 = settings.mqtt_version == "5" and not settings.broker.embedded  # amqtt: 3.1.1
-        # The manager's own broker logins. --broker-auth dynsec: each connection is its own
-        # dynsec client, provisioned at start through --broker-admin with a fresh password
-        # (--broker needs no credentials). A broker that calls the HTTP hooks knows the manager
-        # by a secret of this process's own, unless the operator gave it a login in --broker.
+        # The manager's own broker logins, never written anywhere:
+        # - the embedded broker knows both connections as _fleetmq by a secret drawn per
+        #   process, handed to it and to our links only: no device can present it;
+        # - --broker-auth dynsec: each connection is its own dynsec client, provisioned at
+        #   start through --broker-admin with a fresh password (--broker needs no credentials);
+        # - --broker-auth external without a login in --broker: the same kind of per-process
+        #   secret, which only fleetmq's HTTP auth hooks accept.
+        self._broker_secret = secrets.token_urlsafe(32)
         self._manager_logins = manager_logins(
             [settings.mqtt_client_id, f"{settings.mqtt_client_id}-out"]
         ) if settings.auth.broker_auth == "dynsec" else {}
         self.dynsec: DynsecMirror | None = None
-        self.manager_login = (ManagerLogin.new(settings.mqtt_client_id)
+        self.embedded_broker: EmbeddedBroker | None = None
+        self.manager_login = (ManagerLogin(settings.mqtt_client_id, self._broker_secret)
                               if settings.auth.broker_auth == "external"
                               and not settings.broker.embedded
                               and settings.broker.username is None else None)
-        if self.manager_login is not None:
+        broker = settings.broker
+        if broker.embedded:
+            broker = replace(broker, username=MANAGER_USERNAME, password=self._broker_secret)
+        elif self.manager_login is not None:
             log.info("manager_broker_login username=%s: a secret of this process that only "
                      "fleetmq's HTTP auth hooks accept", self.manager_login.username)
-        broker = settings.broker if self.manager_login is None else replace(
-            settings.broker, username=self.manager_login.username,
-            password=self.manager_login.password)
+            broker = replace(broker, username=self.manager_login.username,
+                             password=self.manager_login.password)
         self.link = MqttLink(
             login_for(broker, self._manager_logins, settings.mqtt_client_id),
             settings.mqtt_client_id,
@@ -110,7 +119,8 @@ class FleetService:
             monotonic=self.clock.monotonic,
         )
         out_broker = broker
-        if broker.username is not None and broker.username.startswith(CLIENT_ID_PREFIX):
+        if (not broker.embedded and broker.username is not None
+                and broker.username.startswith(CLIENT_ID_PREFIX)):
             # A broker that makes each username its client id (Mosquitto's
             # use_username_as_clientid, which `credentials export` relies on) would let two
             # connections under one username kick each other: the output one gets its own.
@@ -164,8 +174,7 @@ class FleetService:
             await self._open_auth()
             broker = self.settings.broker
             if broker.embedded:
-                await stack.enter_async_context(
-                    EmbeddedBroker(broker.host, broker.port, self.settings.broker_tls))
+                await stack.enter_async_context(self._embedded_broker())
             await self._open_store()
             self.fleet.grant_grace()
             if self._manager_logins:
@@ -218,6 +227,19 @@ class FleetService:
         warn_cleartext(self.settings)
         log.debug("auth_decided mode=%s enabled=%s keys=%d", self.settings.auth.mode,
                   self.auth_enabled, len(self.auth.keys()))
+
+    def _embedded_broker(self) -> EmbeddedBroker:
+        broker = self.settings.broker
+        if self.auth_enabled:
+            embedded = EmbeddedBroker(broker.host, broker.port, auth=self.auth, rules=self.rules,
+                                      manager_secret=self._broker_secret,
+                                      monotonic=self.clock.monotonic,
+                                      tls=self.settings.broker_tls)
+            self.metrics.broker_access = embedded.counters
+        else:
+            embedded = EmbeddedBroker(broker.host, broker.port, tls=self.settings.broker_tls)
+        self.embedded_broker = embedded
+        return embedded
 
     async def _close_auth(self) -> None:
         try:

@@ -34,6 +34,8 @@ class Metrics:
         """HTTP auth hook answers by (hook, result, reason); refused callers as hook "caller"."""
         self.auth_refused: Counter[tuple[int, str]] = Counter()
         """REST requests refused by access control, by (status, reason)."""
+        self.broker_access: BrokerAccessFigures | None = None
+        """The embedded broker's refusals and cuts, when it runs with auth."""
 
     def render(self, *, nodes: int, connected: bool, backlog: int,
                store: StoreFigures | None = None) -> str:
@@ -95,13 +97,15 @@ class Metrics:
                 "# TYPE fleetmq_store_rows_rejected_total counter",
                 f"fleetmq_store_rows_rejected_total {store.rows_rejected}",
             ]
+        if self.broker_access is not None:
+            lines += _broker_access_lines(self.broker_access)
         return "\n".join(lines) + "\n"
 
 
 AUTH_REFUSALS: tuple[tuple[int, str], ...] = (
     (401, "missing"), (401, "malformed"), (401, "unknown"), (401, "expired"),
     (401, "revoked"), (403, "key"), (403, "node"), (429, "login_backoff"),
-    (429, "enroll_rate"),
+    (429, "enroll_rate"), (429, "key_rate"), (429, "node_rate"),
 )
 """Always rendered (zero included), so a dashboard's rate() has a series from the start."""
 
@@ -111,6 +115,41 @@ def _refusals(refused: Counter[tuple[int, str]]) -> list[str]:
     for status, reason in sorted(set(AUTH_REFUSALS) | set(refused)):
         lines.append(f'fleetmq_auth_refused_total{{status="{status}",reason="{reason}"}} '
                      f"{refused[(status, reason)]}")
+    return lines
+
+
+LOGIN_REFUSALS = ("missing", "malformed", "unknown", "expired", "revoked", "manager",
+                  "identity", "role", "client_id", "will")
+"""Why the embedded broker refused a CONNECT (``fleetmq.broker.access``)."""
+
+
+class BrokerAccessFigures(Protocol):
+    """What the embedded broker counts about access (``fleetmq.broker.access.AccessCounters``)."""
+
+    logins_accepted: int
+    logins_refused: Counter[str]
+    logins_delayed: int
+    publishes_refused: int
+    subscriptions_refused: int
+    connections_revoked: int
+    sessions_discarded: int
+    queue_dropped: int
+
+
+def _broker_access_lines(f: BrokerAccessFigures) -> list[str]:
+    lines = ["# TYPE fleetmq_broker_logins_accepted_total counter",
+             f"fleetmq_broker_logins_accepted_total {f.logins_accepted}",
+             "# TYPE fleetmq_broker_logins_refused_total counter"]
+    lines += [f'fleetmq_broker_logins_refused_total{{reason="{reason}"}} '
+              f"{f.logins_refused[reason]}" for reason in LOGIN_REFUSALS]
+    for name, value in (("logins_delayed", f.logins_delayed),
+                        ("publishes_refused", f.publishes_refused),
+                        ("subscriptions_refused", f.subscriptions_refused),
+                        ("connections_revoked", f.connections_revoked),
+                        ("sessions_discarded", f.sessions_discarded),
+                        ("queue_dropped", f.queue_dropped)):
+        lines += [f"# TYPE fleetmq_broker_{name}_total counter",
+                  f"fleetmq_broker_{name}_total {value}"]
     return lines
 
 

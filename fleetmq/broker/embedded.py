@@ -2,16 +2,25 @@
 
 It is the zero-setup default for development and small fleets (a few thousand messages per
 second, MQTT 3.1.1 only); production belongs on Mosquitto or EMQX. amqtt's configuration and
-its log noise stay in here.
+its log noise stay in here. With access control on it checks every login and topic against the
+manager's own ``AuthService`` and ``TopicRules`` (``access.py``, ``amqtt_broker.py``) and cuts
+the connections of a credential within a second of it ending.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable
 from typing import Any
 
+from fleetmq.auth.limits import LoginBackoff
+from fleetmq.auth.rules import TopicRules
+from fleetmq.auth.service import AuthService
+from fleetmq.auth.store import Credential
+from fleetmq.broker.access import AccessCounters, BrokerAccess
 from fleetmq.config import BrokerTlsSettings
 from fleetmq.errors import BrokerError
 from fleetmq.ports import address_in_use
@@ -23,9 +32,15 @@ _NOISY_LOGGERS = ("amqtt", "transitions")
 SHUTDOWN_GRACE_S = 1.0
 """How long amqtt may take to stop on its own before its clients' input is ended for it."""
 SHUTDOWN_TIMEOUT_S = 5.0
+MAX_QUEUED = 1000
+"""Messages queued per offline persistent session; past it the oldest is dropped (a fleet's
+newest status matters more than its oldest), and counted."""
+SESSION_EXPIRY_S = 86_400
+"""A persistent session left without a connection this long is dropped (amqtt does it)."""
 
 
-def _config(host: str, port: int, tls: BrokerTlsSettings | None = None) -> dict[str, Any]:
+def _config(host: str, port: int, *, auth: bool, session_expiry_s: int,
+            tls: BrokerTlsSettings | None = None) -> dict[str, Any]:
     listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
     if tls is not None:
         # amqtt makes the context itself (TLS 1.2+, a client certificate optional and unused).
@@ -33,50 +48,81 @@ def _config(host: str, port: int, tls: BrokerTlsSettings | None = None) -> dict[
                             "certfile": tls.cert_file, "keyfile": tls.key_file}
     return {
         "listeners": listeners,
-        # An explicit plugin list: amqtt's defaults add $SYS, event and packet logging.
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        # An explicit plugin list: amqtt's defaults add $SYS, event and packet logging. With
+        # auth the broker subclass checks logins and topics itself: no plugin at all.
+        "plugins": {} if auth else {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+        "session_expiry_interval": session_expiry_s,
     }
 
 
-class _SnapshotDict(dict[str, Any]):
-    """amqtt 0.12 iterates its table of subscriptions with awaits inside the loop (when a
-    client connects, when it broadcasts); another client subscribing meanwhile raises
-    "dictionary changed size during iteration" and kills that client's session. Iterating
-    over a snapshot makes both loops safe."""
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(list(super().__iter__()))
-
-    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]  # a snapshot, not a view
-        return list(super().items())
-
-
-def _broker_class() -> Any:
-    from amqtt.broker import Broker  # noqa: PLC0415 (heavy import, only when embedded)
-
-    class OwnFiltersBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
-        """On every connect amqtt 0.12 sends the new client the retained messages matching
-        *every* client's filters. An agent with a 512-byte buffer would get the whole fleet's
-        statuses. Here a client gets retained messages for filters it holds itself only."""
-
-        async def _publish_retained_messages_for_subscription(
-            self, subscription: tuple[str, int], session: Any
-        ) -> None:
-            holders = self._subscriptions.get(subscription[0], ())
-            if any(held.client_id == session.client_id for held, _qos in holders):
-                await super()._publish_retained_messages_for_subscription(subscription, session)
-
-    return OwnFiltersBroker
-
-
 class EmbeddedBroker:
-    def __init__(self, host: str, port: int, tls: BrokerTlsSettings | None = None) -> None:
+    """``auth`` None: anonymous, for auth off. Otherwise every CONNECT needs a token (or, for
+    the manager's own client ids, ``manager_secret``) and every topic follows ``rules``.
+    ``tls``: a second listener with TLS."""
+
+    def __init__(self, host: str, port: int, *, auth: AuthService | None = None,
+                 rules: TopicRules | None = None, manager_secret: str | None = None,
+                 monotonic: Callable[[], float] = time.monotonic,
+                 session_expiry_s: int = SESSION_EXPIRY_S, max_queued: int = MAX_QUEUED,
+                 tls: BrokerTlsSettings | None = None) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         if tls is not None:  # read now, for a one-line error instead of amqtt's traceback
             server_context(tls.cert_file, tls.key_file, BROKER_TLS_OPTIONS)
+        self._auth = auth
+        self._access: BrokerAccess | None = None
+        if auth is not None:
+            if rules is None or manager_secret is None:
+                raise ValueError("an embedded broker with auth needs the topic rules and the "
+                                 "manager's secret")
+            self._access = BrokerAccess(auth, rules, manager_secret, monotonic)
+            auth.add_listener(self._credentials_changed)
+        self.counters = self._access.counters if self._access is not None else AccessCounters()
+        """Refusals, revocations and queue drops, for ``/metrics``."""
+        self._monotonic = monotonic
+        self._session_expiry_s = session_expiry_s
+        self._max_queued = max_queued
         self._broker: Any = None
+        self._ended: set[str] = set()
+        self._ended_event = asyncio.Event()
+        self._revoker: asyncio.Task[None] | None = None
+
+    @property
+    def auth_enabled(self) -> bool:
+        return self._access is not None
+
+    def session_ids(self) -> list[str]:
+        """Client ids of every session held, connected or not (empty when stopped)."""
+        return [] if self._broker is None else list(self._broker.session_ids())
+
+    def _credentials_changed(self, credentials: list[Credential]) -> None:
+        """AuthService listener: remember the credentials that no longer work; the revoker
+        task closes their connections (a listener cannot await)."""
+        auth = self._auth
+        if auth is None or self._broker is None:
+            return
+        ended = {c.id for c in credentials if not auth.valid(c.id)}
+        if ended:
+            self._ended |= ended
+            self._ended_event.set()
+
+    async def _revoke_loop(self) -> None:
+        while True:
+            await self._ended_event.wait()
+            self._ended_event.clear()
+            ended, self._ended = self._ended, set()
+            broker = self._broker
+            if broker is None:
+                continue
+            try:
+                gone = await broker.cut_credentials(ended)
+            except Exception:
+                log.exception("embedded_broker_revocation_failed")
+                continue
+            if gone:
+                log.info("broker_sessions_revoked credentials=%d sessions=%d", len(ended), gone)
 
     async def __aenter__(self) -> EmbeddedBroker:
         for name in _NOISY_LOGGERS:
@@ -92,16 +138,24 @@ class EmbeddedBroker:
             raise BrokerError(f"cannot start the embedded MQTT broker's TLS listener: "
                               f"{self.tls.host}:{self.tls.port} is already in use: pass "
                               "--broker-tls HOST:PORT with a free port")
-        broker = _broker_class()(_config(self.host, self.port, self.tls))
-        broker._subscriptions = _SnapshotDict()  # see _SnapshotDict: an amqtt race
+        from fleetmq.broker.amqtt_broker import FleetBroker  # noqa: PLC0415 (heavy import)
+
+        broker = FleetBroker(
+            _config(self.host, self.port, auth=self._access is not None,
+                    session_expiry_s=self._session_expiry_s, tls=self.tls),
+            access=self._access, counters=self.counters, backoff=LoginBackoff(),
+            monotonic=self._monotonic, max_queued=self._max_queued)
         try:
             await broker.start()
         except Exception as exc:
             raise BrokerError(f"cannot start the embedded MQTT broker on "
                               f"{self.host}:{self.port}: {exc}") from exc
         self._broker = broker
-        log.info("embedded_broker_started address=%s:%d tls=%s", self.host, self.port,
-                 f"{self.tls.host}:{self.tls.port}" if self.tls is not None else "off")
+        if self._access is not None:
+            self._revoker = asyncio.create_task(self._revoke_loop(), name="fleetmq-broker-revoke")
+        log.info("embedded_broker_started address=%s:%d tls=%s auth=%s", self.host, self.port,
+                 f"{self.tls.host}:{self.tls.port}" if self.tls is not None else "off",
+                 self._access is not None)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -109,6 +163,11 @@ class EmbeddedBroker:
         if broker is None:
             return
         self._broker = None
+        if self._revoker is not None:
+            self._revoker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._revoker
+            self._revoker = None
         # amqtt stops each client by cancelling its reader task and waiting for it to end. On
         # Python 3.11, asyncio.wait_for swallows that cancellation when a packet arrives at the
         # same moment, and the wait then lasts until the client hangs up: with agents still

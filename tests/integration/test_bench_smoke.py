@@ -94,6 +94,17 @@ def _check_hooks(doc: dict[str, Any]) -> None:
     assert 0 <= doc["revocation_s"]["median"] <= doc["revocation_s"]["max"] < 2
 
 
+def _check_embedded_auth(doc: dict[str, Any]) -> None:
+    assert [r["auth"] for r in doc["runs"]] == [False, True]
+    for r in doc["runs"]:
+        _positive(r, "connects_per_s", "heartbeats_per_s")
+        assert r["connects_refused"] == 0, r
+        assert r["heartbeats_applied"] == r["heartbeats_published"], r
+    revoked = doc["runs"][1]["revocation_ms"]
+    assert len(revoked) == 2
+    assert all(0 < ms < 1000 for ms in revoked), revoked
+
+
 @dataclass(frozen=True)
 class Bench:
     argv: tuple[str, ...]
@@ -127,6 +138,13 @@ BENCHES = {
         ("embedded amqtt", "bare paho subscriber, MQTT 3.1.1", "fleetmq applied, MQTT 3.1.1",
          "amqtt PUBACK timeouts"),
         _check_embedded, mosquitto=False),
+    "embedded-auth": Bench(
+        ("bench/embedded_auth.py", "--connects", "50", "--nodes", "50", "--messages", "500",
+         "--publishers", "1", "--revocations", "2", "--credentials", "200"),
+        "embedded_auth.json",
+        ("auth off: connects", "auth on, 200 credentials: heartbeats applied",
+         "auth on, 200 credentials: revoke -> closed"),
+        _check_embedded_auth, mosquitto=False),
     "lag": Bench(
         ("bench/lag.py", "--nodes", "100", "--rate", "500", "--seconds", "5"),
         "lag.json", ("probes answered", "lag p50 / p99 / max"), _check_lag),

@@ -1,0 +1,155 @@
+"""Who may log in to the embedded broker, and what a logged-in client may publish, subscribe
+to and leave as its will (contract section 8: Brokers, Topic rules).
+
+Decisions only, over ``AuthService`` (tokens) and ``TopicRules`` (topics); amqtt is not
+imported here, so the broker module applies these at the right moments and this module can be
+read (and tested) without it. Every refusal is counted by reason for ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from fleetmq.auth.rules import MANAGER_CLIENT_PREFIX, Principal, TopicRules
+from fleetmq.auth.service import AuthService
+from fleetmq.metrics import RateLimitedLog
+
+log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)
+
+MANAGER_USERNAME = MANAGER_CLIENT_PREFIX
+"""The username of the manager's own connections; their password is the process's secret."""
+
+# MQTT 3.1.1 CONNACK return codes.
+BAD_USERNAME_OR_PASSWORD = 4
+NOT_AUTHORISED = 5
+
+BROKER_ROLES = ("read", "write", "admin")
+"""Key roles with rights on the broker (broker and enroll keys serve REST only)."""
+# Why a CONNECT is refused (metrics.LOGIN_REFUSALS): the token's failure (AuthService.verify),
+# a wrong manager secret, a username that is not the token's identity, a client id that is not
+# it, a key whose role has no broker rights, a will topic outside the client's own.
+
+
+@dataclass
+class AccessCounters:
+    """What the embedded broker refused or cut, for ``/metrics``."""
+
+    logins_accepted: int = 0
+    logins_refused: Counter[str] = field(default_factory=Counter)
+    logins_delayed: int = 0
+    """Refusals answered after the back-off delay."""
+    publishes_refused: int = 0
+    subscriptions_refused: int = 0
+    connections_revoked: int = 0
+    """Live connections closed because their login credential stopped working."""
+    sessions_discarded: int = 0
+    """Persistent sessions dropped: credential ended, or a new owner for the client id."""
+    queue_dropped: int = 0
+    """Messages dropped from a full offline queue (the oldest one goes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """What a CONNECT presents."""
+
+    address: str
+    client_id: str
+    username: str | None
+    password: str | None
+    will_topic: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    principal: Principal
+    credential_id: str | None
+    """The credential logged in with; None for the manager (its secret never ends)."""
+
+    @property
+    def owner(self) -> str:
+        """The identity a persistent session belongs to."""
+        return f"{self.principal.kind}:{self.principal.id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: str
+    code: int
+
+
+class BrokerAccess:
+    def __init__(self, auth: AuthService, rules: TopicRules, manager_secret: str,
+                 monotonic: Callable[[], float]) -> None:
+        if len(manager_secret) < 32:
+            raise ValueError("the manager's broker secret must have at least 32 characters")
+        self.auth = auth
+        self.rules = rules
+        self._secret = manager_secret.encode()
+        self._monotonic = monotonic
+        self.counters = AccessCounters()
+
+    def check(self, login: Login) -> Admitted | Refused:
+        """Authenticate a CONNECT: the password is a token whose identity is both the username
+        and the client id (or the manager's secret), and the will is the client's own."""
+        decided = self._authenticate(login)
+        if isinstance(decided, Admitted) and login.will_topic is not None and \
+                not self.rules.will_allowed(decided.principal, login.will_topic):
+            decided = Refused("will", NOT_AUTHORISED)
+        if isinstance(decided, Refused):
+            self.counters.logins_refused[decided.reason] += 1
+            _limited.warning("broker_login", self._monotonic(),
+                             "broker_login_refused address=%s reason=%s client_id=%.64r",
+                             login.address, decided.reason, login.client_id)
+        else:
+            self.counters.logins_accepted += 1
+        return decided
+
+    def _authenticate(self, login: Login) -> Admitted | Refused:
+        username = login.username
+        if username is not None and username.startswith(MANAGER_CLIENT_PREFIX):
+            return self._manager_login(login)
+        verdict = self.auth.verify(login.password)
+        if verdict.principal is None or verdict.credential is None:
+            return Refused(verdict.failure or "unknown", BAD_USERNAME_OR_PASSWORD)
+        principal = verdict.principal
+        if username != principal.broker_identity:
+            return Refused("identity", NOT_AUTHORISED)
+        if principal.kind == "key" and principal.role not in BROKER_ROLES:
+            return Refused("role", NOT_AUTHORISED)
+        if not self.rules.client_id_allowed(principal, login.client_id):
+            return Refused("client_id", NOT_AUTHORISED)
+        return Admitted(principal, verdict.credential.id)
+
+    def _manager_login(self, login: Login) -> Admitted | Refused:
+        secret = (login.password or "").encode("utf-8", "surrogatepass")
+        if login.username != MANAGER_USERNAME or not hmac.compare_digest(secret, self._secret):
+            return Refused("manager", BAD_USERNAME_OR_PASSWORD)
+        principal = Principal("manager", login.client_id)
+        if not self.rules.client_id_allowed(principal, login.client_id):
+            return Refused("client_id", NOT_AUTHORISED)
+        return Admitted(principal, None)
+
+    def still_valid(self, admitted: Admitted) -> bool:
+        return admitted.credential_id is None or self.auth.valid(admitted.credential_id)
+
+    def may_publish(self, admitted: Admitted, topic: str) -> bool:
+        if self.rules.publish_allowed(admitted.principal, topic):
+            return True
+        self.counters.publishes_refused += 1
+        _limited.warning("broker_publish", self._monotonic(),
+                         "broker_publish_refused identity=%s topic=%.64r", admitted.owner, topic)
+        return False
+
+    def may_subscribe(self, admitted: Admitted, filter: str) -> bool:
+        if self.rules.subscribe_allowed(admitted.principal, filter):
+            return True
+        self.counters.subscriptions_refused += 1
+        _limited.warning("broker_subscribe", self._monotonic(),
+                         "broker_subscribe_refused identity=%s filter=%.64r", admitted.owner,
+                         filter)
+        return False
