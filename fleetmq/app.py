@@ -45,7 +45,7 @@ from fleetmq.mqtt.dynsec_mirror import DynsecMirror, login_for, manager_logins
 from fleetmq.mqtt.ingest import MqttIngest
 from fleetmq.mqtt.link import MqttLink, Will
 from fleetmq.mqtt.publisher import Publisher
-from fleetmq.rates import NodeRates
+from fleetmq.rates import CUT_OFF_S, NodeRates
 from fleetmq.store import make_auth_store, make_store
 from fleetmq.store.base import Store, nodes_from_rows
 from fleetmq.store.writer import StoreWriter
@@ -140,6 +140,7 @@ class FleetService:
         self.writer = StoreWriter(self.store, self.registry, self.clock.monotonic,
                                   settings.store.flush_interval_s)
         self.rates = NodeRates(settings.auth.node_rate, settings.auth.node_burst)
+        self.rates.add_flood_listener(self._cut_off)
         self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer,
                            self.rates)
         self.ingest = MqttIngest(self.link, self.topics, self.fleet, self.publisher, self.metrics)
@@ -227,6 +228,14 @@ class FleetService:
         warn_cleartext(self.settings)
         log.debug("auth_decided mode=%s enabled=%s keys=%d", self.settings.auth.mode,
                   self.auth_enabled, len(self.auth.keys()))
+
+    def _cut_off(self, node_id: str) -> None:
+        """A node past 10 x its rate for 10 s: disconnected (embedded broker) or disabled
+        (dynsec) for a minute. On another broker its messages stay refused by rate."""
+        if self.embedded_broker is not None:
+            self.embedded_broker.cut_off(node_id, CUT_OFF_S)
+        if self.dynsec is not None:
+            self.dynsec.cut_off(node_id, CUT_OFF_S)
 
     def _embedded_broker(self) -> EmbeddedBroker:
         broker = self.settings.broker

@@ -119,7 +119,7 @@ def _refusals(refused: Counter[tuple[int, str]]) -> list[str]:
 
 
 LOGIN_REFUSALS = ("missing", "malformed", "unknown", "expired", "revoked", "manager",
-                  "identity", "role", "client_id", "will")
+                  "identity", "role", "client_id", "will", "cut_off")
 """Why the embedded broker refused a CONNECT (``fleetmq.broker.access``)."""
 
 
@@ -132,6 +132,7 @@ class BrokerAccessFigures(Protocol):
     publishes_refused: int
     subscriptions_refused: int
     connections_revoked: int
+    connections_cut: int
     sessions_discarded: int
     queue_dropped: int
 
@@ -146,6 +147,7 @@ def _broker_access_lines(f: BrokerAccessFigures) -> list[str]:
                         ("publishes_refused", f.publishes_refused),
                         ("subscriptions_refused", f.subscriptions_refused),
                         ("connections_revoked", f.connections_revoked),
+                        ("connections_cut", f.connections_cut),
                         ("sessions_discarded", f.sessions_discarded),
                         ("queue_dropped", f.queue_dropped)):
         lines += [f"# TYPE fleetmq_broker_{name}_total counter",

@@ -111,8 +111,9 @@ class OutboxRow:
     """One pending change for a broker mirror (dynsec), durable until the broker
     acknowledged it. ``put`` gives ``identity`` the token ``secret`` of credential
     ``cred_id`` (the only place a token is ever kept, and only until it is sent: 2.0's plugin
-    takes plaintext passwords only); ``remove`` deletes the identity from the broker. A ``put``
-    waits until ``not_before`` when set (a rotation's grace)."""
+    takes plaintext passwords only); ``remove`` deletes the identity from the broker;
+    ``disable`` and ``enable`` cut a flooding node off and let it back. A row waits until
+    ``not_before`` when set (a rotation's grace, the end of a cut-off)."""
 
     identity: str
     action: str
@@ -142,6 +143,8 @@ def outbox_plan(rows: Sequence[OutboxRow]) -> list[tuple[str, tuple[object, ...]
         if r.action == "put":
             plan.append(("DELETE FROM broker_outbox WHERE identity = ? AND action = 'put'",
                          (r.identity,)))
+            plan.append((insert, values))
+        elif r.action in ("disable", "enable"):  # a flooding node's cut-off and its end
             plan.append((insert, values))
         else:
             plan.append(("DELETE FROM broker_outbox WHERE identity = ? AND action = 'put' "
@@ -269,6 +272,8 @@ class MemoryAuthStore:
             if r.action == "put":
                 self._outbox = [o for o in self._outbox
                                 if not (o.identity == r.identity and o.action == "put")]
+            elif r.action in ("disable", "enable"):
+                pass
             else:
                 self._outbox = [o for o in self._outbox if not (
                     o.identity == r.identity and o.action == "put" and o.cred_id == r.cred_id)]

@@ -49,6 +49,8 @@ class AccessCounters:
     """Live connections closed because their login credential stopped working."""
     sessions_discarded: int = 0
     """Persistent sessions dropped: credential ended, or a new owner for the client id."""
+    connections_cut: int = 0
+    """Connections of flooding nodes closed (their logins refused for a while)."""
     queue_dropped: int = 0
     """Messages dropped from a full offline queue (the oldest one goes)."""
 
@@ -92,6 +94,14 @@ class BrokerAccess:
         self._secret = manager_secret.encode()
         self._monotonic = monotonic
         self.counters = AccessCounters()
+        self._cut_until: dict[str, float] = {}
+        """Identities cut off (a flooding node) until that monotonic moment."""
+
+    def cut_off(self, identity: str, seconds: float) -> None:
+        """Refuse the identity's logins for ``seconds`` (the caller closes its connection)."""
+        now = self._monotonic()
+        self._cut_until = {i: t for i, t in self._cut_until.items() if t > now}
+        self._cut_until[identity] = now + seconds
 
     def check(self, login: Login) -> Admitted | Refused:
         """Authenticate a CONNECT: the password is a token whose identity is both the username
@@ -100,6 +110,9 @@ class BrokerAccess:
         if isinstance(decided, Admitted) and login.will_topic is not None and \
                 not self.rules.will_allowed(decided.principal, login.will_topic):
             decided = Refused("will", NOT_AUTHORISED)
+        if isinstance(decided, Admitted) and self._cut_until.get(
+                decided.principal.broker_identity or "", 0.0) > self._monotonic():
+            decided = Refused("cut_off", NOT_AUTHORISED)
         if isinstance(decided, Refused):
             self.counters.logins_refused[decided.reason] += 1
             _limited.warning("broker_login", self._monotonic(),

@@ -319,6 +319,15 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
             self.counters.connections_revoked += 1
             _abort(handler)
 
+    def disconnect(self, client_id: str) -> bool:
+        """Close the client's connection, keeping its session (its will goes out, as for any
+        lost connection); whether it was connected."""
+        entry = self._sessions.get(client_id)
+        if entry is None or not entry[0].transitions.is_connected():
+            return False
+        _abort(entry[1])
+        return True
+
     def session_ids(self) -> list[str]:
         """The client ids of every session the broker holds, connected or not."""
         return list(self._sessions)

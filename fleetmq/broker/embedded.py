@@ -97,6 +97,17 @@ class EmbeddedBroker:
         """Client ids of every session held, connected or not (empty when stopped)."""
         return [] if self._broker is None else list(self._broker.session_ids())
 
+    def cut_off(self, node_id: str, seconds: float) -> None:
+        """A flooding node (contract section 8, "Limits"): its connection is closed and its
+        logins refused for ``seconds``. Only with auth: without it, nothing ties a connection
+        to a node."""
+        if self._access is None or self._broker is None:
+            return
+        self._access.cut_off(node_id, seconds)
+        if self._broker.disconnect(node_id):
+            self.counters.connections_cut += 1
+            log.warning("broker_node_cut_off node_id=%s seconds=%g", node_id, seconds)
+
     def _credentials_changed(self, credentials: list[Credential]) -> None:
         """AuthService listener: remember the credentials that no longer work; the revoker
         task closes their connections (a listener cannot await)."""

@@ -68,6 +68,8 @@ class DynsecMirror:
         self._wake = asyncio.Event()
         self._ended: dict[str, Credential] = {}
         self._first_used: set[str] = set()
+        self._cuts: dict[str, float] = {}
+        """Identities to cut off (a flooding node) and for how long, not yet in the outbox."""
         self._provisioned_for = 0
         self.manager_ready = asyncio.Event()
         self._reconcile_at: float | None = None
@@ -111,6 +113,12 @@ class DynsecMirror:
         for cred in credentials:
             if on_broker(cred) and not cred.valid_at(now):
                 self._ended[cred.id] = cred
+        self._wake.set()
+
+    def cut_off(self, identity: str, seconds: float) -> None:
+        """Disable a flooding node's client now and enable it again ``seconds`` later (both
+        through the durable outbox: a restart in between still lets it back)."""
+        self._cuts[identity] = seconds
         self._wake.set()
 
     def request_reconcile(self) -> None:
@@ -170,9 +178,14 @@ class DynsecMirror:
         successor's waiting password forward); a first use brings its own forward."""
         ended, self._ended = self._ended, {}
         first, self._first_used = self._first_used, set()
+        cuts, self._cuts = self._cuts, {}
         try:
             now = self._now()
             rows: list[OutboxRow] = []
+            for identity, seconds in cuts.items():
+                rows += [OutboxRow(identity, "disable", created_at=now),
+                         OutboxRow(identity, "enable", not_before=now + seconds,
+                                   created_at=now)]
             due: list[str] = []
             for cred in ended.values():
                 successors = self._valid_of(cred.broker_identity)
@@ -189,6 +202,7 @@ class DynsecMirror:
         except BaseException:
             self._ended = {**ended, **self._ended}
             self._first_used |= first
+            self._cuts = {**cuts, **self._cuts}
             raise
 
     async def _drain(self) -> float:
@@ -216,7 +230,18 @@ class DynsecMirror:
                     break  # a revocation may have arrived: it goes before the rest
 
     async def _send(self, row: OutboxRow) -> None:
-        if row.action == "remove":
+        if row.action in ("disable", "enable"):
+            # Disabling kicks its sessions at once; enabling applies only to a client that
+            # still has a credential (a revocation meanwhile removed it).
+            if row.action == "disable" or self._valid_of(row.identity):
+                try:
+                    await (self.admin.disable_client if row.action == "disable"
+                           else self.admin.enable_client)(row.identity)
+                except DynsecError as exc:
+                    if exc.error != "Client not found":
+                        raise
+                log.info("dynsec_%sd identity=%s", row.action, row.identity)
+        elif row.action == "remove":
             if self._valid_of(row.identity):
                 return  # a newer credential's row puts it back (and kicks): nothing to remove
             await self._remove(row.identity)

@@ -4,6 +4,7 @@ untouched: still connected, still subscribed, its node and status unchanged."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 
 from fleetmq.app import FleetService
+from fleetmq.auth.store import OutboxRow
 from tests.conftest import eventually
 from tests.security.dynsec_support import (
     dynsec_broker,
@@ -434,3 +436,32 @@ async def test_a_broker_that_lost_its_whole_file_is_repaired_and_lost_nodes_flag
         await settled(service)
         assert await peers(own_dynsec, node, node, token).connect() == 0
         assert not service.auth.node_credentials(node)[0].needs_reissue
+
+
+async def test_a_flooding_node_is_disabled_for_a_minute_and_others_are_untouched(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    heartbeat = f"{s.root}/{s.b_id}/heartbeat"
+    started = time.monotonic()
+    while not s.b.disconnected.is_set() and time.monotonic() - started < 20:
+        await s.b.publish(heartbeat, b"{}")  # 100 a second: 20 x the default rate
+        await asyncio.sleep(0.01)
+    assert s.b.disconnected.is_set(), "the flooding node was not cut off within 20 s"
+    cut_at = time.time()
+    again = peers(dynsec_mosquitto, s.b_id, s.b_id, s.b_token)
+    assert await again.connect() == NOT_AUTHORIZED  # its own valid token, disabled
+    # Let back in a minute later, through the durable outbox (a restart keeps the promise).
+    pending = [r for r in await s.service.auth.store.outbox(100)
+               if r.identity == s.b_id and r.action == "enable"]
+    assert len(pending) == 1
+    assert pending[0].not_before is not None
+    assert 55 <= pending[0].not_before - cut_at <= 61
+    await s.assert_a_untouched(before)
+    # When the minute is up (here: an enable row due now), B logs in again.
+    assert s.service.dynsec is not None
+    await s.service.auth.store.outbox_add([OutboxRow(s.b_id, "enable", created_at=cut_at)])
+    s.service.dynsec.request_reconcile()
+
+    async def back() -> bool:
+        return await peers(dynsec_mosquitto, s.b_id, s.b_id, s.b_token).connect() == 0
+    await eventually(back, timeout=10)

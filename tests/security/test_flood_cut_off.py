@@ -1,0 +1,43 @@
+"""A node flooding past 10 x its rate for 10 s is cut off at its broker for a minute (contract
+section 8, "Limits"): the embedded broker closes its connection and refuses its logins;
+Mosquitto's dynamic security plugin disables its client. The other nodes are untouched."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import aiohttp
+
+from fleetmq.rates import CUT_OFF_S
+from tests.security.broker_clients import NOT_AUTHORISED, auth_fleet
+
+FLOOD_PER_S = 100  # 20 x the default 5 a second: cut off after about 5 s
+
+
+async def test_a_flooding_node_is_cut_off_by_the_embedded_broker_and_others_stay_served(
+    tmp_path: Path, root: str, http: aiohttp.ClientSession,
+) -> None:
+    async with auth_fleet(tmp_path, root, http) as fleet:
+        flooder = await fleet.node("flooder")
+        victim = await fleet.node("victim")
+        heartbeat = fleet.topics.heartbeat("flooder")
+        started = time.monotonic()
+        sent = 0
+        while flooder.connected and time.monotonic() - started < 20:
+            await flooder.publish(heartbeat, {"uptime_seconds": sent}, qos=0)
+            sent += 1
+            await asyncio.sleep(1 / FLOOD_PER_S)
+        assert not flooder.connected, "the flooding node was not disconnected within 20 s"
+        assert time.monotonic() - started < 15
+        values = await fleet.metrics()
+        assert values['fleetmq_mqtt_messages_dropped_total{reason="rate_limited"}'] > 0
+        assert values["fleetmq_broker_connections_cut_total"] == 1
+        # Its logins are refused for the cut-off, even with its valid token.
+        again = fleet.device("flooder", "flooder", flooder.password)
+        assert await again.connect() == NOT_AUTHORISED
+        assert CUT_OFF_S == 60
+        # Everyone else is untouched.
+        await fleet.still_serves(victim, "victim")
+        assert await fleet.node_has("victim", status="online")
