@@ -8,15 +8,16 @@ without fleetmq's plugins or hooks, which cannot end sessions already connected.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from fleetmq.auth.export import mosquitto_files
+from fleetmq.auth.passwords import mosquitto_hash
 from fleetmq.auth.service import AuthService
 from fleetmq.auth.store import Credential
 from fleetmq.cli import env_name
@@ -35,8 +36,6 @@ from fleetmq.core.topics import is_valid_node_id, is_valid_root
 from fleetmq.errors import ConfigError
 from fleetmq.http.access_models import MAX_GRACE_S, credential_issued
 
-Exporter = Callable[[list[Credential], str], tuple[str, str]]
-"""``fleetmq.auth.export.mosquitto_files(credentials, root)`` -> (password file, acl file)."""
 HEADERS = ("ID", "CREATED", "LAST USED", "EXPIRES", "VALID UNTIL", "ENROLLED BY",
            "NEEDS REISSUE")
 NO_LIVE_REVOCATION = (
@@ -82,6 +81,11 @@ def add_command(subparsers: Any, env: Mapping[str, str]) -> None:
     var = env_name("--topic-root")
     export.add_argument("--topic-root", default=env.get(var) or "fleet",
                         help=f"first MQTT topic level (default: fleet) [env: {var}]")
+    export.add_argument("--manager-password-file", metavar="FILE",
+                        help="a file holding the password the manager will log in with (users "
+                             "_fleetmq and _fleetmq-out: run serve with --broker "
+                             "mqtt://_fleetmq:PASSWORD@host); without it, add them yourself "
+                             "with mosquitto_passwd")
     add_store_option(export, env)
     export.set_defaults(run=run_export)
 
@@ -145,19 +149,24 @@ def run_revoke(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     if not is_valid_root(args.topic_root):
         raise ConfigError(f"--topic-root {args.topic_root[:64]!r} is not a plain topic")
-    try:
-        # Imported here: the exporter is its own module, needed by this command only.
-        exporter = importlib.import_module("fleetmq.auth.export")
-    except ImportError as exc:
-        raise CommandError(f"this fleetmq has no Mosquitto exporter ({exc})") from None
-    mosquitto_files: Exporter = exporter.mosquitto_files
+    manager_hash = None
+    if args.manager_password_file:
+        try:
+            password = Path(args.manager_password_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CommandError(f"--manager-password-file {args.manager_password_file}: "
+                               f"{exc}") from None
+        if len(password) < 16:
+            raise CommandError("--manager-password-file: the password needs at least 16 "
+                               "characters (the manager's login may publish every status)")
+        manager_hash = mosquitto_hash(password)
 
     async def everything(auth: AuthService) -> list[Credential]:
         # Every record; the exporter keeps those valid now.
         return (await auth.store.changes(0)).credentials
 
     credentials = with_auth(args, everything)
-    passwords, acl = mosquitto_files(credentials, args.topic_root)
+    passwords, acl = mosquitto_files(credentials, args.topic_root, manager_hash=manager_hash)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     _write(out / "passwords", passwords, 0o600)

@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from fleetmq.config import AuthSettings, StoreSettings
 from tests.conftest import eventually, make_settings, running
@@ -215,14 +214,19 @@ async def test_fleetmq_nodes_sends_its_token(
 
 async def test_credentials_export_writes_a_private_password_file_and_an_acl(
         tmp_path: Path) -> None:
-    pytest.importorskip("fleetmq.auth.export")  # written on its own branch
     store = f"sqlite:///{tmp_path / 'fleet.db'}"
     code, token, _ = await _cli("credentials", "issue", "exp-1", "--store", store)
     assert code == 0
     out = tmp_path / "mosq"
+    manager_password = tmp_path / "manager.password"
+    manager_password.write_text("a-manager-password-of-some-length\n")
     code, _, err = await _cli("credentials", "export", "--format", "mosquitto", "--out",
-                              str(out), "--store", store)
+                              str(out), "--store", store,
+                              "--manager-password-file", str(manager_password))
     assert code == 0, err
+    lines = (out / "passwords").read_text().splitlines()
+    assert {line.split(":")[0] for line in lines} == {"_fleetmq", "_fleetmq-out", "exp-1"}
+    assert "a-manager-password" not in (out / "passwords").read_text()
     assert "cannot end sessions that are already connected" in err
     assert (out / "passwords").stat().st_mode & 0o777 == 0o600
     assert "exp-1:" in (out / "passwords").read_text()

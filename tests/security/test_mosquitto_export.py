@@ -21,12 +21,12 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from fleetmq.auth.export import REQUIRED_BROKER_CONFIG, mosquitto_files
-from fleetmq.auth.passwords import mosquitto_hash
+from fleetmq.auth.export import REQUIRED_BROKER_CONFIG
 from fleetmq.auth.service import AuthService
-from fleetmq.auth.store import MemoryAuthStore
+from fleetmq.cli import main as cli_main
 from fleetmq.config import AuthSettings
 from fleetmq.core.clock import SystemClock
+from fleetmq.store.auth_sqlite import SqliteAuthStore
 from tests.conftest import _require_mosquitto, eventually, make_settings, running
 from tests.support import Mosquitto
 
@@ -162,21 +162,33 @@ class Fleet:
 
 @pytest.fixture
 async def fleet(tmp_path: Path, root: str) -> AsyncIterator[Fleet]:
+    """Credentials made in a SQLite store, exported by the CLI as an operator would
+    (``fleetmq credentials export``), and a Mosquitto running on what it wrote."""
     _require_mosquitto()
-    auth = AuthService(MemoryAuthStore(), SystemClock())
+    db = tmp_path / "fleet.db"
+    store = SqliteAuthStore(str(db))
+    await store.open()
+    auth = AuthService(store, SystemClock())
     tokens: dict[str, str] = {}
     key_ids: dict[str, str] = {}
-    for node_id in ("sensor-a", "sensor-b"):
-        _, tokens[node_id] = await auth.issue_credential(node_id, actor="test")
-    for role in ("read", "write"):
-        cred, tokens[role] = await auth.create_key(role, actor="test")
-        key_ids[role] = cred.id
-    credentials = (await auth.store.changes(0)).credentials
-    passwd_text, acl_text = mosquitto_files(credentials, root,
-                                            manager_hash=mosquitto_hash(MANAGER_PASSWORD))
-    passwd, acl = tmp_path / "passwd", tmp_path / "acl"
-    passwd.write_text(passwd_text)
-    acl.write_text(acl_text)
+    try:
+        for node_id in ("sensor-a", "sensor-b"):
+            _, tokens[node_id] = await auth.issue_credential(node_id, actor="test")
+        for role in ("read", "write"):
+            cred, tokens[role] = await auth.create_key(role, actor="test")
+            key_ids[role] = cred.id
+    finally:
+        await store.close()
+    password_file = tmp_path / "manager.password"
+    password_file.write_text(MANAGER_PASSWORD + "\n")
+    out = tmp_path / "export"
+    code = await asyncio.to_thread(cli_main, [
+        "credentials", "export", "--format", "mosquitto", "--out", str(out),
+        "--store", f"sqlite:///{db}", "--topic-root", root,
+        "--manager-password-file", str(password_file)])
+    assert code == 0
+    passwd, acl = out / "passwords", out / "acl"
+    assert passwd.stat().st_mode & 0o777 == 0o600
     broker = ExportedMosquitto(tmp_path, passwd, acl)
     broker.start()
     made = Fleet(broker, root, tokens, key_ids, [])
