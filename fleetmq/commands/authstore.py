@@ -90,12 +90,5 @@ def when(wall: float | None) -> str:
     return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def table(headers: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-    lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-             .rstrip() for row in (headers, *rows))
-    return "\n".join(lines) + "\n"
-
-
 def subcommands(parser: argparse.ArgumentParser) -> Any:
     return parser.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -21,13 +21,13 @@ from fleetmq.auth.passwords import mosquitto_hash
 from fleetmq.auth.service import AuthService
 from fleetmq.auth.store import Credential
 from fleetmq.cli import env_name
+from fleetmq.commands import table
 from fleetmq.commands.authstore import (
     ACTOR,
     CommandError,
     add_store_option,
     duration,
     subcommands,
-    table,
     when,
     with_auth,
 )

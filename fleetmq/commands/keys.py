@@ -15,13 +15,13 @@ from pydantic import ValidationError
 
 from fleetmq.auth.service import KEY_ROLES, AuthService
 from fleetmq.auth.store import Credential
+from fleetmq.commands import table
 from fleetmq.commands.authstore import (
     ACTOR,
     add_store_option,
     duration,
     positive,
     subcommands,
-    table,
     usage_error,
     when,
     with_auth,

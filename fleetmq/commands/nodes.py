@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 
 from fleetmq.cli import env_name
+from fleetmq.commands import table
 from fleetmq.core.clock import SystemClock
 from fleetmq.core.models import STATUSES
 from fleetmq.errors import FleetmqError
@@ -92,12 +93,7 @@ def fetch_nodes(api: str, filters: Mapping[str, str],
 
 
 def render_table(rows: list[tuple[str, ...]]) -> str:
-    if not rows:
-        return ""
-    widths = [max(len(cell) for cell in column) for column in zip(HEADERS, *rows, strict=True)]
-    lines = ("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
-             .rstrip() for row in (HEADERS, *rows))
-    return "\n".join(lines) + "\n"
+    return table(HEADERS, rows) if rows else ""
 
 
 def summary(total: int, counts: Mapping[str, int]) -> str:
