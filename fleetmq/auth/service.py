@@ -23,7 +23,7 @@ from fleetmq.auth.rules import Principal
 from fleetmq.auth.store import AuditEntry, AuthStore, Credential, LastAdminError, OutboxRow
 from fleetmq.auth.tokens import digest, new_key_id, new_token, token_kind
 from fleetmq.core.clock import Clock
-from fleetmq.errors import FleetmqError
+from fleetmq.errors import FleetmqError, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,12 @@ class AuthService:
         self._first_use: list[Callable[[Credential], None]] = []
         self._seen: set[str] = set()
         """Credentials this process has accepted at least once (first-use hook)."""
+        self._lock = asyncio.Lock()
+        """One change at a time: each reads the store's latest state, decides and writes
+        while holding it, so two rotations of one node (or an enrollment racing an issue)
+        never leave more tokens valid than the rules allow, and an older snapshot is never
+        read over a newer one."""
+        self._poll_failing = False
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -114,15 +120,29 @@ class AuthService:
             await asyncio.sleep(self._poll_s)
             try:
                 await self.refresh()
-                self._end_due()
+                await self._end_due()
                 since_flush += self._poll_s
                 if since_flush >= USE_FLUSH_S:
                     since_flush = 0.0
                     await self.flush_uses()
+            except StoreError as exc:
+                if not self._poll_failing:  # once per outage, not five times a second
+                    log.warning("auth_poll_failed error=%s (retrying every %g s)", exc,
+                                self._poll_s)
+                self._poll_failing = True
             except Exception:
                 log.exception("auth_poll_failed")
+            else:
+                if self._poll_failing:
+                    log.info("auth_poll_recovered")
+                self._poll_failing = False
 
     async def refresh(self) -> None:
+        """Take in what others (the CLI) wrote since the last look."""
+        async with self._lock:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         if await self.store.seq() != self._seq:
             changes = await self.store.changes(self._seq)
             self._absorb(changes.credentials, changes.seq, changes.required, notify=True)
@@ -207,6 +227,18 @@ class AuthService:
                          actor: str, address: str | None = None,
                          token: str | None = None) -> tuple[Credential, str]:
         """A new API key (or enroll key); ``token`` adopts a given one (``--admin-token-file``)."""
+        async with self._lock:
+            await self._refresh()
+            return await self._create_key(role, name=name, expires_in_s=expires_in_s,
+                                          max_uses=max_uses, id_pattern=id_pattern,
+                                          node_type=node_type,
+                                          allow_registered=allow_registered, actor=actor,
+                                          address=address, token=token)
+
+    async def _create_key(self, role: str, *, name: str, expires_in_s: float | None,
+                          max_uses: int | None, id_pattern: str | None, node_type: str | None,
+                          allow_registered: bool, actor: str, address: str | None,
+                          token: str | None) -> tuple[Credential, str]:
         if role not in KEY_ROLES:
             raise AuthError(400, "Invalid field", f"Field 'role' must be one of "
                             f"{', '.join(KEY_ROLES)}, not {role[:64]!r}")
@@ -231,6 +263,13 @@ class AuthService:
                          address: str | None = None) -> list[Credential]:
         """Revoke a key (and, with ``cascade``, the node credentials it enrolled). Refuses
         (409) to revoke the last valid admin key."""
+        async with self._lock:
+            await self._refresh()
+            return await self._revoke_key(key_id, cascade=cascade, actor=actor,
+                                          address=address)
+
+    async def _revoke_key(self, key_id: str, *, cascade: bool, actor: str,
+                          address: str | None) -> list[Credential]:
         cred = self.key(key_id)
         if cred is None:
             raise AuthError(404, "Key not found", f"No API key with ID {key_id[:64]}")
@@ -257,6 +296,14 @@ class AuthService:
                                enrolled_by: str | None = None) -> tuple[Credential, str]:
         """A new token for the node. An older one stays valid for ``grace_s`` more (0: it is
         revoked now); at most two tokens of a node are valid at once."""
+        async with self._lock:
+            await self._refresh()
+            return await self._issue(node_id, expires_in_s=expires_in_s, grace_s=grace_s,
+                                     actor=actor, address=address, enrolled_by=enrolled_by)
+
+    async def _issue(self, node_id: str, *, expires_in_s: float | None, grace_s: float,
+                     actor: str, address: str | None,
+                     enrolled_by: str | None) -> tuple[Credential, str]:
         now = self._now()
         token = new_token("node")
         cred = Credential(id=new_key_id(), digest=digest(token), created_at=now,
@@ -266,8 +313,9 @@ class AuthService:
         older = self.node_credentials(node_id)
         ending: list[Credential] = []
         for index, old in enumerate(older):
-            # The newest old one keeps its grace; any other goes now (two valid at most).
-            end = now + grace_s if index == 0 and grace_s > 0 else now
+            # The current one keeps its grace; any other goes now (two valid at most).
+            keeps_grace = index < MAX_VALID_NODE_TOKENS - 1 and grace_s > 0
+            end = now + grace_s if keeps_grace else now
             ending.append(old.revoked(end))
         action = "credential_rotated" if older else "credential_issued"
         if enrolled_by is not None:
@@ -284,6 +332,11 @@ class AuthService:
     async def revoke_credentials(self, node_id: str, *, actor: str,
                                  address: str | None = None) -> int:
         """Revoke every token of the node; how many still worked."""
+        async with self._lock:
+            await self._refresh()
+            return await self._revoke_node(node_id, actor=actor, address=address)
+
+    async def _revoke_node(self, node_id: str, *, actor: str, address: str | None) -> int:
         now = self._now()
         ended = [c.revoked(now) for c in self.node_credentials(node_id)]
         if ended:
@@ -294,19 +347,24 @@ class AuthService:
 
     async def enroll(self, key: Credential, node_id: str, node_type: str, *, registered: bool,
                      actor: str, address: str | None = None) -> tuple[Credential, str]:
-        """A node credential made with an enroll key, within the key's limits."""
+        """A node credential made with an enroll key, within the key's limits. The key's own
+        limits are judged first, so a key that may not enroll an id learns nothing of it."""
+        async with self._lock:
+            await self._refresh()
+            current = self.key(key.id)
+            return await self._enroll(current or key, node_id, node_type,
+                                      registered=registered, actor=actor, address=address)
+
+    async def _enroll(self, key: Credential, node_id: str, node_type: str, *, registered: bool,
+                      actor: str, address: str | None) -> tuple[Credential, str]:
         now = self._now()
 
         def refuse(code: int, title: str, message: str) -> AuthError:
             log.info("enrollment_refused key=%s node_id=%s reason=%s", key.id, node_id, title)
             return AuthError(code, title, message)
 
-        if self.node_credentials(node_id):
-            raise refuse(409, "Already enrolled",
-                         f"Node {node_id} already has a credential; an admin can rotate it")
-        if registered and not key.allow_registered:
-            raise refuse(403, "Forbidden", f"Node {node_id} is registered already and this "
-                         "enroll key does not allow registered ids")
+        if not key.valid_at(now):
+            raise refuse(403, "Forbidden", "This enroll key is no longer valid")
         if key.max_uses is not None and key.uses >= key.max_uses:
             raise refuse(403, "Forbidden", "This enroll key has been used up")
         if key.id_pattern is not None and not fnmatch.fnmatchcase(node_id, key.id_pattern):
@@ -315,6 +373,12 @@ class AuthService:
         if key.node_type is not None and node_type.casefold() != key.node_type.casefold():
             raise refuse(403, "Forbidden",
                          f"Node type {node_type[:64]} is outside this enroll key's type")
+        if registered and not key.allow_registered:
+            raise refuse(403, "Forbidden", f"Node {node_id} is registered already and this "
+                         "enroll key does not allow registered ids")
+        if self.node_credentials(node_id):
+            raise refuse(409, "Already enrolled",
+                         f"Node {node_id} already has a credential; an admin can rotate it")
         used = replace(key, uses=key.uses + 1, last_used_at=now)
         token = new_token("node")
         cred = Credential(id=new_key_id(), digest=digest(token), created_at=now,
@@ -327,13 +391,15 @@ class AuthService:
 
     async def audit(self, action: str, actor: str, address: str | None, subject: str) -> None:
         """An audit entry on its own (a refusal the store should remember)."""
-        await self._save([], [AuditEntry(self._now(), action, actor, address, subject)])
+        async with self._lock:
+            await self._save([], [AuditEntry(self._now(), action, actor, address, subject)])
 
     # --- internals -------------------------------------------------------------------------
 
     async def save(self, credentials: list[Credential], audit: list[AuditEntry]) -> None:
         """Write changed records (a broker mirror flagging ``needs_reissue``) and audit them."""
-        await self._save(credentials, audit)
+        async with self._lock:
+            await self._save(credentials, audit)
 
     def credentials(self) -> list[Credential]:
         """Every credential known, valid or not."""
@@ -348,7 +414,7 @@ class AuthService:
             self._absorb([replace(c, seq=seq) for c in credentials], seq,
                          self.required or require, notify=True)
         else:
-            await self.refresh()
+            await self._refresh()
 
     def _removals(self, ended: list[Credential], now: float) -> list[OutboxRow]:
         """Outbox rows that take identities left without a valid token off a broker mirror,
@@ -365,8 +431,12 @@ class AuthService:
     def _absorb(self, credentials: list[Credential], seq: int, required: bool, *,
                 notify: bool) -> None:
         now = self._now()
+        fresh: list[Credential] = []
         for cred in credentials:
             old = self._by_id.get(cred.id)
+            if old is not None and old.seq > cred.seq:
+                continue  # an older snapshot of it: what is held is newer
+            fresh.append(cred)
             if old is not None:
                 self._by_digest.pop(old.digest, None)
                 siblings = self._by_node.get(old.node_id or "", [])
@@ -381,21 +451,31 @@ class AuthService:
                 heapq.heappush(self._ends, (ends, cred.id))
         self._seq = max(self._seq, seq)
         self.required = self.required or required
-        if notify and credentials:
-            self._tell(credentials)
+        if notify and fresh:
+            self._tell(fresh)
 
-    def _end_due(self) -> None:
+    async def _end_due(self) -> None:
+        """Tell the listeners of every credential whose revocation, grace or expiry has just
+        passed; an expiry is also audited (a revocation was, when it was made)."""
         now = self._now()
-        ended: list[Credential] = []
+        ended: dict[str, Credential] = {}
         while self._ends and self._ends[0][0] <= now:
             _, cred_id = heapq.heappop(self._ends)
             cred = self._by_id.get(cred_id)
             if cred is not None and not cred.valid_at(now):
-                ended.append(cred)
-                if cred.revoked_at is None:
-                    log.info("credential_expired identity=%s", cred.broker_identity)
-        if ended:
-            self._tell(list({c.id: c for c in ended}.values()))
+                ended[cred.id] = cred
+        if not ended:
+            return
+        self._tell(list(ended.values()))
+        expired = [c for c in ended.values() if c.expires_at is not None
+                   and c.expires_at <= now and (c.revoked_at is None or c.revoked_at > now)]
+        for cred in expired:
+            log.info("credential_expired identity=%s", cred.broker_identity)
+        if expired:
+            async with self._lock:
+                await self._save([], [AuditEntry(
+                    now, "key_expired" if c.is_key else "credential_expired", "manager", None,
+                    f"key:{c.id}" if c.is_key else f"node:{c.node_id}") for c in expired])
 
     def _tell(self, credentials: list[Credential]) -> None:
         for listener in self._listeners:

@@ -15,7 +15,14 @@ from pathlib import Path
 import pytest
 
 from fleetmq.auth.service import AuthError, AuthService
-from fleetmq.auth.store import AuditEntry, AuthStore, Credential, LastAdminError
+from fleetmq.auth.store import (
+    AuditEntry,
+    AuthChanges,
+    AuthStore,
+    Credential,
+    LastAdminError,
+    MemoryAuthStore,
+)
 from fleetmq.auth.tokens import digest
 from fleetmq.config import parse_store
 from fleetmq.core.clock import FakeClock
@@ -156,7 +163,7 @@ async def test_enrollment_limits() -> None:
     async with opened("memory://") as store:
         auth = AuthService(store, clock)
         await auth.load()
-        key, _ = await auth.create_key("enroll", max_uses=1, id_pattern="dev-*",
+        key, _ = await auth.create_key("enroll", max_uses=2, id_pattern="dev-*",
                                        node_type="picclaw", actor="t")
         with pytest.raises(AuthError) as outside:
             await auth.enroll(key, "other-1", "picclaw", registered=False, actor="t")
@@ -174,9 +181,85 @@ async def test_enrollment_limits() -> None:
         with pytest.raises(AuthError) as again:
             await auth.enroll(used, "dev-1", "picclaw", registered=False, actor="t")
         assert again.value.code == 409
+        await auth.enroll(used, "dev-2", "picclaw", registered=False, actor="t")
+        # A stale copy of the key (uses 1 of 2) cannot enroll a third: its uses are counted
+        # from the store, not from what the caller holds.
         with pytest.raises(AuthError) as past_uses:
-            await auth.enroll(used, "dev-2", "picclaw", registered=False, actor="t")
+            await auth.enroll(used, "dev-3", "picclaw", registered=False, actor="t")
         assert past_uses.value.code == 403
+        # A used-up key learns nothing of an id's credential: its own limit answers first.
+        with pytest.raises(AuthError) as used_up:
+            await auth.enroll(used, "dev-1", "picclaw", registered=False, actor="t")
+        assert used_up.value.code == 403
         ended = await auth.revoke_key(key.id, cascade=True, actor="t")
-        assert {c.broker_identity for c in ended} == {f"_key.{key.id}", "dev-1"}
+        assert {c.broker_identity for c in ended} == {f"_key.{key.id}", "dev-1", "dev-2"}
         assert auth.verify(token).failure == "revoked"
+
+
+async def test_concurrent_rotations_of_one_node_never_leave_three_tokens_valid() -> None:
+    clock = FakeClock(wall=1000.0)
+    async with opened("memory://") as store:
+        auth = AuthService(store, clock)
+        await auth.load()
+        _, first = await auth.issue_credential("n1", actor="t")
+        made = await asyncio.gather(*(auth.issue_credential("n1", grace_s=60, actor="t")
+                                      for _ in range(5)))
+        tokens = [first, *(token for _, token in made)]
+        valid = [t for t in tokens if auth.verify(t).principal is not None]
+        assert len(valid) == 2
+        assert valid[-1] == tokens[-1]  # the newest is one of them
+
+
+async def test_expiry_is_audited_once_and_listeners_hear_of_it() -> None:
+    clock = FakeClock(wall=1000.0)
+    async with opened("memory://") as store:
+        auth = AuthService(store, clock, poll_s=0.01)
+        await auth.load()
+        heard: list[str] = []
+        auth.add_listener(lambda creds: heard.extend(c.broker_identity for c in creds))
+        await auth.issue_credential("n1", expires_in_s=5, actor="t")
+        key, _ = await auth.create_key("read", expires_in_s=5, actor="t")
+        heard.clear()
+        clock.advance(6)
+        poll = asyncio.create_task(auth.run())
+        try:
+            await eventually(lambda: len(heard) == 2, timeout=2)
+            entries = await eventually(lambda: _expired(store), timeout=2)
+        finally:
+            poll.cancel()
+        assert sorted(e.subject for e in entries) == [f"key:{key.id}", "node:n1"]
+        assert {e.actor for e in entries} == {"manager"}
+
+
+async def _expired(store: AuthStore) -> list[AuditEntry]:
+    return [e for e in await store.audit(50, None) if e.action.endswith("_expired")]
+
+
+class LaggingStore(MemoryAuthStore):
+    """A store that answers one read from an older snapshot (a replica behind, a reply that
+    overtook another): our own protocol, faked."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lagging: AuthChanges | None = None
+
+    async def seq(self) -> int:
+        return await super().seq() + (1 if self.lagging is not None else 0)
+
+    async def changes(self, since: int) -> AuthChanges:
+        if self.lagging is not None:
+            answer, self.lagging = self.lagging, None
+            return answer
+        return await super().changes(since)
+
+
+async def test_an_older_snapshot_never_overwrites_a_newer_record() -> None:
+    store = LaggingStore()
+    auth = AuthService(store, FakeClock(wall=1000.0))
+    await auth.load()
+    _, token = await auth.issue_credential("n1", actor="t")
+    before = await store.changes(0)  # the credential as it was: valid
+    await auth.revoke_credentials("n1", actor="t")
+    store.lagging = before
+    await auth.refresh()  # answered from the older snapshot
+    assert auth.verify(token).failure == "revoked"
