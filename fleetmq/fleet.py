@@ -16,7 +16,7 @@ from fleetmq.core.models import HeartbeatRequest, RegisterRequest
 from fleetmq.core.registry import HeartbeatApplied, Registered, Registry
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.publisher import Publisher
-from fleetmq.rates import NodeRates
+from fleetmq.rates import NodeRates, RateLimitedError
 from fleetmq.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,14 @@ class Fleet:
 
     def heartbeat(self, node_id: str, req: HeartbeatRequest) -> tuple[HeartbeatApplied, Instant]:
         """Raises RateLimitedError, NodeNotFoundError."""
-        if req.status != "offline":  # a last will is never refused: the node is gone
+        try:
             self.rates.check(node_id, self.clock.monotonic())
+        except RateLimitedError:
+            # A last will that takes a live node offline is never refused: the node is gone,
+            # and the fleet must know. Any other message past the rate is.
+            node = self.registry.get(node_id)
+            if req.status != "offline" or node is None or node.status == "offline":
+                raise
         now = self.clock.now()
         result = self.registry.heartbeat(node_id, req, now)
         if result.events:

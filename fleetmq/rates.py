@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from fleetmq.auth.limits import KeyedLimiter
+from fleetmq.errors import FleetmqError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ ANSWER_EVERY_S = 1.0
 MAX_TRACKED = 100_000
 
 
-class RateLimitedError(Exception):
+class RateLimitedError(FleetmqError):
     def __init__(self, node_id: str, retry_after_s: float, answer: bool) -> None:
         super().__init__(f"node {node_id} is over its message rate")
         self.node_id = node_id

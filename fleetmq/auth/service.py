@@ -188,6 +188,10 @@ class AuthService:
         self._used[cred.id] = self._last_used[cred.id] = now
         return Verdict(principal_of(cred), cred)
 
+    def credential(self, cred_id: str) -> Credential | None:
+        """The record of that id, valid or not; None if this process has not seen it (yet)."""
+        return self._by_id.get(cred_id)
+
     def valid(self, cred_id: str) -> bool:
         """Whether the credential of that id still works (sessions check it on revocation)."""
         cred = self._by_id.get(cred_id)

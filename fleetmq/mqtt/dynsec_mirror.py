@@ -48,6 +48,10 @@ IDLE_S = 1.0
 RETRY_S = 1.0
 CONNECTION_CHECK_S = 0.25
 BATCH = 100
+UNKNOWN_RETRY_S = 0.25
+"""A put whose credential this manager has not loaded yet (the CLI made it a moment ago) is
+retried this often; its row, and the token in it, are kept meanwhile."""
+UNKNOWN_GIVE_UP_S = 300.0
 
 
 class DynsecMirror:
@@ -216,7 +220,8 @@ class DynsecMirror:
                 return min(later, default=IDLE_S * 60)
             for row in due:
                 try:
-                    await self._send(row)
+                    if not await self._send(row):
+                        return UNKNOWN_RETRY_S  # made elsewhere, not loaded yet: kept
                 except DynsecError as exc:
                     # The plugin answered and refused: retrying the same row would block every
                     # row behind it. Drop it; reconciliation repairs what it can (an unknown
@@ -229,7 +234,17 @@ class DynsecMirror:
                     await self._note_changes()
                     break  # a revocation may have arrived: it goes before the rest
 
-    async def _send(self, row: OutboxRow) -> None:
+    async def _send(self, row: OutboxRow) -> bool:
+        """Apply one row; False to keep it for later (its credential, made by the CLI, is not
+        known here yet: the token it carries must not be thrown away)."""
+        if row.action == "put" and row.cred_id is not None and \
+                self.auth.credential(row.cred_id) is None:
+            await self.auth.refresh()
+            if self.auth.credential(row.cred_id) is None:
+                if self._now() - row.created_at < UNKNOWN_GIVE_UP_S:
+                    return False
+                log.error("dynsec_row_dropped identity=%s: its credential never appeared in "
+                          "the store", row.identity)
         if row.action in ("disable", "enable"):
             # Disabling kicks its sessions at once; enabling applies only to a client that
             # still has a credential (a revocation meanwhile removed it).
@@ -243,13 +258,14 @@ class DynsecMirror:
                 log.info("dynsec_%sd identity=%s", row.action, row.identity)
         elif row.action == "remove":
             if self._valid_of(row.identity):
-                return  # a newer credential's row puts it back (and kicks): nothing to remove
+                return True  # a newer credential's row puts it back (and kicks): no removal
             await self._remove(row.identity)
             log.info("dynsec_removed identity=%s", row.identity)
         elif row.cred_id is not None and row.secret is not None and self.auth.valid(row.cred_id):
             await self._put(row.identity, self._acls(row.identity), row.secret)
             log.info("dynsec_put identity=%s", row.identity)
         self.sent += 1
+        return True
 
     # --- commands -------------------------------------------------------------------------
 
