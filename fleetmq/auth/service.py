@@ -170,6 +170,9 @@ class AuthService:
             return Verdict(None, failure="missing")
         if token_kind(token) is None:
             return Verdict(None, failure="malformed")
+        # Looked up by the token's SHA-256: what a lookup's timing could tell is how a digest
+        # the caller cannot choose compares with stored ones, which leads to no token (the
+        # constant-time compare of section 8 is about this: nothing of a token leaks).
         cred = self._by_digest.get(digest(token))
         if cred is None:
             return Verdict(None, failure="unknown")

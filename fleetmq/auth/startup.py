@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 
 from fleetmq.auth.service import AuthService
-from fleetmq.auth.tokens import token_kind
+from fleetmq.auth.tokens import new_token, token_kind
 from fleetmq.config import Settings
 from fleetmq.errors import FleetmqError
 
@@ -55,8 +55,16 @@ async def adopt_admin_token_file(auth: AuthService, path: str) -> None:
     is missing, a new admin key is made and written there, mode 0600."""
     text = _read_token_file(path)
     if text is None:
-        _, token = await auth.create_key("admin", name="admin-token-file", actor="manager")
+        # The file first, then the key: a key that made the store require auth for good
+        # while its token could not be written would lock everyone out.
+        token = new_token("key")
         _write_token_file(path, token)
+        try:
+            await auth.create_key("admin", name="admin-token-file", actor="manager",
+                                  token=token)
+        except BaseException:
+            _remove_token_file(path)
+            raise
         log.warning("admin_token_created file=%s (keep it secret; it is shown nowhere else)",
                     path)
         return
@@ -93,6 +101,10 @@ def _write_token_file(path: str, token: str) -> None:
                              f"{exc.strerror}") from exc
     with os.fdopen(fd, "w") as out:
         out.write(token + "\n")
+
+
+def _remove_token_file(path: str) -> None:
+    Path(path).unlink(missing_ok=True)
 
 
 def decide_mode(settings: Settings, auth: AuthService) -> bool:

@@ -6,7 +6,6 @@ Pure: no I/O and no clock. A token is shown once; what is kept and compared is i
 from __future__ import annotations
 
 import hashlib
-import hmac
 import re
 import secrets
 
@@ -46,11 +45,6 @@ def digest(token: str) -> bytes:
     # surrogatepass: a malformed token from a header is still digested (its digest names the
     # presented identity in the login back-off) instead of raising.
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
-
-
-def same_digest(a: bytes, b: bytes) -> bool:
-    """Constant-time comparison, so response timing tells nothing about a stored digest."""
-    return hmac.compare_digest(a, b)
 
 
 def new_key_id() -> str:

@@ -140,8 +140,9 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
                 log.exception("broker_login_failed address=%s", peer[0])
                 await _close(writer)
                 return
-            # Nothing awaits between this check and amqtt registering the session, so a
-            # revocation that arrived meanwhile is never missed.
+            # A revocation that arrived during the login is caught here. amqtt itself may still
+            # pause (up to a second, retrying a state change) before it registers the session:
+            # a revocation inside that pause is not seen by the revoker (a known, narrow gap).
             if not access.still_valid(admitted):
                 access.counters.logins_refused["revoked"] += 1
                 await self._refuse(writer, Refused("revoked", 4))

@@ -155,6 +155,8 @@ class DynsecAdmin:
                     log.warning("dynsec_bad_response bytes=%d", len(msg.payload))
                     continue
                 for answer in responses if isinstance(responses, list) else ():
+                    if not isinstance(answer, dict):  # a malformed item must not end the reader
+                        continue
                     fut = self._waiting.get(str(answer.get("correlationData", "")))
                     if fut is not None and not fut.done():
                         fut.set_result(answer)

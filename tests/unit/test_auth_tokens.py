@@ -17,7 +17,6 @@ from fleetmq.auth.tokens import (
     new_key_id,
     new_token,
     parse_duration,
-    same_digest,
     token_kind,
 )
 from fleetmq.core.topics import is_valid_node_id
@@ -78,13 +77,6 @@ def test_digest_is_sha256_of_the_utf8_token() -> None:
 
 def test_digest_of_malformed_text_does_not_raise() -> None:
     assert len(digest("\ud800 not a token")) == 32
-
-
-def test_same_digest_compares_digests() -> None:
-    token = new_token("key")
-
-    assert same_digest(digest(token), digest(token))
-    assert not same_digest(digest(token), digest(new_token("key")))
 
 
 def test_key_id_is_12_lowercase_hex_and_never_a_node_id_behind_its_prefix() -> None:
