@@ -233,7 +233,7 @@ class FleetService:
         """A node past 10 x its rate for 10 s: disconnected (embedded broker) or disabled
         (dynsec) for a minute. On another broker its messages stay refused by rate."""
         if self.embedded_broker is not None:
-            self.embedded_broker.cut_off(node_id, CUT_OFF_S)
+            self.embedded_broker.cut_off(node_id, CUT_OFF_S, self.rates.flood_count)
         if self.dynsec is not None:
             self.dynsec.cut_off(node_id, CUT_OFF_S)
 
@@ -243,7 +243,9 @@ class FleetService:
             embedded = EmbeddedBroker(broker.host, broker.port, auth=self.auth, rules=self.rules,
                                       manager_secret=self._broker_secret,
                                       monotonic=self.clock.monotonic,
-                                      tls=self.settings.broker_tls)
+                                      tls=self.settings.broker_tls,
+                                      key_rate=self.settings.auth.key_rate,
+                                      key_burst=self.settings.auth.key_burst)
             self.metrics.broker_access = embedded.counters
         else:
             embedded = EmbeddedBroker(broker.host, broker.port, tls=self.settings.broker_tls)

@@ -133,6 +133,7 @@ class BrokerAccessFigures(Protocol):
     subscriptions_refused: int
     connections_revoked: int
     connections_cut: int
+    publishes_rate_limited: int
     sessions_discarded: int
     queue_dropped: int
 
@@ -148,6 +149,7 @@ def _broker_access_lines(f: BrokerAccessFigures) -> list[str]:
                         ("subscriptions_refused", f.subscriptions_refused),
                         ("connections_revoked", f.connections_revoked),
                         ("connections_cut", f.connections_cut),
+                        ("publishes_rate_limited", f.publishes_rate_limited),
                         ("sessions_discarded", f.sessions_discarded),
                         ("queue_dropped", f.queue_dropped)):
         lines += [f"# TYPE fleetmq_broker_{name}_total counter",

@@ -51,6 +51,9 @@ class NodeRates:
         self._refusals: dict[str, _Refusals] = {}
         # Sending at FLOOD_FACTOR x rate means (FLOOD_FACTOR - 1) x rate refused a second.
         self._flood_refusals = (FLOOD_FACTOR - 1) * rate * FLOOD_WINDOW_S
+        self.flood_count = int(self._flood_refusals)
+        """Messages in one window that make a sender a flooder (brokers that know who sent
+        what check the node itself sent that many before cutting it off)."""
         self._cut_until: dict[str, float] = {}
         self._listeners: list[Callable[[str], None]] = []
         self.refused = 0

@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from fleetmq.auth.limits import KeyedLimiter
 from fleetmq.auth.rules import MANAGER_CLIENT_PREFIX, Principal, TopicRules
 from fleetmq.auth.service import AuthService
 from fleetmq.metrics import RateLimitedLog
@@ -27,6 +28,9 @@ MANAGER_USERNAME = MANAGER_CLIENT_PREFIX
 # MQTT 3.1.1 CONNACK return codes.
 BAD_USERNAME_OR_PASSWORD = 4
 NOT_AUTHORISED = 5
+
+SENT_WINDOW_S = 10.0
+MAX_TRACKED = 100_000
 
 BROKER_ROLES = ("read", "write", "admin")
 """Key roles with rights on the broker (broker and enroll keys serve REST only)."""
@@ -51,6 +55,8 @@ class AccessCounters:
     """Persistent sessions dropped: credential ended, or a new owner for the client id."""
     connections_cut: int = 0
     """Connections of flooding nodes closed (their logins refused for a while)."""
+    publishes_rate_limited: int = 0
+    """Publishes of an API key past --key-rate, dropped."""
     queue_dropped: int = 0
     """Messages dropped from a full offline queue (the oldest one goes)."""
 
@@ -86,7 +92,10 @@ class Refused:
 
 class BrokerAccess:
     def __init__(self, auth: AuthService, rules: TopicRules, manager_secret: str,
-                 monotonic: Callable[[], float]) -> None:
+                 monotonic: Callable[[], float], *, key_rate: float = 1000.0,
+                 key_burst: int = 2000) -> None:
+        """``key_rate``/``key_burst``: what one API key may publish a second (the broker is
+        the one place that knows which key sent a message)."""
         if len(manager_secret) < 32:
             raise ValueError("the manager's broker secret must have at least 32 characters")
         self.auth = auth
@@ -96,6 +105,18 @@ class BrokerAccess:
         self.counters = AccessCounters()
         self._cut_until: dict[str, float] = {}
         """Identities cut off (a flooding node) until that monotonic moment."""
+        self._key_rates = KeyedLimiter(key_rate, key_burst)
+        self._sent: dict[str, tuple[float, int, int]] = {}
+        """Per node identity: (start of its current 10 s window, publishes in it, publishes in
+        the window before): who really sent a flood the manager saw on a node's topics."""
+
+    def sent_recently(self, identity: str) -> int:
+        """Publishes of that identity in its last 10 to 20 seconds."""
+        start, count, before = self._sent.get(identity, (0.0, 0, 0))
+        age = self._monotonic() - start
+        if age < SENT_WINDOW_S:
+            return count + before
+        return count if age < 2 * SENT_WINDOW_S else 0
 
     def cut_off(self, identity: str, seconds: float) -> None:
         """Refuse the identity's logins for ``seconds`` (the caller closes its connection)."""
@@ -152,11 +173,30 @@ class BrokerAccess:
 
     def may_publish(self, admitted: Admitted, topic: str) -> bool:
         if self.rules.publish_allowed(admitted.principal, topic):
-            return True
+            return self._within_rate(admitted.principal)
         self.counters.publishes_refused += 1
         _limited.warning("broker_publish", self._monotonic(),
                          "broker_publish_refused identity=%s topic=%.64r", admitted.owner, topic)
         return False
+
+    def _within_rate(self, principal: Principal) -> bool:
+        now = self._monotonic()
+        if principal.kind == "node":
+            start, count, before = self._sent.get(principal.id, (now, 0, 0))
+            if now - start >= SENT_WINDOW_S:
+                before = count if now - start < 2 * SENT_WINDOW_S else 0
+                start, count = now, 0
+            elif principal.id not in self._sent and len(self._sent) >= MAX_TRACKED:
+                self._sent = {i: v for i, v in self._sent.items()
+                              if now - v[0] < 2 * SENT_WINDOW_S}
+            self._sent[principal.id] = (start, count + 1, before)
+            return True  # a node's rate is the manager's to judge, by topic, on every broker
+        if principal.kind == "key" and self._key_rates.take(principal.id, now) > 0:
+            self.counters.publishes_rate_limited += 1
+            _limited.warning("broker_key_rate", now, "broker_publish_rate_limited key=%s",
+                             principal.id)
+            return False
+        return True
 
     def may_subscribe(self, admitted: Admitted, filter: str) -> bool:
         if self.rules.subscribe_allowed(admitted.principal, filter):

@@ -65,7 +65,8 @@ class EmbeddedBroker:
                  rules: TopicRules | None = None, manager_secret: str | None = None,
                  monotonic: Callable[[], float] = time.monotonic,
                  session_expiry_s: int = SESSION_EXPIRY_S, max_queued: int = MAX_QUEUED,
-                 tls: BrokerTlsSettings | None = None) -> None:
+                 tls: BrokerTlsSettings | None = None, key_rate: float = 1000.0,
+                 key_burst: int = 2000) -> None:
         self.host = host
         self.port = port
         self.tls = tls
@@ -77,7 +78,8 @@ class EmbeddedBroker:
             if rules is None or manager_secret is None:
                 raise ValueError("an embedded broker with auth needs the topic rules and the "
                                  "manager's secret")
-            self._access = BrokerAccess(auth, rules, manager_secret, monotonic)
+            self._access = BrokerAccess(auth, rules, manager_secret, monotonic,
+                                        key_rate=key_rate, key_burst=key_burst)
             auth.add_listener(self._credentials_changed)
         self.counters = self._access.counters if self._access is not None else AccessCounters()
         """Refusals, revocations and queue drops, for ``/metrics``."""
@@ -97,11 +99,17 @@ class EmbeddedBroker:
         """Client ids of every session held, connected or not (empty when stopped)."""
         return [] if self._broker is None else list(self._broker.session_ids())
 
-    def cut_off(self, node_id: str, seconds: float) -> None:
+    def cut_off(self, node_id: str, seconds: float, sent_at_least: int) -> None:
         """A flooding node (contract section 8, "Limits"): its connection is closed and its
-        logins refused for ``seconds``. Only with auth: without it, nothing ties a connection
-        to a node."""
+        logins refused for ``seconds`` — if the flood is its own (``sent_at_least`` publishes
+        in the current window). A flood of its topics sent by a write key costs the node
+        nothing: the key is held to its own rate here. Only with auth: without it, nothing
+        ties a connection to a node."""
         if self._access is None or self._broker is None:
+            return
+        if self._access.sent_recently(node_id) < sent_at_least:
+            log.warning("broker_flood_not_the_nodes node_id=%s: its own connection did not "
+                        "send it; not cut off", node_id)
             return
         self._access.cut_off(node_id, seconds)
         if self._broker.disconnect(node_id):

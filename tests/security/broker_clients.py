@@ -298,10 +298,13 @@ class AuthFleet:
 
 @asynccontextmanager
 async def auth_fleet(tmp_path: Path, root: str, http: aiohttp.ClientSession,
+                     auth: dict[str, Any] | None = None,
                      **overrides: Any) -> AsyncIterator[AuthFleet]:
+    """``auth``: more AuthSettings fields (rates, say)."""
     admin_file = tmp_path / "admin.token"
     settings = make_settings(f"embedded://127.0.0.1:{free_port()}", root,
-                             auth=AuthSettings(mode="on", admin_token_file=str(admin_file)),
+                             auth=AuthSettings(mode="on", admin_token_file=str(admin_file),
+                                               **(auth or {})),
                              **overrides)
     async with running(settings) as svc:
         assert svc.auth_enabled

@@ -128,3 +128,32 @@ async def test_publish_and_subscribe_refusals_are_counted(
     assert not access.may_subscribe(ok, "#")
     assert access.counters.publishes_refused == 2
     assert access.counters.subscriptions_refused == 2
+
+
+async def test_a_cut_off_identity_is_refused_until_its_minute_is_over(
+        setup: tuple[BrokerAccess, AuthService, FakeClock]) -> None:
+    access, auth, clock = setup
+    _, token = await auth.issue_credential("flooder", actor="t")
+    access.cut_off("flooder", 60)
+    assert access.check(login("flooder", "flooder", token)) == Refused("cut_off", NOT_AUTHORISED)
+    clock.advance(59)
+    assert isinstance(access.check(login("flooder", "flooder", token)), Refused)
+    clock.advance(2)
+    assert isinstance(access.check(login("flooder", "flooder", token)), Admitted)
+
+
+async def test_the_broker_counts_what_each_node_itself_sent(
+        setup: tuple[BrokerAccess, AuthService, FakeClock]) -> None:
+    access, auth, clock = setup
+    _, token = await auth.issue_credential("n1", actor="t")
+    admitted = access.check(login("n1", "n1", token))
+    assert isinstance(admitted, Admitted)
+    for _ in range(30):
+        assert access.may_publish(admitted, "fleet/n1/heartbeat")
+    assert access.sent_recently("n1") == 30
+    clock.advance(11)  # a new window: the last one still counts
+    access.may_publish(admitted, "fleet/n1/heartbeat")
+    assert access.sent_recently("n1") == 31
+    clock.advance(25)
+    assert access.sent_recently("n1") == 0
+    assert access.sent_recently("n2") == 0
