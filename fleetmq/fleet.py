@@ -32,10 +32,11 @@ class Fleet:
         self._metrics = metrics
         self.writer = writer
 
-    def register(self, node_id: str, req: RegisterRequest) -> tuple[Registered, Instant]:
+    def register(self, node_id: str, req: RegisterRequest,
+                 sender: str | None = None) -> tuple[Registered, Instant]:
         """Raises RateLimitedError, StoreUnavailableError while the store is down,
-        NodeConflictError."""
-        self.rates.check(node_id, self.clock.monotonic())
+        NodeConflictError. ``sender``: an API key speaking for the node (``NodeRates``)."""
+        self.rates.check(node_id, self.clock.monotonic(), sender)
         self.writer.check_available()
         now = self.clock.now()
         result = self.registry.register(node_id, req, now)
@@ -44,10 +45,11 @@ class Fleet:
         self._emit(result.events)
         return result, now
 
-    def heartbeat(self, node_id: str, req: HeartbeatRequest) -> tuple[HeartbeatApplied, Instant]:
+    def heartbeat(self, node_id: str, req: HeartbeatRequest,
+                  sender: str | None = None) -> tuple[HeartbeatApplied, Instant]:
         """Raises RateLimitedError, NodeNotFoundError."""
         try:
-            self.rates.check(node_id, self.clock.monotonic())
+            self.rates.check(node_id, self.clock.monotonic(), sender)
         except RateLimitedError:
             # A last will that takes a live node offline is never refused: the node is gone,
             # and the fleet must know. Any other message past the rate is.

@@ -62,13 +62,20 @@ class NodeRates:
         """``listener(node_id)``: cut the node off at the broker for ``CUT_OFF_S``."""
         self._listeners.append(listener)
 
-    def check(self, node_id: str, now: float) -> None:
+    def check(self, node_id: str, now: float, sender: str | None = None) -> None:
         """Take one message of the node's rate at ``now`` (monotonic seconds); raise
-        ``RateLimitedError`` when it has none left."""
-        wait = self._limiter.take(node_id, now)
+        ``RateLimitedError`` when it has none left.
+
+        ``sender``: an API key speaking for the node (REST knows who sent what), which gets a
+        budget of its own for that node, so that a key cannot use up the node's own budget
+        or get it cut off; its floods are bounded by the key's own rate. None: the node
+        itself, or a sender nobody can tell (MQTT, where only the broker knows)."""
+        wait = self._limiter.take(node_id if sender is None else f"{node_id}\0{sender}", now)
         if wait == 0.0:
             return
         self.refused += 1
+        if sender is not None:
+            raise RateLimitedError(node_id, wait, answer=True)
         refusals = self._refusals.get(node_id)
         if refusals is None or now - refusals.since >= FLOOD_WINDOW_S:
             if refusals is None and len(self._refusals) >= MAX_TRACKED:

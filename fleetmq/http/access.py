@@ -195,7 +195,7 @@ class AccessRoutes:
                 log.warning("auth_store_write_failed error=%s", exc)
                 raise store_unavailable() from None
         try:
-            result, now = self._fleet.register(node_id, req)
+            result, now = self._fleet.register(node_id, req, principal.broker_identity)
         except (NodeConflictError, StoreUnavailableError, RateLimitedError) as exc:
             # Registered meanwhile as another type, the store is down or the node is over its
             # rate: the device gets no answer it could use, so the credential must not

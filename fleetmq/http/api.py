@@ -214,10 +214,9 @@ class RestApi:
         except ValidationError as exc:
             raise describe_error(exc) from None
         node_id = require_node_id(req.node_id)
-        if self._access is not None:
-            self._access.require_node(request, node_id)
+        sender = None if self._access is None else self._access.require_node(request, node_id)
         try:
-            result, now = self._fleet.register(node_id, req)
+            result, now = self._fleet.register(node_id, req, sender)
         except NodeConflictError as exc:
             raise node_conflict(exc.node_id, exc.existing_type) from None
         except StoreUnavailableError:
@@ -232,10 +231,9 @@ class RestApi:
         except ValidationError as exc:
             raise describe_error(exc) from None
         node_id = require_node_id(req.node_id)
-        if self._access is not None:
-            self._access.require_node(request, node_id)
+        sender = None if self._access is None else self._access.require_node(request, node_id)
         try:
-            result, now = self._fleet.heartbeat(node_id, req)
+            result, now = self._fleet.heartbeat(node_id, req, sender)
         except NodeNotFoundError:
             raise node_not_registered() from None
         if result.events and self._writer.available:

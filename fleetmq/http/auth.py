@@ -191,13 +191,18 @@ class RestAccess:
             return self._forbidden(principal.kind, _denial(principal, rule.action))
         return None
 
-    def require_node(self, request: web.Request, node_id: str) -> None:
-        """A node token acts only for its own id: raise 403 for a body naming another."""
+    def require_node(self, request: web.Request, node_id: str) -> str | None:
+        """A node token acts only for its own id: raise 403 for a body naming another. The
+        sender to hold to a node's rate (``NodeRates``): the key speaking for the node, None
+        for the node itself (or with auth off)."""
         principal = request.get(PRINCIPAL)
-        if principal is not None and principal.kind == "node" and principal.id != node_id:
+        if principal is None:
+            return None
+        if principal.kind == "node" and principal.id != node_id:
             self.refused[(403, "node")] += 1
             raise Rejection(403, "Forbidden", "A node token acts only for its own node_id",
                             "forbidden")
+        return principal.broker_identity if principal.kind == "key" else None
 
     async def revoke_node(self, request: web.Request, node_id: str) -> None:
         """Revoke a node's credentials (its deletion), or raise 503 if the store refuses."""

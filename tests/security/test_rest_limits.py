@@ -77,3 +77,22 @@ async def test_the_brokers_hook_calls_are_not_held_to_its_keys_rate(
                    for _ in range(20)]
         assert [a.status for a in answers] == [200] * 20
         assert {a.json["result"] for a in answers} == {"allow"}
+
+
+async def test_a_key_speaking_for_a_node_cannot_use_up_the_nodes_own_rate(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession,
+) -> None:
+    async with guarded_manager(mosquitto, root, tmp_path, http, node_rate=0.01,
+                               node_burst=3) as g:
+        c = g.client
+        writer = await c.key(g.admin, "write")
+        node_token = await c.credential(g.admin, "victim")
+        assert (await c.register(node_token, "victim")).status == 200
+        sent = [(await c.heartbeat(writer, "victim")).status for _ in range(6)]
+        assert sent[:3] == [200] * 3
+        assert set(sent[3:]) == {429}
+        # The node's own budget is its own: 2 of its 3 are left after its registration.
+        own = [(await c.heartbeat(node_token, "victim", uptime_seconds=n)).status
+               for n in range(2)]
+        assert own == [200, 200]
+        assert (await g.snapshot("victim"))["uptime_seconds"] == 1

@@ -65,3 +65,23 @@ def test_a_node_at_twice_its_rate_is_limited_but_never_cut_off() -> None:
         now += 1 / 10
     assert cut == []
     assert rates.refused > 0
+
+
+def test_a_key_speaking_for_a_node_has_its_own_budget_and_never_gets_the_node_cut_off() -> None:
+    rates = NodeRates(rate=5, burst=20)
+    cut: list[str] = []
+    rates.add_flood_listener(cut.append)
+    now = 0.0
+    while now < 30.0:  # a key flooding node n1 at 60 a second
+        send_as(rates, "n1", now, "_key.k1")
+        now += 1 / 60
+    assert cut == []
+    assert rates.refused > 0
+    assert [send(rates, "n1", now) for _ in range(20)] == [None] * 20  # n1's own, untouched
+
+
+def send_as(rates: NodeRates, node_id: str, now: float, sender: str) -> None:
+    try:
+        rates.check(node_id, now, sender)
+    except RateLimitedError:
+        pass
