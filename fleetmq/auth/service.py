@@ -31,6 +31,10 @@ POLL_S = 0.2
 """How often the store's sequence number is read: a change by the CLI is live within this."""
 USE_FLUSH_S = 5.0
 MAX_VALID_NODE_TOKENS = 2
+SELF_ROTATION_GRACE_S = 300.0
+"""The longest grace a node may give its old token when it rotates itself: a device switches
+at once; a longer one would keep a stolen copy alive."""
+MIN_LIFETIME_S = 1.0
 KEY_ROLES = ("read", "write", "admin", "broker", "enroll")
 BROKER_ROLES = ("read", "write", "admin")
 """Key roles that log in to the broker (``broker`` and ``enroll`` keys have no broker rights)."""
@@ -70,6 +74,13 @@ def broker_put(cred: Credential, token: str, not_before: float | None = None) ->
     if not on_broker(cred):
         return []
     return [OutboxRow(cred.broker_identity, "put", cred.id, token, not_before, cred.created_at)]
+
+
+def same_type(given: str, allowed: str) -> bool:
+    """An enroll key's type matches exactly, or ignoring ASCII case only: Unicode case folding
+    would let "\u017fensor" (a long s) pass for "sensor" and be stored as a type of its own."""
+    return given == allowed or (given.isascii() and allowed.isascii()
+                                and given.lower() == allowed.lower())
 
 
 def principal_of(c: Credential) -> Principal:
@@ -300,11 +311,28 @@ class AuthService:
 
     async def issue_credential(self, node_id: str, *, expires_in_s: float | None = None,
                                grace_s: float = 0.0, actor: str, address: str | None = None,
-                               enrolled_by: str | None = None) -> tuple[Credential, str]:
+                               enrolled_by: str | None = None,
+                               rotated_by: Credential | None = None) -> tuple[Credential, str]:
         """A new token for the node. An older one stays valid for ``grace_s`` more (0: it is
-        revoked now); at most two tokens of a node are valid at once."""
+        revoked now); at most two tokens of a node are valid at once.
+
+        ``rotated_by``: the node's own credential, when the node rotates itself. Only its
+        current token may (one in its grace was rotated out: whoever still holds it must not
+        mint a successor), the new token ends no later than that one (a node renews its
+        secret; it cannot outlive what an admin gave it), and the grace is short."""
         async with self._lock:
             await self._refresh()
+            if rotated_by is not None:
+                current = self.node_credentials(node_id)
+                if not current or current[0].id != rotated_by.id \
+                        or current[0].revoked_at is not None:
+                    raise AuthError(403, "Forbidden", "Only the node's current token may "
+                                    "rotate its credential; this one has been rotated out")
+                grace_s = min(grace_s, SELF_ROTATION_GRACE_S)
+                ends = rotated_by.expires_at
+                if ends is not None:
+                    left = max(ends - self._now(), MIN_LIFETIME_S)
+                    expires_in_s = left if expires_in_s is None else min(expires_in_s, left)
             return await self._issue(node_id, expires_in_s=expires_in_s, grace_s=grace_s,
                                      actor=actor, address=address, enrolled_by=enrolled_by)
 
@@ -377,7 +405,7 @@ class AuthService:
         if key.id_pattern is not None and not fnmatch.fnmatchcase(node_id, key.id_pattern):
             raise refuse(403, "Forbidden",
                          f"Node id {node_id} is outside this enroll key's id pattern")
-        if key.node_type is not None and node_type.casefold() != key.node_type.casefold():
+        if key.node_type is not None and not same_type(node_type, key.node_type):
             raise refuse(403, "Forbidden",
                          f"Node type {node_type[:64]} is outside this enroll key's type")
         if registered and not key.allow_registered:

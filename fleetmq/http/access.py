@@ -130,17 +130,11 @@ class AccessRoutes:
     async def issue_credential(self, request: web.Request) -> web.Response:
         node_id = _path_id(request)
         req = await self._parse(request, CredentialRequest, empty_ok=True)
-        expires_in_s = req.expires_in_seconds
         presented = request.get(CREDENTIAL)
-        if (presented is not None and presented.node_id is not None
-                and presented.expires_at is not None):
-            # A node renews its own credential but cannot lengthen its lifetime: the new one
-            # lives at most as long as the one it presented was given.
-            lifetime = presented.expires_at - presented.created_at
-            expires_in_s = lifetime if expires_in_s is None else min(expires_in_s, lifetime)
+        rotated_by = presented if presented is not None and presented.node_id else None
         cred, token = await self._change(self._auth.issue_credential(
-            node_id, expires_in_s=expires_in_s, grace_s=req.grace_seconds,
-            **self._who(request)))
+            node_id, expires_in_s=req.expires_in_seconds, grace_s=req.grace_seconds,
+            rotated_by=rotated_by, **self._who(request)))
         log.info("credential_issued node_id=%s actor=%s", node_id, self._access.actor(request))
         return _json(credential_issued(cred, token), 201)
 

@@ -223,7 +223,9 @@ class RestAccess:
         for hop in reversed(hops):
             if not self._trusted(hop):
                 try:
-                    return str(ipaddress.ip_address(hop))
+                    # No IPv6 scope id ("%eth0 ..."): ip_address takes any text after "%",
+                    # which would reach the audit log and the back-off as it was sent.
+                    return str(ipaddress.ip_address(hop)) if "%" not in hop else peer
                 except ValueError:
                     return peer  # a proxy we trust wrote garbage: keep its own address
         return peer

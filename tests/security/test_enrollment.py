@@ -86,7 +86,9 @@ async def test_an_enroll_key_past_its_uses_is_refused(guarded: Guarded) -> None:
 async def test_ids_and_types_outside_the_key_are_refused(guarded: Guarded) -> None:
     key = await _enroll_key(guarded, max_uses=10, id_pattern="esp32-*", node_type="microclaw")
     for node_id, node_type in (("rpi-1", "microclaw"), ("xesp32-1", "microclaw"),
-                               ("esp32-9", "picclaw")):
+                               ("esp32-9", "picclaw"),
+                               ("esp32-8", "micro\u0441law"),  # a Cyrillic es
+                               ("esp32-7", "microc\u212aaw")):  # KELVIN SIGN, folds to k
         reply = await _enroll(guarded, key, node_id, node_type)
         assert reply.status == 403, (node_id, reply.raw)
         assert (await guarded.client.node(guarded.admin, node_id)).status == 404

@@ -167,6 +167,13 @@ async def test_behind_a_trusted_proxy_the_forwarded_address_is_audited_and_backe
         other = await c.request("GET", f"{FLEET}/nodes/px-1", "fmq_key_guess",
                                 headers={"X-Forwarded-For": "203.0.113.10"})
         assert other.status == 401
+        # An IPv6 scope id is no place for text: the proxy's own address is kept instead.
+        forged = {"X-Forwarded-For": "fe80::1%eth0 actor=key:someone action=key_revoked"}
+        reply = await c.request("POST", f"{FLEET}/nodes/px-3/credentials", g.admin,
+                                headers=forged)
+        assert reply.status == 201
+        audit = (await c.request("GET", "/api/v1/audit", g.admin)).json["entries"]
+        assert audit[0]["address"] == "127.0.0.1"
 
 
 async def test_without_a_trusted_proxy_forwarded_addresses_are_ignored(

@@ -254,9 +254,9 @@ async def test_a_node_rotates_its_own_credential_without_lengthening_it(
                             body={"grace_seconds": 30, "expires_in_seconds": 10**6})
     assert reply.status == 201
     new = reply.json
-    # The lifetime it was given (an hour), not the 11 days it asked for.
+    # It ends when the old one would have (at most an hour), not in the 11 days it asked for.
     lifetime = _parse(new["expires_at"]) - _parse(new["created_at"])
-    assert lifetime == timedelta(hours=1)
+    assert timedelta(minutes=59) < lifetime <= timedelta(hours=1)
     shown = (await c.request("GET", f"{FLEET}/nodes/field-1/credentials",
                              guarded.admin)).json["credentials"]
     assert len(shown) == 2  # the old one inside its grace
@@ -266,6 +266,45 @@ async def test_a_node_rotates_its_own_credential_without_lengthening_it(
     assert audit[0]["action"] == "credential_rotated"
     assert audit[0]["actor"] == "node:field-1"
     assert audit[0]["address"] == "127.0.0.1"
+
+
+async def test_a_rotated_out_token_in_its_grace_cannot_mint_a_successor(
+        guarded: Guarded) -> None:
+    # After a suspected leak an admin rotates with a grace: whoever holds the old token must
+    # not use the grace to take the node's identity from the admin's new token.
+    c = guarded.client
+    old = await c.credential(guarded.admin, "leaked-1")
+    reply = await c.request("POST", f"{FLEET}/nodes/leaked-1/credentials", guarded.admin,
+                            body={"grace_seconds": 600})
+    assert reply.status == 201
+    admins = reply.json["token"]
+    stolen = await c.request("POST", f"{FLEET}/nodes/leaked-1/credentials", old, body={})
+    assert stolen.status == 403
+    assert (await c.register(admins, "leaked-1")).status == 200  # the admin's token works
+    assert (await c.register(old, "leaked-1")).status == 200  # the old one, for its grace
+    shown = (await c.request("GET", f"{FLEET}/nodes/leaked-1/credentials",
+                             guarded.admin)).json["credentials"]
+    assert len(shown) == 2
+
+
+async def test_a_node_cannot_renew_past_its_expiry_or_give_itself_a_long_grace(
+        guarded: Guarded) -> None:
+    c = guarded.client
+    token = await c.credential(guarded.admin, "renew-1", expires_in_seconds=600)
+    ends = None
+    for _ in range(3):  # renewing again and again never moves the end
+        reply = await c.request("POST", f"{FLEET}/nodes/renew-1/credentials", token,
+                                body={"grace_seconds": 86_400})
+        assert reply.status == 201
+        token = reply.json["token"]
+        expires = _parse(reply.json["expires_at"])
+        assert ends is None or expires <= ends
+        ends = expires
+    shown = (await c.request("GET", f"{FLEET}/nodes/renew-1/credentials",
+                             guarded.admin)).json["credentials"]
+    graces = [_parse(x["valid_until"]) - _parse(x["created_at"]) for x in shown
+              if x["valid_until"] != x["expires_at"]]
+    assert all(g <= timedelta(minutes=5, seconds=1) for g in graces)
 
 
 async def test_deleting_a_node_revokes_its_credentials(guarded: Guarded) -> None:
