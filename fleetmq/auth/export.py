@@ -24,17 +24,14 @@ with ``mosquitto_passwd``.
 
 from __future__ import annotations
 
-import time
-
-from fleetmq.auth.rules import KEY_IDENTITY_PREFIX, MANAGER_CLIENT_PREFIX
+from fleetmq.auth.rules import BROKER_ROLES, KEY_IDENTITY_PREFIX, MANAGER_CLIENT_PREFIX
 from fleetmq.auth.store import Credential
 from fleetmq.config import OUTPUT_USER_SUFFIX
+from fleetmq.core.clock import SystemClock
 from fleetmq.core.topics import Topics, is_valid_node_id, is_valid_root
 
 MANAGER_USERS = (MANAGER_CLIENT_PREFIX, MANAGER_CLIENT_PREFIX + OUTPUT_USER_SUFFIX)
 """The manager's broker usernames (ingest, output) in an exported password file."""
-BROKER_ROLES = ("read", "write", "admin")
-"""Key roles that have broker rights (``broker`` and ``enroll`` keys have none)."""
 REQUIRED_BROKER_CONFIG = (
     "allow_anonymous false",
     "use_username_as_clientid true",
@@ -53,7 +50,7 @@ def mosquitto_files(credentials: list[Credential], root: str, *,
     """
     if not is_valid_root(root):
         raise ValueError(f"invalid topic root {root[:64]!r}")
-    at = time.time() if now is None else now
+    at = SystemClock().now().wall if now is None else now
     newest: dict[str, Credential] = {}
     missing: list[str] = []
     for cred in credentials:

@@ -13,6 +13,8 @@ from fleetmq.core.topics import Topics, is_valid_node_id, is_valid_root
 
 Role = Literal["read", "write", "admin", "broker", "enroll"]
 ROLES: tuple[Role, ...] = get_args(Role)
+BROKER_ROLES: tuple[Role, ...] = ("read", "write", "admin")
+"""Key roles with rights on a broker (broker and enroll keys serve REST only)."""
 
 KEY_IDENTITY_PREFIX = "_key."
 # The same prefix as config.CLIENT_ID_PREFIX, repeated so that this module stays pure.

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from fleetmq.auth.passwords import mosquitto_hash
-from fleetmq.auth.rules import Principal
+from fleetmq.auth.rules import BROKER_ROLES, Principal
 from fleetmq.auth.store import AuditEntry, AuthStore, Credential, LastAdminError, OutboxRow
 from fleetmq.auth.tokens import digest, new_key_id, new_token, token_kind
 from fleetmq.core.clock import Clock
@@ -36,8 +36,6 @@ SELF_ROTATION_GRACE_S = 300.0
 at once; a longer one would keep a stolen copy alive."""
 MIN_LIFETIME_S = 1.0
 KEY_ROLES = ("read", "write", "admin", "broker", "enroll")
-BROKER_ROLES = ("read", "write", "admin")
-"""Key roles that log in to the broker (``broker`` and ``enroll`` keys have no broker rights)."""
 
 Failure = Literal["missing", "malformed", "unknown", "expired", "revoked"]
 Listener = Callable[[list[Credential]], None]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleetmq.auth.limits import KeyedLimiter
-from fleetmq.auth.rules import MANAGER_CLIENT_PREFIX, Principal, TopicRules
+from fleetmq.auth.rules import BROKER_ROLES, MANAGER_CLIENT_PREFIX, Principal, TopicRules
 from fleetmq.auth.service import AuthService
 from fleetmq.metrics import RateLimitedLog
 
@@ -32,8 +32,6 @@ NOT_AUTHORISED = 5
 SENT_WINDOW_S = 10.0
 MAX_TRACKED = 100_000
 
-BROKER_ROLES = ("read", "write", "admin")
-"""Key roles with rights on the broker (broker and enroll keys serve REST only)."""
 # Why a CONNECT is refused (metrics.LOGIN_REFUSALS): the token's failure (AuthService.verify),
 # a wrong manager secret, a username that is not the token's identity, a client id that is not
 # it, a key whose role has no broker rights, a will topic outside the client's own.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from fleetmq.auth.service import AuthService
 from fleetmq.auth.store import Credential
 from fleetmq.broker.access import AccessCounters, BrokerAccess
 from fleetmq.config import BrokerTlsSettings
+from fleetmq.core.clock import SystemClock
 from fleetmq.errors import BrokerError
 from fleetmq.ports import address_in_use
 from fleetmq.tls import BROKER_TLS_OPTIONS, server_context
@@ -63,7 +63,7 @@ class EmbeddedBroker:
 
     def __init__(self, host: str, port: int, *, auth: AuthService | None = None,
                  rules: TopicRules | None = None, manager_secret: str | None = None,
-                 monotonic: Callable[[], float] = time.monotonic,
+                 monotonic: Callable[[], float] = SystemClock.monotonic,
                  session_expiry_s: int = SESSION_EXPIRY_S, max_queued: int = MAX_QUEUED,
                  tls: BrokerTlsSettings | None = None, key_rate: float = 1000.0,
                  key_burst: int = 2000) -> None:

@@ -29,6 +29,7 @@ import orjson
 from aiohttp import web
 
 from fleetmq.auth.rules import (
+    BROKER_ROLES,
     KEY_IDENTITY_PREFIX,
     MANAGER_CLIENT_PREFIX,
     Principal,
@@ -54,8 +55,6 @@ CREDENTIAL_ATTR = "fleetmq_credential"
 """The ``client_attrs`` entry (EMQX 5.7 and later) naming the credential a session logged in
 with; sent back as ``credential`` in authorize calls, it makes a rotation end old sessions too."""
 
-BROKER_ROLES = ("read", "write", "admin")
-"""Key roles with broker rights; ``broker`` and ``enroll`` keys have none."""
 
 Result = Literal["allow", "deny"]
 _ALLOW: dict[str, object] = {"result": "allow"}
