@@ -20,6 +20,9 @@ MAX_GRACE_S = 30 * 86_400.0
 """A rotated-out token works at most 30 days more: long enough for any rollout, short enough
 that a forgotten grace never keeps a leaked token alive for long."""
 MAX_USES = 1_000_000_000
+MIN_LIFETIME_S = 1.0
+"""A key or credential must live a second at least: a shorter one has expired before anyone
+could use it, and its creation would look like a success."""
 ENROLL_ONLY = ("max_uses", "id_pattern", "node_type", "allow_registered")
 
 
@@ -29,7 +32,8 @@ def _printable(value: str) -> str:
     return value
 
 
-Seconds = Annotated[float, Field(strict=True, gt=0, le=MAX_DURATION_S, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(strict=True, ge=MIN_LIFETIME_S, le=MAX_DURATION_S,
+                                 allow_inf_nan=False)]
 Grace = Annotated[float, Field(strict=True, ge=0, le=MAX_GRACE_S, allow_inf_nan=False)]
 Name = Annotated[str, StringConstraints(max_length=64), AfterValidator(_printable)]
 # A glob over node ids: the id's own characters and fnmatch's `* ? [ ] !`.
