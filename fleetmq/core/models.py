@@ -37,7 +37,7 @@ STATUSES: tuple[Status, ...] = ("online", "degraded", "offline")
 Scalar = str | int | float | bool | None
 
 
-def _integral(value: object) -> object:
+def integral(value: object) -> object:
     # JSON has one number type: 60.0 is the integer 60, 60.5 is not; "60" and true are refused.
     if isinstance(value, bool):
         raise ValueError("must be an integer, not a boolean")
@@ -115,8 +115,8 @@ class Documented:
 NO_NUL = Documented(NO_NUL_PATTERN)
 PRINTABLE = Documented(printable=True)
 NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN)]
-Counter = Annotated[int, BeforeValidator(_integral), Field(strict=True, ge=0, le=MAX_COUNTER)]
-Interval = Annotated[int, BeforeValidator(_integral), Field(strict=True, ge=1, le=86_400)]
+Counter = Annotated[int, BeforeValidator(integral), Field(strict=True, ge=0, le=MAX_COUNTER)]
+Interval = Annotated[int, BeforeValidator(integral), Field(strict=True, ge=1, le=86_400)]
 SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64),
                       AfterValidator(_no_nul), NO_NUL]
 Reason = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable),

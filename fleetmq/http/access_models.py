@@ -8,13 +8,21 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+)
 
 from fleetmq.auth.service import AuthService
 from fleetmq.auth.store import AuditEntry, Credential
 from fleetmq.auth.tokens import MAX_DURATION_S
 from fleetmq.core.clock import format_timestamp
-from fleetmq.core.models import Rejection
+from fleetmq.core.models import Rejection, integral
 
 MAX_GRACE_S = 30 * 86_400.0
 """A rotated-out token works at most 30 days more: long enough for any rollout, short enough
@@ -51,7 +59,8 @@ class KeyRequest(BaseModel):
     role: Literal["read", "write", "admin", "broker", "enroll"]
     name: Name = ""
     expires_in_seconds: Seconds | None = None
-    max_uses: Annotated[int, Field(strict=True, ge=1, le=MAX_USES)] | None = None
+    max_uses: Annotated[int, BeforeValidator(integral),
+                        Field(strict=True, ge=1, le=MAX_USES)] | None = None
     id_pattern: IdPattern | None = None
     node_type: NodeType | None = None
     allow_registered: StrictBool = False
