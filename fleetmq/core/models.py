@@ -82,12 +82,23 @@ def printable_pattern() -> str:
     this Python's own tables so that the document and the check cannot disagree). Listed
     rather than negated: a fuzzer draws from a listed class ten times faster."""
     ranges: list[tuple[int, int]] = []
-    for code in range(0x110000):
-        if chr(code).isprintable():
-            if ranges and ranges[-1][1] == code - 1:
-                ranges[-1] = (ranges[-1][0], code)
-            else:
-                ranges.append((code, code))
+
+    def add(code: int, last: int) -> None:
+        if ranges and ranges[-1][1] == code - 1:
+            ranges[-1] = (ranges[-1][0], last)
+        else:
+            ranges.append((code, last))
+
+    # By blocks, most of them all printable or all unassigned: ten times faster than by
+    # character, and this runs at every start.
+    for block in range(0, 0x110000, 1024):
+        chars = "".join(map(chr, range(block, block + 1024)))
+        if chars.isprintable():
+            add(block, block + 1023)
+        elif any(map(str.isprintable, chars)):
+            for offset, one in enumerate(chars):
+                if one.isprintable():
+                    add(block + offset, block + offset)
 
     def char(code: int) -> str:
         # BMP as \uXXXX (ECMA-262 and Python alike); the rest as the character itself.

@@ -6,6 +6,7 @@ one."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -98,3 +99,10 @@ def test_the_document_accepts_a_body_exactly_when_the_server_does(
 def test_the_printable_pattern_is_str_isprintable(text: str) -> None:
     assert jsonschema.Draft202012Validator({"pattern": printable_pattern()}).is_valid(
         text) is text.isprintable()
+
+
+def test_the_printable_pattern_takes_every_printable_character_and_no_other() -> None:
+    one = re.compile(printable_pattern())
+    wrong = [hex(code) for code in range(0x110000)
+             if (one.fullmatch(chr(code)) is not None) is not chr(code).isprintable()]
+    assert not wrong
