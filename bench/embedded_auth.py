@@ -304,7 +304,7 @@ def run(auth_on: bool, credentials: int, args: argparse.Namespace, workdir: Path
         tokens, keys = asyncio.run(_provision(store_url, nodes, max(0, credentials - nodes),
                                               args.publishers))
         logins = [(_node(i), tokens[i]) for i in range(args.connects)]
-        # /metrics stays open to the bench: it reads the applied count there.
+        # The bench polls /metrics without a token (common.metric), as it does with auth off.
         options = ["--auth", "on", "--admin-token-file", str(workdir / f"admin-{credentials}"),
                    "--metrics-public", "true"]
         publishers = []

@@ -236,7 +236,7 @@ class AccessRoutes:
     async def _parse(self, request: web.Request, model: type[Model], *,
                      empty_ok: bool) -> Model:
         body = await self._read_body(request)
-        if empty_ok and not body.strip():
+        if empty_ok and not body:  # no body at all; a blank one is not JSON, so refused
             body = b"{}"
         try:
             return model.model_validate_json(body)
@@ -276,9 +276,11 @@ def _no_credential(node_id: str) -> Rejection:
 
 
 def _flag(text: str | None, name: str) -> bool:
-    if text is None or text.lower() in ("false", "0", ""):
+    # Exactly the document's boolean: "cascade=" or "cascade=yes" is a mistake to point out,
+    # not a quiet "false" that leaves the enrolled credentials valid.
+    if text is None or text == "false":
         return False
-    if text.lower() in ("true", "1"):
+    if text == "true":
         return True
     raise Rejection(400, "Invalid parameter",
                     f"Parameter '{name}' must be true or false, not {quote(repr(text))}",

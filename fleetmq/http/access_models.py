@@ -8,18 +8,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+)
 
 from fleetmq.auth.service import AuthService
 from fleetmq.auth.store import AuditEntry, Credential
 from fleetmq.auth.tokens import MAX_DURATION_S
 from fleetmq.core.clock import format_timestamp
-from fleetmq.core.models import Rejection
+from fleetmq.core.models import Rejection, integral
 
 MAX_GRACE_S = 30 * 86_400.0
 """A rotated-out token works at most 30 days more: long enough for any rollout, short enough
 that a forgotten grace never keeps a leaked token alive for long."""
 MAX_USES = 1_000_000_000
+MIN_LIFETIME_S = 1.0
+"""A key or credential must live a second at least: a shorter one has expired before anyone
+could use it, and its creation would look like a success."""
 ENROLL_ONLY = ("max_uses", "id_pattern", "node_type", "allow_registered")
 
 
@@ -29,7 +40,8 @@ def _printable(value: str) -> str:
     return value
 
 
-Seconds = Annotated[float, Field(strict=True, gt=0, le=MAX_DURATION_S, allow_inf_nan=False)]
+Seconds = Annotated[float, Field(strict=True, ge=MIN_LIFETIME_S, le=MAX_DURATION_S,
+                                 allow_inf_nan=False)]
 Grace = Annotated[float, Field(strict=True, ge=0, le=MAX_GRACE_S, allow_inf_nan=False)]
 Name = Annotated[str, StringConstraints(max_length=64), AfterValidator(_printable)]
 # A glob over node ids: the id's own characters and fnmatch's `* ? [ ] !`.
@@ -47,7 +59,8 @@ class KeyRequest(BaseModel):
     role: Literal["read", "write", "admin", "broker", "enroll"]
     name: Name = ""
     expires_in_seconds: Seconds | None = None
-    max_uses: Annotated[int, Field(strict=True, ge=1, le=MAX_USES)] | None = None
+    max_uses: Annotated[int, BeforeValidator(integral),
+                        Field(strict=True, ge=1, le=MAX_USES)] | None = None
     id_pattern: IdPattern | None = None
     node_type: NodeType | None = None
     allow_registered: StrictBool = False

@@ -39,13 +39,19 @@ from fleetmq.auth.rules import (
 from fleetmq.auth.service import AuthService, principal_of
 from fleetmq.auth.tokens import bearer_token
 from fleetmq.config import OUTPUT_USER_SUFFIX
+from fleetmq.core.models import quote
 from fleetmq.http.api import error_response, json_response
+from fleetmq.http.hook_fields import (
+    AUTHENTICATE_FIELDS,
+    AUTHENTICATE_PATH,
+    AUTHORIZE_FIELDS,
+    AUTHORIZE_PATH,
+    Kinds,
+)
 from fleetmq.metrics import RateLimitedLog
 
 log = logging.getLogger(__name__)
 
-AUTHENTICATE_PATH = "/api/v1/broker/authenticate"
-AUTHORIZE_PATH = "/api/v1/broker/authorize"
 BODY_TIMEOUT_S = 5.0
 """The broker sends small bodies at once; a slow one is not a broker."""
 MAX_FIELD = 1024
@@ -114,7 +120,7 @@ class BrokerHooks:
         refused = self._check_caller(request)
         if refused is not None:
             return refused
-        fields = await _fields(request)
+        fields = await _fields(request, AUTHENTICATE_FIELDS)
         username, password = fields.get("username", ""), fields.get("password", "")
         client_id = fields.get("clientid", "")
         result, reason, cred_id = self._login(username, password, client_id)
@@ -122,7 +128,7 @@ class BrokerHooks:
         if result == "deny":
             self._warn.warning(
                 f"login:{reason}", self._monotonic(),
-                "broker_login_refused reason=%s username=%.64r clientid=%.64r peer=%.64s",
+                "broker_login_refused reason=%s username=%.64r clientid=%.64r peer=%.64r",
                 reason, username, client_id, fields.get("peerhost", "?"))
             return json_response({"result": "deny", "is_superuser": False})
         body: dict[str, object] = {"result": "allow", "is_superuser": False}
@@ -134,7 +140,7 @@ class BrokerHooks:
         refused = self._check_caller(request)
         if refused is not None:
             return refused
-        fields = await _fields(request)
+        fields = await _fields(request, AUTHORIZE_FIELDS)
         result, reason = self._judge(fields)
         self.counts["authorize", result, reason] += 1
         if result == "deny":
@@ -231,10 +237,29 @@ class BrokerHooks:
         return None
 
 
-async def _fields(request: web.Request) -> dict[str, str]:
-    """The broker's fields from a JSON object or a form body (EMQX sends either), as strings.
+def _text(name: str, value: object, kinds: Kinds) -> str:
+    """A JSON value of a field the hook reads, as the text the broker meant; 400 otherwise."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        if bool in kinds:
+            return "true" if value else "false"
+    elif isinstance(value, int) and int in kinds:
+        return str(value)
+    elif isinstance(value, float) and int in kinds and value.is_integer():
+        return str(int(value))  # JSON has one number type: 1.0 is the integer 1
+    raise _bad_body(f"field {quote(name)} must be "
+                    + " or ".join({str: "a string", int: "an integer",
+                                   bool: "a boolean"}[k] for k in kinds)
+                    + f", not {quote(orjson.dumps(value).decode())}")
 
-    A body that is neither answers 400 (a misconfigured broker, not a client to judge).
+
+async def _fields(request: web.Request, kinds: dict[str, Kinds]) -> dict[str, str]:
+    """The fields the hook reads (``kinds``) from a JSON object or a form body (EMQX sends
+    either), as strings; other fields are ignored.
+
+    A body that is neither, or that gives a read field the wrong type or twice, answers 400
+    (a misconfigured broker, not a client to judge).
     """
     try:
         async with asyncio.timeout(BODY_TIMEOUT_S):
@@ -242,12 +267,15 @@ async def _fields(request: web.Request) -> dict[str, str]:
     except TimeoutError:
         raise web.HTTPRequestTimeout() from None
     if request.content_type == "application/x-www-form-urlencoded":
-        pairs = parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True)
-        fields = dict(pairs)
-        if len(fields) != len(pairs):
-            # A name twice is ambiguous (a value that smuggled in '&username=...' unencoded):
-            # judge nothing rather than guess which one the broker meant.
-            raise _bad_body("a field appears twice in the form")
+        fields: dict[str, str] = {}
+        for name, value in parse_qsl(body.decode("utf-8", "replace"), keep_blank_values=True):
+            if name not in kinds:
+                continue
+            if name in fields:
+                # A name twice is ambiguous (a value that smuggled in '&username=...'
+                # unencoded): judge nothing rather than guess which one the broker meant.
+                raise _bad_body(f"field {quote(name)} appears twice in the form")
+            fields[name] = value
         return fields
     try:
         value = orjson.loads(body)
@@ -256,10 +284,7 @@ async def _fields(request: web.Request) -> dict[str, str]:
                         "application/x-www-form-urlencoded)") from None
     if not isinstance(value, dict):
         raise _bad_body("the body must be a JSON object")
-    # EMQX renders every placeholder as a string; a number or boolean (qos, retain) is read
-    # as its JSON text, anything else is left out and so refused.
-    return {k: v if isinstance(v, str) else orjson.dumps(v).decode()
-            for k, v in value.items() if isinstance(v, str | int | float | bool)}
+    return {k: _text(k, v, kinds[k]) for k, v in value.items() if k in kinds}
 
 
 def _bad_body(message: str) -> web.HTTPBadRequest:

@@ -11,10 +11,19 @@ from typing import Any
 from fleetmq import __version__
 from fleetmq.core.models import HeartbeatRequest, RegisterRequest
 from fleetmq.core.topics import NODE_ID_PATTERN
+from fleetmq.http.hook_fields import (
+    AUTHENTICATE_FIELDS,
+    AUTHENTICATE_PATH,
+    AUTHORIZE_FIELDS,
+    AUTHORIZE_PATH,
+    Kinds,
+)
 from fleetmq.http.openapi_access import access_paths, access_schemas, secure
 
 _TS = {"type": "string", "format": "date-time", "example": "2026-02-16T08:30:00.000Z"}
 _COUNTER = {"type": ["integer", "null"], "minimum": 0}
+MAX_ID = 2**63 - 1
+"""The largest id a store keeps (a signed 64-bit integer): the highest ``before``."""
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -41,14 +50,21 @@ _EVENT_QUERY = [
     {"name": "limit", "in": "query", "required": False,
      "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
     {"name": "before", "in": "query", "required": False,
-     "schema": {"type": "integer", "minimum": 1},
+     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
      "description": "only events with a smaller id: the 'next' value of the previous page"},
 ]
 
 
-def _hook(summary: str, fields: dict[str, Any], answer: dict[str, Any]) -> dict[str, Any]:
+_JSON_TYPES = {str: "string", int: "integer", bool: "boolean"}
+
+
+def _hook(summary: str, fields: dict[str, Kinds], answer: dict[str, Any]) -> dict[str, Any]:
     """A broker hook: EMQX 5 sends JSON or a form, fleetmq answers 200 with the verdict."""
-    schema = {"type": "object", "properties": {k: {"type": "string"} for k in fields}}
+    schema = {"type": "object", "properties": {
+        name: {"type": [_JSON_TYPES[k] for k in kinds] if len(kinds) > 1 else "string"}
+        for name, kinds in fields.items()},
+        "description": "Other fields are ignored; a field named here given twice in a form "
+                       "is refused"}
     return {"post": {
         "summary": summary,
         "description": "Called by the broker with a key of role broker (or admin) as bearer.",
@@ -57,7 +73,8 @@ def _hook(summary: str, fields: dict[str, Any], answer: dict[str, Any]) -> dict[
             "application/x-www-form-urlencoded": {"schema": schema}}},
         "responses": {"200": {"description": "The verdict", "content": {"application/json": {
                           "schema": {"type": "object", "properties": answer}}}},
-                      "400": _error("A body that is neither JSON nor a form"),
+                      "400": _error("A body that is neither JSON nor a form, or a field of "
+                                    "the wrong type or given twice"),
                       "401": _error("No valid bearer token"),
                       "403": _error("The bearer is not a broker or admin key")},
     }}
@@ -65,16 +82,13 @@ def _hook(summary: str, fields: dict[str, Any], answer: dict[str, Any]) -> dict[
 
 _VERDICT = {"result": {"type": "string", "enum": ["allow", "deny"]}}
 _BROKER_HOOK_PATHS = {
-    "/api/v1/broker/authenticate": _hook(
-        "EMQX HTTP authentication: may this CONNECT log in?",
-        dict.fromkeys(("username", "password", "clientid", "peerhost")),
+    AUTHENTICATE_PATH: _hook(
+        "EMQX HTTP authentication: may this CONNECT log in?", AUTHENTICATE_FIELDS,
         {**_VERDICT, "is_superuser": {"type": "boolean"},
          "client_attrs": {"type": "object"}}),
-    "/api/v1/broker/authorize": _hook(
+    AUTHORIZE_PATH: _hook(
         "EMQX HTTP authorization: may this client publish or subscribe here?",
-        dict.fromkeys(("username", "clientid", "action", "topic", "qos", "retain",
-                       "credential")),
-        _VERDICT),
+        AUTHORIZE_FIELDS, _VERDICT),
 }
 
 
@@ -98,15 +112,22 @@ def _rest_request(model: type[RegisterRequest | HeartbeatRequest],
     props = schema["properties"]
     props["node_id"] = {"type": "string", "pattern": NODE_ID_PATTERN}
     required = ["node_id"]
+    needed = schema.pop("required", [])
+    either: list[dict[str, Any]] = []
     for alias, name in aliases.items():
-        props[alias] = {**props[name], "description": f"accepted in place of {name}"}
-    spelled_as = {name: alias for alias, name in aliases.items()}
-    for name in schema.pop("required", []):
-        if name in spelled_as:  # either spelling will do
-            schema["anyOf"] = [{"required": [name]}, {"required": [spelled_as[name]]}]
+        # The server reads the alias only when the name itself is absent (pydantic's
+        # AliasChoices): beside the name, the alias is an unknown field, ignored whatever it is.
+        alias_rule = {"properties": {alias: props[name]}}
+        if name in needed:  # either spelling will do
+            either.append({"anyOf": [{"required": [name]},
+                                     {"required": [alias], **alias_rule}]})
         else:
-            required.append(name)
+            either.append({"anyOf": [{"required": [name]}, alias_rule]})
+        props[alias] = {"description": f"accepted in place of {name} (ignored beside it)"}
+    required += [name for name in needed if name not in aliases.values()]
     schema["required"] = required
+    if either:
+        schema["allOf"] = either
     return schema
 
 

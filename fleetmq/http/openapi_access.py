@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from fleetmq.auth.tokens import MAX_DURATION_S
+from fleetmq.core.models import printable_pattern
 from fleetmq.core.topics import NODE_ID_PATTERN
-from fleetmq.http.access_models import MAX_GRACE_S, MAX_USES
+from fleetmq.http.access_models import ENROLL_ONLY, MAX_GRACE_S, MAX_USES, MIN_LIFETIME_S
 from fleetmq.http.auth import RULES
 
 _TS = {"type": "string", "format": "date-time", "example": "2026-02-16T08:30:00.000Z"}
 _TS_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
-_SECONDS = {"type": "number", "exclusiveMinimum": 0, "maximum": 100 * 365.25 * 86400}
+_SECONDS = {"type": "number", "minimum": MIN_LIFETIME_S, "maximum": MAX_DURATION_S}
 _NODE_ID_PARAM = {"name": "node_id", "in": "path", "required": True,
                   "schema": {"type": "string", "pattern": NODE_ID_PATTERN}}
 _ROLES = ["read", "write", "admin", "broker", "enroll"]
@@ -113,7 +115,7 @@ def access_paths() -> dict[str, Any]:
                 {"name": "limit", "in": "query", "required": False,
                  "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
                 {"name": "before", "in": "query", "required": False,
-                 "schema": {"type": "integer", "minimum": 1},
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
                  "description": "only entries with a smaller id: the previous page's 'next'"}],
             "responses": {"200": _ok("Entries", "AuditList"),
                           "400": _error("Invalid limit or before"), "409": _AUTH_OFF,
@@ -121,24 +123,40 @@ def access_paths() -> dict[str, Any]:
     }
 
 
+def _key_request() -> dict[str, Any]:
+    """Every role takes role, name and expiry; only an enroll key takes its limits (given on
+    another role they are refused, unless null or false)."""
+    limits = {
+        "max_uses": {"type": ["integer", "null"], "minimum": 1, "maximum": MAX_USES},
+        "id_pattern": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 256,
+                                  "pattern": r"^[A-Za-z0-9._:*?\[\]!-]+$"}, {"type": "null"}]},
+        "node_type": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": 64,
+                                 "pattern": printable_pattern()}, {"type": "null"}]},
+        "allow_registered": {"type": "boolean"},
+    }
+    absent = {"max_uses": {"type": "null"}, "id_pattern": {"type": "null"},
+              "node_type": {"type": "null"}, "allow_registered": {"const": False}}
+    assert set(limits) == set(absent) == set(ENROLL_ONLY)
+    return {
+        "type": "object", "required": ["role"],
+        "properties": {
+            "role": {"enum": _ROLES},
+            "name": {"type": "string", "maxLength": 64, "pattern": printable_pattern()},
+            "expires_in_seconds": {"anyOf": [_SECONDS, {"type": "null"}]},
+            **limits,
+        },
+        "anyOf": [{"properties": {"role": {"const": "enroll"}}},
+                  {"properties": absent}],
+        "description": "max_uses, id_pattern, node_type and allow_registered apply to "
+                       "enroll keys only",
+    }
+
+
 def access_schemas() -> dict[str, Any]:
     key_fields = {"id": {"type": "string"}, "name": {"type": "string"},
                   "role": {"enum": _ROLES}, "created_at": _TS, "expires_at": _TS_OR_NULL}
     return {
-        "KeyRequest": {
-            "type": "object", "required": ["role"],
-            "properties": {
-                "role": {"enum": _ROLES}, "name": {"type": "string", "maxLength": 64},
-                "expires_in_seconds": _SECONDS,
-                "max_uses": {"type": "integer", "minimum": 1, "maximum": MAX_USES},
-                "id_pattern": {"type": "string", "minLength": 1, "maxLength": 256,
-                               "pattern": r"^[A-Za-z0-9._:*?\[\]!-]+$"},
-                "node_type": {"type": "string", "minLength": 1, "maxLength": 64},
-                "allow_registered": {"type": "boolean"},
-            },
-            "description": "max_uses, id_pattern, node_type and allow_registered apply to "
-                           "enroll keys only",
-        },
+        "KeyRequest": _key_request(),
         "KeyCreated": {"type": "object", "required": [*key_fields, "token"],
                        "properties": {**key_fields, "token": {"type": "string"}}},
         "KeyList": {"type": "object", "required": ["keys"], "properties": {"keys": {
@@ -149,7 +167,7 @@ def access_schemas() -> dict[str, Any]:
                                "uses": {"type": "integer", "minimum": 0},
                                "max_uses": {"type": ["integer", "null"]}}}}}},
         "CredentialRequest": {"type": "object", "properties": {
-            "expires_in_seconds": _SECONDS,
+            "expires_in_seconds": {"anyOf": [_SECONDS, {"type": "null"}]},
             "grace_seconds": {"type": "number", "minimum": 0, "maximum": MAX_GRACE_S,
                               "default": 0}}},
         "CredentialIssued": {

@@ -225,6 +225,11 @@ async def test_hooks_refuse_callers_without_a_broker_key(hooks: Hooks, path: str
     ("application/json", b'["username", "x"]'),
     ("application/x-www-form-urlencoded",
      b"username=sensor-b&password=x&username=sensor-a&clientid=sensor-a"),
+    # A field the hook reads, of a type no broker sends (found by schemathesis): judging it
+    # as missing would answer a misconfigured broker with a plausible "deny".
+    ("application/json", b'{"username": "sensor-a", "password": "x", "peerhost": {}}'),
+    ("application/json", b'{"username": null, "password": "x"}'),
+    ("application/json", b'{"username": 5, "password": "x"}'),
 ])
 async def test_a_body_that_is_not_one_json_object_or_an_unambiguous_form_is_a_400(
         hooks: Hooks, content_type: str, body: bytes) -> None:
@@ -233,6 +238,38 @@ async def test_a_body_that_is_not_one_json_object_or_an_unambiguous_form_is_a_40
                                         "Content-Type": content_type}) as resp:
         assert resp.status == 400
         assert (await resp.json())["error"] == "Bad Request"
+    await hooks.victim_untouched()
+
+
+async def test_unknown_form_fields_may_repeat_and_hold_anything(hooks: Hooks) -> None:
+    # Found by schemathesis: a repeated field the hook does not read was refused as ambiguous.
+    body = (f"username={NODE_A}&password={hooks.a.token}&clientid={NODE_A}"
+            "&x=1&x=2&peerport=%00").encode()
+    async with hooks.http.post(hooks.base + AUTHENTICATE_PATH, data=body, headers={
+            "Authorization": f"Bearer {hooks.bearer}",
+            "Content-Type": "application/x-www-form-urlencoded"}) as resp:
+        assert (resp.status, (await resp.json())["result"]) == (200, "allow")
+    await hooks.victim_untouched()
+
+
+@pytest.mark.parametrize(("fields", "status"), [
+    ({"qos": 1.0, "retain": True}, 200),
+    ({"qos": "1", "retain": "false"}, 200),
+    ({"qos": True}, 400),
+    ({"retain": 1}, 400),
+    ({"credential": ["x"]}, 400),
+    ({"topic": None}, 400),
+])
+async def test_authorize_takes_bare_qos_and_retain_and_refuses_other_types(
+        hooks: Hooks, fields: dict[str, Any], status: int) -> None:
+    body = {"username": NODE_A, "clientid": NODE_A, "action": "publish",
+            "topic": f"{hooks.root}/{NODE_A}/heartbeat", **fields}
+    async with hooks.http.post(hooks.base + AUTHORIZE_PATH, json=body,
+                               headers={"Authorization": f"Bearer {hooks.bearer}"}) as resp:
+        reply = await resp.json()
+        assert resp.status == status, reply
+        assert reply.get("result", "allow") == "allow"
+        assert "error" in reply if status == 400 else reply["result"] == "allow"
     await hooks.victim_untouched()
 
 

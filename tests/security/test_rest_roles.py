@@ -183,6 +183,7 @@ async def test_bad_key_requests_name_the_field(guarded: Guarded) -> None:
         ({"role": "read", "expires_in_seconds": -1}, "expires_in_seconds"),
         ({"role": "read", "expires_in_seconds": 1e300}, "expires_in_seconds"),
         ({"role": "read", "expires_in_seconds": "60"}, "expires_in_seconds"),
+        ({"role": "read", "expires_in_seconds": 0.999}, "expires_in_seconds"),
         ({"role": "read", "name": "a\u0000b"}, "name"),
         ({"role": "read", "name": "x" * 65}, "name"),
         ({"role": "enroll", "max_uses": 0}, "max_uses"),
@@ -197,15 +198,24 @@ async def test_bad_key_requests_name_the_field(guarded: Guarded) -> None:
         assert field in reply.json["message"], (body, reply.json)
     for body, field in (({"grace_seconds": -1}, "grace_seconds"),
                         ({"grace_seconds": 10**9}, "grace_seconds"),
-                        ({"expires_in_seconds": 0}, "expires_in_seconds")):
+                        ({"expires_in_seconds": 0}, "expires_in_seconds"),
+                        # Found by schemathesis: issued already expired, then "not found".
+                        ({"expires_in_seconds": 5e-324}, "expires_in_seconds"),
+                        ({"expires_in_seconds": 0.5}, "expires_in_seconds")):
         reply = await c.request("POST", f"{FLEET}/nodes/n1/credentials", guarded.admin,
                                 body=body)
         assert reply.status == 400, (body, reply.raw)
         assert field in reply.json["message"]
-    reply = await c.request("DELETE", "/api/v1/keys/000000000000", guarded.admin,
-                            params={"cascade": "maybe"})
-    assert reply.status == 400
-    assert "cascade" in reply.json["message"]
+    # A blank body is not JSON (found by schemathesis: it was taken as no body at all).
+    reply = await c.request("POST", f"{FLEET}/nodes/n1/credentials", guarded.admin, data=b" ")
+    assert (reply.status, reply.json["error"]) == (400, "Invalid JSON"), reply.raw
+    assert (await c.request("GET", f"{FLEET}/nodes/n1/credentials", guarded.admin)).status == 404
+    # cascade is true or false; "" and "1" were quietly taken as false or true.
+    for cascade in ("maybe", "", "1", "0", "True"):
+        reply = await c.request("DELETE", "/api/v1/keys/000000000000", guarded.admin,
+                                params={"cascade": cascade})
+        assert reply.status == 400, cascade
+        assert "cascade" in reply.json["message"]
     reply = await c.request("DELETE", "/api/v1/keys/%00", guarded.admin)
     assert reply.status == 404
 

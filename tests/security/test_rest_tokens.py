@@ -94,7 +94,7 @@ async def test_a_revoked_key_stops_working_at_once(guarded: Guarded) -> None:
 async def test_an_expired_key_is_refused(guarded: Guarded) -> None:
     c = guarded.client
     before = await _victim(guarded)
-    token = await c.key(guarded.admin, "write", expires_in_seconds=0.5)
+    token = await c.key(guarded.admin, "write", expires_in_seconds=1.0)
     assert (await c.node(token, VICTIM)).status == 200
 
     async def refused() -> bool:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fleetmq.auth.rules import (
@@ -433,3 +433,35 @@ def test_a_node_acts_only_for_itself(action: Action) -> None:
 @pytest.mark.parametrize("action", ACTIONS)
 def test_the_manager_has_no_rest_rights(action: Action) -> None:
     assert not rest_allowed(MANAGER, action, NODE)
+
+
+# --- properties of the REST table and the topic matcher ---------------------------------------
+
+any_node_id = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,20}", fullmatch=True)
+
+
+@given(st.sampled_from(ROLES), st.sampled_from(ACTIONS), st.one_of(st.none(), any_node_id))
+def test_a_keys_rights_are_its_roles_whatever_node_the_request_is_about(
+        role: Role, action: Action, node_id: str | None) -> None:
+    assert rest_allowed(key(role), action, node_id) is (action in EXPECTED[role])
+
+
+@given(any_node_id, st.sampled_from(ACTIONS), st.one_of(st.none(), any_node_id))
+def test_no_node_and_not_the_manager_acts_for_another_node(
+        node_id: str, action: Action, other: str | None) -> None:
+    assume(other != node_id)
+    assert not rest_allowed(Principal("node", node_id), action, other)
+    assert not rest_allowed(MANAGER, action, other)
+
+
+@given(topics.filter(lambda t: t.strip("/") != ""), st.data())
+def test_a_topic_matches_itself_with_any_levels_made_wildcards(topic: str,
+                                                               data: st.DataObject) -> None:
+    assume(topic_matches(topic, topic))  # a valid topic (no empty first level, ...)
+    levels = [("+" if data.draw(st.booleans()) else level) for level in topic.split("/")]
+    if data.draw(st.booleans()):  # `a/#` matches `a/b/c`, and `a` itself
+        levels = [*levels[:data.draw(st.integers(0, len(levels)))], "#"]
+    filter_ = "/".join(levels)
+    # Only a `$` topic escapes a wildcard in the first level (MQTT 4.7.2).
+    expected = not (topic.startswith("$") and levels[0] in ("+", "#"))
+    assert topic_matches(filter_, topic) is expected

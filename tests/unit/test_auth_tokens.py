@@ -180,3 +180,21 @@ def test_bearer_token_takes_the_token_after_the_scheme_in_any_case(scheme: str) 
 )
 def test_bearer_token_refuses_any_other_header(header: str | None) -> None:
     assert bearer_token(header) is None
+
+
+_no_space = st.text(min_size=1, max_size=60).filter(lambda t: not any(c.isspace() for c in t))
+
+
+@given(_no_space, st.sampled_from(["Bearer", "bearer", "BEARER"]))
+def test_bearer_token_returns_any_token_without_whitespace_as_it_is(token: str,
+                                                                    scheme: str) -> None:
+    assert bearer_token(f"{scheme} {token}") == token
+
+
+@given(st.one_of(st.text(max_size=80), st.builds("Bearer {}".format, st.text(max_size=60))))
+def test_bearer_token_returns_none_or_the_one_word_after_the_scheme(header: str) -> None:
+    token = bearer_token(header)
+    if token is not None:
+        assert token
+        assert not any(c.isspace() for c in token)
+        assert header.lower() == f"bearer {token}".lower()
