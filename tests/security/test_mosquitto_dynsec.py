@@ -13,9 +13,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from fleetmq.app import FleetService
 from fleetmq.auth.store import OutboxRow
+from fleetmq.mqtt.dynsec import DynsecError
 from tests.conftest import eventually
 from tests.security.dynsec_support import (
     dynsec_broker,
@@ -24,7 +26,7 @@ from tests.security.dynsec_support import (
     peer_factory,
     settled,
 )
-from tests.security.peer import NOT_AUTHORIZED, V311, Peer
+from tests.security.peer import NOT_AUTHORIZED, V5, V311, Peer
 from tests.support import Mosquitto
 
 pytestmark = pytest.mark.mosquitto
@@ -246,6 +248,95 @@ async def test_revocation_kicks_a_live_connection_within_one_second(
     again = peers(dynsec_mosquitto, s.b_id, s.b_id, s.b_token)
     assert await again.connect() == NOT_AUTHORIZED
     await s.assert_a_untouched(before)
+
+
+@pytest.mark.parametrize("protocol", [V311, V5], ids=["mqtt311", "mqtt5"])
+async def test_revoked_nodes_persistent_session_is_not_resumed_with_a_new_credential(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto,
+        protocol: MQTTProtocolVersion) -> None:
+    s, before = attacked, attacked.a_node()
+    node = f"e{protocol.value}-{s.root}"
+    reply = f"{s.root}/{node}/reply"
+    _, token = await s.service.auth.issue_credential(node, actor="test")
+    witness_cred, witness_key = await s.service.auth.create_key("write", actor="test")
+    await settled(s.service)
+    holder = peers(dynsec_mosquitto, node, node, token, protocol=protocol)
+    assert await holder.connect(clean=False, session_expiry=3600) == 0
+    assert await holder.subscribe(reply) == 1
+    holder.close()
+    back = peers(dynsec_mosquitto, node, node, token, protocol=protocol)
+    assert await back.connect(clean=False, session_expiry=3600) == 0
+    assert back.session_present  # the broker keeps this session: the attack has a target
+    back.close()
+    await s.service.auth.revoke_credentials(node, actor="test")
+    await settled(s.service)
+    # A reply to the node, published while it is away: the old session would queue it.
+    ident = f"_key.{witness_cred.id}"
+    witness = peers(dynsec_mosquitto, ident, ident, witness_key)
+    assert await witness.connect() == 0
+    assert await witness.subscribe(reply) == 1
+    assert await witness.publish(f"{s.root}/{node}/register", REGISTER) == 0
+    await eventually(lambda: witness.received(reply))
+    _, new_token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    resumed = peers(dynsec_mosquitto, node, node, new_token, protocol=protocol)
+    assert await resumed.connect(clean=False, session_expiry=3600) == 0
+    assert resumed.session_present is False
+    # What the old session held is gone: a fresh reply arrives, the queued one never does.
+    assert await resumed.subscribe(reply) == 1
+    assert await witness.publish(f"{s.root}/{node}/register", REGISTER) == 0
+    await eventually(lambda: len(witness.received(reply)) == 2)
+    await eventually(lambda: resumed.received(reply))
+    assert resumed.received(reply) == witness.received(reply)[1:]
+    await s.assert_a_untouched(before)
+
+
+async def test_revoked_keys_session_is_discarded_and_its_client_is_gone(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    assert s.service.dynsec is not None
+    cred, key = await s.service.auth.create_key("write", actor="test")
+    await settled(s.service)
+    ident = f"_key.{cred.id}"
+    holder = peers(dynsec_mosquitto, ident, ident, key)
+    assert await holder.connect(clean=False, session_expiry=3600) == 0
+    assert await holder.subscribe(f"{s.root}/+/reply") == 1
+    holder.close()
+    logged = len(dynsec_mosquitto.log.read_text())
+    await s.service.auth.revoke_key(cred.id, actor="test")
+    await settled(s.service)
+    again = peers(dynsec_mosquitto, ident, ident, key)
+    assert await again.connect(clean=False, session_expiry=3600) == NOT_AUTHORIZED
+    names = {c["username"] for c in await s.service.dynsec.admin.list_clients()}
+    assert ident not in names
+    with pytest.raises(DynsecError, match="Client not found"):
+        await s.service.dynsec.admin.get_client(ident)
+    # The mirror logged in once as that client id with a clean session (c1), which is what
+    # makes Mosquitto drop the old one, before it deleted the client.
+    log = dynsec_mosquitto.log.read_text()[logged:]
+    assert f"as {ident} (p2, c1," in log  # p2: MQTT 3.1.1 in its log
+    assert log.index(f"as {ident} (p2, c1,") < log.index(f"deleteClient | username={ident}")
+    assert not again.messages
+    await s.assert_a_untouched(before)
+
+
+async def test_rotation_without_grace_keeps_the_nodes_persistent_session(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    """A rotation's new token is the same identity: its session may resume (only a
+    revocation that leaves the node without a valid token discards it)."""
+    s = attacked
+    node = f"rot-{s.root}"
+    _, token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    holder = peers(dynsec_mosquitto, node, node, token)
+    assert await holder.connect(clean=False, session_expiry=3600) == 0
+    assert await holder.subscribe(f"{s.root}/{node}/reply") == 1
+    _, new_token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    await eventually(holder.disconnected.is_set, timeout=2)  # the old password's session
+    again = peers(dynsec_mosquitto, node, node, new_token)
+    assert await again.connect(clean=False, session_expiry=3600) == 0
+    assert again.session_present
 
 
 # --- rotation, the CLI, reconciliation, the outbox across restarts -------------------------
