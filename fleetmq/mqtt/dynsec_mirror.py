@@ -14,8 +14,8 @@ Removing an identity (a ``remove`` row: it has no valid credential left) kicks i
 connections first, then discards its persistent session (``session_reset``: Mosquitto keeps
 it past disableClient and deleteClient), then deletes the client and its role. A rotation keeps
 the session: the new token is the same identity, and its ``put`` only kicks the connection.
-A revocation that leaves the identity without a valid token discards it, even if a new
-credential follows before the mirror sends the removal.
+A revocation that leaves the identity without a valid token discards it (its ``remove`` row
+is written with the revocation), even if a new credential follows before the row is sent.
 """
 
 from __future__ import annotations
@@ -88,9 +88,6 @@ class DynsecMirror:
         self._reconcile_every_s = reconcile_every_s
         self._wake = asyncio.Event()
         self._ended: dict[str, Credential] = {}
-        self._emptied: set[str] = set()
-        """Identities a revocation left without a valid credential (their session goes, even
-        if a new credential arrives before the removal is sent)."""
         self._session_retries: dict[str, float] = {}
         """Identities whose session discard failed: when their removal was first asked for."""
         self._first_used: set[str] = set()
@@ -139,10 +136,6 @@ class DynsecMirror:
         for cred in credentials:
             if on_broker(cred) and not cred.valid_at(now):
                 self._ended[cred.id] = cred
-                # Judged now, while the service holds exactly this change: a rotation's new
-                # credential is in the same batch; a credential issued after a revocation is not.
-                if not self._valid_of(cred.broker_identity):
-                    self._emptied.add(cred.broker_identity)
         self._wake.set()
 
     def cut_off(self, identity: str, seconds: float) -> None:
@@ -208,7 +201,6 @@ class DynsecMirror:
         """Durable first: an ended credential becomes a ``remove`` row (or brings its
         successor's waiting password forward); a first use brings its own forward."""
         ended, self._ended = self._ended, {}
-        emptied, self._emptied = self._emptied, set()
         first, self._first_used = self._first_used, set()
         cuts, self._cuts = self._cuts, {}
         try:
@@ -221,8 +213,9 @@ class DynsecMirror:
             due: list[str] = []
             for cred in ended.values():
                 successors = self._valid_of(cred.broker_identity)
-                due += [c.id for c in successors]
-                if not successors or cred.broker_identity in emptied:
+                if successors:
+                    due += [c.id for c in successors]
+                else:
                     rows.append(OutboxRow(cred.broker_identity, "remove", cred.id,
                                           created_at=now))
             due += first
@@ -232,7 +225,6 @@ class DynsecMirror:
                 await self.auth.store.outbox_due(due, now)
         except BaseException:
             self._ended = {**ended, **self._ended}
-            self._emptied |= emptied
             self._first_used |= first
             self._cuts = {**cuts, **self._cuts}
             raise

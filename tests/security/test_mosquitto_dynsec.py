@@ -320,6 +320,71 @@ async def test_revoked_keys_session_is_discarded_and_its_client_is_gone(
     await s.assert_a_untouched(before)
 
 
+async def persistent_holder(s: Scene, peers: Peers, broker: Mosquitto,
+                            node: str) -> None:
+    """``node`` gets a credential, and a persistent session subscribed to its reply topic
+    that the broker is seen to keep."""
+    _, token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    holder = peers(broker, node, node, token)
+    assert await holder.connect(clean=False, session_expiry=3600) == 0
+    assert await holder.subscribe(f"{s.root}/{node}/reply") == 1
+    holder.close()
+    back = peers(broker, node, node, token)
+    assert await back.connect(clean=False, session_expiry=3600) == 0
+    assert back.session_present
+    back.close()
+
+
+async def test_revocation_followed_at_once_by_a_new_credential_still_discards_the_session(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, mirror = attacked, attacked.service.dynsec
+    assert mirror is not None
+    node = f"quick-{s.root}"
+    await persistent_holder(s, peers, dynsec_mosquitto, node)
+    # The mirror is busy with another command while the node is revoked and re-issued: the
+    # removal and the new credential's put wait in the outbox together.
+    async with mirror.admin._lock:
+        await s.service.auth.create_key("read", actor="test")
+        await eventually(lambda: mirror.admin._lock._waiters)  # the mirror waits for it
+        await s.service.auth.revoke_credentials(node, actor="test")
+        _, new_token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    resumed = peers(dynsec_mosquitto, node, node, new_token)
+    assert await resumed.connect(clean=False, session_expiry=3600) == 0
+    assert resumed.session_present is False
+
+
+async def test_a_session_that_could_not_be_discarded_is_discarded_on_a_later_try(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetmq.mqtt import dynsec_mirror
+    from tests.support import free_port
+
+    s, mirror = attacked, attacked.service.dynsec
+    assert mirror is not None
+    monkeypatch.setattr(dynsec_mirror, "SESSION_RETRY_S", 0.5)
+    node = f"retry-{s.root}"
+    await persistent_holder(s, peers, dynsec_mosquitto, node)
+    broker = mirror._broker
+    mirror._broker = replace(broker, port=free_port())  # the clean-session login fails
+    await s.service.auth.revoke_credentials(node, actor="test")
+
+    async def removed_and_retry_waiting() -> bool:
+        names = {c["username"] for c in await mirror.admin.list_clients()}
+        rows = await s.service.auth.store.outbox(10)
+        return node not in names and [(r.action, r.identity) for r in rows] == [
+            ("remove", node)] and rows[0].not_before is not None
+    await eventually(removed_and_retry_waiting, timeout=10)  # the removal was not held up
+    mirror._broker = broker
+    await settled(s.service)
+    _, new_token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    resumed = peers(dynsec_mosquitto, node, node, new_token)
+    assert await resumed.connect(clean=False, session_expiry=3600) == 0
+    assert resumed.session_present is False
+
+
 async def test_rotation_without_grace_keeps_the_nodes_persistent_session(
         attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
     """A rotation's new token is the same identity: its session may resume (only a
