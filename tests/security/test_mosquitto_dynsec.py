@@ -385,6 +385,37 @@ async def test_a_session_that_could_not_be_discarded_is_discarded_on_a_later_try
     assert resumed.session_present is False
 
 
+async def test_a_waiting_session_retry_does_not_delay_the_next_revocations_kick(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    from tests.support import free_port
+
+    s, mirror = attacked, attacked.service.dynsec
+    assert mirror is not None
+    node = f"again-{s.root}"
+    await persistent_holder(s, peers, dynsec_mosquitto, node)
+    broker = mirror._broker
+    mirror._broker = replace(broker, port=free_port())  # the clean-session login fails
+    await s.service.auth.revoke_credentials(node, actor="test")
+
+    async def retry_waiting() -> bool:
+        rows = await s.service.auth.store.outbox(10)
+        return [(r.action, r.identity) for r in rows] == [("remove", node)] and \
+            rows[0].not_before is not None
+    await eventually(retry_waiting, timeout=10)
+    mirror._broker = broker
+    _, token = await s.service.auth.issue_credential(node, actor="test")
+
+    async def logs_in() -> Peer | None:
+        peer = peers(dynsec_mosquitto, node, node, token)
+        return peer if await peer.connect() == 0 else None
+    live = await eventually(logs_in, timeout=5)
+    assert not live.disconnected.is_set()
+    started = time.monotonic()
+    await s.service.auth.revoke_credentials(node, actor="test")
+    await eventually(live.disconnected.is_set, timeout=1.0, interval=0.01)
+    assert time.monotonic() - started < 1.0
+
+
 async def test_rotation_without_grace_keeps_the_nodes_persistent_session(
         attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
     """A rotation's new token is the same identity: its session may resume (only a
