@@ -25,7 +25,9 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+from collections.abc import Coroutine
 from dataclasses import replace
+from typing import Any
 
 from fleetmq.auth.dynsec_acls import (
     DEFAULT_ACCESS,
@@ -61,6 +63,8 @@ UNKNOWN_RETRY_S = 0.25
 """A put whose credential this manager has not loaded yet (the CLI made it a moment ago) is
 retried this often; its row, and the token in it, are kept meanwhile."""
 UNKNOWN_GIVE_UP_S = 300.0
+ARRIVAL_CHECK_S = 0.05
+"""While a removal waits on the broker, how often it looks for new revocations to kick."""
 SESSION_RETRY_S = 30.0
 """A session that could not be discarded (the client itself is deleted all the same) is
 tried again this much later, through a ``remove`` row of its own ..."""
@@ -274,6 +278,33 @@ class DynsecMirror:
                 kicked[row.identity] = False
         return kicked
 
+    async def _kick_arrivals(self, busy: str) -> None:
+        """Between the slower steps of removing ``busy``: a revocation that arrived meanwhile
+        is kicked now (its own row does the rest in turn), not after this removal's rewrites."""
+        if not self._ended:
+            return
+        await self._note_changes()
+        now = self._now()
+        await self._kick([r for r in await self.auth.store.outbox(BATCH)
+                          if r.action == "remove" and r.identity != busy
+                          and (r.not_before is None or r.not_before <= now)])
+
+    async def _kicking_meanwhile(self, busy: str,
+                                 work: Coroutine[Any, Any, str | None]) -> str | None:
+        """Await a session discard (two commands and a login, up to its timeout) while
+        kicking every revocation that arrives meanwhile, within ``ARRIVAL_CHECK_S``."""
+        task = asyncio.get_running_loop().create_task(work, name="fleetmq-dynsec-session")
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=ARRIVAL_CHECK_S)
+                await self._kick_arrivals(busy)
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
     async def _removing(self, identity: str) -> bool:
         """Whether a ``remove`` row still applies: the identity has no valid credential, or it
         has a new one whose ``put`` waits behind the removal (revocations go first), which
@@ -378,18 +409,21 @@ class DynsecMirror:
                 if exc.error != "Client not found":
                     raise
                 exists = False
-        why = await reset_dynsec_session(self.admin, self._broker, self._tls, identity,
-                                         exists=exists, textname=marker(self.root))
+        why = await self._kicking_meanwhile(identity, reset_dynsec_session(
+            self.admin, self._broker, self._tls, identity, exists=exists,
+            textname=marker(self.root)))
         if why is not None:
             log.warning("dynsec_session_not_discarded identity=%s error=%s retry_s=%g",
                         identity, why, SESSION_RETRY_S)
             self._session_retries.setdefault(identity, since if since is not None
                                              else self._now())
+        await self._kick_arrivals(identity)
         try:
             await self.admin.delete_client(identity)
         except DynsecError as exc:
             if exc.error != "Client not found":
                 raise
+        await self._kick_arrivals(identity)
         try:
             await self.admin.delete_role(role_name(self.root, identity))
         except DynsecError as exc:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -414,6 +415,40 @@ async def test_a_waiting_session_retry_does_not_delay_the_next_revocations_kick(
     await s.service.auth.revoke_credentials(node, actor="test")
     await eventually(live.disconnected.is_set, timeout=1.0, interval=0.01)
     assert time.monotonic() - started < 1.0
+
+
+async def test_a_revocation_during_another_identitys_slow_session_discard_is_kicked_at_once(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetmq.mqtt import dynsec_mirror
+
+    s, before, mirror = attacked, attacked.a_node(), attacked.service.dynsec
+    assert mirror is not None
+    monkeypatch.setattr(dynsec_mirror, "SESSION_RETRY_S", 0.5)
+    slow = f"slow-{s.root}"
+    await persistent_holder(s, peers, dynsec_mosquitto, slow)
+    broker = mirror._broker
+    with socket.socket() as silent:  # accepts TCP, never answers a CONNECT
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        mirror._broker = replace(broker, port=silent.getsockname()[1])
+        await s.service.auth.revoke_credentials(slow, actor="test")
+
+        async def discarding() -> bool:
+            return f"enableClient | username={slow}" in dynsec_mosquitto.log.read_text()
+        await eventually(discarding)  # the mirror now waits for a CONNACK that never comes
+        started = time.monotonic()
+        await s.service.auth.revoke_credentials(s.b_id, actor="test")
+        await eventually(s.b.disconnected.is_set, timeout=1.0, interval=0.01)
+        assert time.monotonic() - started < 1.0
+        mirror._broker = broker
+    await settled(s.service)  # the slow one's session is discarded on its retry
+    resumed = peers(dynsec_mosquitto, slow, slow,
+                    (await s.service.auth.issue_credential(slow, actor="test"))[1])
+    await settled(s.service)
+    assert await resumed.connect(clean=False, session_expiry=3600) == 0
+    assert resumed.session_present is False
+    await s.assert_a_untouched(before)
 
 
 async def test_rotation_without_grace_keeps_the_nodes_persistent_session(
