@@ -134,7 +134,8 @@ def outbox_plan(rows: Sequence[OutboxRow]) -> list[tuple[str, tuple[object, ...]
     """The statements (``?`` placeholders) that add ``rows``: a newer ``put`` supersedes the
     identity's older ones (their tokens are gone at once); a ``remove`` drops the pending
     ``put`` of the credential it ends, and is not added twice for one identity (the pending
-    one keeps its place in the order)."""
+    one keeps its place in the order; a retry the mirror deferred, ``not_before`` set, does
+    not count: a new revocation must not wait for it)."""
     plan: list[tuple[str, tuple[object, ...]]] = []
     insert = (f"INSERT INTO broker_outbox ({', '.join(OUTBOX_COLUMNS)}) "
               "SELECT ?, ?, ?, ?, ?, ?")
@@ -150,7 +151,8 @@ def outbox_plan(rows: Sequence[OutboxRow]) -> list[tuple[str, tuple[object, ...]
             plan.append(("DELETE FROM broker_outbox WHERE identity = ? AND action = 'put' "
                          "AND cred_id = ?", (r.identity, r.cred_id)))
             plan.append((f"{insert} WHERE NOT EXISTS (SELECT 1 FROM broker_outbox WHERE "
-                         "identity = ? AND action = 'remove')", (*values, r.identity)))
+                         "identity = ? AND action = 'remove' AND not_before IS NULL)",
+                         (*values, r.identity)))
     return plan
 
 
@@ -277,7 +279,8 @@ class MemoryAuthStore:
             else:
                 self._outbox = [o for o in self._outbox if not (
                     o.identity == r.identity and o.action == "put" and o.cred_id == r.cred_id)]
-                if any(o.identity == r.identity and o.action == "remove" for o in self._outbox):
+                if any(o.identity == r.identity and o.action == "remove"
+                       and o.not_before is None for o in self._outbox):
                     continue
             self._outbox_id += 1
             self._outbox.append(replace(r, id=self._outbox_id))

@@ -9,6 +9,13 @@ plaintext passwords, so a token waits there until it is sent. On every admin (re
 provisions the manager's own clients (fresh random passwords each start) and reconciles with
 ``listClients``/``listRoles``, and again hourly; reconciliation runs in its own task after the
 manager is ready and never delays readiness. Only the active manager runs one.
+
+Removing an identity (a ``remove`` row: it has no valid credential left) kicks its live
+connections first, then discards its persistent session (``session_reset``: Mosquitto keeps
+it past disableClient and deleteClient), then deletes the client and its role. A rotation keeps
+the session: the new token is the same identity, and its ``put`` only kicks the connection.
+A revocation that leaves the identity without a valid token discards it (its ``remove`` row
+is written with the revocation), even if a new credential follows before the row is sent.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+from collections.abc import Coroutine
 from dataclasses import replace
+from typing import Any
 
 from fleetmq.auth.dynsec_acls import (
     DEFAULT_ACCESS,
@@ -37,6 +46,8 @@ from fleetmq.config import BrokerSettings
 from fleetmq.core.clock import Clock
 from fleetmq.errors import BrokerError, StoreError
 from fleetmq.mqtt.dynsec import Acl, DynsecAdmin, DynsecError
+from fleetmq.mqtt.session_reset import reset_dynsec_session
+from fleetmq.tls import broker_context
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +63,13 @@ UNKNOWN_RETRY_S = 0.25
 """A put whose credential this manager has not loaded yet (the CLI made it a moment ago) is
 retried this often; its row, and the token in it, are kept meanwhile."""
 UNKNOWN_GIVE_UP_S = 300.0
+ARRIVAL_CHECK_S = 0.05
+"""While a removal waits on the broker, how often it looks for new revocations to kick."""
+SESSION_RETRY_S = 30.0
+"""A session that could not be discarded (the client itself is deleted all the same) is
+tried again this much later, through a ``remove`` row of its own ..."""
+SESSION_GIVE_UP_S = 3600.0
+"""... until this long after the removal was asked for."""
 
 
 class DynsecMirror:
@@ -66,11 +84,16 @@ class DynsecMirror:
         self.root = root
         self.admin = DynsecAdmin(admin, f"{next(iter(manager_logins))}-dynsec",
                                  monotonic=clock.monotonic)
+        self._broker = admin
+        """The broker itself, where a removed identity's session is discarded."""
+        self._tls = broker_context(admin)
         self._managers = dict(manager_logins)
         self._clock = clock
         self._reconcile_every_s = reconcile_every_s
         self._wake = asyncio.Event()
         self._ended: dict[str, Credential] = {}
+        self._session_retries: dict[str, float] = {}
+        """Identities whose session discard failed: when their removal was first asked for."""
         self._first_used: set[str] = set()
         self._cuts: dict[str, float] = {}
         """Identities to cut off (a flooding node) and for how long, not yet in the outbox."""
@@ -157,6 +180,7 @@ class DynsecMirror:
         wait_s = await self._drain()
         if self._reconcile_at is not None and self._clock.now().mono >= self._reconcile_at:
             await self._reconcile()
+            await self._retry_sessions()
             self._reconcile_at = self._clock.now().mono + self._reconcile_every_s
             return
         if self._reconcile_at is not None:
@@ -218,9 +242,10 @@ class DynsecMirror:
             if not due:
                 later = [r.not_before - now for r in rows if r.not_before is not None]
                 return min(later, default=IDLE_S * 60)
+            kicked = await self._kick(due)
             for row in due:
                 try:
-                    if not await self._send(row):
+                    if not await self._send(row, kicked):
                         return UNKNOWN_RETRY_S  # made elsewhere, not loaded yet: kept
                 except DynsecError as exc:
                     # The plugin answered and refused: retrying the same row would block every
@@ -230,11 +255,87 @@ class DynsecMirror:
                               row.identity, exc.error)
                     self._reconcile_at = self._clock.now().mono
                 await self.auth.store.outbox_done([row.id])
+                await self._retry_sessions()
                 if self._ended or self._first_used:
                     await self._note_changes()
                     break  # a revocation may have arrived: it goes before the rest
 
-    async def _send(self, row: OutboxRow) -> bool:
+    async def _kick(self, rows: list[OutboxRow]) -> dict[str, bool]:
+        """Disable every identity these rows remove before any slower work (discarding a
+        session, deleting), so each revoked connection closes at once; whether its client
+        existed, by identity."""
+        kicked: dict[str, bool] = {}
+        for row in rows:
+            if row.action != "remove" or row.identity in kicked or \
+                    not await self._removing(row.identity):
+                continue
+            try:
+                await self.admin.disable_client(row.identity)
+                kicked[row.identity] = True
+            except DynsecError as exc:
+                if exc.error != "Client not found":
+                    continue  # its own row tries again, and reports
+                kicked[row.identity] = False
+        return kicked
+
+    async def _kick_arrivals(self, busy: str) -> None:
+        """Between the slower steps of removing ``busy``: a revocation that arrived meanwhile
+        is kicked now (its own row does the rest in turn), not after this removal's rewrites."""
+        if not self._ended:
+            return
+        await self._note_changes()
+        now = self._now()
+        await self._kick([r for r in await self.auth.store.outbox(BATCH)
+                          if r.action == "remove" and r.identity != busy
+                          and (r.not_before is None or r.not_before <= now)])
+
+    async def _kicking_meanwhile(self, busy: str,
+                                 work: Coroutine[Any, Any, str | None]) -> str | None:
+        """Await a session discard (two commands and a login, up to its timeout) while
+        kicking every revocation that arrives meanwhile, within ``ARRIVAL_CHECK_S``."""
+        task = asyncio.get_running_loop().create_task(work, name="fleetmq-dynsec-session")
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=ARRIVAL_CHECK_S)
+                await self._kick_arrivals(busy)
+            return task.result()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _removing(self, identity: str) -> bool:
+        """Whether a ``remove`` row still applies: the identity has no valid credential, or it
+        has a new one whose ``put`` waits behind the removal (revocations go first), which
+        re-creates the client once the old session is gone."""
+        if not self._valid_of(identity):
+            return True
+        now = self._now()
+        return any(r.identity == identity and r.action == "put"
+                   and (r.not_before is None or r.not_before <= now)
+                   for r in await self.auth.store.outbox(10_000_000))
+
+    async def _retry_sessions(self) -> None:
+        """A ``remove`` row, due later, for each session that could not be discarded."""
+        retries, self._session_retries = self._session_retries, {}
+        now = self._now()
+        rows: list[OutboxRow] = []
+        for identity, since in retries.items():
+            if now - since > SESSION_GIVE_UP_S:
+                log.error("dynsec_session_given_up identity=%s: its persistent session could "
+                          "not be discarded for %g s", identity, SESSION_GIVE_UP_S)
+            else:
+                rows.append(OutboxRow(identity, "remove", None, not_before=now + SESSION_RETRY_S,
+                                      created_at=since))
+        try:
+            if rows:
+                await self.auth.store.outbox_add(rows)
+        except BaseException:
+            self._session_retries = {**retries, **self._session_retries}
+            raise
+
+    async def _send(self, row: OutboxRow, kicked: dict[str, bool]) -> bool:
         """Apply one row; False to keep it for later (its credential, made by the CLI, is not
         known here yet: the token it carries must not be thrown away)."""
         if row.action == "put" and row.cred_id is not None and \
@@ -257,9 +358,9 @@ class DynsecMirror:
                         raise
                 log.info("dynsec_%sd identity=%s", row.action, row.identity)
         elif row.action == "remove":
-            if self._valid_of(row.identity):
-                return True  # a newer credential's row puts it back (and kicks): no removal
-            await self._remove(row.identity)
+            if not await self._removing(row.identity):
+                return True  # a newer credential's row put it back (and kicked): no removal
+            await self._remove(row.identity, kicked.get(row.identity), since=row.created_at)
             log.info("dynsec_removed identity=%s", row.identity)
         elif row.cred_id is not None and row.secret is not None and self.auth.valid(row.cred_id):
             await self._put(row.identity, self._acls(row.identity), row.secret)
@@ -291,21 +392,38 @@ class DynsecMirror:
             await self.admin.modify_client(identity, clientid=identity, roles=roles,
                                            password=password, textname=marker(self.root))
 
-    async def _remove(self, identity: str) -> None:
-        """disableClient first: 2.0 kicks the live sessions before it rewrites its file (where
-        deleteClient kicks after the rewrite, hundreds of ms at 10,000 clients), so a revoked
-        connection closes at once; then the client and its role go."""
-        try:
-            await self.admin.disable_client(identity)
-        except DynsecError as exc:
-            if exc.error != "Client not found":
-                raise
-        else:
+    async def _remove(self, identity: str, exists: bool | None = None, *,
+                      since: float | None = None) -> None:
+        """disableClient first (unless ``exists`` says it was done, and whether the client
+        was there): 2.0 kicks the live sessions before it rewrites its file (where deleteClient
+        kicks after the rewrite, hundreds of ms at 10,000 clients), so a revoked connection
+        closes at once. Then its persistent session is discarded (a client that is gone
+        already is made again for that: its session may outlive it), and the client and its
+        role go. A session not discarded is retried later (``since``: when this removal was
+        asked for); the client is deleted all the same."""
+        if exists is None:
+            exists = True
             try:
-                await self.admin.delete_client(identity)
+                await self.admin.disable_client(identity)
             except DynsecError as exc:
                 if exc.error != "Client not found":
                     raise
+                exists = False
+        why = await self._kicking_meanwhile(identity, reset_dynsec_session(
+            self.admin, self._broker, self._tls, identity, exists=exists,
+            textname=marker(self.root)))
+        if why is not None:
+            log.warning("dynsec_session_not_discarded identity=%s error=%s retry_s=%g",
+                        identity, why, SESSION_RETRY_S)
+            self._session_retries.setdefault(identity, since if since is not None
+                                             else self._now())
+        await self._kick_arrivals(identity)
+        try:
+            await self.admin.delete_client(identity)
+        except DynsecError as exc:
+            if exc.error != "Client not found":
+                raise
+        await self._kick_arrivals(identity)
         try:
             await self.admin.delete_role(role_name(self.root, identity))
         except DynsecError as exc:

@@ -50,6 +50,16 @@ async def test_revocations_come_first_and_a_newer_put_supersedes(store: AuthStor
     assert [r.cred_id for r in await store.outbox(10)] == ["c3"]
 
 
+async def test_a_deferred_removal_retry_does_not_swallow_a_new_removal(
+        store: AuthStore) -> None:
+    await store.set_mirror(True)
+    await store.outbox_add([OutboxRow("b", "remove", None, not_before=99.0, created_at=1.0)])
+    await store.outbox_add([OutboxRow("b", "remove", "c2", created_at=2.0)])  # due now
+    await store.outbox_add([OutboxRow("b", "remove", "c3", created_at=3.0)])  # a twin: not
+    rows = await store.outbox(10)
+    assert [(r.cred_id, r.not_before) for r in rows] == [("c2", None), (None, 99.0)]
+
+
 async def test_a_waiting_put_is_brought_forward(store: AuthStore) -> None:
     await store.set_mirror(True)
     await store.outbox_add([put("a", "c1", not_before=100.0)])

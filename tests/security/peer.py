@@ -28,6 +28,8 @@ class Peer:
     protocol: MQTTProtocolVersion = V5
     messages: list[tuple[str, bytes, bool]] = field(default_factory=list)
     connack: int | None = None
+    session_present: bool | None = None
+    """The CONNACK's session-present flag."""
     disconnected: threading.Event = field(default_factory=threading.Event)
     _client: paho.Client | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -46,6 +48,7 @@ class Peer:
 
         def on_connect(_c: Any, _u: Any, _f: Any, rc: Any, _p: Any = None) -> None:
             self.connack = int(rc.value) if hasattr(rc, "value") else int(rc)
+            self.session_present = bool(getattr(_f, "session_present", False))
             answered.set()
 
         def on_disconnect(*_a: Any) -> None:

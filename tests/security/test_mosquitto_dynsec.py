@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -13,9 +14,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from paho.mqtt.enums import MQTTProtocolVersion
 
 from fleetmq.app import FleetService
 from fleetmq.auth.store import OutboxRow
+from fleetmq.mqtt.dynsec import DynsecError
 from tests.conftest import eventually
 from tests.security.dynsec_support import (
     dynsec_broker,
@@ -24,7 +27,7 @@ from tests.security.dynsec_support import (
     peer_factory,
     settled,
 )
-from tests.security.peer import NOT_AUTHORIZED, V311, Peer
+from tests.security.peer import NOT_AUTHORIZED, V5, V311, Peer
 from tests.support import Mosquitto
 
 pytestmark = pytest.mark.mosquitto
@@ -246,6 +249,225 @@ async def test_revocation_kicks_a_live_connection_within_one_second(
     again = peers(dynsec_mosquitto, s.b_id, s.b_id, s.b_token)
     assert await again.connect() == NOT_AUTHORIZED
     await s.assert_a_untouched(before)
+
+
+@pytest.mark.parametrize("protocol", [V311, V5], ids=["mqtt311", "mqtt5"])
+async def test_revoked_nodes_persistent_session_is_not_resumed_with_a_new_credential(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto,
+        protocol: MQTTProtocolVersion) -> None:
+    s, before = attacked, attacked.a_node()
+    node = f"e{protocol.value}-{s.root}"
+    reply = f"{s.root}/{node}/reply"
+    _, token = await s.service.auth.issue_credential(node, actor="test")
+    witness_cred, witness_key = await s.service.auth.create_key("write", actor="test")
+    await settled(s.service)
+    holder = peers(dynsec_mosquitto, node, node, token, protocol=protocol)
+    assert await holder.connect(clean=False, session_expiry=3600) == 0
+    assert await holder.subscribe(reply) == 1
+    holder.close()
+    back = peers(dynsec_mosquitto, node, node, token, protocol=protocol)
+    assert await back.connect(clean=False, session_expiry=3600) == 0
+    assert back.session_present  # the broker keeps this session: the attack has a target
+    back.close()
+    await s.service.auth.revoke_credentials(node, actor="test")
+    await settled(s.service)
+    # A reply to the node, published while it is away: the old session would queue it.
+    ident = f"_key.{witness_cred.id}"
+    witness = peers(dynsec_mosquitto, ident, ident, witness_key)
+    assert await witness.connect() == 0
+    assert await witness.subscribe(reply) == 1
+    assert await witness.publish(f"{s.root}/{node}/register", REGISTER) == 0
+    await eventually(lambda: witness.received(reply))
+    _, new_token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    resumed = peers(dynsec_mosquitto, node, node, new_token, protocol=protocol)
+    assert await resumed.connect(clean=False, session_expiry=3600) == 0
+    assert resumed.session_present is False
+    # What the old session held is gone: a fresh reply arrives, the queued one never does.
+    assert await resumed.subscribe(reply) == 1
+    assert await witness.publish(f"{s.root}/{node}/register", REGISTER) == 0
+    await eventually(lambda: len(witness.received(reply)) == 2)
+    await eventually(lambda: resumed.received(reply))
+    assert resumed.received(reply) == witness.received(reply)[1:]
+    await s.assert_a_untouched(before)
+
+
+async def test_revoked_keys_session_is_discarded_and_its_client_is_gone(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, before = attacked, attacked.a_node()
+    assert s.service.dynsec is not None
+    cred, key = await s.service.auth.create_key("write", actor="test")
+    await settled(s.service)
+    ident = f"_key.{cred.id}"
+    holder = peers(dynsec_mosquitto, ident, ident, key)
+    assert await holder.connect(clean=False, session_expiry=3600) == 0
+    assert await holder.subscribe(f"{s.root}/+/reply") == 1
+    holder.close()
+    logged = len(dynsec_mosquitto.log.read_text())
+    await s.service.auth.revoke_key(cred.id, actor="test")
+    await settled(s.service)
+    again = peers(dynsec_mosquitto, ident, ident, key)
+    assert await again.connect(clean=False, session_expiry=3600) == NOT_AUTHORIZED
+    names = {c["username"] for c in await s.service.dynsec.admin.list_clients()}
+    assert ident not in names
+    with pytest.raises(DynsecError, match="Client not found"):
+        await s.service.dynsec.admin.get_client(ident)
+    # The mirror logged in once as that client id with a clean session (c1), which is what
+    # makes Mosquitto drop the old one, before it deleted the client.
+    log = dynsec_mosquitto.log.read_text()[logged:]
+    assert f"as {ident} (p2, c1," in log  # p2: MQTT 3.1.1 in its log
+    assert log.index(f"as {ident} (p2, c1,") < log.index(f"deleteClient | username={ident}")
+    assert not again.messages
+    await s.assert_a_untouched(before)
+
+
+async def persistent_holder(s: Scene, peers: Peers, broker: Mosquitto,
+                            node: str) -> None:
+    """``node`` gets a credential, and a persistent session subscribed to its reply topic
+    that the broker is seen to keep."""
+    _, token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    holder = peers(broker, node, node, token)
+    assert await holder.connect(clean=False, session_expiry=3600) == 0
+    assert await holder.subscribe(f"{s.root}/{node}/reply") == 1
+    holder.close()
+    back = peers(broker, node, node, token)
+    assert await back.connect(clean=False, session_expiry=3600) == 0
+    assert back.session_present
+    back.close()
+
+
+async def test_revocation_followed_at_once_by_a_new_credential_still_discards_the_session(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    s, mirror = attacked, attacked.service.dynsec
+    assert mirror is not None
+    node = f"quick-{s.root}"
+    await persistent_holder(s, peers, dynsec_mosquitto, node)
+    # The mirror is busy with another command while the node is revoked and re-issued: the
+    # removal and the new credential's put wait in the outbox together.
+    async with mirror.admin._lock:
+        await s.service.auth.create_key("read", actor="test")
+        await eventually(lambda: mirror.admin._lock._waiters)  # the mirror waits for it
+        await s.service.auth.revoke_credentials(node, actor="test")
+        _, new_token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    resumed = peers(dynsec_mosquitto, node, node, new_token)
+    assert await resumed.connect(clean=False, session_expiry=3600) == 0
+    assert resumed.session_present is False
+
+
+async def test_a_session_that_could_not_be_discarded_is_discarded_on_a_later_try(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetmq.mqtt import dynsec_mirror
+    from tests.support import free_port
+
+    s, mirror = attacked, attacked.service.dynsec
+    assert mirror is not None
+    monkeypatch.setattr(dynsec_mirror, "SESSION_RETRY_S", 0.5)
+    node = f"retry-{s.root}"
+    await persistent_holder(s, peers, dynsec_mosquitto, node)
+    broker = mirror._broker
+    mirror._broker = replace(broker, port=free_port())  # the clean-session login fails
+    await s.service.auth.revoke_credentials(node, actor="test")
+
+    async def removed_and_retry_waiting() -> bool:
+        names = {c["username"] for c in await mirror.admin.list_clients()}
+        rows = await s.service.auth.store.outbox(10)
+        return node not in names and [(r.action, r.identity) for r in rows] == [
+            ("remove", node)] and rows[0].not_before is not None
+    await eventually(removed_and_retry_waiting, timeout=10)  # the removal was not held up
+    mirror._broker = broker
+    await settled(s.service)
+    _, new_token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    resumed = peers(dynsec_mosquitto, node, node, new_token)
+    assert await resumed.connect(clean=False, session_expiry=3600) == 0
+    assert resumed.session_present is False
+
+
+async def test_a_waiting_session_retry_does_not_delay_the_next_revocations_kick(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    from tests.support import free_port
+
+    s, mirror = attacked, attacked.service.dynsec
+    assert mirror is not None
+    node = f"again-{s.root}"
+    await persistent_holder(s, peers, dynsec_mosquitto, node)
+    broker = mirror._broker
+    mirror._broker = replace(broker, port=free_port())  # the clean-session login fails
+    await s.service.auth.revoke_credentials(node, actor="test")
+
+    async def retry_waiting() -> bool:
+        rows = await s.service.auth.store.outbox(10)
+        return [(r.action, r.identity) for r in rows] == [("remove", node)] and \
+            rows[0].not_before is not None
+    await eventually(retry_waiting, timeout=10)
+    mirror._broker = broker
+    _, token = await s.service.auth.issue_credential(node, actor="test")
+
+    async def logs_in() -> Peer | None:
+        peer = peers(dynsec_mosquitto, node, node, token)
+        return peer if await peer.connect() == 0 else None
+    live = await eventually(logs_in, timeout=5)
+    assert not live.disconnected.is_set()
+    started = time.monotonic()
+    await s.service.auth.revoke_credentials(node, actor="test")
+    await eventually(live.disconnected.is_set, timeout=1.0, interval=0.01)
+    assert time.monotonic() - started < 1.0
+
+
+async def test_a_revocation_during_another_identitys_slow_session_discard_is_kicked_at_once(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleetmq.mqtt import dynsec_mirror
+
+    s, before, mirror = attacked, attacked.a_node(), attacked.service.dynsec
+    assert mirror is not None
+    monkeypatch.setattr(dynsec_mirror, "SESSION_RETRY_S", 0.5)
+    slow = f"slow-{s.root}"
+    await persistent_holder(s, peers, dynsec_mosquitto, slow)
+    broker = mirror._broker
+    with socket.socket() as silent:  # accepts TCP, never answers a CONNECT
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        mirror._broker = replace(broker, port=silent.getsockname()[1])
+        await s.service.auth.revoke_credentials(slow, actor="test")
+
+        async def discarding() -> bool:
+            return f"enableClient | username={slow}" in dynsec_mosquitto.log.read_text()
+        await eventually(discarding)  # the mirror now waits for a CONNACK that never comes
+        started = time.monotonic()
+        await s.service.auth.revoke_credentials(s.b_id, actor="test")
+        await eventually(s.b.disconnected.is_set, timeout=1.0, interval=0.01)
+        assert time.monotonic() - started < 1.0
+        mirror._broker = broker
+    await settled(s.service)  # the slow one's session is discarded on its retry
+    resumed = peers(dynsec_mosquitto, slow, slow,
+                    (await s.service.auth.issue_credential(slow, actor="test"))[1])
+    await settled(s.service)
+    assert await resumed.connect(clean=False, session_expiry=3600) == 0
+    assert resumed.session_present is False
+    await s.assert_a_untouched(before)
+
+
+async def test_rotation_without_grace_keeps_the_nodes_persistent_session(
+        attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto) -> None:
+    """A rotation's new token is the same identity: its session may resume (only a
+    revocation that leaves the node without a valid token discards it)."""
+    s = attacked
+    node = f"rot-{s.root}"
+    _, token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    holder = peers(dynsec_mosquitto, node, node, token)
+    assert await holder.connect(clean=False, session_expiry=3600) == 0
+    assert await holder.subscribe(f"{s.root}/{node}/reply") == 1
+    _, new_token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    await eventually(holder.disconnected.is_set, timeout=2)  # the old password's session
+    again = peers(dynsec_mosquitto, node, node, new_token)
+    assert await again.connect(clean=False, session_expiry=3600) == 0
+    assert again.session_present
 
 
 # --- rotation, the CLI, reconciliation, the outbox across restarts -------------------------
