@@ -28,14 +28,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -130,28 +134,88 @@ def bare_logins(broker: Mosquitto, root: str, publishers: int) -> list[ingest.Lo
 
 # --- MQTT ingest -------------------------------------------------------------------------------
 
-def ingest_auth_on(broker: Mosquitto, root: str, args: argparse.Namespace,
-                   version: str) -> ingest.Result:
+@dataclass
+class Pair:
+    """One measurement with auth off and on, repeated in alternation (off, on, off, on, ...):
+    this box is shared, and a ratio of medians of interleaved rounds moves far less than two
+    single runs minutes apart."""
+    key: str
+    label: str
+    off: list[ingest.Result] = field(default_factory=list)
+    on: list[ingest.Result] = field(default_factory=list)
+    off_cpu: list[dict[str, float]] = field(default_factory=list)
+    on_cpu: list[dict[str, float]] = field(default_factory=list)
+    """CPU microseconds per message counted, by process (``manager``, ``broker``): unlike the
+    rates, barely moved by other jobs on the box."""
+
+    def measure(self, on: bool, pids: dict[str, int],
+                run: Callable[[], ingest.Result]) -> None:
+        before = {name: cpu_s(pid) for name, pid in pids.items()}
+        result = run()
+        used = {name: (cpu_s(pid) - before[name]) / max(result.counted, 1) * 1e6
+                for name, pid in pids.items()}
+        (self.on if on else self.off).append(result)
+        (self.on_cpu if on else self.off_cpu).append(used)
+
+    @staticmethod
+    def median(side: list[ingest.Result]) -> float:
+        return statistics.median(r.per_s for r in side)
+
+    @property
+    def ratio(self) -> float:
+        return self.median(self.on) / self.median(self.off)
+
+    def doc(self) -> dict[str, object]:
+        return {"key": self.key, "label": self.label, "ratio": self.ratio,
+                "off_median_per_s": self.median(self.off),
+                "on_median_per_s": self.median(self.on),
+                "off": [{**asdict(r), "lost": r.lost, "cpu_us_per_msg": c}
+                        for r, c in zip(self.off, self.off_cpu, strict=True)],
+                "on": [{**asdict(r), "lost": r.lost, "cpu_us_per_msg": c}
+                       for r, c in zip(self.on, self.on_cpu, strict=True)]}
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def manager_on(broker: Mosquitto, root: str, args: argparse.Namespace, version: str,
+               stack: ExitStack) -> tuple[int, int, list[ingest.Login]]:
+    """``fleetmq serve --auth on --broker-auth dynsec``, its fleet registered by a write key;
+    its pid, HTTP port and the publishers' write keys (provisioned in the broker)."""
     proc, http_port = start_manager(broker.url, root, "--mqtt-version", version,
                                     *auth_options(broker.workdir, broker),
                                     workdir=broker.workdir, wrap=args.wrap.split())
-    try:
-        keys = make_keys(http_port, broker.workdir, "write", args.publishers + 1)
-        for login in keys:  # through the mirror into the broker: within a second
-            wait_for(lambda login=login: can_log_in(broker.port, login), 30,  # type: ignore[misc]
-                     "write key provisioned in the broker")
-        ingest.register(broker.port, http_port, root, args.nodes, keys[0])
-        return ingest.applied(broker.port, http_port, root, args, f"on-{version}",
-                              f"fleetmq applied, MQTT {version}, auth on", keys[1:])
-    finally:
-        stop_process(proc)
+    stack.callback(stop_process, proc)
+    keys = make_keys(http_port, broker.workdir, "write", args.publishers + 1)
+    for login in keys:  # through the mirror into the broker: within a second
+        wait_for(lambda login=login: can_log_in(broker.port, login), 30,  # type: ignore[misc]
+                 "write key provisioned in the broker")
+    ingest.register(broker.port, http_port, root, args.nodes, keys[0])
+    return proc.pid, http_port, keys[1:]
 
 
-def measure_ingest(args: argparse.Namespace, tmp: Path) -> list[ingest.Result]:
+def manager_off(broker: Mosquitto, root: str, args: argparse.Namespace, version: str,
+                stack: ExitStack) -> tuple[int, int]:
+    proc, http_port = start_manager(broker.url, root, "--mqtt-version", version,
+                                    workdir=broker.workdir, wrap=args.wrap.split())
+    stack.callback(stop_process, proc)
+    ingest.register(broker.port, http_port, root, args.nodes)
+    return proc.pid, http_port
+
+
+def pid(broker: Mosquitto) -> int:
+    assert broker.proc is not None
+    return broker.proc.pid
+
+
+def measure_ingest(args: argparse.Namespace, tmp: Path) -> list[Pair]:
     off_dir, on_dir = tmp / "off", tmp / "on"
     off_dir.mkdir()
     on_dir.mkdir()
-    results: list[ingest.Result] = []
+    pairs: list[Pair] = []
     with ExitStack() as stack:
         off = Mosquitto(off_dir)
         on = Mosquitto(on_dir, dynsec=True)
@@ -159,40 +223,53 @@ def measure_ingest(args: argparse.Namespace, tmp: Path) -> list[ingest.Result]:
             broker.start()
             stack.callback(broker.stop)
         if not args.skip_bare:
-            bare = ingest.bare_subscriber(off.port, "bare", args)
-            bare.key, bare.label = "bare-off", "bare paho subscriber, 3.1.1, anonymous"
-            results.append(bare)
-            bare = ingest.bare_subscriber(on.port, "bare", args,
-                                          logins=bare_logins(on, "bare", args.publishers))
-            bare.key, bare.label = "bare-on", "bare paho subscriber, 3.1.1, dynsec login"
-            results.append(bare)
+            bare = Pair("bare", "bare paho subscriber, 3.1.1")
+            logins = bare_logins(on, "bare", args.publishers)
+            for _ in range(args.rounds):
+                bare.measure(False, {"broker": pid(off)},
+                             partial(ingest.bare_subscriber, off.port, "bare", args))
+                bare.measure(True, {"broker": pid(on)},
+                             partial(ingest.bare_subscriber, on.port, "bare", args,
+                                     logins=logins))
+            pairs.append(bare)
         for version in args.mqtt_versions:
             root = "fleet" if version == "5" else "fleet3"
-            result, _ = ingest.fleetmq_ingest(off, root, args, version)
-            result.key = f"off-{version}"
-            result.label = f"fleetmq applied, MQTT {version}, auth off"
-            results.append(result)
-            results.append(ingest_auth_on(on, root, args, version))
-    return results
+            pair = Pair(f"fleetmq-{version}", f"fleetmq applied, MQTT {version}")
+            with ExitStack() as managers:  # both alive, each idle while the other runs
+                off_pid, off_http = manager_off(off, root, args, version, managers)
+                on_pid, on_http, keys = manager_on(on, root, args, version, managers)
+                for _ in range(args.rounds):
+                    pair.measure(False, {"manager": off_pid, "broker": pid(off)},
+                                 partial(ingest.applied, off.port, off_http, root, args, "off",
+                                         ""))
+                    pair.measure(True, {"manager": on_pid, "broker": pid(on)},
+                                 partial(ingest.applied, on.port, on_http, root, args, "on", "",
+                                         keys))
+            pairs.append(pair)
+    return pairs
 
 
-def report_ingest(args: argparse.Namespace, results: list[ingest.Result]) -> dict[str, float]:
-    by_key = {r.key: r for r in results}
+def report_ingest(args: argparse.Namespace, pairs: list[Pair]) -> None:
     published = args.messages // args.publishers * args.publishers
     rows = [("machine", f"{os.cpu_count()} cores, python {sys.version.split()[0]}"),
-            ("nodes, heartbeats published (QoS 0)", f"{args.nodes:,}, {published:,}")]
-    ratios: dict[str, float] = {}
-    for r in results:
-        rows.append((r.label, r.cell()))
-        off = by_key.get(r.key.replace("on", "off", 1)) if r.key.startswith(("on", "bare-on")) \
-            else None
-        if off is not None and off.per_s > 0:
-            ratio = ratios[r.key] = r.per_s / off.per_s
-            verdict = ("" if r.key.startswith("bare") else
-                       f"  (>= {TARGET:.2f}: {'met' if ratio >= TARGET else 'MISSED'})")
-            rows.append(("  auth on / auth off", f"{ratio:.2f}{verdict}"))
+            ("nodes, heartbeats per round (QoS 0)", f"{args.nodes:,}, {published:,}"),
+            ("rounds (off, on alternating)", f"{args.rounds}; medians below")]
+    for pair in pairs:
+        sides = (("anonymous", "dynsec login") if pair.key == "bare" else
+                 ("auth off", "auth on"))
+        for side, runs, cpu in zip(sides, (pair.off, pair.on), (pair.off_cpu, pair.on_cpu),
+                                   strict=True):
+            lost = sum(r.lost for r in runs)
+            rates = ", ".join(f"{r.per_s:,.0f}" for r in runs)
+            rows.append((f"{pair.label}, {side}",
+                         f"{Pair.median(runs):,.0f} msg/s ({rates}), {lost:,} lost"))
+            used = " / ".join(f"{statistics.median(c[name] for c in cpu):.1f}"
+                              for name in cpu[0])
+            rows.append((f"  CPU us/msg, {' / '.join(cpu[0])}", used))
+        verdict = ("" if pair.key == "bare" else
+                   f"  (>= {TARGET:.2f}: {'met' if pair.ratio >= TARGET else 'MISSED'})")
+        rows.append(("  auth on / auth off", f"{pair.ratio:.2f}{verdict}"))
     print_rows(rows)
-    return ratios
 
 
 # --- REST --------------------------------------------------------------------------------------
@@ -226,6 +303,17 @@ class GateBench(rest.Bench):
             call(f"{base}/register", self.write, (rest.REGISTER_BODY % (i, i)).encode())
             call(f"{base}/heartbeat", self.write, (rest.HEARTBEAT_BODY % (i, i)).encode())
 
+    def _profile(self, scenario: rest.Scenario) -> subprocess.Popen[bytes] | None:
+        """``--profile DIR``: DIR/off and DIR/on, one raw py-spy file per route."""
+        if self.args.profile is None:
+            return None
+        base = self.args.profile
+        self.args.profile = str(Path(base) / ("on" if self.auth else "off"))
+        try:
+            return super()._profile(scenario)
+        finally:
+            self.args.profile = base
+
     def scenarios(self) -> list[rest.Scenario]:
         nodes = self.args.nodes
         fleet = f"http://127.0.0.1:{self.http_port}{rest.PREFIX}"
@@ -245,9 +333,10 @@ class GateBench(rest.Bench):
         ]
 
 
-def measure_rest(args: argparse.Namespace, tmp: Path) -> list[dict[str, object]]:
+def measure_rest(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """Both managers up; each route run off, on, off, on, ... (``--rounds`` each)."""
     args.rate = 0  # no MQTT load scenario here
-    rows: list[dict[str, object]] = []
+    rows: list[dict[str, Any]] = []
     with ExitStack() as stack:
         benches = {}
         for auth in (False, True):
@@ -255,39 +344,56 @@ def measure_rest(args: argparse.Namespace, tmp: Path) -> list[dict[str, object]]
             where.mkdir()
             benches[auth] = GateBench(args, where, stack, auth)
             benches[auth].start()
-        off_scenarios = benches[False].scenarios()
-        on_scenarios = benches[True].scenarios()
-        for off_s, on_s in zip(off_scenarios, on_scenarios, strict=True):
-            off, on = benches[False].run(off_s), benches[True].run(on_s)
-            rows.append({"scenario": off_s.slug, "label": off_s.label,
-                         "off": run_doc(off), "on": run_doc(on), "ratio": on.rps / off.rps})
+        for off_s, on_s in zip(benches[False].scenarios(), benches[True].scenarios(),
+                               strict=True):
+            off: list[dict[str, float]] = []
+            on: list[dict[str, float]] = []
+            for _ in range(args.rounds):
+                off.append(timed_run(benches[False], off_s))
+                on.append(timed_run(benches[True], on_s))
+            off_rps = statistics.median(r["rps"] for r in off)
+            on_rps = statistics.median(r["rps"] for r in on)
+            rows.append({"scenario": off_s.slug, "label": off_s.label, "off": off, "on": on,
+                         "off_median_rps": off_rps, "on_median_rps": on_rps,
+                         "ratio": on_rps / off_rps})
     return rows
 
 
-def run_doc(run: rest.Run) -> dict[str, float]:
+def timed_run(bench: GateBench, scenario: rest.Scenario) -> dict[str, float]:
+    """One wrk run, with the manager's CPU microseconds per request answered."""
+    assert bench.server is not None
+    before = cpu_s(bench.server.pid)
+    run = bench.run(scenario)
+    used = cpu_s(bench.server.pid) - before
     return {"rps": run.rps, "p50_ms": run.p50_ms, "p99_ms": run.p99_ms, "errors": run.errors,
-            "non_2xx": run.non_2xx}
+            "non_2xx": run.non_2xx,
+            "cpu_us_per_req": used / max(run.rps * bench.args.duration, 1) * 1e6}
 
 
-def report_rest(args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
+def report_rest(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; wrk "
           f"{args.threads} threads, {args.connections} connections, {args.duration} s per run; "
-          f"{args.nodes:,} nodes registered\n")
+          f"{args.nodes:,} nodes registered; {args.rounds} rounds (off, on alternating), "
+          "medians\n")
     table = []
     for row in rows:
         off, on, ratio = row["off"], row["on"], row["ratio"]
-        assert isinstance(off, dict)
-        assert isinstance(on, dict)
-        assert isinstance(ratio, float)
         target = ""
         if row["scenario"] == "heartbeat":
             target = f">= {TARGET:.2f}: {'met' if ratio >= TARGET else 'MISSED'}"
-        table.append((str(row["label"]), f"{off['rps']:,.0f}", f"{on['rps']:,.0f}",
-                      f"{ratio:.2f}", f"{off['p99_ms']:.1f} / {on['p99_ms']:.1f} ms",
-                      f"{off['errors'] + on['errors']}", f"{off['non_2xx'] + on['non_2xx']}",
-                      target))
-    print_table(("route", "off req/s", "on req/s", "on/off", "p99 off / on", "errors",
-                 "non-2xx", "target"), table)
+        p99 = (statistics.median(r["p99_ms"] for r in off),
+               statistics.median(r["p99_ms"] for r in on))
+        cpu = (statistics.median(r["cpu_us_per_req"] for r in off),
+               statistics.median(r["cpu_us_per_req"] for r in on))
+        table.append((
+            str(row["label"]), f"{row['off_median_rps']:,.0f}", f"{row['on_median_rps']:,.0f}",
+            f"{ratio:.2f}", f"{p99[0]:.1f} / {p99[1]:.1f} ms", f"{cpu[0]:.0f} / {cpu[1]:.0f}",
+            str(sum(r["errors"] for r in off + on)), str(sum(r["non_2xx"] for r in off + on)),
+            target,
+            " / ".join(f"{a['rps']:,.0f}-{b['rps']:,.0f}" for a, b in zip(off, on, strict=True))))
+    print_table(("route", "off req/s", "on req/s", "on/off", "p99 off / on",
+                 "CPU us/req off / on", "errors",
+                 "non-2xx", "target", "rounds (off-on)"), table)
 
 
 def main() -> None:
@@ -299,6 +405,8 @@ def main() -> None:
     parser.add_argument("--qos", type=int, default=0, choices=(0, 1))
     parser.add_argument("--mqtt-versions", nargs="+", default=["5", "3.1.1"],
                         choices=["5", "3.1.1"], help="the manager's protocols to measure")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="measurements per side, off and on alternating (default: 3)")
     parser.add_argument("--skip-bare", action="store_true", help="no bare subscribers")
     parser.add_argument("--wrap", default="", help="prefix for the managers' command (ingest)")
     parser.add_argument("--store", default="sqlite", help=argparse.SUPPRESS)
@@ -313,11 +421,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-auth-") as name:
         tmp = Path(name)
         if args.only in (None, "ingest"):
-            results = measure_ingest(args, tmp)
-            ratios = report_ingest(args, results)
+            pairs = measure_ingest(args, tmp)
+            report_ingest(args, pairs)
             doc["ingest"] = {"nodes": args.nodes, "publishers": args.publishers,
-                             "qos": args.qos, "ratios": ratios,
-                             "results": [{**asdict(r), "lost": r.lost} for r in results]}
+                             "qos": args.qos, "rounds": args.rounds,
+                             "results": [pair.doc() for pair in pairs]}
         if args.only in (None, "rest"):
             if "ingest" in doc:
                 print()
