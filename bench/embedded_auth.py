@@ -304,7 +304,9 @@ def run(auth_on: bool, credentials: int, args: argparse.Namespace, workdir: Path
         tokens, keys = asyncio.run(_provision(store_url, nodes, max(0, credentials - nodes),
                                               args.publishers))
         logins = [(_node(i), tokens[i]) for i in range(args.connects)]
-        options = ["--auth", "on", "--admin-token-file", str(workdir / f"admin-{credentials}")]
+        # /metrics needs a token with auth on (the REST gate); the bench reads it bare.
+        options = ["--auth", "on", "--admin-token-file", str(workdir / f"admin-{credentials}"),
+                   "--metrics-public", "true"]
         publishers = []
         for token in keys:
             cred_id = _key_id(store_url, token)
