@@ -76,8 +76,22 @@ class Run:
     """amqtt's "Timeout waiting for PUBACK" lines in the manager's log (embedded only)."""
 
 
-def _publish(port: int, root: str, first: int, count: int, nodes: int, qos: int) -> None:
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{first}")
+Login = tuple[str, str]
+"""(username, password) for a broker with logins; the username is also the client id."""
+
+
+def _client(default_id: str, login: Login | None,
+            protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv311) -> paho.Client:
+    client = paho.Client(CallbackAPIVersion.VERSION2,
+                         client_id=login[0] if login else default_id, protocol=protocol)
+    if login is not None:
+        client.username_pw_set(*login)
+    return client
+
+
+def _publish(port: int, root: str, first: int, count: int, nodes: int, qos: int,
+             login: Login | None = None) -> None:
+    client = _client(f"bench-pub-{first}", login)
     client.max_inflight_messages_set(1000)
     client.connect("127.0.0.1", port, keepalive=120)
     client.loop_start()
@@ -91,10 +105,13 @@ def _publish(port: int, root: str, first: int, count: int, nodes: int, qos: int)
     client.loop_stop()
 
 
-def _blast(port: int, root: str, messages: int, nodes: int, publishers: int, qos: int) -> int:
-    """Publish from ``publishers`` processes; returns how many messages went out."""
+def _blast(port: int, root: str, messages: int, nodes: int, publishers: int, qos: int,
+           logins: list[Login] | None = None) -> int:
+    """Publish from ``publishers`` processes (each with its own login, if given: a client id
+    can be connected only once); returns how many messages went out."""
     share = messages // publishers
-    procs = [mp.Process(target=_publish, args=(port, root, k * share, share, nodes, qos))
+    procs = [mp.Process(target=_publish, args=(port, root, k * share, share, nodes, qos,
+                                               logins[k] if logins else None))
              for k in range(publishers)]
     for proc in procs:
         proc.start()
@@ -107,7 +124,9 @@ def _blast(port: int, root: str, messages: int, nodes: int, publishers: int, qos
 
 
 def bare_subscriber(port: int, root: str, args: argparse.Namespace,
-                    mqtt5: bool = False) -> Result:
+                    mqtt5: bool = False, logins: list[Login] | None = None) -> Result:
+    """The ceiling: a paho client that only counts. With ``logins``, the first is the
+    subscriber's and the others the publishers'."""
     seen = 0
     first_at = last_at = 0.0
     lock = threading.Lock()
@@ -121,14 +140,15 @@ def bare_subscriber(port: int, root: str, args: argparse.Namespace,
                 first_at = last_at
 
     protocol = MQTTProtocolVersion.MQTTv5 if mqtt5 else MQTTProtocolVersion.MQTTv311
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare", protocol=protocol)
+    client = _client("bench-bare", logins[0] if logins else None, protocol=protocol)
     client.on_message = on_message
     client.connect("127.0.0.1", port, keepalive=120)
     client.subscribe(f"{root}/+/heartbeat", qos=1)
     client.loop_start()
     try:
         time.sleep(0.5)
-        published = _blast(port, root, args.messages, args.nodes, args.publishers, args.qos)
+        published = _blast(port, root, args.messages, args.nodes, args.publishers, args.qos,
+                           logins[1:] if logins else None)
         settle(lambda: seen, published, IDLE_S, 300, "messages seen by the bare subscriber")
     finally:
         client.disconnect()
@@ -140,9 +160,10 @@ def bare_subscriber(port: int, root: str, args: argparse.Namespace,
                   count / span if span > 0 else 0.0, count, published)
 
 
-def register(port: int, http_port: int, root: str, nodes: int) -> float:
+def register(port: int, http_port: int, root: str, nodes: int,
+             login: Login | None = None) -> float:
     """Registers ``nodes`` nodes over MQTT; returns registrations/s."""
-    reg = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-reg")
+    reg = _client("bench-reg", login)
     reg.max_inflight_messages_set(1000)
     reg.connect("127.0.0.1", port, keepalive=120)
     reg.loop_start()
@@ -166,7 +187,7 @@ def register(port: int, http_port: int, root: str, nodes: int) -> float:
 
 
 def applied(port: int, http_port: int, root: str, args: argparse.Namespace, key: str,
-            label: str) -> Result:
+            label: str, logins: list[Login] | None = None) -> Result:
     """Heartbeats for the registered nodes; the manager's applied rate from /metrics."""
     base = metric(http_port, "fleetmq_mqtt_messages_applied_total")
     samples: list[tuple[float, float]] = [(time.monotonic(), 0.0)]
@@ -181,7 +202,8 @@ def applied(port: int, http_port: int, root: str, args: argparse.Namespace, key:
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        published = _blast(port, root, args.messages, args.nodes, args.publishers, args.qos)
+        published = _blast(port, root, args.messages, args.nodes, args.publishers, args.qos,
+                           logins)
         settle(lambda: samples[-1][1], published, IDLE_S, 300, "heartbeats applied")
     finally:
         stop.set()

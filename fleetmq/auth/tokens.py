@@ -17,6 +17,9 @@ _PREFIX = "fmq_"
 _TOKEN = re.compile(r"fmq_(key|node|enr)_[A-Za-z0-9_-]{42}[AEIMQUYcgkosw048]")
 MAX_TOKEN_LENGTH = len("fmq_node_") + 43
 
+_SPACE = re.compile(r"\s")
+"""What ``str.isspace`` calls a space (both use Py_UNICODE_ISSPACE): one C scan of a header
+instead of a generator per character, on every authenticated request."""
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smhd]?)")
 _UNIT_S = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 MAX_DURATION_S = 100 * 365.25 * 86400.0
@@ -69,6 +72,6 @@ def bearer_token(header: str | None) -> str | None:
     if header is None:
         return None
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token or any(ch.isspace() for ch in token):
+    if scheme.lower() != "bearer" or not token or _SPACE.search(token):
         return None
     return token

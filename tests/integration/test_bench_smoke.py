@@ -105,6 +105,27 @@ def _check_embedded_auth(doc: dict[str, Any]) -> None:
     assert all(0 < ms < 1000 for ms in revoked), revoked
 
 
+def _check_auth_cost(doc: dict[str, Any]) -> None:
+    ingest = doc["ingest"]
+    pairs = {r["key"]: r for r in ingest["results"]}
+    assert set(pairs) == {"bare", "fleetmq-5", "fleetmq-3.1.1"}
+    for pair in pairs.values():
+        assert pair["ratio"] > 0, pair
+        assert len(pair["off"]) == len(pair["on"]) == ingest["rounds"] == 2
+        for r in pair["off"] + pair["on"]:
+            _positive(r, "per_s", "counted")
+            assert r["counted"] == r["published"], r
+            assert r["lost"] == 0, r
+    runs = {r["scenario"]: r for r in doc["rest"]["results"]}
+    assert set(runs) == {"heartbeat", "get-one", "list-20"}
+    for r in runs.values():
+        assert r["ratio"] > 0, r
+        for side in r["off"] + r["on"]:
+            _positive(side, "rps", "p50_ms", "p99_ms")
+            assert side["errors"] == 0, r
+            assert side["non_2xx"] == 0, r  # the bearer keys were accepted
+
+
 @dataclass(frozen=True)
 class Bench:
     argv: tuple[str, ...]
@@ -145,6 +166,15 @@ BENCHES = {
         ("auth off: connects", "auth on, 200 credentials: heartbeats applied",
          "auth on, 200 credentials: revoke -> closed"),
         _check_embedded_auth, mosquitto=False),
+    "auth-cost": Bench(
+        ("bench/auth_cost.py", "--nodes", "100", "--messages", "1000", "--publishers", "1",
+         "--rest-nodes", "20", "--duration", "1", "--threads", "1", "--connections", "4",
+         "--rounds", "2"),
+        "auth_cost.json",
+        ("bare paho subscriber, 3.1.1, dynsec login", "fleetmq applied, MQTT 5, auth on",
+         "fleetmq applied, MQTT 3.1.1, auth on", "auth on / auth off", "heartbeat (write key)",
+         "list 20 (read key)"),
+        _check_auth_cost),
     "lag": Bench(
         ("bench/lag.py", "--nodes", "100", "--rate", "500", "--seconds", "5"),
         "lag.json", ("probes answered", "lag p50 / p99 / max"), _check_lag),
@@ -212,7 +242,7 @@ def test_bench_runs_and_reports(name: str, tmp_path: Path, request: pytest.Fixtu
     bench = BENCHES[name]
     if bench.mosquitto:
         request.getfixturevalue("mosquitto")  # skips, or fails in CI, without Mosquitto
-    if name == "rest" and shutil.which("wrk") is None and os.geteuid() != 0:
+    if name in ("rest", "auth-cost") and shutil.which("wrk") is None and os.geteuid() != 0:
         pytest.skip("wrk is not installed and bench/rest.py installs it only as root "
                     "(apt-get install wrk)")
     env = {**os.environ, "FLEETMQ_BENCH_RESULTS": str(tmp_path)}
