@@ -36,9 +36,10 @@ from fleetmq.core.topics import Topics
 from fleetmq.errors import BrokerError, StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.heap import Heap
-from fleetmq.http.api import HttpServer, RestApi
+from fleetmq.http.api import RestApi
 from fleetmq.http.auth import RestAccess
 from fleetmq.http.broker_hooks import BrokerHooks, ManagerLogin
+from fleetmq.http.server import HttpServer
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.dynsec import check_admin_url
 from fleetmq.mqtt.dynsec_mirror import DynsecMirror, login_for, manager_logins

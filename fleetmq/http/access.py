@@ -31,7 +31,6 @@ from fleetmq.core.models import (
     store_unavailable,
 )
 from fleetmq.core.registry import NodeConflictError, Registry
-from fleetmq.core.topics import is_valid_node_id
 from fleetmq.errors import StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.http.access_models import (
@@ -44,9 +43,10 @@ from fleetmq.http.access_models import (
     key_listed,
 )
 from fleetmq.http.auth import CREDENTIAL, FLEET, PRINCIPAL, RestAccess
+from fleetmq.http.params import json_response, path_id, whole
 from fleetmq.rates import RateLimitedError
 from fleetmq.store.writer import StoreUnavailableError
-from fleetmq.views import dumps, register_reply
+from fleetmq.views import register_reply
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ AUDIT_DEFAULT_LIMIT = 100
 AUDIT_MAX_LIMIT = 1000
 _KEY_ID = re.compile(r"[0-9a-f]{12}")
 Model = TypeVar("Model", bound=BaseModel)
-
-
-def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(body=dumps(body), status=status, content_type="application/json")
 
 
 class AccessRoutes:
@@ -101,10 +97,10 @@ class AccessRoutes:
             allow_registered=req.allow_registered, **self._who(request)))
         log.info("key_created id=%s role=%s actor=%s", cred.id, cred.role,
                  self._access.actor(request))
-        return _json(key_created(cred, token), 201)
+        return json_response(key_created(cred, token), 201)
 
     async def list_keys(self, _request: web.Request) -> web.Response:
-        return _json({"keys": [key_listed(self._auth, c) for c in self._live_keys()]})
+        return json_response({"keys": [key_listed(self._auth, c) for c in self._live_keys()]})
 
     async def revoke_key(self, request: web.Request) -> web.Response:
         key_id = request.match_info["key_id"]
@@ -128,7 +124,7 @@ class AccessRoutes:
     # --- node credentials ------------------------------------------------------------------
 
     async def issue_credential(self, request: web.Request) -> web.Response:
-        node_id = _path_id(request)
+        node_id = path_id(request)
         req = await self._parse(request, CredentialRequest, empty_ok=True)
         presented = request.get(CREDENTIAL)
         rotated_by = presented if presented is not None and presented.node_id else None
@@ -136,18 +132,18 @@ class AccessRoutes:
             node_id, expires_in_s=req.expires_in_seconds, grace_s=req.grace_seconds,
             rotated_by=rotated_by, **self._who(request)))
         log.info("credential_issued node_id=%s actor=%s", node_id, self._access.actor(request))
-        return _json(credential_issued(cred, token), 201)
+        return json_response(credential_issued(cred, token), 201)
 
     async def show_credentials(self, request: web.Request) -> web.Response:
-        node_id = _path_id(request)
+        node_id = path_id(request)
         creds = self._auth.node_credentials(node_id)
         if not creds:
             raise _no_credential(node_id)
-        return _json({"node_id": node_id,
+        return json_response({"node_id": node_id,
                       "credentials": [credential_shown(self._auth, c) for c in creds]})
 
     async def revoke_credentials(self, request: web.Request) -> web.Response:
-        node_id = _path_id(request)
+        node_id = path_id(request)
         if not await self._change(self._auth.revoke_credentials(node_id, **self._who(request))):
             raise _no_credential(node_id)
         log.info("credentials_revoked node_id=%s actor=%s", node_id,
@@ -204,7 +200,7 @@ class AccessRoutes:
         log.info("node_enrolled node_id=%s key=%s", node_id, principal.id)
         reply = register_reply(node_id, created=result.created, at=now.wall)
         reply["token"] = token
-        return _json(reply, 201)
+        return json_response(reply, 201)
 
     async def _refused(self, request: web.Request, node_id: str, exc: AuthError) -> None:
         self._access.refused[(exc.code, "enroll_refused")] += 1
@@ -218,9 +214,9 @@ class AccessRoutes:
     # --- audit -----------------------------------------------------------------------------
 
     async def audit(self, request: web.Request) -> web.Response:
-        limit = _whole(request.query.get("limit"), "limit", AUDIT_MAX_LIMIT)
+        limit = whole(request.query.get("limit"), "limit", AUDIT_MAX_LIMIT)
         limit = limit or AUDIT_DEFAULT_LIMIT
-        before = _whole(request.query.get("before"), "before", 2**63 - 1)
+        before = whole(request.query.get("before"), "before", 2**63 - 1)
         try:
             entries = await self._auth.store.audit(limit + 1, before)
         except StoreError as exc:
@@ -228,7 +224,7 @@ class AccessRoutes:
             raise store_unavailable() from None
         more = len(entries) > limit
         entries = entries[:limit]
-        return _json({"entries": [audit_entry(e) for e in entries],
+        return json_response({"entries": [audit_entry(e) for e in entries],
                       "next": entries[-1].id if more else None})
 
     # --- helpers ---------------------------------------------------------------------------
@@ -261,15 +257,6 @@ def _principal(request: web.Request) -> Principal | None:
     return request.get(PRINCIPAL)
 
 
-def _path_id(request: web.Request) -> str:
-    node_id = request.match_info["node_id"]
-    if not is_valid_node_id(node_id):
-        raise Rejection(400, "Invalid node id",
-                        f"{quote(repr(node_id))} is not a valid node id: use 1 to 128 letters, "
-                        "digits and '._:-', starting with a letter or digit", "invalid_id")
-    return node_id
-
-
 def _no_credential(node_id: str) -> Rejection:
     return Rejection(404, "Credential not found",
                      f"Node {quote(node_id)} has no valid credential", "unknown_credential")
@@ -285,15 +272,3 @@ def _flag(text: str | None, name: str) -> bool:
     raise Rejection(400, "Invalid parameter",
                     f"Parameter '{name}' must be true or false, not {quote(repr(text))}",
                     "invalid_query")
-
-
-def _whole(text: str | None, name: str, highest: int) -> int | None:
-    if text is None:
-        return None
-    digits = text.lstrip("0")
-    if (not (text.isascii() and text.isdigit()) or len(digits) > len(str(highest))
-            or not 1 <= int(digits or "0") <= highest):
-        raise Rejection(400, "Invalid parameter",
-                        f"Parameter '{name}' must be a whole number from 1 to {highest}, "
-                        f"not {quote(repr(text))}", "invalid_query")
-    return int(digits)

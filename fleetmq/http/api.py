@@ -36,19 +36,17 @@ from fleetmq.core.models import (
     store_unavailable,
 )
 from fleetmq.core.registry import Node, NodeConflictError, NodeNotFoundError, Registry
-from fleetmq.core.topics import is_valid_node_id
-from fleetmq.errors import ConfigError, StoreError
+from fleetmq.errors import StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.http.access import AccessRoutes
 from fleetmq.http.auth import RestAccess
 from fleetmq.http.openapi import openapi_document
+from fleetmq.http.params import JSON, error_response, json_response, path_id, whole
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.link import MqttLink
 from fleetmq.mqtt.publisher import Publisher
-from fleetmq.ports import address_in_use
 from fleetmq.rates import RateLimitedError
 from fleetmq.store.writer import StoreUnavailableError, StoreWriter
-from fleetmq.tls import HTTP_OPTIONS, server_context
 from fleetmq.views import dumps, heartbeat_reply, node_json, register_reply
 
 if TYPE_CHECKING:  # broker_hooks imports this module's responses
@@ -57,7 +55,6 @@ if TYPE_CHECKING:  # broker_hooks imports this module's responses
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/v1/fleet"
-JSON = "application/json"
 STREAM_CHUNK = 1000
 """Nodes serialized between two yields to the event loop."""
 STREAM_ABOVE = 10_000
@@ -70,16 +67,6 @@ DURABLE_TIMEOUT_S = 5.0
 """How long a registration or delete waits for its commit before answering 503."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None
-                  ) -> web.Response:
-    return web.Response(body=dumps(body), status=status, content_type=JSON, headers=headers)
-
-
-def error_response(status: int, title: str, message: str,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    return json_response({"error": title, "message": message}, status, headers)
 
 
 async def answer_errors(request: web.Request, handler: Handler,
@@ -244,7 +231,7 @@ class RestApi:
         return json_response(heartbeat_reply(result.node, now.wall))
 
     async def delete_node(self, request: web.Request) -> web.Response:
-        node_id = _path_id(request)
+        node_id = path_id(request)
         if self._access is not None and self._registry.get(node_id) is not None:
             # Its credentials go first: if that fails nothing is deleted and a retry works.
             await self._access.revoke_node(request, node_id)
@@ -268,17 +255,17 @@ class RestApi:
     # --- reads -----------------------------------------------------------------------------
 
     async def get_node(self, request: web.Request) -> web.Response:
-        node_id = _path_id(request)
+        node_id = path_id(request)
         node = self._registry.get(node_id)
         if node is None:
             raise _no_such_node(node_id)
         return web.Response(body=node_json(node), content_type=JSON)
 
     async def node_events(self, request: web.Request) -> web.Response:
-        node_id = _path_id(request)
+        node_id = path_id(request)
         query = request.query
-        limit = _whole(query.get("limit"), "limit", EVENTS_MAX_LIMIT) or EVENTS_DEFAULT_LIMIT
-        before = _whole(query.get("before"), "before", 2**63 - 1)
+        limit = whole(query.get("limit"), "limit", EVENTS_MAX_LIMIT) or EVENTS_DEFAULT_LIMIT
+        before = whole(query.get("before"), "before", 2**63 - 1)
         try:
             events = await self._writer.store.events(node_id, limit + 1, before)
         except StoreError as exc:
@@ -410,15 +397,6 @@ def _document(parts: list[bytes], total: int, next_id: str | None = None) -> byt
     return b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
 
 
-def _path_id(request: web.Request) -> str:
-    node_id = request.match_info["node_id"]
-    if not is_valid_node_id(node_id):
-        raise Rejection(400, "Invalid node id",
-                        f"{quote(repr(node_id))} is not a valid node id: use 1 to 128 letters, "
-                        "digits and '._:-', starting with a letter or digit", "invalid_id")
-    return node_id
-
-
 def _no_such_node(node_id: str) -> Rejection:
     return Rejection(404, "Node not found", f"No node with ID {quote(node_id)}", "unknown_node")
 
@@ -454,81 +432,4 @@ def _filter(query: Any) -> Callable[[Node], bool]:
 
 
 def _limit(text: str | None) -> int | None:
-    return _whole(text, "limit", MAX_LIMIT)
-
-
-def _whole(text: str | None, name: str, highest: int) -> int | None:
-    """A query parameter that must be a whole number from 1 to ``highest``, if present."""
-    if text is None:
-        return None
-    # ASCII digits only ("²".isdigit() is true, yet int() refuses it), and few enough of them
-    # that int() never meets its 4300-digit limit: either would escape as a 500.
-    digits = text.lstrip("0")
-    if (not (text.isascii() and text.isdigit()) or len(digits) > len(str(highest))
-            or not 1 <= int(digits or "0") <= highest):
-        raise Rejection(400, "Invalid parameter",
-                        f"Parameter '{name}' must be a whole number from 1 to {highest}, "
-                        f"not {quote(repr(text))}", "invalid_query")
-    return int(digits)
-
-
-class HttpServer:
-    """Serves the REST facade; reports the port it really bound (ask for 0 in tests)."""
-
-    def __init__(self, api: RestApi, settings: HttpSettings) -> None:
-        self._api = api
-        self._settings = settings
-        self._runner: web.AppRunner | None = None
-        self.port = settings.port
-        # Read at construction, so a wrong certificate path stops the start before anything
-        # else opens.
-        self._ssl = (server_context(settings.tls_cert, settings.tls_key, HTTP_OPTIONS)
-                     if settings.tls_cert is not None and settings.tls_key is not None else None)
-
-    def check_port_free(self) -> None:
-        """Refuse a taken port at once, before the embedded broker or the MQTT link start
-        (amqtt can hang stopping a client caught mid-connect)."""
-        host, port = self._settings.host, self._settings.port
-        if address_in_use(host, port):
-            raise ConfigError(f"cannot serve HTTP on {host}:{port}: the port is already in use; "
-                              "pass --http HOST:PORT with a free port")
-
-    async def __aenter__(self) -> HttpServer:
-        runner = web.AppRunner(
-            self._api.build(),
-            access_log=None,
-            keepalive_timeout=self._settings.idle_timeout_s,
-            shutdown_timeout=self._settings.shutdown_timeout_s,
-            handle_signals=False,
-        )
-        await runner.setup()
-        site = web.TCPSite(runner, self._settings.host, self._settings.port,
-                           ssl_context=self._ssl)
-        try:
-            await site.start()
-        except OSError as exc:
-            await runner.cleanup()
-            raise ConfigError(
-                f"cannot serve HTTP on {self._settings.host}:{self._settings.port}: "
-                f"{exc.strerror}; pass --http HOST:PORT with a free port"
-            ) from exc
-        self._runner = runner
-        addresses = runner.addresses
-        if addresses:
-            self.port = addresses[0][1]
-        log.info("http_listening address=%s:%d tls=%s", self._settings.host, self.port,
-                 self._ssl is not None)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        runner, self._runner = self._runner, None
-        if runner is None:
-            return
-        # Stop taking connections, then let requests in flight finish (a body may still be
-        # arriving: aiohttp's own cleanup would drop it), then close what is left.
-        for site in list(runner.sites):
-            await site.stop()
-        if not await self._api.wait_idle(self._settings.shutdown_timeout_s):
-            log.warning("http_requests_unfinished timeout_s=%g",
-                        self._settings.shutdown_timeout_s)
-        await runner.cleanup()
+    return whole(text, "limit", MAX_LIMIT)

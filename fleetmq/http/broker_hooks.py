@@ -40,7 +40,6 @@ from fleetmq.auth.service import AuthService, principal_of
 from fleetmq.auth.tokens import bearer_token
 from fleetmq.config import OUTPUT_USER_SUFFIX
 from fleetmq.core.models import quote
-from fleetmq.http.api import error_response, json_response
 from fleetmq.http.hook_fields import (
     AUTHENTICATE_FIELDS,
     AUTHENTICATE_PATH,
@@ -48,6 +47,7 @@ from fleetmq.http.hook_fields import (
     AUTHORIZE_PATH,
     Kinds,
 )
+from fleetmq.http.params import error_response, json_response
 from fleetmq.metrics import RateLimitedLog
 
 log = logging.getLogger(__name__)
