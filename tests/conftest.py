@@ -117,6 +117,22 @@ class Received:
     retain: bool
 
 
+def kill_paho(client: paho.Client) -> None:
+    """Drop a paho client's TCP connection without DISCONNECT: the broker fires its will."""
+    sock = client.socket()
+    client.loop_stop()
+    if sock is not None:
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
+def close_paho(client: paho.Client | None) -> None:
+    """Disconnect cleanly (no will) and stop its network thread."""
+    if client is not None:
+        client.disconnect()
+        client.loop_stop()
+
+
 @dataclass
 class MqttClient:
     """A plain paho client for tests: an agent or a dashboard."""
@@ -170,18 +186,12 @@ class MqttClient:
     def kill(self) -> None:
         """Drop the TCP connection without DISCONNECT: the broker fires the will."""
         assert self._client is not None
-        sock = self._client.socket()
-        self._client.loop_stop()
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        kill_paho(self._client)
         self._client = None
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
+        close_paho(self._client)
+        self._client = None
 
 
 @pytest.fixture

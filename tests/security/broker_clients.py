@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import struct
 import threading
 from collections.abc import AsyncIterator
@@ -23,7 +22,14 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from fleetmq.app import FleetService
 from fleetmq.config import AuthSettings
 from fleetmq.core.topics import Topics
-from tests.conftest import Received, eventually, make_settings, running
+from tests.conftest import (
+    Received,
+    close_paho,
+    eventually,
+    kill_paho,
+    make_settings,
+    running,
+)
 from tests.support import free_port
 
 ACCEPTED = 0
@@ -124,20 +130,13 @@ class Device:
 
     def kill(self) -> None:
         """Drop the TCP connection without DISCONNECT."""
-        if self._client is None:
-            return
-        sock = self._client.socket()
-        self._client.loop_stop()
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-        self._client = None
+        if self._client is not None:
+            kill_paho(self._client)
+            self._client = None
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
+        close_paho(self._client)
+        self._client = None
 
 
 # --- raw CONNECT ---------------------------------------------------------------------------

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +12,8 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from tests.conftest import close_paho, kill_paho
 
 NOT_AUTHORIZED = 0x87
 V5 = MQTTProtocolVersion.MQTTv5
@@ -122,15 +123,9 @@ class Peer:
     def kill(self) -> None:
         """Drop the TCP connection without DISCONNECT: the broker fires the will."""
         assert self._client is not None
-        sock = self._client.socket()
-        self._client.loop_stop()
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        kill_paho(self._client)
         self._client = None
 
     def close(self) -> None:
         client, self._client = self._client, None
-        if client is not None:
-            client.disconnect()
-            client.loop_stop()
+        close_paho(client)

@@ -9,7 +9,6 @@ receiving its reply, its topics free of anything the attacker sent.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -27,7 +26,14 @@ from fleetmq.cli import main as cli_main
 from fleetmq.config import AuthSettings
 from fleetmq.core.clock import SystemClock
 from fleetmq.store.auth_sqlite import SqliteAuthStore
-from tests.conftest import _require_mosquitto, eventually, make_settings, running
+from tests.conftest import (
+    _require_mosquitto,
+    close_paho,
+    eventually,
+    kill_paho,
+    make_settings,
+    running,
+)
 from tests.support import Mosquitto
 
 MANAGER_PASSWORD = "correct-horse-battery-staple-for-tests"
@@ -128,18 +134,12 @@ class Client:
     def kill(self) -> None:
         """Drop the TCP connection without DISCONNECT: the broker sends the will, if any."""
         assert self._client is not None
-        sock = self._client.socket()
-        self._client.loop_stop()
-        if sock is not None:
-            sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        kill_paho(self._client)
         self._client = None
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.disconnect()
-            self._client.loop_stop()
-            self._client = None
+        close_paho(self._client)
+        self._client = None
 
 
 @dataclass
