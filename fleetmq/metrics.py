@@ -31,7 +31,8 @@ class Metrics:
         self.expiry_passes = 0
         self.response_topics_refused = 0
         self.broker_hooks: Counter[tuple[str, str, str]] = Counter()
-        """HTTP auth hook answers by (hook, result, reason); refused callers as hook "caller"."""
+        """HTTP auth hook answers by (hook, result, reason); refused callers are the gate's
+        (``auth_refused``)."""
         self.auth_refused: Counter[tuple[int, str]] = Counter()
         """REST requests refused by access control, by (status, reason)."""
         self.broker_access: BrokerAccessFigures | None = None

@@ -84,9 +84,10 @@ RULES: dict[tuple[str, str], RouteRule] = {
     ("GET", "/api/v1/keys"): RouteRule("keys", needs_auth=True),
     ("DELETE", "/api/v1/keys/{key_id}"): RouteRule("keys", needs_auth=True),
     ("GET", "/api/v1/audit"): RouteRule("audit", needs_auth=True),
-    # The broker's HTTP auth hooks (served by their own module), for a broker key.
-    ("POST", "/api/v1/broker/authenticate"): RouteRule("broker_hooks"),
-    ("POST", "/api/v1/broker/authorize"): RouteRule("broker_hooks"),
+    # The broker's HTTP auth hooks (served by their own module), for a broker key; they mean
+    # nothing while auth is off (no broker checks logins against fleetmq then).
+    ("POST", "/api/v1/broker/authenticate"): RouteRule("broker_hooks", needs_auth=True),
+    ("POST", "/api/v1/broker/authorize"): RouteRule("broker_hooks", needs_auth=True),
 }
 """Every route's rule, by method and path. A route missing here fails closed (admin only),
 except static files (``add_static``: the dashboard's), which are open."""

@@ -8,8 +8,9 @@ for a publish or subscribe. The decisions are ``TopicRules``'; this module only 
 broker's request, finds the principal and answers. Each call is one SHA-256 and a few dict
 lookups, so a reconnect storm costs little more than HTTP itself.
 
-Only the broker calls these routes: each handler checks its own bearer token (a key of role
-``broker``, or ``admin``), whatever middleware runs before it.
+Only the broker calls these routes: the REST gate (``fleetmq.http.auth``) lets through a key of
+role ``broker`` (or ``admin``) only, and answers 409 while auth is off; the handlers do not check
+the bearer token a second time.
 """
 
 from __future__ import annotations
@@ -34,10 +35,8 @@ from fleetmq.auth.rules import (
     MANAGER_CLIENT_PREFIX,
     Principal,
     TopicRules,
-    rest_allowed,
 )
 from fleetmq.auth.service import AuthService, principal_of
-from fleetmq.auth.tokens import bearer_token
 from fleetmq.config import OUTPUT_USER_SUFFIX
 from fleetmq.core.models import quote
 from fleetmq.http.hook_fields import (
@@ -47,7 +46,7 @@ from fleetmq.http.hook_fields import (
     AUTHORIZE_PATH,
     Kinds,
 )
-from fleetmq.http.params import error_response, json_response
+from fleetmq.http.params import json_response
 from fleetmq.metrics import RateLimitedLog
 
 log = logging.getLogger(__name__)
@@ -117,9 +116,6 @@ class BrokerHooks:
     # --- routes ----------------------------------------------------------------------------
 
     async def authenticate(self, request: web.Request) -> web.Response:
-        refused = self._check_caller(request)
-        if refused is not None:
-            return refused
         fields = await _fields(request, AUTHENTICATE_FIELDS)
         username, password = fields.get("username", ""), fields.get("password", "")
         client_id = fields.get("clientid", "")
@@ -137,9 +133,6 @@ class BrokerHooks:
         return json_response(body)
 
     async def authorize(self, request: web.Request) -> web.Response:
-        refused = self._check_caller(request)
-        if refused is not None:
-            return refused
         fields = await _fields(request, AUTHORIZE_FIELDS)
         result, reason = self._judge(fields)
         self.counts["authorize", result, reason] += 1
@@ -221,21 +214,6 @@ class BrokerHooks:
             creds = [c for c in creds if c.id == credential]
         valid = [c for c in creds if self._auth.valid(c.id)]
         return principal_of(valid[0]) if valid else None
-
-    def _check_caller(self, request: web.Request) -> web.Response | None:
-        """None when the caller is a broker key or an admin key; else the 401 or 403."""
-        verdict = self._auth.verify(bearer_token(request.headers.get("Authorization")))
-        if verdict.principal is None:
-            self.counts["caller", "401", verdict.failure or "missing"] += 1
-            return error_response(401, "Unauthorized",
-                                  "The broker hooks need a key of role broker as bearer token",
-                                  {"WWW-Authenticate": 'Bearer realm="fleetmq"'})
-        if not rest_allowed(verdict.principal, "broker_hooks"):
-            self.counts["caller", "403", "role"] += 1
-            return error_response(403, "Forbidden",
-                                  "Only a key of role broker (or admin) may call the broker hooks")
-        return None
-
 
 def _text(name: str, value: object, kinds: Kinds) -> str:
     """A JSON value of a field the hook reads, as the text the broker meant; 400 otherwise."""

@@ -418,3 +418,17 @@ async def test_refused_logins_and_callers_are_counted_in_metrics(hooks: Hooks) -
     assert f'{prefix}{{hook="authenticate",result="deny",reason="client_id"}} 1' in text
     # A caller without a token is refused by the REST gate before the hook itself runs.
     assert 'fleetmq_auth_refused_total{status="401",reason="missing"} 1' in text
+
+
+async def test_the_hooks_answer_409_while_auth_is_off_and_allow_nobody(
+        mosquitto: Mosquitto, root: str, http: aiohttp.ClientSession) -> None:
+    # No broker checks its logins against an open fleetmq: the hooks refuse rather than
+    # answer for tokens nobody presented a bearer for.
+    async with running(make_settings(mosquitto.url, root)) as service:
+        assert not service.auth_enabled
+        base = f"http://127.0.0.1:{service.http_port}"
+        for path in (AUTHENTICATE_PATH, AUTHORIZE_PATH):
+            async with http.post(base + path, json={"username": "n1", "password": "x",
+                                                    "clientid": "n1"}) as resp:
+                assert resp.status == 409
+                assert (await resp.json())["error"] == "Auth off"
