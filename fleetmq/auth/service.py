@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from fleetmq.auth.passwords import mosquitto_hash
-from fleetmq.auth.rules import BROKER_ROLES, Principal
+from fleetmq.auth.rules import BROKER_ROLES, Principal, TopicRules
 from fleetmq.auth.store import AuditEntry, AuthStore, Credential, LastAdminError, OutboxRow
 from fleetmq.auth.tokens import digest, new_key_id, new_token, token_kind
 from fleetmq.core.clock import Clock
@@ -205,6 +205,25 @@ class AuthService:
         if verdict is None or verdict.credential is not cred:
             verdict = self._verdicts[cred.id] = Verdict(principal_of(cred), cred)
         return verdict
+
+    def broker_login(self, rules: TopicRules, username: str | None, password: str | None,
+                     client_id: str) -> tuple[Principal, Credential] | str:
+        """Section 8's rule for a broker login with a token, on every broker that asks
+        fleetmq (the embedded one, the HTTP hooks): the password is a valid token whose
+        broker identity is the username, a key has broker rights, and the client id is that
+        identity. The principal and credential, or why not: the token's failure, "identity",
+        "role" or "client_id"."""
+        verdict = self.verify(password)
+        principal, cred = verdict.principal, verdict.credential
+        if principal is None or cred is None:
+            return verdict.failure or "unknown"
+        if username != principal.broker_identity:
+            return "identity"
+        if principal.kind == "key" and principal.role not in BROKER_ROLES:
+            return "role"  # broker and enroll keys serve REST only
+        if not rules.client_id_allowed(principal, client_id):
+            return "client_id"
+        return principal, cred
 
     def credential(self, cred_id: str) -> Credential | None:
         """The record of that id, valid or not; None if this process has not seen it (yet)."""

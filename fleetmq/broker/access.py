@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fleetmq.auth.limits import KeyedLimiter
-from fleetmq.auth.rules import BROKER_ROLES, MANAGER_CLIENT_PREFIX, Principal, TopicRules
+from fleetmq.auth.rules import MANAGER_CLIENT_PREFIX, Principal, TopicRules
 from fleetmq.auth.service import AuthService
 from fleetmq.metrics import RateLimitedLog
 
@@ -29,6 +29,7 @@ MANAGER_USERNAME = MANAGER_CLIENT_PREFIX
 BAD_USERNAME_OR_PASSWORD = 4
 NOT_AUTHORISED = 5
 
+_BEYOND_RIGHTS = ("identity", "role", "client_id")
 SENT_WINDOW_S = 10.0
 MAX_TRACKED = 100_000
 
@@ -145,17 +146,14 @@ class BrokerAccess:
         username = login.username
         if username is not None and username.startswith(MANAGER_CLIENT_PREFIX):
             return self._manager_login(login)
-        verdict = self.auth.verify(login.password)
-        if verdict.principal is None or verdict.credential is None:
-            return Refused(verdict.failure or "unknown", BAD_USERNAME_OR_PASSWORD)
-        principal = verdict.principal
-        if username != principal.broker_identity:
-            return Refused("identity", NOT_AUTHORISED)
-        if principal.kind == "key" and principal.role not in BROKER_ROLES:
-            return Refused("role", NOT_AUTHORISED)
-        if not self.rules.client_id_allowed(principal, login.client_id):
-            return Refused("client_id", NOT_AUTHORISED)
-        return Admitted(principal, verdict.credential.id)
+        decided = self.auth.broker_login(self.rules, username, login.password, login.client_id)
+        if isinstance(decided, str):
+            # A token that does not work is a bad password; a working one used beyond its
+            # rights (another identity, a role without broker rights) is not authorised.
+            refused_as = NOT_AUTHORISED if decided in _BEYOND_RIGHTS else BAD_USERNAME_OR_PASSWORD
+            return Refused(decided, refused_as)
+        principal, cred = decided
+        return Admitted(principal, cred.id)
 
     def _manager_login(self, login: Login) -> Admitted | Refused:
         secret = (login.password or "").encode("utf-8", "surrogatepass")

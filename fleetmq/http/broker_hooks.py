@@ -62,6 +62,8 @@ with; sent back as ``credential`` in authorize calls, it makes a rotation end ol
 
 
 Result = Literal["allow", "deny"]
+_REASONS = {"identity": "wrong_identity", "role": "no_broker_rights"}
+"""The hooks' own names (in /metrics) for two of ``AuthService.broker_login``'s reasons."""
 _ALLOW: dict[str, object] = {"result": "allow"}
 _DENY: dict[str, object] = {"result": "deny"}
 
@@ -152,20 +154,12 @@ class BrokerHooks:
             return "deny", "malformed", None
         if username.startswith(MANAGER_CLIENT_PREFIX):
             return self._manager_login(username, password, client_id)
-        verdict = self._auth.verify(password)  # refuses a 10 kB password by its length first
-        p = verdict.principal
-        reason: str
-        if p is None or verdict.credential is None:
-            reason = verdict.failure or "unknown"
-        elif p.broker_identity != username:
-            reason = "wrong_identity"
-        elif p.kind == "key" and p.role not in BROKER_ROLES:
-            reason = "no_broker_rights"  # broker and enroll keys (contract section 8's table)
-        elif not self._rules.client_id_allowed(p, client_id):
-            reason = "client_id"
-        else:
-            return "allow", p.kind, verdict.credential.id
-        return "deny", reason, None
+        # verify refuses a 10 kB password by its length first.
+        decided = self._auth.broker_login(self._rules, username, password, client_id)
+        if isinstance(decided, str):
+            return "deny", _REASONS.get(decided, decided), None
+        principal, cred = decided
+        return "allow", principal.kind, cred.id
 
     def _manager_login(self, username: str, password: str,
                        client_id: str) -> tuple[Result, str, str | None]:
