@@ -47,7 +47,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import ingest, rest
 from bench.common import (
+    PINNING,
     UNLIMITED_NODES,
+    add_pin_option,
     answers,
     fresh_store,
     machine,
@@ -374,7 +376,7 @@ def report_rest(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; wrk "
           f"{args.threads} threads, {args.connections} connections, {args.duration} s per run; "
           f"{args.nodes:,} nodes registered; {args.rounds} rounds (off, on alternating), "
-          "medians\n")
+          f"medians; pinned: {PINNING.describe()}\n")
     table = []
     for row in rows:
         off, on, ratio = row["off"], row["on"], row["ratio"]
@@ -416,7 +418,9 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--profile", metavar="DIR",
                         help="record each REST run of a manager with py-spy into DIR")
+    add_pin_option(parser)
     args = parser.parse_args()
+    PINNING.start(args.pin)
     doc: dict[str, object] = {"machine": machine(), "target_ratio": TARGET}
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-auth-") as name:
         tmp = Path(name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -99,6 +100,7 @@ def start_manager(broker_url: str, root: str, *options: str, workdir: Path,
             "--broker", broker_url, "--http", f"127.0.0.1:{http_port}",
             "--store", fresh_store(workdir, root) if store == "sqlite" else store,
             "--topic-root", root, "--log-level", "warning", *UNLIMITED_NODES, *options]
+    argv = PINNING.manager(argv)
     if log is None:
         proc = subprocess.Popen(argv)
     else:
@@ -164,7 +166,49 @@ def write_result(name: str, doc: Any) -> Path:
 
 
 def machine() -> dict[str, Any]:
-    return {"cores": os.cpu_count(), "python": sys.version.split()[0]}
+    return {"cores": os.cpu_count(), "python": sys.version.split()[0],
+            "pinned": PINNING.describe()}
+
+
+class Pinning:
+    """The manager on one core, everything else (the broker, wrk, publishers, the bench
+    itself) on the others, as issue 9 measures: a manager that shares its core with its load
+    reports the load's cost as its own. ``--no-pin`` turns it off; on a one-core machine it
+    is off anyway."""
+
+    MANAGER_CPU = 0
+
+    def __init__(self) -> None:
+        self.enabled = False
+
+    def start(self, wanted: bool) -> None:
+        """Move this process (and so every child started from now on) off the manager's
+        core; the manager is started through ``manager``."""
+        cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+        self.enabled = (wanted and self.MANAGER_CPU in cpus and len(cpus) >= 2
+                        and shutil.which("taskset") is not None)
+        if self.enabled:
+            os.sched_setaffinity(0, cpus - {self.MANAGER_CPU})
+
+    def manager(self, argv: Sequence[str]) -> list[str]:
+        """The command of a process under test, on the manager's core (``taskset`` execs it,
+        so the pid is the process's own)."""
+        if not self.enabled:
+            return list(argv)
+        return ["taskset", "-c", str(self.MANAGER_CPU), *argv]
+
+    def describe(self) -> str:
+        if not self.enabled:
+            return "no (manager and load share the cores)"
+        return f"manager on cpu {self.MANAGER_CPU}, load on the others"
+
+
+PINNING = Pinning()
+
+
+def add_pin_option(parser: Any) -> None:
+    parser.add_argument("--no-pin", dest="pin", action="store_false",
+                        help="do not pin the manager to cpu 0 and the load to the others")
 
 
 def print_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:

@@ -41,7 +41,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
+    PINNING,
     UNLIMITED_NODES,
+    add_pin_option,
     answers,
     fresh_store,
     machine,
@@ -221,8 +223,10 @@ class Bench:
         self.list_file.write_bytes(request(f"{base}/nodes"))
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+        """A server under test (the manager, the bare handler): on the manager's core."""
         with (self.workdir / f"{name}.out").open("wb") as out:
-            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(PINNING.manager(argv), stdout=out,
+                                    stderr=subprocess.STDOUT)
 
         self.stack.callback(stop_process, proc)
         return proc
@@ -337,7 +341,7 @@ def report(args: argparse.Namespace, runs: list[Run]) -> None:
     bare = next((r.rps for r in runs if r.scenario.slug == "heartbeat-bare"), None)
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; wrk "
           f"{args.threads} threads, {args.connections} connections, {args.duration} s per run; "
-          f"{args.nodes:,} nodes registered\n")
+          f"{args.nodes:,} nodes registered; pinned: {PINNING.describe()}\n")
     header = ("route", "req/s", "p50", "p99", "errors", "non-2xx", "target", "")
     rows = []
     for r in runs:
@@ -399,10 +403,12 @@ def main() -> None:
                         help="record each fleetmq run with py-spy (raw stacks) into DIR")
     parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "LIST_FILE"),
                         help=argparse.SUPPRESS)
+    add_pin_option(parser)
     args = parser.parse_args()
     if args.bare_server is not None:
         bare_server(int(args.bare_server[0]), Path(args.bare_server[1]))
         return
+    PINNING.start(args.pin)
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-rest-") as tmp, ExitStack() as stack:
         bench = Bench(args, Path(tmp), stack)
         bench.start()

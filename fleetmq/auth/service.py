@@ -14,6 +14,7 @@ import asyncio
 import fnmatch
 import heapq
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
@@ -117,6 +118,10 @@ class AuthService:
         never leave more tokens valid than the rules allow, and an older snapshot is never
         read over a newer one."""
         self._poll_failing = False
+        self.generation = 0
+        """Moves whenever a credential is written or stops working: a verdict remembered
+        under another generation must be checked again (the REST gate's per-connection
+        memory)."""
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -224,6 +229,12 @@ class AuthService:
         if not rules.client_id_allowed(principal, client_id):
             return "client_id"
         return principal, cred
+
+    def remaining_s(self, cred: Credential) -> float:
+        """Seconds until the credential stops working (expiry, revocation or the end of its
+        grace); infinite if it never does."""
+        ends = cred.ends_at()
+        return math.inf if ends is None else ends - self._now()
 
     def credential(self, cred_id: str) -> Credential | None:
         """The record of that id, valid or not; None if this process has not seen it (yet)."""
@@ -510,6 +521,8 @@ class AuthService:
                 heapq.heappush(self._ends, (ends, cred.id))
         self._seq = max(self._seq, seq)
         self.required = self.required or required
+        if fresh:
+            self.generation += 1
         if notify and fresh:
             self._tell(fresh)
 
@@ -525,6 +538,7 @@ class AuthService:
                 ended[cred.id] = cred
         if not ended:
             return
+        self.generation += 1
         self._tell(list(ended.values()))
         expired = [c for c in ended.values() if c.expires_at is not None
                    and c.expires_at <= now and (c.revoked_at is None or c.revoked_at > now)]

@@ -10,10 +10,13 @@ what a role may do (``fleetmq.auth.rules`` does) and never reads a token from a 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import hmac
 import ipaddress
 import logging
 import math
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from fleetmq.auth.limits import KeyedLimiter, LoginBackoff
 from fleetmq.auth.rules import Action, Principal, rest_allowed
-from fleetmq.auth.service import AuthService
+from fleetmq.auth.service import AuthService, Verdict
 from fleetmq.auth.store import Credential
 from fleetmq.auth.tokens import bearer_token
 from fleetmq.config import AuthSettings
@@ -91,6 +94,10 @@ RULES: dict[tuple[str, str], RouteRule] = {
 }
 """Every route's rule, by method and path. A route missing here fails closed (admin only),
 except static files (``add_static``: the dashboard's), which are open."""
+RECHECK_S = 1.0
+"""How long a connection's accepted token is taken on trust before it is verified in full
+again (which also records its use); any credential written or ending anywhere ends the trust
+at once, and so does the token's own expiry or revocation time."""
 _UNLISTED = RouteRule("keys")  # an action only admin keys hold
 _ANY_TOKEN = RouteRule("fleet_read")  # 404/405 under /api/v1: a valid token first
 
@@ -132,6 +139,12 @@ class RestAccess:
         self._key_rates = KeyedLimiter(settings.key_rate, settings.key_burst)
         self._proxies = _networks(settings.trusted_proxies)
         self._rules: dict[AbstractRoute, RouteRule] = {}
+        self._accepted: weakref.WeakKeyDictionary[object, _Accepted] = (
+            weakref.WeakKeyDictionary())
+        """Per connection (its transport), the Authorization header last accepted on it:
+        a client on a kept-alive connection sends the same token with every request, and
+        its verification (a regular expression, a SHA-256 and the clock) cost most of the
+        gate's time. Kept no longer than the connection."""
         self.enabled = False
         """Set once at start, before the REST listener opens (``FleetService``)."""
 
@@ -161,14 +174,18 @@ class RestAccess:
     def _authorize(self, request: web.Request, rule: RouteRule) -> web.Response | None:
         assert rule.action is not None
         header = request.headers.get("Authorization")
-        token = bearer_token(header)
-        verdict = self.auth.verify(token)
+        verdict = self._accepted_before(request, header)
+        if verdict is None:
+            token = bearer_token(header)
+            verdict = self.auth.verify(token)
+            if verdict.principal is None:
+                failure = verdict.failure or "unknown"
+                if header is not None and token is None:
+                    failure = "malformed"  # another scheme, or a bearer without a token
+                return self._unauthorized(request, header, token, failure)
+            self._accept(request, header, verdict)
         principal = verdict.principal
-        if principal is None:
-            failure = verdict.failure or "unknown"
-            if header is not None and token is None:
-                failure = "malformed"  # another scheme, or a bearer without a token
-            return self._unauthorized(request, header, token, failure)
+        assert principal is not None
         request[PRINCIPAL] = principal
         if verdict.credential is not None:
             request[CREDENTIAL] = verdict.credential
@@ -251,6 +268,33 @@ class RestAccess:
 
     # --- internals -------------------------------------------------------------------------
 
+    def _accepted_before(self, request: web.Request, header: str | None) -> Verdict | None:
+        """The verdict on this connection's earlier request, if it holds for this one: the
+        same header (compared in constant time: behind a proxy one connection carries many
+        clients), no credential changed since, and still within its time."""
+        if header is None or not header.isascii():
+            return None
+        try:
+            seen = self._accepted.get(request.transport)
+        except TypeError:  # a transport that takes no weak reference: no memory
+            return None
+        if (seen is None or seen.generation != self.auth.generation
+                or self._monotonic() >= seen.until
+                or not hmac.compare_digest(seen.header, header)):
+            return None
+        return seen.verdict
+
+    def _accept(self, request: web.Request, header: str | None, verdict: Verdict) -> None:
+        transport = request.transport
+        if header is None or not header.isascii() or transport is None or (
+                verdict.credential is None):
+            return
+        trust_s = min(RECHECK_S, self.auth.remaining_s(verdict.credential))
+        accepted = _Accepted(header, verdict, self.auth.generation,
+                             self._monotonic() + trust_s)
+        with contextlib.suppress(TypeError):  # a transport that takes no weak reference
+            self._accepted[transport] = accepted
+
     def _unauthorized(self, request: web.Request, header: str | None, token: str | None,
                       failure: str) -> web.Response:
         presented = token if token is not None else header
@@ -280,6 +324,15 @@ class RestAccess:
         except ValueError:
             return False
         return any(ip in network for network in self._proxies)
+
+
+@dataclass(frozen=True, slots=True)
+class _Accepted:
+    header: str
+    verdict: Verdict
+    generation: int
+    until: float
+    """Monotonic seconds."""
 
 
 def error(status: int, title: str, message: str,
