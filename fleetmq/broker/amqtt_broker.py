@@ -96,6 +96,8 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
         self._max_queued = max_queued
         self.counters = counters
         self._past_ceiling = False
+        self._discarding: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _create_server_instance(self, listener_name: str, listener_type: Any,
                                       address: str | None, port: int,
@@ -141,8 +143,9 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
                 await _close(writer)
                 return
             # A revocation that arrived during the login is caught here. amqtt itself may still
-            # pause (up to a second, retrying a state change) before it registers the session:
-            # a revocation inside that pause is not seen by the revoker (a known, narrow gap).
+            # pause (up to a second, retrying a state change) before it registers the session,
+            # where the revoker does not see it: every publish, subscription and delivery checks
+            # the credential again (``_still_valid``), so such a session can do nothing.
             if not access.still_valid(admitted):
                 access.counters.logins_refused["revoked"] += 1
                 await self._refuse(writer, Refused("revoked", 4))
@@ -253,7 +256,7 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
         if access is None:
             return bool(await super()._topic_filtering(session, topic, action))
         admitted = admitted_of(session)
-        if admitted is None:
+        if admitted is None or not self._still_valid(access, session, admitted):
             return False
         if action == Action.SUBSCRIBE:
             return access.may_subscribe(admitted, topic)
@@ -269,7 +272,8 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
             admitted = admitted_of(session)
             # Dropped (3.1.1 cannot say so) and counted; the connection stays, where amqtt
             # would stop serving a client that publishes to a `$` topic.
-            if admitted is None or not access.may_publish(admitted, message.topic or ""):
+            if admitted is None or not self._still_valid(access, session, admitted) or (
+                    not access.may_publish(admitted, message.topic or "")):
                 return True
         return bool(await super()._handle_message_delivery(session, handler, wait_deliver))
 
@@ -291,6 +295,29 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
             queue.get_nowait()
             self.counters.queue_dropped += 1
         await super()._retain_broadcast_message(broadcast, qos, target_session)
+
+    def _still_valid(self, access: BrokerAccess, session: Session, admitted: Admitted) -> bool:
+        """Whether the session's credential still works; if not, the session is discarded
+        (the revoker closes such sessions as soon as it hears of the end: this catches one
+        that registered where it could not see it)."""
+        if access.still_valid(admitted):
+            return True
+        if session.client_id not in self._discarding:
+            self._discarding.add(session.client_id)
+            task = asyncio.get_running_loop().create_task(self._discard_ended(session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return False
+
+    async def _discard_ended(self, session: Session) -> None:
+        try:
+            entry = self._sessions.get(session.client_id)
+            if entry is not None and entry[0] is session:
+                log.warning("broker_session_of_ended_credential client_id=%.64r (discarded)",
+                            session.client_id)
+                await self.discard(session.client_id)
+        finally:
+            self._discarding.discard(session.client_id)
 
     async def cut_credentials(self, ended: set[str]) -> int:
         """Close every connection logged in with one of ``ended`` and drop its session, and

@@ -279,6 +279,30 @@ async def test_revoked_node_token_live_connection_is_closed_within_a_second(
     assert (await fleet.metrics())["fleetmq_broker_connections_revoked_total"] >= 1
 
 
+async def test_a_session_the_revoker_missed_can_do_nothing_once_its_credential_ended(
+        fleet: AuthFleet) -> None:
+    """amqtt may register a session up to a second after its login was checked, where the
+    revoker does not see it. Played here by keeping the revocation from the broker's revoker:
+    the revoked node's next publish is dropped, and that ends its session (without its will)."""
+    a = await fleet.node("node-a")
+    b = await fleet.node("node-b")
+    broker = fleet.svc.embedded_broker
+    assert broker is not None
+    fleet.svc.auth._listeners.remove(broker._credentials_changed)
+    before = await fleet.rest_node("node-b")
+    assert await fleet.svc.auth.revoke_credentials("node-b", actor="test") == 1
+    assert b.connected  # nobody told the broker
+
+    await b.publish(fleet.topics.heartbeat("node-b"), {"uptime_seconds": 999}, qos=0)
+
+    await eventually(b.disconnected.is_set, timeout=2, interval=0.005)
+    assert "node-b" not in broker.session_ids()
+    after = await fleet.rest_node("node-b")
+    assert after is not None and before is not None
+    assert (after["last_seen"], after["status"]) == (before["last_seen"], "online")
+    await fleet.still_serves(a, "node-a")
+
+
 async def test_rotated_out_token_keeps_its_connection_for_the_grace_then_is_cut(
         fleet: AuthFleet) -> None:
     a = await fleet.node("node-a")
