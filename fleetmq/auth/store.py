@@ -250,7 +250,9 @@ class MemoryAuthStore:
                    outbox: Sequence[OutboxRow] = ()) -> int:
         after = dict(self._credentials)
         for c in credentials:
-            after[c.id] = replace(c, seq=self._seq + 1)
+            held = after.get(c.id)
+            used = _latest(c.last_used_at, held.last_used_at if held is not None else None)
+            after[c.id] = replace(c, seq=self._seq + 1, last_used_at=used)
         if keep_admin_at is not None and not any(
                 c.role == "admin" and c.valid_at(keep_admin_at) for c in after.values()):
             raise LastAdminError("that would leave no valid admin key")
@@ -306,7 +308,7 @@ class MemoryAuthStore:
         for cred_id, at in used:
             c = self._credentials.get(cred_id)
             if c is not None:
-                self._credentials[cred_id] = replace(c, last_used_at=at)
+                self._credentials[cred_id] = replace(c, last_used_at=_latest(at, c.last_used_at))
 
     async def audit(self, limit: int, before: int | None) -> list[AuditEntry]:
         newest_first = [e for e in reversed(self._audit) if before is None or e.id < before]
@@ -320,3 +322,10 @@ class MemoryAuthStore:
 
     async def close(self) -> None:
         return None
+
+
+def _latest(a: float | None, b: float | None) -> float | None:
+    """The later of two last-use times, either of which may be unknown."""
+    if a is None or b is None:
+        return a if b is None else b
+    return max(a, b)

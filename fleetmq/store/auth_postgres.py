@@ -81,7 +81,10 @@ _UPSERT = (
     f"INSERT INTO credentials ({', '.join(CREDENTIAL_COLUMNS)}) VALUES "
     f"({', '.join(f'${i}' for i in range(1, len(CREDENTIAL_COLUMNS) + 1))}) "
     "ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in CREDENTIAL_COLUMNS if c != "id"))
+    + ", ".join(f"{c} = EXCLUDED.{c}" for c in CREDENTIAL_COLUMNS
+                if c not in ("id", "last_used_at"))
+    # The latest use wins: a record saved from an older snapshot keeps a later recorded use.
+    + ", last_used_at = GREATEST(EXCLUDED.last_used_at, credentials.last_used_at)")
 _VALID_ADMINS = ("SELECT count(*) FROM credentials WHERE role = 'admin' "
                  "AND (revoked_at IS NULL OR revoked_at > $1) "
                  "AND (expires_at IS NULL OR expires_at > $1)")
@@ -198,7 +201,8 @@ class PostgresAuthStore:
 
     async def record_use(self, used: list[tuple[str, float]]) -> None:
         async def write(conn: Any) -> None:
-            await conn.executemany("UPDATE credentials SET last_used_at = $1 WHERE id = $2",
+            await conn.executemany("UPDATE credentials SET last_used_at = $1 WHERE id = $2 "
+                                   "AND (last_used_at IS NULL OR last_used_at < $1)",
                                    [(at, cred_id) for cred_id, at in used])
         await self._with(write, "writing to")
 

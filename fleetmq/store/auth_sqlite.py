@@ -76,8 +76,14 @@ CREATE TABLE IF NOT EXISTS broker_outbox (
 """
 
 _SELECT = f"SELECT {', '.join(CREDENTIAL_COLUMNS)} FROM credentials"
-_UPSERT = (f"INSERT OR REPLACE INTO credentials ({', '.join(CREDENTIAL_COLUMNS)}) "
-           f"VALUES ({', '.join('?' * len(CREDENTIAL_COLUMNS))})")
+_UPSERT = (
+    f"INSERT INTO credentials ({', '.join(CREDENTIAL_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(CREDENTIAL_COLUMNS))}) ON CONFLICT (id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in CREDENTIAL_COLUMNS
+                if c not in ("id", "last_used_at"))
+    # The latest use wins: a record saved from an older snapshot keeps a later recorded use.
+    + ", last_used_at = COALESCE(max(excluded.last_used_at, credentials.last_used_at), "
+      "excluded.last_used_at, credentials.last_used_at)")
 _VALID_ADMINS = ("SELECT count(*) FROM credentials WHERE role = 'admin' "
                  "AND (revoked_at IS NULL OR revoked_at > ?) "
                  "AND (expires_at IS NULL OR expires_at > ?)")
@@ -198,8 +204,9 @@ class SqliteAuthStore:
 
     async def record_use(self, used: list[tuple[str, float]]) -> None:
         def write(conn: sqlite3.Connection) -> None:
-            conn.executemany("UPDATE credentials SET last_used_at = ? WHERE id = ?",
-                             ((at, cred_id) for cred_id, at in used))
+            conn.executemany("UPDATE credentials SET last_used_at = ? WHERE id = ? "
+                             "AND (last_used_at IS NULL OR last_used_at < ?)",
+                             ((at, cred_id, at) for cred_id, at in used))
         await self._run(lambda: self._transaction(write))
 
     async def audit(self, limit: int, before: int | None) -> list[AuditEntry]:

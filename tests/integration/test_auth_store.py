@@ -113,6 +113,24 @@ async def test_last_use_is_written_behind_without_a_new_sequence_number(store_ur
         assert k1.last_used_at == 321.0
 
 
+async def test_the_latest_use_survives_older_writes(store_url: str) -> None:
+    """Uses are written behind, beside records saved from snapshots: neither an older use nor
+    a record saved from before the use takes the latest use back."""
+    async with opened(store_url) as store:
+        await store.save([credential("k1", role="read")], [])
+        [snapshot] = (await store.changes(0)).credentials
+        await store.record_use([("k1", 500.0)])
+        await store.record_use([("k1", 400.0)])  # a slower process's older use
+        [k1] = (await store.changes(0)).credentials
+        assert k1.last_used_at == 500.0
+        await store.save([replace(snapshot, revoked_at=600.0)], [])
+        [k1] = (await store.changes(0)).credentials
+        assert (k1.revoked_at, k1.last_used_at) == (600.0, 500.0)
+        await store.save([replace(k1, last_used_at=700.0)], [])  # a newer use in the record
+        [k1] = (await store.changes(0)).credentials
+        assert k1.last_used_at == 700.0
+
+
 @pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
 async def test_a_second_service_on_the_same_store_sees_changes_and_revocations(
     store_url: str,

@@ -298,7 +298,8 @@ async def test_a_session_the_revoker_missed_can_do_nothing_once_its_credential_e
     await eventually(b.disconnected.is_set, timeout=2, interval=0.005)
     assert "node-b" not in broker.session_ids()
     after = await fleet.rest_node("node-b")
-    assert after is not None and before is not None
+    assert after is not None
+    assert before is not None
     assert (after["last_seen"], after["status"]) == (before["last_seen"], "online")
     await fleet.still_serves(a, "node-a")
 
