@@ -5,7 +5,7 @@ Mosquitto's dynamic security plugin has no command for it: disabling or deleting
 kicks its connection but keeps its session (subscriptions, queued messages), which a later
 login under the same client id would resume. The standard way is one connection as that
 client id with a clean session, which makes the broker drop the old one, then a DISCONNECT.
-This module owns only that connection; ``dynsec_mirror`` gives the client a password for it
+This module owns only that connection; ``dynsec_outbox`` gives the client a password for it
 and decides when it is due.
 """
 

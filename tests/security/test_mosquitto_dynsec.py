@@ -359,12 +359,12 @@ async def test_revocation_followed_at_once_by_a_new_credential_still_discards_th
 async def test_a_session_that_could_not_be_discarded_is_discarded_on_a_later_try(
         attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleetmq.mqtt import dynsec_mirror
+    from fleetmq.mqtt import dynsec_outbox
     from tests.support import free_port
 
     s, mirror = attacked, attacked.service.dynsec
     assert mirror is not None
-    monkeypatch.setattr(dynsec_mirror, "SESSION_RETRY_S", 0.5)
+    monkeypatch.setattr(dynsec_outbox, "SESSION_RETRY_S", 0.5)
     node = f"retry-{s.root}"
     await persistent_holder(s, peers, dynsec_mosquitto, node)
     broker = mirror._broker
@@ -420,11 +420,11 @@ async def test_a_waiting_session_retry_does_not_delay_the_next_revocations_kick(
 async def test_a_revocation_during_another_identitys_slow_session_discard_is_kicked_at_once(
         attacked: Scene, peers: Peers, dynsec_mosquitto: Mosquitto,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleetmq.mqtt import dynsec_mirror
+    from fleetmq.mqtt import dynsec_outbox
 
     s, before, mirror = attacked, attacked.a_node(), attacked.service.dynsec
     assert mirror is not None
-    monkeypatch.setattr(dynsec_mirror, "SESSION_RETRY_S", 0.5)
+    monkeypatch.setattr(dynsec_outbox, "SESSION_RETRY_S", 0.5)
     slow = f"slow-{s.root}"
     await persistent_holder(s, peers, dynsec_mosquitto, slow)
     broker = mirror._broker
