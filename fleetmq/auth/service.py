@@ -17,13 +17,8 @@ from fleetmq.auth.passwords import mosquitto_hash
 from fleetmq.auth.rules import BROKER_ROLES
 from fleetmq.auth.store import AuditEntry, Credential, LastAdminError, OutboxRow
 from fleetmq.auth.tokens import digest, new_key_id, new_token, token_kind
-from fleetmq.auth.verifier import Verdict, Verifier, principal_of
+from fleetmq.auth.verifier import Verifier
 from fleetmq.errors import FleetmqError
-
-__all__ = ["KEY_ROLES", "AuthError", "AuthService", "Verdict", "broker_put", "on_broker",
-           "principal_of", "same_type"]
-"""``Verdict`` and ``principal_of`` are ``verifier.py``'s, named here too for the callers that
-take everything of the authority from this module."""
 
 log = logging.getLogger(__name__)
 

@@ -27,9 +27,10 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from fleetmq.auth.limits import KeyedLimiter, LoginBackoff
 from fleetmq.auth.rules import Action, Principal, rest_allowed
-from fleetmq.auth.service import AuthService, Verdict
+from fleetmq.auth.service import AuthService
 from fleetmq.auth.store import Credential
 from fleetmq.auth.tokens import bearer_token
+from fleetmq.auth.verifier import Verdict
 from fleetmq.config import AuthSettings
 from fleetmq.core.models import Rejection, store_unavailable
 from fleetmq.errors import ConfigError, StoreError

@@ -36,7 +36,8 @@ from fleetmq.auth.rules import (
     Principal,
     TopicRules,
 )
-from fleetmq.auth.service import AuthService, principal_of
+from fleetmq.auth.service import AuthService
+from fleetmq.auth.verifier import principal_of
 from fleetmq.config import OUTPUT_USER_SUFFIX
 from fleetmq.core.models import quote
 from fleetmq.http.hook_fields import (
