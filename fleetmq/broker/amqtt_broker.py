@@ -225,6 +225,16 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
 
     async def _handle_disconnect(self, session: Session, handler: Any,
                                  disconnect_waiter: asyncio.Future[Any]) -> None:
+        access = self._access
+        admitted = admitted_of(session)
+        if access is not None and session.will_flag and (
+                admitted is None or not access.still_valid(admitted)):
+            # A will is a publish at the moment the connection drops: a credential that ended
+            # speaks no more, even where the revoker has not closed the session yet (an expiry
+            # is noticed at the next poll; a session amqtt registered after the revoker looked).
+            session.will_flag = False
+            log.info("broker_will_of_ended_credential client_id=%.64r (not published)",
+                     session.client_id)
         try:
             await super()._handle_disconnect(session, handler, disconnect_waiter)
         finally:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -302,6 +303,77 @@ async def test_a_session_the_revoker_missed_can_do_nothing_once_its_credential_e
     assert before is not None
     assert (after["last_seen"], after["status"]) == (before["last_seen"], "online")
     await fleet.still_serves(a, "node-a")
+
+
+async def test_a_session_the_revoker_missed_leaves_no_will_when_its_socket_drops(
+        fleet: AuthFleet) -> None:
+    """The same missed session, silent after the revocation: it drops its socket instead of
+    publishing. Its will (its own heartbeat, allowed at CONNECT) is a publish of a credential
+    that ended and must not reach the manager, however late the drop comes."""
+    a = await fleet.node("node-a")
+    will = json.dumps({"status": "degraded", "reason": "will-after-revocation"}).encode()
+    b = await fleet.node("node-b", will=(fleet.topics.heartbeat("node-b"), will, False))
+    broker = fleet.svc.embedded_broker
+    assert broker is not None
+    fleet.svc.auth._listeners.remove(broker._credentials_changed)
+    before = await fleet.rest_node("node-b")
+    assert await fleet.svc.auth.revoke_credentials("node-b", actor="test") == 1
+    assert b.connected  # nobody told the broker
+
+    b.kill()
+
+    def dropped() -> bool:
+        entry = broker._broker._sessions.get("node-b")
+        return entry is None or not entry[0].transitions.is_connected()
+
+    await eventually(dropped, timeout=2, interval=0.005)
+    # A's heartbeats go through the broker after B's drop was handled (and its will, if any,
+    # broadcast): once the manager has applied them, it would have applied the will too.
+    await fleet.still_serves(a, "node-a")
+    after = await fleet.rest_node("node-b")
+    assert after is not None
+    assert before is not None
+    assert (after["last_seen"], after["status"]) == (before["last_seen"], "online")
+
+
+async def test_a_node_whose_token_just_expired_leaves_no_will_when_its_socket_drops(
+        fleet: AuthFleet) -> None:
+    """An expiry is noticed at the manager's next poll (up to 0.2 s later). A node dropping
+    its socket just after its token expired, before the revoker has closed its session, must
+    not get its will published: it is a publish by a credential that has ended."""
+    a = await fleet.node("node-a")
+    cred, token = await fleet.svc.auth.issue_credential("node-e", actor="test",
+                                                        expires_in_s=2.0)
+    assert cred.expires_at is not None
+    will = json.dumps({"status": "degraded", "reason": "will-after-expiry"}).encode()
+    e = await fleet.node("node-e", token=token,
+                         will=(fleet.topics.heartbeat("node-e"), will, False))
+    before = await fleet.rest_node("node-e")
+    await asyncio.sleep(max(0.0, cred.expires_at + 0.01 - time.time()))
+
+    # The socket goes at once (paho's own kill first waits for its network thread).
+    client = e._client
+    assert client is not None
+    sock = client.socket()
+    assert sock is not None
+    sock.shutdown(socket.SHUT_RDWR)
+    client.loop_stop()
+    sock.close()
+    e._client = None
+
+    broker = fleet.svc.embedded_broker
+    assert broker is not None
+
+    def dropped() -> bool:
+        entry = broker._broker._sessions.get("node-e")
+        return entry is None or not entry[0].transitions.is_connected()
+
+    await eventually(dropped, timeout=2, interval=0.005)
+    await fleet.still_serves(a, "node-a")  # applied after the will would have been
+    after = await fleet.rest_node("node-e")
+    assert after is not None
+    assert before is not None
+    assert (after["last_seen"], after["status"]) == (before["last_seen"], "online")
 
 
 async def test_rotated_out_token_keeps_its_connection_for_the_grace_then_is_cut(
