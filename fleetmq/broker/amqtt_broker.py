@@ -340,6 +340,21 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
                 gone += 1
         return gone
 
+    async def sweep_ended(self) -> int:
+        """Discard every session whose credential no longer works; how many went."""
+        access = self._access
+        if access is None:
+            return 0
+        gone = 0
+        for client_id, (session, _handler) in list(self._sessions.items()):
+            admitted = admitted_of(session)
+            if admitted is not None and not access.still_valid(admitted):
+                log.warning("broker_session_of_ended_credential client_id=%.64r (discarded)",
+                            client_id)
+                await self.discard(client_id)
+                gone += 1
+        return gone
+
     async def discard(self, client_id: str) -> None:
         """Drop a session with its subscriptions and queued messages; close its connection
         without its will (a credential that ended speaks no more)."""

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from fleetmq.aio import wait_set
 from fleetmq.auth.limits import LoginBackoff
 from fleetmq.auth.rules import TopicRules
 from fleetmq.auth.service import AuthService
@@ -27,6 +28,9 @@ from fleetmq.ports import address_in_use
 from fleetmq.tls import BROKER_TLS_OPTIONS, server_context
 
 log = logging.getLogger(__name__)
+
+SWEEP_S = 1.0
+"""How often the revoker looks at every session without being told of an ended credential."""
 
 _NOISY_LOGGERS = ("amqtt", "transitions")
 SHUTDOWN_GRACE_S = 1.0
@@ -128,15 +132,19 @@ class EmbeddedBroker:
             self._ended_event.set()
 
     async def _revoke_loop(self) -> None:
+        """Close the sessions of credentials that ended as soon as the listener hears of
+        them; and once every ``SWEEP_S`` without news, look at every session, for one amqtt
+        registered after the listener looked (an idle one would otherwise keep its socket)."""
         while True:
-            await self._ended_event.wait()
+            told = await wait_set(self._ended_event, SWEEP_S)
             self._ended_event.clear()
             ended, self._ended = self._ended, set()
             broker = self._broker
             if broker is None:
                 continue
             try:
-                gone = await broker.cut_credentials(ended)
+                gone = (await broker.cut_credentials(ended) if told
+                        else await broker.sweep_ended())
             except Exception:
                 log.exception("embedded_broker_revocation_failed")
                 continue

@@ -18,6 +18,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from fleetmq.broker.embedded import SWEEP_S
 from tests.conftest import eventually
 from tests.security.broker_clients import (
     ACCEPTED,
@@ -302,6 +303,27 @@ async def test_a_session_the_revoker_missed_can_do_nothing_once_its_credential_e
     assert after is not None
     assert before is not None
     assert (after["last_seen"], after["status"]) == (before["last_seen"], "online")
+    await fleet.still_serves(a, "node-a")
+
+
+async def test_an_idle_session_the_revoker_missed_is_closed_by_its_sweep(
+        fleet: AuthFleet) -> None:
+    """The same missed session, idle: the revoker's once-a-second look at every session closes
+    it (without its will) though nobody told the broker."""
+    a = await fleet.node("node-a")
+    b = await fleet.node("node-b")
+    broker = fleet.svc.embedded_broker
+    assert broker is not None
+    fleet.svc.auth._listeners.remove(broker._credentials_changed)
+    before = await fleet.rest_node("node-b")
+    revoked = time.monotonic()
+    assert await fleet.svc.auth.revoke_credentials("node-b", actor="test") == 1
+
+    await eventually(b.disconnected.is_set, timeout=3, interval=0.01)
+
+    assert time.monotonic() - revoked < SWEEP_S + 0.5
+    assert "node-b" not in broker.session_ids()
+    assert await fleet.rest_node("node-b") == before
     await fleet.still_serves(a, "node-a")
 
 
