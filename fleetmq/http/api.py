@@ -41,13 +41,14 @@ from fleetmq.fleet import Fleet
 from fleetmq.http.access import AccessRoutes
 from fleetmq.http.auth import RestAccess
 from fleetmq.http.openapi import openapi_document
+from fleetmq.http.pages import PageCache, PageKey, document
 from fleetmq.http.params import JSON, error_response, json_response, path_id, whole
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.link import MqttLink
 from fleetmq.mqtt.publisher import Publisher
 from fleetmq.rates import RateLimitedError
 from fleetmq.store.writer import StoreUnavailableError, StoreWriter
-from fleetmq.views import dumps, heartbeat_reply, node_json, register_reply
+from fleetmq.views import dumps, heartbeat_reply, node_json, node_views, register_reply
 
 if TYPE_CHECKING:  # broker_hooks imports this module's responses
     from fleetmq.http.broker_hooks import BrokerHooks
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 PREFIX = "/api/v1/fleet"
 STREAM_CHUNK = 1000
 """Nodes serialized between two yields to the event loop."""
+PAGE_CHUNK = 2000
+"""Nodes of an unfiltered page read between two yields (most have their JSON cached)."""
 STREAM_ABOVE = 10_000
 """Without ``limit``, answers of more nodes than this are streamed; smaller ones go out as one
 body with a Content-Length (cheaper: no chunked framing, one write)."""
@@ -124,9 +127,9 @@ class RestApi:
         self._settings = settings
         self._topic_root = topic_root
         self._openapi = b""
-        self._list_cache: tuple[int, bytes] = (-1, b"")
-        """The whole fleet's list document and the registry version it shows (dashboards
-        poll it; it is rebuilt after any change)."""
+        self._pages = PageCache()
+        """Answers of GET /nodes (whole fleet, pages, filters) as of the registry's version
+        (dashboards poll them; each is rebuilt after any change)."""
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -284,23 +287,46 @@ class RestApi:
         })
 
     async def list_nodes(self, request: web.Request) -> web.StreamResponse:
-        match = _filter(request.query)
-        limit = _limit(request.query.get("limit"))
-        after = request.query.get("after")
+        query = request.query
+        match = _filter(query)
+        limit_text = query.get("limit")
+        limit = _limit(limit_text)
+        after = query.get("after") or None
         ids = self._registry.sorted_ids()  # a snapshot: later changes build a new list
         start = bisect.bisect_right(ids, after) if after else 0
         if limit is None and len(ids) - start > STREAM_ABOVE:
             return await self._stream(request, ids, start, match)
-        whole_fleet = limit is None and start == 0 and match is _all
-        if whole_fleet and self._list_cache[0] == self._registry.version:
-            return web.Response(body=self._list_cache[1], content_type=JSON)
         version = self._registry.version
-        parts, next_id = await self._collect(ids, start, limit, match)
+        key: PageKey = (after, limit_text, query.get("node_type"), query.get("status"),
+                        query.get("location"))
+        body = self._pages.get(key, version)
+        if body is not None:
+            return web.Response(body=body, content_type=JSON)
+        if match is _all:
+            parts, next_id = await self._page(ids, start, limit)
+        else:
+            parts, next_id = await self._collect(ids, start, limit, match)
         total = await self._count(ids, match)
-        body = _document(parts, total, next_id)
-        if whole_fleet and version == self._registry.version:  # unchanged while collected
-            self._list_cache = (version, body)
+        body = document(parts, total, next_id)
+        if version == self._registry.version:  # unchanged while collected
+            self._pages.put(key, version, body)
         return web.Response(body=body, content_type=JSON)
+
+    async def _page(self, ids: list[str], start: int, limit: int | None
+                    ) -> tuple[list[bytes], str | None]:
+        """An unfiltered page: the nodes of ``ids[start:start + limit]``, read as they are
+        now, and the ``next`` id if more follow."""
+        stop = len(ids) if limit is None else min(len(ids), start + limit)
+        get = self._registry.get
+        nodes = [node for node in map(get, ids[start:stop]) if node is not None]
+        if len(nodes) != stop - start:  # never while ids is the registry's own snapshot
+            return await self._collect(ids, start, limit, _all)
+        parts: list[bytes] = []
+        for offset in range(0, len(nodes), PAGE_CHUNK):
+            if offset:
+                await asyncio.sleep(0)  # a page of nodes whose JSON must be rebuilt
+            parts += node_views(nodes[offset:offset + PAGE_CHUNK])
+        return parts, (ids[stop - 1] if parts and stop < len(ids) else None)
 
     def _nodes(self, ids: list[str]) -> Iterator[Node]:
         get = self._registry.get
@@ -390,11 +416,6 @@ class RestApi:
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type=JSON)
-
-
-def _document(parts: list[bytes], total: int, next_id: str | None = None) -> bytes:
-    tail = dumps({"count": len(parts), "total": total, "next": next_id})
-    return b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
 
 
 def _no_such_node(node_id: str) -> Rejection:
