@@ -72,22 +72,20 @@ DURABLE_TIMEOUT_S = 5.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def answer_errors(request: web.Request, handler: Handler,
-                        refused: Counter[tuple[int, str]]) -> web.StreamResponse:
-    """Every error in the contract's JSON shape, whatever raised it; 429s counted in
-    ``refused`` by reason."""
-    try:
-        return await handler(request)
-    except Rejection as rej:
-        return error_response(rej.code, rej.title, rej.message)
-    except RateLimitedError as exc:  # a node over its rate (contract section 8, "Limits")
+def answer_error(request: web.Request, exc: Exception,
+                 refused: Counter[tuple[int, str]]) -> web.StreamResponse | None:
+    """The contract's JSON answer to what a handler raised; 429s counted in ``refused`` by
+    reason. None: not an error to answer (a redirect, a client that left), raise it again."""
+    if isinstance(exc, Rejection):
+        return error_response(exc.code, exc.title, exc.message)
+    if isinstance(exc, RateLimitedError):  # a node over its rate (contract section 8, "Limits")
         refused[(429, "node_rate")] += 1
         limited = rate_limited(exc.retry_after_s)
         return error_response(limited.code, limited.title, limited.message,
                               {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            return None
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         message = {
             404: f"No route for {request.method} {quote(request.path)}",
@@ -96,14 +94,13 @@ async def answer_errors(request: web.Request, handler: Handler,
             413: f"Request body is over the {MAX_PAYLOAD_BYTES} byte limit",
         }.get(exc.status, exc.text or exc.reason)
         return error_response(exc.status, exc.reason, message, headers)
-    except ConnectionResetError:
-        raise  # the client left: nobody to answer, nothing to log as an error
-    except Exception:
-        # A bug must still answer in the contract's error shape, not aiohttp's text/plain 500.
-        log.exception("http_request_failed method=%s path=%s", request.method,
-                      quote(request.path))
-        return error_response(500, "Internal server error",
-                              "The request failed inside fleetmq; see the manager's log")
+    if isinstance(exc, ConnectionResetError):
+        return None  # the client left: nobody to answer, nothing to log as an error
+    # A bug must still answer in the contract's error shape, not aiohttp's text/plain 500.
+    log.error("http_request_failed method=%s path=%s", request.method, quote(request.path),
+              exc_info=exc)
+    return error_response(500, "Internal server error",
+                          "The request failed inside fleetmq; see the manager's log")
 
 
 class RestApi:
@@ -136,9 +133,9 @@ class RestApi:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """One middleware (each costs a coroutine per request): requests in flight are
-        counted for shutdown, the token gate decides before any body is read, and every
-        error is answered in the contract's shape."""
+        """One middleware, one coroutine (each costs its own per request): requests in
+        flight are counted for shutdown, the token gate decides before any body is read, and
+        every error is answered in the contract's shape."""
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -146,7 +143,12 @@ class RestApi:
                 refusal = self._access.check(request)
                 if refusal is not None:
                     return refusal
-            return await answer_errors(request, handler, self._metrics.auth_refused)
+            return await handler(request)
+        except Exception as exc:
+            answer = answer_error(request, exc, self._metrics.auth_refused)
+            if answer is None:
+                raise
+            return answer
         finally:
             self._in_flight -= 1
             if not self._in_flight:
