@@ -284,7 +284,8 @@ class Bench:
         """A server under test (the manager, the bare handler): on the manager's core, on
         the event loop ``--loop`` names (FLEETMQ_LOOP: a manager without the option ignores
         it, and runs asyncio)."""
-        env = {**os.environ, "FLEETMQ_LOOP": self.args.loop}
+        loop = getattr(self.args, "loop", None)  # bench/auth_cost.py: the manager's default
+        env = {**os.environ, **({"FLEETMQ_LOOP": loop} if loop else {})}
         with (self.workdir / f"{name}.out").open("wb") as out:
             proc = subprocess.Popen(PINNING.manager(argv), stdout=out,
                                     stderr=subprocess.STDOUT, env=env)
