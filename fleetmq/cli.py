@@ -80,6 +80,9 @@ SERVE_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
     ("--mqtt-version", "5", "5 (falls back to 3.1.1 if refused) or 3.1.1, which ingests faster "
                             "but ignores MQTT 5 response topics (default: 5)"),
     ("--log-level", "info", "debug, info, warning or error (default: info)"),
+    ("--loop", "auto",
+     "the event loop: auto (uvloop when installed, with fleetmq[fast]; else asyncio's own), "
+     "uvloop or asyncio (default: auto)"),
     ("--auth", "auto",
      "auto (on once the store has held an admin key), on (refuse to start without one) or off "
      "(loopback listeners only unless given on purpose) (default: auto)"),
@@ -206,16 +209,42 @@ def configure_logging(level: str) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
+LOOPS = ("auto", "uvloop", "asyncio")
+
+
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The event loop ``--loop`` asks for: uvloop when installed (``auto``), asyncio's own
+    otherwise or when asked."""
+    choice = choice.strip().lower()
+    if choice not in LOOPS:
+        raise ConfigError(f"--loop {choice!r} is not one of {', '.join(LOOPS)}")
+    if choice == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        uvloop = importlib.import_module("uvloop")
+    except ImportError:
+        if choice == "uvloop":
+            raise ConfigError("--loop uvloop: uvloop is not installed; install it with "
+                              "pip install 'fleetmq[fast]' or pass --loop asyncio") from None
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with FleetService(settings) as service:
-        log.info("fleetmq_ready_to_serve version=%s http=%s:%d broker=%s root=%s auth=%s",
-                 __version__, settings.http.host, service.http_port,
+        log.info("fleetmq_ready_to_serve version=%s http=%s:%d broker=%s root=%s auth=%s "
+                 "loop=%s", __version__, settings.http.host, service.http_port,
                  settings.broker.describe(), settings.topic_root,
-                 "on" if service.auth_enabled else "off")
+                 "on" if service.auth_enabled else "off", loop_name(loop))
         await stop.wait()
         log.info("fleetmq_stopping")
     log.info("fleetmq_stopped")
@@ -223,8 +252,10 @@ async def serve(settings: Settings) -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     settings = settings_from(args)
+    factory = loop_factory(args.loop)
     configure_logging(settings.log_level)
-    asyncio.run(serve(settings))
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(serve(settings))
     return 0
 
 

@@ -99,3 +99,9 @@ def manager_status_payload(status: str, since: float | None, reason: str | None 
     if reason is not None:
         body["reason"] = reason
     return orjson.dumps(body)
+
+
+def node_views(nodes: list[Node]) -> list[bytes]:
+    """The REST form of each node (``node_json``), read in one pass: a page of nodes whose
+    forms are cached costs a list, not a call per node."""
+    return [node.view or node_json(node) for node in nodes]

@@ -41,13 +41,14 @@ from fleetmq.fleet import Fleet
 from fleetmq.http.access import AccessRoutes
 from fleetmq.http.auth import RestAccess
 from fleetmq.http.openapi import openapi_document
+from fleetmq.http.pages import PageCache, PageKey, document
 from fleetmq.http.params import JSON, error_response, json_response, path_id, whole
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.link import MqttLink
 from fleetmq.mqtt.publisher import Publisher
 from fleetmq.rates import RateLimitedError
 from fleetmq.store.writer import StoreUnavailableError, StoreWriter
-from fleetmq.views import dumps, heartbeat_reply, node_json, register_reply
+from fleetmq.views import dumps, heartbeat_reply, node_json, node_views, register_reply
 
 if TYPE_CHECKING:  # broker_hooks imports this module's responses
     from fleetmq.http.broker_hooks import BrokerHooks
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 PREFIX = "/api/v1/fleet"
 STREAM_CHUNK = 1000
 """Nodes serialized between two yields to the event loop."""
+PAGE_CHUNK = 2000
+"""Nodes of an unfiltered page read between two yields (most have their JSON cached)."""
 STREAM_ABOVE = 10_000
 """Without ``limit``, answers of more nodes than this are streamed; smaller ones go out as one
 body with a Content-Length (cheaper: no chunked framing, one write)."""
@@ -69,22 +72,20 @@ DURABLE_TIMEOUT_S = 5.0
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-async def answer_errors(request: web.Request, handler: Handler,
-                        refused: Counter[tuple[int, str]]) -> web.StreamResponse:
-    """Every error in the contract's JSON shape, whatever raised it; 429s counted in
-    ``refused`` by reason."""
-    try:
-        return await handler(request)
-    except Rejection as rej:
-        return error_response(rej.code, rej.title, rej.message)
-    except RateLimitedError as exc:  # a node over its rate (contract section 8, "Limits")
+def answer_error(request: web.Request, exc: Exception,
+                 refused: Counter[tuple[int, str]]) -> web.StreamResponse | None:
+    """The contract's JSON answer to what a handler raised; 429s counted in ``refused`` by
+    reason. None: not an error to answer (a redirect, a client that left), raise it again."""
+    if isinstance(exc, Rejection):
+        return error_response(exc.code, exc.title, exc.message)
+    if isinstance(exc, RateLimitedError):  # a node over its rate (contract section 8, "Limits")
         refused[(429, "node_rate")] += 1
         limited = rate_limited(exc.retry_after_s)
         return error_response(limited.code, limited.title, limited.message,
                               {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))})
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            return None
         headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
         message = {
             404: f"No route for {request.method} {quote(request.path)}",
@@ -93,14 +94,13 @@ async def answer_errors(request: web.Request, handler: Handler,
             413: f"Request body is over the {MAX_PAYLOAD_BYTES} byte limit",
         }.get(exc.status, exc.text or exc.reason)
         return error_response(exc.status, exc.reason, message, headers)
-    except ConnectionResetError:
-        raise  # the client left: nobody to answer, nothing to log as an error
-    except Exception:
-        # A bug must still answer in the contract's error shape, not aiohttp's text/plain 500.
-        log.exception("http_request_failed method=%s path=%s", request.method,
-                      quote(request.path))
-        return error_response(500, "Internal server error",
-                              "The request failed inside fleetmq; see the manager's log")
+    if isinstance(exc, ConnectionResetError):
+        return None  # the client left: nobody to answer, nothing to log as an error
+    # A bug must still answer in the contract's error shape, not aiohttp's text/plain 500.
+    log.error("http_request_failed method=%s path=%s", request.method, quote(request.path),
+              exc_info=exc)
+    return error_response(500, "Internal server error",
+                          "The request failed inside fleetmq; see the manager's log")
 
 
 class RestApi:
@@ -124,18 +124,18 @@ class RestApi:
         self._settings = settings
         self._topic_root = topic_root
         self._openapi = b""
-        self._list_cache: tuple[int, bytes] = (-1, b"")
-        """The whole fleet's list document and the registry version it shows (dashboards
-        poll it; it is rebuilt after any change)."""
+        self._pages = PageCache()
+        """Answers of GET /nodes (whole fleet, pages, filters) as of the registry's version
+        (dashboards poll them; each is rebuilt after any change)."""
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """One middleware (each costs a coroutine per request): requests in flight are
-        counted for shutdown, the token gate decides before any body is read, and every
-        error is answered in the contract's shape."""
+        """One middleware, one coroutine (each costs its own per request): requests in
+        flight are counted for shutdown, the token gate decides before any body is read, and
+        every error is answered in the contract's shape."""
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -143,7 +143,12 @@ class RestApi:
                 refusal = self._access.check(request)
                 if refusal is not None:
                     return refusal
-            return await answer_errors(request, handler, self._metrics.auth_refused)
+            return await handler(request)
+        except Exception as exc:
+            answer = answer_error(request, exc, self._metrics.auth_refused)
+            if answer is None:
+                raise
+            return answer
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -284,23 +289,46 @@ class RestApi:
         })
 
     async def list_nodes(self, request: web.Request) -> web.StreamResponse:
-        match = _filter(request.query)
-        limit = _limit(request.query.get("limit"))
-        after = request.query.get("after")
+        query = request.query
+        match = _filter(query)
+        limit_text = query.get("limit")
+        limit = _limit(limit_text)
+        after = query.get("after") or None
         ids = self._registry.sorted_ids()  # a snapshot: later changes build a new list
         start = bisect.bisect_right(ids, after) if after else 0
         if limit is None and len(ids) - start > STREAM_ABOVE:
             return await self._stream(request, ids, start, match)
-        whole_fleet = limit is None and start == 0 and match is _all
-        if whole_fleet and self._list_cache[0] == self._registry.version:
-            return web.Response(body=self._list_cache[1], content_type=JSON)
         version = self._registry.version
-        parts, next_id = await self._collect(ids, start, limit, match)
+        key: PageKey = (after, limit_text, query.get("node_type"), query.get("status"),
+                        query.get("location"))
+        body = self._pages.get(key, version)
+        if body is not None:
+            return web.Response(body=body, content_type=JSON)
+        if match is _all:
+            parts, next_id = await self._page(ids, start, limit)
+        else:
+            parts, next_id = await self._collect(ids, start, limit, match)
         total = await self._count(ids, match)
-        body = _document(parts, total, next_id)
-        if whole_fleet and version == self._registry.version:  # unchanged while collected
-            self._list_cache = (version, body)
+        body = document(parts, total, next_id)
+        if version == self._registry.version:  # unchanged while collected
+            self._pages.put(key, version, body)
         return web.Response(body=body, content_type=JSON)
+
+    async def _page(self, ids: list[str], start: int, limit: int | None
+                    ) -> tuple[list[bytes], str | None]:
+        """An unfiltered page: the nodes of ``ids[start:start + limit]``, read as they are
+        now, and the ``next`` id if more follow."""
+        stop = len(ids) if limit is None else min(len(ids), start + limit)
+        get = self._registry.get
+        nodes = [node for node in map(get, ids[start:stop]) if node is not None]
+        if len(nodes) != stop - start:  # never while ids is the registry's own snapshot
+            return await self._collect(ids, start, limit, _all)
+        parts: list[bytes] = []
+        for offset in range(0, len(nodes), PAGE_CHUNK):
+            if offset:
+                await asyncio.sleep(0)  # a page of nodes whose JSON must be rebuilt
+            parts += node_views(nodes[offset:offset + PAGE_CHUNK])
+        return parts, (ids[stop - 1] if parts and stop < len(ids) else None)
 
     def _nodes(self, ids: list[str]) -> Iterator[Node]:
         get = self._registry.get
@@ -390,11 +418,6 @@ class RestApi:
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type=JSON)
-
-
-def _document(parts: list[bytes], total: int, next_id: str | None = None) -> bytes:
-    tail = dumps({"count": len(parts), "total": total, "next": next_id})
-    return b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
 
 
 def _no_such_node(node_id: str) -> Rejection:

@@ -59,13 +59,15 @@ def _check_lag(doc: dict[str, Any]) -> None:
 
 def _check_rest(doc: dict[str, Any]) -> None:
     runs = {r["scenario"]: r for r in doc["results"]}
-    assert set(runs) == {"heartbeat-bare", "heartbeat", "register", "get-one", "list-50-bare",
-                         "list-50", "list-50-mqtt"}
+    assert set(runs) == {"heartbeat-bare", "heartbeat", "register", "get-one", "list-80-bare",
+                         "list-80", "list-80-mqtt", "page-20-bare", "page-20", "page-20-mqtt"}
     for r in runs.values():
         _positive(r, "rps", "p50_ms", "p99_ms")
         assert r["errors"] == 0, r
         assert r["non_2xx"] == 0, r
-    _positive(runs["list-50-mqtt"], "mqtt_published", "mqtt_eventually_applied")
+    _positive(runs["list-80-mqtt"], "mqtt_published", "mqtt_eventually_applied")
+    _positive(runs["page-20-mqtt"], "mqtt_published", "mqtt_eventually_applied")
+    assert doc["fleet"] == 80
 
 
 def _check_memory(doc: dict[str, Any]) -> None:
@@ -180,8 +182,9 @@ BENCHES = {
         "lag.json", ("probes answered", "lag p50 / p99 / max"), _check_lag),
     "rest": Bench(
         ("bench/rest.py", "--duration", "1", "--threads", "1", "--connections", "4",
-         "--nodes", "50", "--rate", "500"),
-        "rest.json", ("heartbeat, bare aiohttp", "get one", "list 50 + 500 hb/s MQTT"),
+         "--nodes", "50", "--fleet", "80", "--page", "20", "--rate", "500"),
+        "rest.json", ("heartbeat, bare aiohttp", "get one", "list 80 + 500 hb/s MQTT",
+                      "page 20 of 80 + 500 hb/s MQTT"),
         _check_rest),
     "memory": Bench(
         ("bench/memory.py", "--nodes", "2000", "--fix", "none"),

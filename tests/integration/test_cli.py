@@ -6,6 +6,7 @@ or at an embedded broker on a free port, never the default 1883, and is killed i
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -167,6 +168,7 @@ def test_serve_help_lists_every_option_with_its_environment_variable() -> None:
     ("--http", "nope"),
     ("--log-level", "loud"),
     ("--topic-root", "fleet/#"),
+    ("--loop", "trio"),
 ])
 def test_a_bad_option_value_exits_2_with_a_message_naming_the_option(
     mosquitto: Any, option: str, value: str
@@ -217,6 +219,30 @@ async def test_environment_variables_configure_serve(
     assert payloads(watcher, f"{root}/_manager/status")[-1]["status"] == "online"
     await eventually(lambda: payloads(watcher, f"{root}/n1/status"))
 
+    manager.signal(signal.SIGTERM)
+    assert await manager.wait_exit() == 0
+
+
+@pytest.mark.parametrize(("choice", "expected"), [
+    ("asyncio", "asyncio"),
+    ("auto", "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"),
+])
+async def test_serve_says_which_event_loop_runs(
+    mosquitto: Any, root: str, managers: Any, http: aiohttp.ClientSession,
+    choice: str, expected: str
+) -> None:
+    port = free_port()
+    env = clean_env(FLEETMQ_LOOP=choice)
+    manager = managers("--broker", mosquitto.url, "--http", f"127.0.0.1:{port}",
+                       "--topic-root", root, "--store", "memory://", env=env)
+    await manager.wait_ready(port, http)
+    await eventually(lambda: "fleetmq_ready_to_serve" in manager.log)
+    assert f"loop={expected}" in manager.log
+    base = f"http://127.0.0.1:{port}/api/v1/fleet"
+    async with http.post(f"{base}/register", json={"node_id": "n1", "type": "picclaw"}) as r:
+        assert r.status == 200
+    async with http.get(f"{base}/nodes?limit=1") as r:
+        assert (await r.json())["nodes"][0]["id"] == "n1"
     manager.signal(signal.SIGTERM)
     assert await manager.wait_exit() == 0
 

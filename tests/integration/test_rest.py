@@ -718,6 +718,38 @@ async def test_the_whole_fleet_list_follows_every_change(api: Api) -> None:
     assert after_delete["count"] == after_delete["total"] == 1
 
 
+async def test_a_page_and_a_filtered_page_follow_every_change(api: Api) -> None:
+    """Pages are kept while the fleet does not change: each change shows in the next read."""
+    for node_id in ("page-a", "page-b", "page-c"):
+        await api.register(node_id, location="lab")
+    first = (await api.nodes(limit="2")).json
+    assert (await api.nodes(limit="2")).json == first  # served again, unchanged
+    assert [n["id"] for n in first["nodes"]] == ["page-a", "page-b"]
+    assert (first["count"], first["total"], first["next"]) == (2, 3, "page-b")
+    lab = (await api.nodes(limit="2", location="LAB")).json
+    assert (lab["count"], lab["total"], lab["next"]) == (2, 3, "page-b")
+
+    await api.heartbeat("page-b", uptime_seconds=9)
+    changed = (await api.nodes(limit="2")).json
+    assert [n["uptime_seconds"] for n in changed["nodes"]] == [None, 9]
+
+    await api.register("page-0", location="attic")  # sorts first: the page moves
+    moved = (await api.nodes(limit="2")).json
+    assert [n["id"] for n in moved["nodes"]] == ["page-0", "page-a"]
+    assert (moved["total"], moved["next"]) == (4, "page-a")
+    lab = (await api.nodes(limit="2", location="lab")).json
+    assert [n["id"] for n in lab["nodes"]] == ["page-a", "page-b"]
+    assert lab["total"] == 3
+
+    assert (await api.request("DELETE", "/api/v1/fleet/nodes/page-a")).status == 204
+    after = (await api.nodes(limit="2", after="page-0")).json
+    assert [n["id"] for n in after["nodes"]] == ["page-b", "page-c"]
+    assert (after["count"], after["total"], after["next"]) == (2, 3, None)
+    lab = (await api.nodes(limit="2", location="lab")).json
+    assert [n["id"] for n in lab["nodes"]] == ["page-b", "page-c"]
+    assert (lab["total"], lab["next"]) == (2, None)
+
+
 # --- GET and DELETE /nodes/{node_id} -----------------------------------------------------------
 
 async def test_node_document_has_exactly_the_contract_fields(api: Api) -> None:
