@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +36,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
+    PINNING,
+    add_pin_option,
     machine,
     metric,
     print_rows,
@@ -72,6 +75,8 @@ class Run:
     broker: str
     results: list[Result]
     register_per_s: float | None = None
+    registers: dict[str, float] | None = None
+    """Registrations/s by the manager's MQTT version (Mosquitto only)."""
     puback_timeouts: int | None = None
     """amqtt's "Timeout waiting for PUBACK" lines in the manager's log (embedded only)."""
 
@@ -160,6 +165,31 @@ def bare_subscriber(port: int, root: str, args: argparse.Namespace,
                   count / span if span > 0 else 0.0, count, published)
 
 
+def bare_gmqtt(port: int, root: str, args: argparse.Namespace, mqtt5: bool) -> Result:
+    """The ceiling of the manager's own library: a gmqtt client that only counts, in a child
+    process on the manager's core (bench/bare_gmqtt.py)."""
+    version = "5" if mqtt5 else "3.1.1"
+    published = args.messages // args.publishers * args.publishers
+    argv = PINNING.manager([sys.executable, str(Path(__file__).with_name("bare_gmqtt.py")),
+                            str(port), f"{root}/+/heartbeat", version, str(published),
+                            str(IDLE_S)])
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("the bare gmqtt subscriber did not start")
+        _blast(port, root, args.messages, args.nodes, args.publishers, args.qos)
+        out, _ = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    done = json.loads(out.strip().splitlines()[-1])
+    count, span = int(done["count"]), float(done["span"])
+    return Result(f"bare-gmqtt-{version}", f"bare gmqtt subscriber, MQTT {version}",
+                  count / span if span > 0 else 0.0, count, published)
+
+
 def register(port: int, http_port: int, root: str, nodes: int,
              login: Login | None = None) -> float:
     """Registers ``nodes`` nodes over MQTT; returns registrations/s."""
@@ -240,6 +270,7 @@ def fleetmq_ingest(broker: Mosquitto, root: str, args: argparse.Namespace,
 def with_mosquitto(args: argparse.Namespace) -> Run:
     results: list[Result] = []
     reg: float | None = None
+    regs: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-") as tmp:
         broker = Mosquitto(Path(tmp))
         broker.start()
@@ -247,15 +278,18 @@ def with_mosquitto(args: argparse.Namespace) -> Run:
             if not args.skip_bare:
                 results.append(bare_subscriber(broker.port, "bare", args))
                 results.append(bare_subscriber(broker.port, "bare5", args, mqtt5=True))
+                results.append(bare_gmqtt(broker.port, "bareg5", args, mqtt5=True))
+                results.append(bare_gmqtt(broker.port, "bareg3", args, mqtt5=False))
             if not args.skip_fleetmq:
                 for version in args.mqtt_versions:
                     root = "fleet" if version == "5" else "fleet3"
                     result, rate = fleetmq_ingest(broker, root, args, version)
                     results.append(result)
+                    regs[version] = rate
                     reg = rate if reg is None else reg
         finally:
             broker.stop()
-    return Run("Mosquitto on a free port, the repo's mosquitto.conf", results, reg)
+    return Run("Mosquitto on a free port, the repo's mosquitto.conf", results, reg, regs)
 
 
 def with_embedded(args: argparse.Namespace) -> Run:
@@ -286,8 +320,11 @@ def with_embedded(args: argparse.Namespace) -> Run:
                results, reg, timeouts)
 
 
-RATIOS = (("fleetmq-mqtt-5", "bare-mqtt-5", "  ratio to the bare MQTT 5 subscriber"),
-          ("fleetmq-mqtt-3.1.1", "bare-mqtt-3.1.1", "  ratio to the bare 3.1.1 subscriber"))
+RATIOS = (("fleetmq-mqtt-5", "bare-mqtt-5", "  ratio to the bare paho MQTT 5 subscriber"),
+          ("fleetmq-mqtt-5", "bare-gmqtt-5", "  ratio to the bare gmqtt MQTT 5 subscriber"),
+          ("fleetmq-mqtt-3.1.1", "bare-mqtt-3.1.1", "  ratio to the bare paho 3.1.1 subscriber"),
+          ("fleetmq-mqtt-3.1.1", "bare-gmqtt-3.1.1",
+           "  ratio to the bare gmqtt 3.1.1 subscriber"))
 
 
 def main() -> None:
@@ -310,7 +347,9 @@ def main() -> None:
                         choices=["5", "3.1.1"], help="the manager's protocols to measure")
     parser.add_argument("--skip-bare", action="store_true", help="measure fleetmq only")
     parser.add_argument("--skip-fleetmq", action="store_true", help="measure the ceilings only")
+    add_pin_option(parser)
     args = parser.parse_args()
+    PINNING.start(args.pin)
     run = with_embedded if args.broker == "embedded" else with_mosquitto
     done = run(args)
     broker, results, reg = done.broker, done.results, done.register_per_s
@@ -318,9 +357,14 @@ def main() -> None:
     published = args.messages // args.publishers * args.publishers
     rows = [
         ("machine", f"{os.cpu_count()} cores, python {sys.version.split()[0]}"),
+        ("pinned", PINNING.describe()),
         ("broker", broker),
     ]
-    if reg is not None:
+    if done.registers:
+        for version, rate in done.registers.items():
+            rows.append((f"nodes registered over MQTT {version}",
+                         f"{args.nodes:,} ({rate:,.0f} registrations/s)"))
+    elif reg is not None:
         rows.append(("nodes registered over MQTT", f"{args.nodes:,} ({reg:,.0f} registrations/s)"))
     rows.append((f"heartbeats published (QoS {args.qos})", f"{published:,}"))
     by_key = {r.key: r for r in results}
@@ -336,7 +380,8 @@ def main() -> None:
     write_result("ingest" if args.broker == "mosquitto" else f"ingest-{args.broker}", {
         "machine": machine(), "broker": args.broker, "broker_detail": broker,
         "nodes": args.nodes, "published": published, "publishers": args.publishers,
-        "qos": args.qos, "register_per_s": reg, "amqtt_puback_timeouts": timeouts,
+        "qos": args.qos, "register_per_s": reg,
+        "register_per_s_by_version": done.registers, "amqtt_puback_timeouts": timeouts,
         "results": [{**asdict(r), "lost": r.lost} for r in results],
     })
 
