@@ -14,8 +14,8 @@ import json
 import sys
 import time
 
-from gmqtt import Client
-from gmqtt.mqtt.constants import MQTTv50, MQTTv311
+from gmqtt import Client  # type: ignore[import-untyped]
+from gmqtt.mqtt.constants import MQTTv50, MQTTv311  # type: ignore[import-untyped]
 
 
 async def count(port: int, topic: str, version: str, expected: int, idle: float) -> None:

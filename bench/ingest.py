@@ -75,8 +75,9 @@ class Run:
     broker: str
     results: list[Result]
     register_per_s: float | None = None
-    registers: dict[str, float] | None = None
-    """Registrations/s by the manager's MQTT version (Mosquitto only)."""
+    registers: dict[str, tuple[float, float, int]] | None = None
+    """By the manager's MQTT version (Mosquitto only): registrations/s in the registry, and
+    stored, replied to and published."""
     puback_timeouts: int | None = None
     """amqtt's "Timeout waiting for PUBACK" lines in the manager's log (embedded only)."""
 
@@ -190,30 +191,61 @@ def bare_gmqtt(port: int, root: str, args: argparse.Namespace, mqtt5: bool) -> R
                   count / span if span > 0 else 0.0, count, published)
 
 
-def register(port: int, http_port: int, root: str, nodes: int,
-             login: Login | None = None) -> float:
-    """Registers ``nodes`` nodes over MQTT; returns registrations/s."""
-    reg = _client("bench-reg", login)
+REGISTER_BODY = {"node_type": "microclaw", "capabilities": ["dht22", "mqtt"],
+                 "location": "office-floor-2",
+                 "metadata": {"gateway": "nanoclaw-pi-01", "firmware": "v1.0.0"}}
+
+
+def _register_share(port: int, root: str, first: int, count: int,
+                    login: Login | None = None) -> None:
+    reg = _client(f"bench-reg-{first}", login)
     reg.max_inflight_messages_set(1000)
     reg.connect("127.0.0.1", port, keepalive=120)
     reg.loop_start()
-    try:
-        started = time.monotonic()
-        body = {"node_type": "microclaw", "capabilities": ["dht22", "mqtt"],
-                "location": "office-floor-2",
-                "metadata": {"gateway": "nanoclaw-pi-01", "firmware": "v1.0.0"}}
-        for i in range(nodes):
-            info = reg.publish(f"{root}/node-{i:07d}/register", json.dumps(body), qos=1)
-            if i % 1000 == 0:
-                info.wait_for_publish(30)
-        wait_for(lambda: metric(http_port, "fleetmq_nodes") >= nodes, 300, "nodes registered")
-        rate = nodes / (time.monotonic() - started)
-        # Let the registrations' statuses and replies go out first: measure ingest alone.
-        wait_for(lambda: metric(http_port, "fleetmq_mqtt_backlog") == 0, 300, "statuses out")
-    finally:
-        reg.disconnect()
-        reg.loop_stop()
-    return rate
+    body = json.dumps(REGISTER_BODY)
+    for i in range(first, first + count):
+        info = reg.publish(f"{root}/node-{i:07d}/register", body, qos=1)
+        if i % 1000 == 0:
+            info.wait_for_publish(30)
+    info.wait_for_publish(60)
+    reg.disconnect()
+    reg.loop_stop()
+
+
+def register(port: int, http_port: int, root: str, nodes: int, login: Login | None = None,
+             *, publishers: int = 1) -> tuple[float, float, int]:
+    """Registers ``nodes`` nodes over MQTT from ``publishers`` processes (QoS 1; one when a
+    ``login`` is given, whose username is the client id); returns
+    (registered/s: in the registry, done/s: also stored, replied to and their statuses
+    handed to the broker link, replies dropped). Replies go out once the store has the node,
+    so the replies published count stored registrations too."""
+    publishers = 1 if login is not None else publishers
+    share = nodes // publishers
+    procs = [mp.Process(target=_register_share,
+                        args=(port, root, k * share, share if k < publishers - 1
+                              else nodes - k * share, login))
+             for k in range(publishers)]
+    started = time.monotonic()
+    for proc in procs:
+        proc.start()
+    wait_for(lambda: metric(http_port, "fleetmq_nodes") >= nodes, 300, "nodes registered")
+    registered = nodes / (time.monotonic() - started)
+    # A reply the broker link could not take in time is dropped past the reply queue's bound
+    # (publisher.REPLY_BOUND) and counted: the row says how many.
+    wait_for(lambda: metric(http_port, "fleetmq_replies_published_total")
+             + metric(http_port, "fleetmq_replies_overflowed_total") >= nodes
+             and metric(http_port, "fleetmq_status_published_total") >= nodes, 300,
+             "registrations stored, replied to and published")
+    done = nodes / (time.monotonic() - started)
+    dropped = int(metric(http_port, "fleetmq_replies_overflowed_total"))
+    for proc in procs:
+        proc.join()
+    failed = [proc.exitcode for proc in procs if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"registering processes failed with exit codes {failed}")
+    # Let the statuses and replies be acknowledged first: measure ingest alone.
+    wait_for(lambda: metric(http_port, "fleetmq_mqtt_backlog") == 0, 300, "statuses out")
+    return registered, done, dropped
 
 
 def applied(port: int, http_port: int, root: str, args: argparse.Namespace, key: str,
@@ -253,12 +285,12 @@ def applied(port: int, http_port: int, root: str, args: argparse.Namespace, key:
 
 
 def fleetmq_ingest(broker: Mosquitto, root: str, args: argparse.Namespace,
-                   mqtt_version: str) -> tuple[Result, float]:
+                   mqtt_version: str) -> tuple[Result, tuple[float, float, int]]:
     proc, http_port = start_manager(broker.url, root, "--mqtt-version", mqtt_version,
                                     workdir=broker.workdir, wrap=args.wrap.split(),
                                     store=args.store)
     try:
-        reg = register(broker.port, http_port, root, args.nodes)
+        reg = register(broker.port, http_port, root, args.nodes, publishers=args.publishers)
         label = ("fleetmq applied, MQTT 5 (default)" if mqtt_version == "5"
                  else "fleetmq applied, --mqtt-version 3.1.1")
         return applied(broker.port, http_port, root, args, f"fleetmq-mqtt-{mqtt_version}",
@@ -270,7 +302,7 @@ def fleetmq_ingest(broker: Mosquitto, root: str, args: argparse.Namespace,
 def with_mosquitto(args: argparse.Namespace) -> Run:
     results: list[Result] = []
     reg: float | None = None
-    regs: dict[str, float] = {}
+    regs: dict[str, tuple[float, float, int]] = {}
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-") as tmp:
         broker = Mosquitto(Path(tmp))
         broker.start()
@@ -286,7 +318,7 @@ def with_mosquitto(args: argparse.Namespace) -> Run:
                     result, rate = fleetmq_ingest(broker, root, args, version)
                     results.append(result)
                     regs[version] = rate
-                    reg = rate if reg is None else reg
+                    reg = rate[1] if reg is None else reg
         finally:
             broker.stop()
     return Run("Mosquitto on a free port, the repo's mosquitto.conf", results, reg, regs)
@@ -306,7 +338,8 @@ def with_embedded(args: argparse.Namespace) -> Run:
             if not args.skip_bare:
                 results.append(bare_subscriber(port, "bare", args))
             if not args.skip_fleetmq:
-                reg = register(port, http_port, "fleet", args.nodes)
+                reg, _, _ = register(port, http_port, "fleet", args.nodes,
+                                  publishers=args.publishers)
                 results.append(applied(port, http_port, "fleet", args, "fleetmq-mqtt-3.1.1",
                                        "fleetmq applied, MQTT 3.1.1"))
         finally:
@@ -317,7 +350,7 @@ def with_embedded(args: argparse.Namespace) -> Run:
                        if "WARNING" in line and "Timeout waiting for PUBACK" in line)
     amqtt = importlib.metadata.version("amqtt")
     return Run(f"embedded amqtt {amqtt} in fleetmq serve --broker embedded://..., MQTT 3.1.1",
-               results, reg, timeouts)
+               results, reg, puback_timeouts=timeouts)
 
 
 RATIOS = (("fleetmq-mqtt-5", "bare-mqtt-5", "  ratio to the bare paho MQTT 5 subscriber"),
@@ -361,9 +394,11 @@ def main() -> None:
         ("broker", broker),
     ]
     if done.registers:
-        for version, rate in done.registers.items():
+        for version, (registered, replied, dropped) in done.registers.items():
             rows.append((f"nodes registered over MQTT {version}",
-                         f"{args.nodes:,} ({rate:,.0f} registrations/s)"))
+                         f"{args.nodes:,}: {registered:,.0f}/s in the registry, "
+                         f"{replied:,.0f}/s stored, replied to and published, "
+                         f"{dropped:,} replies dropped"))
     elif reg is not None:
         rows.append(("nodes registered over MQTT", f"{args.nodes:,} ({reg:,.0f} registrations/s)"))
     rows.append((f"heartbeats published (QoS {args.qos})", f"{published:,}"))

@@ -59,6 +59,8 @@ connect has both budgets; an MQTT 5 one that got as far as TCP and TLS but not i
 counts as refused."""
 CLOSE_TIMEOUT_S = 2.0
 """How long ``__aexit__`` waits for the DISCONNECT to be written before closing anyway."""
+ACK_AFTER_APPLY = False
+"""The default of ``MqttLink(ack_after_apply=...)``."""
 OUT_ID_RESERVE = 4
 """Packet ids kept free of publishes for SUBSCRIBE and UNSUBSCRIBE."""
 _UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK codes: 3.1.1 "unacceptable protocol", MQTT 5 0x84
@@ -100,7 +102,7 @@ class MqttLink:
         keepalive_s: int = 60,
         prefer_mqtt5: bool = True,
         monotonic: Callable[[], float],
-        ack_after_apply: bool = False,
+        ack_after_apply: bool | None = None,
     ) -> None:
         self._broker = broker
         self._tls = broker_context(broker)  # files read now: a wrong path fails the start
@@ -110,7 +112,7 @@ class MqttLink:
         self._keepalive_s = keepalive_s
         self._version = MQTTv50 if prefer_mqtt5 else MQTTv311
         self._monotonic = monotonic
-        self._ack_after_apply = ack_after_apply
+        self._ack_after_apply = ACK_AFTER_APPLY if ack_after_apply is None else ack_after_apply
         self._client: GmqttClient | None = None
         self._outbox = Outbox(self._wake_credit)
         self._inbound: deque[Inbound] = deque()
