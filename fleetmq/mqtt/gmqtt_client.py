@@ -66,6 +66,17 @@ class GmqttClient(Client):  # type: ignore[misc]  # gmqtt is untyped
     def is_connected_safe(self) -> bool:
         return self._connection is not None and not self._connection.is_closing()
 
+    def refusal(self) -> Exception | None:
+        """The CONNACK refusal of the last connect, if there was one."""
+        handler = self._package_handler
+        if not handler.has_error:
+            return None
+        try:
+            handler.propagate_error()
+        except Exception as exc:  # gmqtt hands its error over by raising it
+            return exc
+        return None
+
     def pause_reading(self) -> None:
         transport = self._transport()
         if transport is not None and transport.is_reading():

@@ -15,7 +15,7 @@ acknowledged are sent again when the broker resumes our session.
 With ``ack_after_apply`` the PUBACK of a QoS 1 message goes out only once the consumer has
 taken it and come back for more (``take_inbound`` or ``wait_inbound`` again): the message was
 applied (contract section 10). gmqtt does this with an ``async`` ``on_message``, one task per
-message; see bench/README.md for what that costs.
+message, QoS 0 too; see ``ACK_AFTER_APPLY`` for what that costs.
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ counts as refused."""
 CLOSE_TIMEOUT_S = 2.0
 """How long ``__aexit__`` waits for the DISCONNECT to be written before closing anyway."""
 ACK_AFTER_APPLY = False
-"""The default of ``MqttLink(ack_after_apply=...)``."""
+"""The default of ``MqttLink(ack_after_apply=...)``: off, since a task per message cost a third
+of the ingest rate (bench/README.md section 10); the loss window is in docs/protocol.md."""
 OUT_ID_RESERVE = 4
 """Packet ids kept free of publishes for SUBSCRIBE and UNSUBSCRIBE."""
 _UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK codes: 3.1.1 "unacceptable protocol", MQTT 5 0x84
@@ -129,6 +130,8 @@ class MqttLink:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._connect_timeout: asyncio.Timeout | None = None
+        """While a connect waits for its CONNACK."""
+        self._closed_early = False
         self._backoff_s = RECONNECT_MIN_S
         self._pending_subacks: dict[int, asyncio.Future[None]] = {}
         self._window = 65_535 - OUT_ID_RESERVE
@@ -213,6 +216,7 @@ class MqttLink:
     async def _open(self, client: Any) -> str | None:
         """Connect and wait for the CONNACK: None, the error, or "fallback" (to 3.1.1)."""
         before = client.connection()
+        self._closed_early = False
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S + CONNACK_TIMEOUT_S) as timeout:
                 self._connect_timeout = timeout
@@ -220,25 +224,37 @@ class MqttLink:
                                      ssl=self._tls if self._tls is not None else False,
                                      keepalive=self._keepalive_s, version=self._version)
         except MQTTConnectError as exc:
-            code = getattr(exc, "_code", None)
-            if code in _UNSUPPORTED_PROTOCOL and self._may_fall_back():
-                log.info("broker_mqtt5_refused broker=%s fallback=3.1.1",
-                         self._broker.describe())
-                return self._fall_back(client)
-            return f"broker refused the connection: {exc}"
+            return self._refused(client, exc)
         except TimeoutError:
-            if client.connection() is not before and self._may_fall_back():
-                log.info("broker_mqtt5_unanswered broker=%s timeout_s=%s fallback=3.1.1",
-                         self._broker.describe(), CONNACK_TIMEOUT_S)
-                return self._fall_back(client)
-            client.drop()
-            return "no answer from the broker in time"
+            return self._unanswered(client, made=client.connection() is not before)
         except Exception as exc:  # refused, unreachable, TLS, bad host
             client.drop()
             return f"{type(exc).__name__}: {exc}"
         finally:
             self._connect_timeout = None
         return None
+
+    def _unanswered(self, client: Any, *, made: bool) -> str:
+        """No CONNACK in time, or the connection closed before one."""
+        refusal = client.refusal()  # the close that ended the wait followed a refusal
+        if refusal is not None:
+            return self._refused(client, refusal)
+        client.drop()
+        if made and self._may_fall_back():
+            # amqtt closes an MQTT 5 CONNECT with a will, and leaves others unanswered.
+            log.info("broker_mqtt5_unanswered broker=%s closed=%s fallback=3.1.1",
+                     self._broker.describe(), self._closed_early)
+            return self._fall_back(client)
+        if self._closed_early:
+            return "the broker closed the connection before answering"
+        return "no answer from the broker in time"
+
+    def _refused(self, client: Any, exc: Exception) -> str:
+        code = getattr(exc, "_code", None)
+        if code in _UNSUPPORTED_PROTOCOL and self._may_fall_back():
+            log.info("broker_mqtt5_refused broker=%s fallback=3.1.1", self._broker.describe())
+            return self._fall_back(client)
+        return f"broker refused the connection: {exc}"
 
     def _may_fall_back(self) -> bool:
         return self._version == MQTTv50 and not self._ever_connected
@@ -289,6 +305,7 @@ class MqttLink:
             return
         if self._connect_timeout is not None:
             self._connect_timeout.reschedule(None)  # replaying our publishes may take longer
+            self._connect_timeout = None
         self._backoff_s = RECONNECT_MIN_S
         self._window = max(1, props.get("receive_maximum", [65_535])[0] - OUT_ID_RESERVE)
         self._ever_connected = True
@@ -318,6 +335,10 @@ class MqttLink:
     def _on_disconnect(self, client: Any, _packet: object, exc: object = None) -> None:
         if client is not self._client:
             return  # a client replaced by the 3.1.1 fallback: its news is not ours
+        timeout = self._connect_timeout
+        if timeout is not None:  # closed before its CONNACK: gmqtt would wait for ever
+            self._closed_early = True
+            timeout.reschedule(asyncio.get_running_loop().time())
         reason = str(exc) if exc else "closed"
         if self.connected:
             level = logging.INFO if self._closing else logging.WARNING
