@@ -63,6 +63,13 @@ class GmqttClient(Client):  # type: ignore[misc]  # gmqtt is untyped
         """The current connection (changes once a connect got as far as TCP and TLS)."""
         return self._connection
 
+    def connection_state(self, before: object) -> str:
+        """Of a connect under way: "none" (no new connection yet), "open" or "closed"."""
+        connection = self._connection
+        if connection is None or connection is before:
+            return "none"
+        return "closed" if connection.is_closing() else "open"
+
     def is_connected_safe(self) -> bool:
         return self._connection is not None and not self._connection.is_closing()
 

@@ -54,9 +54,10 @@ CONNACK_TIMEOUT_S = 5.0
 """An MQTT 5 CONNECT left unanswered this long counts as refused: amqtt (3.1.1 only) misreads
 one that carries properties or a will and waits for bytes that never come, instead of refusing."""
 CONNECT_TIMEOUT_S = 5.0
-"""TCP connect and TLS handshake. gmqtt connects and waits for the CONNACK in one call, so a
-connect has both budgets; an MQTT 5 one that got as far as TCP and TLS but not its CONNACK
-counts as refused."""
+"""TCP connect and TLS handshake (gmqtt does both and waits for the CONNACK in one call: the
+link watches the connection to tell the two apart)."""
+WATCH_S = 0.05
+"""How often a connect waiting for its CONNACK looks at its connection."""
 CLOSE_TIMEOUT_S = 2.0
 """How long ``__aexit__`` waits for the DISCONNECT to be written before closing anyway."""
 ACK_AFTER_APPLY = False
@@ -130,6 +131,7 @@ class MqttLink:
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._connect_timeout: asyncio.Timeout | None = None
+        self._watch: asyncio.TimerHandle | None = None
         """While a connect waits for its CONNACK."""
         self._closed_early = False
         self._backoff_s = RECONNECT_MIN_S
@@ -217,9 +219,12 @@ class MqttLink:
         """Connect and wait for the CONNACK: None, the error, or "fallback" (to 3.1.1)."""
         before = client.connection()
         self._closed_early = False
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S + CONNACK_TIMEOUT_S) as timeout:
                 self._connect_timeout = timeout
+                self._watch = loop.call_later(WATCH_S, self._watch_connect, client, before,
+                                              None)
                 await client.connect(self._broker.host, self._broker.port,
                                      ssl=self._tls if self._tls is not None else False,
                                      keepalive=self._keepalive_s, version=self._version)
@@ -232,7 +237,31 @@ class MqttLink:
             return f"{type(exc).__name__}: {exc}"
         finally:
             self._connect_timeout = None
+            if self._watch is not None:
+                self._watch.cancel()
+                self._watch = None
         return None
+
+    def _watch_connect(self, client: Any, before: object, connack_by: float | None) -> None:
+        """While a connect waits: once TCP and TLS are up, the CONNACK has CONNACK_TIMEOUT_S;
+        a connection closed before its CONNACK ends the wait (gmqtt misses a close that comes
+        before it has set the connection up, and would wait for ever)."""
+        self._watch = None
+        timeout = self._connect_timeout
+        if timeout is None:
+            return
+        loop = asyncio.get_running_loop()
+        state = client.connection_state(before)
+        if state == "closed":
+            self._closed_early = True
+            timeout.reschedule(loop.time())
+            return
+        if state == "open" and connack_by is None:
+            connack_by = loop.time() + CONNACK_TIMEOUT_S
+            when = timeout.when()
+            if when is not None and connack_by < when:
+                timeout.reschedule(connack_by)
+        self._watch = loop.call_later(WATCH_S, self._watch_connect, client, before, connack_by)
 
     def _unanswered(self, client: Any, *, made: bool) -> str:
         """No CONNACK in time, or the connection closed before one."""

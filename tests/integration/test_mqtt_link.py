@@ -58,6 +58,8 @@ class ScriptedBroker:
     """Answers CONNECT (unless told not to), SUBSCRIBE, UNSUBSCRIBE, PINGREQ and QoS 1 PUBLISH."""
 
     answer_mqtt5: bool = True
+    close_mqtt5: bool = False
+    """Close an MQTT 5 CONNECT's connection without answering (as amqtt does with a will)."""
     sessions: list[Session] = field(default_factory=list)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -82,6 +84,8 @@ class ScriptedBroker:
                 if kind == CONNECT:
                     session = Session(level=body[6], writer=writer, received=[CONNECT])
                     self.sessions.append(session)
+                    if session.level == 5 and self.close_mqtt5:
+                        break
                     if session.level == 5 and not self.answer_mqtt5:
                         continue  # like amqtt: a CONNECT it cannot read goes unanswered
                     writer.write(packet(CONNACK, b"\0\0\0" if session.level == 5 else b"\0\0"))
@@ -169,13 +173,21 @@ async def test_messages_arrive_in_order_and_the_socket_waits_while_the_deque_is_
 async def test_an_unanswered_mqtt5_connect_falls_back_to_3_1_1_with_the_will(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # gmqtt connects and waits for the CONNACK in one call: the two budgets add up.
-    monkeypatch.setattr(mqtt, "CONNECT_TIMEOUT_S", 0.5)
     monkeypatch.setattr(mqtt, "CONNACK_TIMEOUT_S", 0.3)
     async with scripted_broker(answer_mqtt5=False) as broker:
         link = link_to(broker, mqtt5=True, will=Will("m/status", b"offline"))
         async with link:
             await eventually(lambda: link.connected)
+            assert link.protocol_name == "3.1.1"
+            assert [s.level for s in broker.sessions] == [5, 4]
+
+
+async def test_an_mqtt5_connect_closed_unanswered_falls_back_at_once() -> None:
+    async with scripted_broker(close_mqtt5=True) as broker:
+        link = link_to(broker, mqtt5=True, will=Will("m/status", b"offline"))
+        async with link:
+            # Well before CONNACK_TIMEOUT_S (5 s): the close itself ends the wait.
+            await eventually(lambda: link.connected, timeout=2.0)
             assert link.protocol_name == "3.1.1"
             assert [s.level for s in broker.sessions] == [5, 4]
 
