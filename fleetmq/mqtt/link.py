@@ -1,11 +1,9 @@
 """The manager's MQTT connections, over gmqtt (asyncio-native; with gmqtt_client.py, the only
 modules that import it).
 
-gmqtt reads and parses on the event loop and calls ``_on_message`` for every message, which
-appends it to a bounded deque that the ingest task drains in batches. When the deque is full
-the socket is not read (``pause_reading``), so a backlog stays in the broker's queue for our
-persistent session instead of growing here; what gmqtt had read already (at most a few hundred
-KiB) still lands, and reading resumes once the deque has drained below half.
+gmqtt reads and parses on the event loop and hands every message to the link's ``Inbox``
+(inbox.py), a bounded queue that the ingest task drains in batches; past its bound the socket
+is not read, so a backlog stays in the broker's queue for our persistent session.
 
 This class owns reconnecting (gmqtt's own reconnect is turned off: its fixed delay, unbounded
 connect and replacement of the connection under us do not fit): one gmqtt client per protocol
@@ -23,10 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 from gmqtt import Message, Subscription  # type: ignore[import-untyped]
 from gmqtt.mqtt.constants import MQTTv50, MQTTv311  # type: ignore[import-untyped]
@@ -35,6 +32,7 @@ from gmqtt.mqtt.handler import MQTTConnectError  # type: ignore[import-untyped]
 from fleetmq.config import BrokerSettings
 from fleetmq.errors import BrokerError
 from fleetmq.mqtt.gmqtt_client import GMQTT_LOG, NO_RECONNECT, GmqttClient, Outbox
+from fleetmq.mqtt.inbox import Inbound, Inbox
 from fleetmq.mqtt.paho_options import set_nodelay, use_broker
 from fleetmq.tls import broker_context
 
@@ -44,8 +42,6 @@ from here for the modules that import them so."""
 
 log = logging.getLogger(__name__)
 
-INBOUND_BOUND = 50_000
-"""Messages received but not yet applied. Past it the socket is not read (backpressure)."""
 SESSION_EXPIRY_S = 3600
 """MQTT 5: how long the broker keeps our session (and queues for it) while we are away."""
 RECONNECT_MIN_S = 0.5
@@ -66,19 +62,6 @@ of the ingest rate (bench/README.md section 10); the loss window is in docs/prot
 OUT_ID_RESERVE = 4
 """Packet ids kept free of publishes for SUBSCRIBE and UNSUBSCRIBE."""
 _UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK codes: 3.1.1 "unacceptable protocol", MQTT 5 0x84
-
-
-class Inbound(NamedTuple):
-    """One received message, as the ingest path needs it (a tuple: built for every message,
-    where a frozen dataclass costs several times as much)."""
-
-    topic: str
-    payload: bytes | bytearray
-    retain: bool
-    received: float
-    """Monotonic receipt time: expiry never runs ahead of messages still waiting."""
-    response_topic: str | None = None
-    correlation: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,13 +100,7 @@ class MqttLink:
         self._ack_after_apply = ACK_AFTER_APPLY if ack_after_apply is None else ack_after_apply
         self._client: GmqttClient | None = None
         self._outbox = Outbox(self._wake_credit)
-        self._inbound: deque[Inbound] = deque()
-        self._acks: deque[asyncio.Future[int] | None] = deque()
-        """With ``ack_after_apply``: beside each queued message, what releases its PUBACK."""
-        self._taken: list[asyncio.Future[int] | None] = []
-        self._paused = False
-        self._waiting = False
-        self._arrived = asyncio.Event()
+        self._inbox = Inbox(monotonic)
         self._state_changed = asyncio.Event()
         self._lost = asyncio.Event()
         self._ever_connected = False
@@ -162,12 +139,7 @@ class MqttLink:
                 async with asyncio.timeout(CLOSE_TIMEOUT_S):
                     await client.disconnect()
         self._set_connected(connected=False, reason="stopped")
-        # The connection is gone: a PUBACK released now would go nowhere. Let the tasks end.
-        for fut in [*self._taken, *self._acks]:
-            if fut is not None and not fut.done():
-                fut.set_result(0)
-        self._taken.clear()
-        self._acks.clear()
+        self._inbox.release_all()
 
     def _new_client(self) -> Any:
         will = None
@@ -186,7 +158,9 @@ class MqttLink:
             client.set_auth_credentials(self._broker.username, self._broker.password)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message_acked if self._ack_after_apply else self._on_message
+        inbox = self._inbox
+        inbox.client = client
+        client.on_message = inbox.on_message_acked if self._ack_after_apply else inbox.on_message
         client.on_subscribe = self._on_subscribe
         client.on_unsubscribe = self._on_unsubscribe
         return client
@@ -374,37 +348,8 @@ class MqttLink:
             log.log(level, "broker_disconnected broker=%s reason=%s",
                     self._broker.describe(), reason)
         self._set_connected(connected=False, reason=f"connection lost: {reason}")
-        self._paused = False
+        self._inbox.paused = False
         self._lost.set()
-
-    def _on_message(self, client: Any, topic: str, payload: bytes, _qos: int,
-                    props: dict[str, Any]) -> int:
-        response = props.get("response_topic")
-        if response is None:
-            inbound = Inbound(topic, payload, bool(props["retain"]), self._monotonic())
-        else:
-            correlation = props.get("correlation_data")
-            inbound = Inbound(topic, payload, bool(props["retain"]), self._monotonic(),
-                              response[0], correlation[0] if correlation else None)
-        queue = self._inbound
-        queue.append(inbound)
-        if self._waiting:
-            self._waiting = False
-            self._arrived.set()
-        if len(queue) >= INBOUND_BOUND:
-            self._pause_reading(client)
-        return 0
-
-    async def _on_message_acked(self, client: Any, topic: str, payload: bytes, qos: int,
-                                props: dict[str, Any]) -> int:
-        """gmqtt sends the PUBACK of a QoS 1 message with the code this returns, when it does."""
-        if qos == 0:
-            self._acks.append(None)
-            return self._on_message(client, topic, payload, qos, props)
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._acks.append(fut)
-        self._on_message(client, topic, payload, qos, props)
-        return await fut
 
     def _on_subscribe(self, _c: Any, mid: int, granted: tuple[int, ...], _p: object) -> None:
         failed = [hex(code) for code in granted if code >= 0x80]
@@ -424,48 +369,18 @@ class MqttLink:
 
     # --- inbound ---------------------------------------------------------------------------
 
-    def _pause_reading(self, client: Any) -> None:
-        self._paused = True
-        client.pause_reading()  # each time: gmqtt's stream reader may have resumed it
-
     async def wait_inbound(self) -> None:
         """Return once at least one message is queued (what was taken before counts as
         applied)."""
-        if self._taken:
-            self._release_taken()
-        while not self._inbound:
-            self._arrived.clear()
-            self._waiting = True
-            await self._arrived.wait()
+        await self._inbox.wait()
 
     def take_inbound(self, limit: int) -> list[Inbound]:
         """Up to ``limit`` messages, oldest first; those taken before count as applied."""
-        queue = self._inbound
-        count = min(limit, len(queue))
-        batch = [queue.popleft() for _ in range(count)]
-        if self._ack_after_apply:
-            if self._taken:
-                self._release_taken()
-            acks = self._acks
-            self._taken = [acks.popleft() for _ in range(min(count, len(acks)))]
-        if self._paused and len(queue) < INBOUND_BOUND // 2:
-            self._paused = False
-            if self._client is not None:
-                self._client.resume_reading()
-        return batch
-
-    def _release_taken(self) -> None:
-        taken, self._taken = self._taken, []
-        for fut in taken:
-            if fut is not None and not fut.done():
-                fut.set_result(0)
+        return self._inbox.take(limit)
 
     def oldest_pending(self) -> float | None:
         """Receipt time of the oldest message not yet taken, or None."""
-        try:
-            return self._inbound[0].received
-        except IndexError:
-            return None
+        return self._inbox.oldest()
 
     # --- outbound --------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import pytest
 
 from fleetmq.config import BrokerSettings
 from fleetmq.errors import BrokerError
+from fleetmq.mqtt import inbox
 from fleetmq.mqtt import link as mqtt
 from fleetmq.mqtt.link import Inbound, MqttLink, Will
 from tests.conftest import eventually
@@ -142,7 +143,7 @@ async def test_the_gmqtt_names_the_link_reaches_still_exist() -> None:
 async def test_messages_arrive_in_order_and_the_socket_waits_while_the_deque_is_full(
     monkeypatch: pytest.MonkeyPatch, mqtt5: bool
 ) -> None:
-    monkeypatch.setattr(mqtt, "INBOUND_BOUND", 100)
+    monkeypatch.setattr(inbox, "INBOUND_BOUND", 100)
     # What gmqtt has read already (its stream buffer and one read: under 512 KiB) still lands
     # once the deque is full; the burst is much larger, so most of it must wait in the socket.
     count = 200_000
@@ -155,15 +156,15 @@ async def test_messages_arrive_in_order_and_the_socket_waits_while_the_deque_is_
     async with scripted_broker(on_subscribed=send_burst) as broker:
         link = link_to(broker, mqtt5=mqtt5)
         async with link:
-            await eventually(lambda: len(link._inbound) >= 100)
+            await eventually(lambda: len(link._inbox.queue) >= 100)
             await asyncio.sleep(0.2)  # the socket is not read meanwhile
-            held = len(link._inbound)
+            held = len(link._inbox.queue)
             assert 100 <= held <= 100 + slack < count
             taken: list[Inbound] = []
             while len(taken) < count:
                 await link.wait_inbound()
                 taken += link.take_inbound(3_000)
-                assert len(link._inbound) <= 100 + slack
+                assert len(link._inbox.queue) <= 100 + slack
             assert [m.topic for m in taken] == [f"t/{i}" for i in range(count)]
             assert [m.payload for m in taken] == [b"%d" % i for i in range(count)]
             assert link.connected
