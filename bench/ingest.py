@@ -23,6 +23,7 @@ import importlib.metadata
 import json
 import multiprocessing as mp
 import os
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,6 +36,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
+    PINNING,
+    add_pin_option,
     machine,
     metric,
     print_rows,
@@ -72,6 +75,9 @@ class Run:
     broker: str
     results: list[Result]
     register_per_s: float | None = None
+    registers: dict[str, tuple[float, float, int]] | None = None
+    """By the manager's MQTT version (Mosquitto only): registrations/s in the registry, and
+    stored, replied to and published."""
     puback_timeouts: int | None = None
     """amqtt's "Timeout waiting for PUBACK" lines in the manager's log (embedded only)."""
 
@@ -160,30 +166,86 @@ def bare_subscriber(port: int, root: str, args: argparse.Namespace,
                   count / span if span > 0 else 0.0, count, published)
 
 
-def register(port: int, http_port: int, root: str, nodes: int,
-             login: Login | None = None) -> float:
-    """Registers ``nodes`` nodes over MQTT; returns registrations/s."""
-    reg = _client("bench-reg", login)
+def bare_gmqtt(port: int, root: str, args: argparse.Namespace, mqtt5: bool) -> Result:
+    """The ceiling of the manager's own library: a gmqtt client that only counts, in a child
+    process on the manager's core (bench/bare_gmqtt.py)."""
+    version = "5" if mqtt5 else "3.1.1"
+    published = args.messages // args.publishers * args.publishers
+    argv = PINNING.manager([sys.executable, str(Path(__file__).with_name("bare_gmqtt.py")),
+                            str(port), f"{root}/+/heartbeat", version, str(published),
+                            str(IDLE_S)])
+    child = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        if child.stdout.readline().strip() != "ready":
+            raise RuntimeError("the bare gmqtt subscriber did not start")
+        _blast(port, root, args.messages, args.nodes, args.publishers, args.qos)
+        out, _ = child.communicate(timeout=300)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    done = json.loads(out.strip().splitlines()[-1])
+    count, span = int(done["count"]), float(done["span"])
+    return Result(f"bare-gmqtt-{version}", f"bare gmqtt subscriber, MQTT {version}",
+                  count / span if span > 0 else 0.0, count, published)
+
+
+REGISTER_BODY = {"node_type": "microclaw", "capabilities": ["dht22", "mqtt"],
+                 "location": "office-floor-2",
+                 "metadata": {"gateway": "nanoclaw-pi-01", "firmware": "v1.0.0"}}
+
+
+def _register_share(port: int, root: str, first: int, count: int,
+                    login: Login | None = None) -> None:
+    reg = _client(f"bench-reg-{first}", login)
     reg.max_inflight_messages_set(1000)
     reg.connect("127.0.0.1", port, keepalive=120)
     reg.loop_start()
-    try:
-        started = time.monotonic()
-        body = {"node_type": "microclaw", "capabilities": ["dht22", "mqtt"],
-                "location": "office-floor-2",
-                "metadata": {"gateway": "nanoclaw-pi-01", "firmware": "v1.0.0"}}
-        for i in range(nodes):
-            info = reg.publish(f"{root}/node-{i:07d}/register", json.dumps(body), qos=1)
-            if i % 1000 == 0:
-                info.wait_for_publish(30)
-        wait_for(lambda: metric(http_port, "fleetmq_nodes") >= nodes, 300, "nodes registered")
-        rate = nodes / (time.monotonic() - started)
-        # Let the registrations' statuses and replies go out first: measure ingest alone.
-        wait_for(lambda: metric(http_port, "fleetmq_mqtt_backlog") == 0, 300, "statuses out")
-    finally:
-        reg.disconnect()
-        reg.loop_stop()
-    return rate
+    body = json.dumps(REGISTER_BODY)
+    for i in range(first, first + count):
+        info = reg.publish(f"{root}/node-{i:07d}/register", body, qos=1)
+        if i % 1000 == 0:
+            info.wait_for_publish(30)
+    info.wait_for_publish(60)
+    reg.disconnect()
+    reg.loop_stop()
+
+
+def register(port: int, http_port: int, root: str, nodes: int, login: Login | None = None,
+             *, publishers: int = 1) -> tuple[float, float, int]:
+    """Registers ``nodes`` nodes over MQTT from ``publishers`` processes (QoS 1; one when a
+    ``login`` is given, whose username is the client id); returns
+    (registered/s: in the registry, done/s: also stored, replied to and their statuses
+    handed to the broker link, replies dropped). Replies go out once the store has the node,
+    so the replies published count stored registrations too."""
+    publishers = 1 if login is not None else publishers
+    share = nodes // publishers
+    procs = [mp.Process(target=_register_share,
+                        args=(port, root, k * share, share if k < publishers - 1
+                              else nodes - k * share, login))
+             for k in range(publishers)]
+    started = time.monotonic()
+    for proc in procs:
+        proc.start()
+    wait_for(lambda: metric(http_port, "fleetmq_nodes") >= nodes, 300, "nodes registered")
+    registered = nodes / (time.monotonic() - started)
+    # A reply the broker link could not take in time is dropped past the reply queue's bound
+    # (publisher.REPLY_BOUND) and counted: the row says how many.
+    wait_for(lambda: metric(http_port, "fleetmq_replies_published_total")
+             + metric(http_port, "fleetmq_replies_overflowed_total") >= nodes
+             and metric(http_port, "fleetmq_status_published_total") >= nodes, 300,
+             "registrations stored, replied to and published")
+    done = nodes / (time.monotonic() - started)
+    dropped = int(metric(http_port, "fleetmq_replies_overflowed_total"))
+    for proc in procs:
+        proc.join()
+    failed = [proc.exitcode for proc in procs if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"registering processes failed with exit codes {failed}")
+    # Let the statuses and replies be acknowledged first: measure ingest alone.
+    wait_for(lambda: metric(http_port, "fleetmq_mqtt_backlog") == 0, 300, "statuses out")
+    return registered, done, dropped
 
 
 def applied(port: int, http_port: int, root: str, args: argparse.Namespace, key: str,
@@ -223,12 +285,12 @@ def applied(port: int, http_port: int, root: str, args: argparse.Namespace, key:
 
 
 def fleetmq_ingest(broker: Mosquitto, root: str, args: argparse.Namespace,
-                   mqtt_version: str) -> tuple[Result, float]:
+                   mqtt_version: str) -> tuple[Result, tuple[float, float, int]]:
     proc, http_port = start_manager(broker.url, root, "--mqtt-version", mqtt_version,
                                     workdir=broker.workdir, wrap=args.wrap.split(),
                                     store=args.store)
     try:
-        reg = register(broker.port, http_port, root, args.nodes)
+        reg = register(broker.port, http_port, root, args.nodes, publishers=args.publishers)
         label = ("fleetmq applied, MQTT 5 (default)" if mqtt_version == "5"
                  else "fleetmq applied, --mqtt-version 3.1.1")
         return applied(broker.port, http_port, root, args, f"fleetmq-mqtt-{mqtt_version}",
@@ -240,6 +302,7 @@ def fleetmq_ingest(broker: Mosquitto, root: str, args: argparse.Namespace,
 def with_mosquitto(args: argparse.Namespace) -> Run:
     results: list[Result] = []
     reg: float | None = None
+    regs: dict[str, tuple[float, float, int]] = {}
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-") as tmp:
         broker = Mosquitto(Path(tmp))
         broker.start()
@@ -247,15 +310,18 @@ def with_mosquitto(args: argparse.Namespace) -> Run:
             if not args.skip_bare:
                 results.append(bare_subscriber(broker.port, "bare", args))
                 results.append(bare_subscriber(broker.port, "bare5", args, mqtt5=True))
+                results.append(bare_gmqtt(broker.port, "bareg5", args, mqtt5=True))
+                results.append(bare_gmqtt(broker.port, "bareg3", args, mqtt5=False))
             if not args.skip_fleetmq:
                 for version in args.mqtt_versions:
                     root = "fleet" if version == "5" else "fleet3"
                     result, rate = fleetmq_ingest(broker, root, args, version)
                     results.append(result)
-                    reg = rate if reg is None else reg
+                    regs[version] = rate
+                    reg = rate[1] if reg is None else reg
         finally:
             broker.stop()
-    return Run("Mosquitto on a free port, the repo's mosquitto.conf", results, reg)
+    return Run("Mosquitto on a free port, the repo's mosquitto.conf", results, reg, regs)
 
 
 def with_embedded(args: argparse.Namespace) -> Run:
@@ -272,7 +338,8 @@ def with_embedded(args: argparse.Namespace) -> Run:
             if not args.skip_bare:
                 results.append(bare_subscriber(port, "bare", args))
             if not args.skip_fleetmq:
-                reg = register(port, http_port, "fleet", args.nodes)
+                reg, _, _ = register(port, http_port, "fleet", args.nodes,
+                                  publishers=args.publishers)
                 results.append(applied(port, http_port, "fleet", args, "fleetmq-mqtt-3.1.1",
                                        "fleetmq applied, MQTT 3.1.1"))
         finally:
@@ -283,11 +350,14 @@ def with_embedded(args: argparse.Namespace) -> Run:
                        if "WARNING" in line and "Timeout waiting for PUBACK" in line)
     amqtt = importlib.metadata.version("amqtt")
     return Run(f"embedded amqtt {amqtt} in fleetmq serve --broker embedded://..., MQTT 3.1.1",
-               results, reg, timeouts)
+               results, reg, puback_timeouts=timeouts)
 
 
-RATIOS = (("fleetmq-mqtt-5", "bare-mqtt-5", "  ratio to the bare MQTT 5 subscriber"),
-          ("fleetmq-mqtt-3.1.1", "bare-mqtt-3.1.1", "  ratio to the bare 3.1.1 subscriber"))
+RATIOS = (("fleetmq-mqtt-5", "bare-mqtt-5", "  ratio to the bare paho MQTT 5 subscriber"),
+          ("fleetmq-mqtt-5", "bare-gmqtt-5", "  ratio to the bare gmqtt MQTT 5 subscriber"),
+          ("fleetmq-mqtt-3.1.1", "bare-mqtt-3.1.1", "  ratio to the bare paho 3.1.1 subscriber"),
+          ("fleetmq-mqtt-3.1.1", "bare-gmqtt-3.1.1",
+           "  ratio to the bare gmqtt 3.1.1 subscriber"))
 
 
 def main() -> None:
@@ -310,7 +380,9 @@ def main() -> None:
                         choices=["5", "3.1.1"], help="the manager's protocols to measure")
     parser.add_argument("--skip-bare", action="store_true", help="measure fleetmq only")
     parser.add_argument("--skip-fleetmq", action="store_true", help="measure the ceilings only")
+    add_pin_option(parser)
     args = parser.parse_args()
+    PINNING.start(args.pin)
     run = with_embedded if args.broker == "embedded" else with_mosquitto
     done = run(args)
     broker, results, reg = done.broker, done.results, done.register_per_s
@@ -318,9 +390,16 @@ def main() -> None:
     published = args.messages // args.publishers * args.publishers
     rows = [
         ("machine", f"{os.cpu_count()} cores, python {sys.version.split()[0]}"),
+        ("pinned", PINNING.describe()),
         ("broker", broker),
     ]
-    if reg is not None:
+    if done.registers:
+        for version, (registered, replied, dropped) in done.registers.items():
+            rows.append((f"nodes registered over MQTT {version}",
+                         f"{args.nodes:,}: {registered:,.0f}/s in the registry, "
+                         f"{replied:,.0f}/s stored, replied to and published, "
+                         f"{dropped:,} replies dropped"))
+    elif reg is not None:
         rows.append(("nodes registered over MQTT", f"{args.nodes:,} ({reg:,.0f} registrations/s)"))
     rows.append((f"heartbeats published (QoS {args.qos})", f"{published:,}"))
     by_key = {r.key: r for r in results}
@@ -336,7 +415,8 @@ def main() -> None:
     write_result("ingest" if args.broker == "mosquitto" else f"ingest-{args.broker}", {
         "machine": machine(), "broker": args.broker, "broker_detail": broker,
         "nodes": args.nodes, "published": published, "publishers": args.publishers,
-        "qos": args.qos, "register_per_s": reg, "amqtt_puback_timeouts": timeouts,
+        "qos": args.qos, "register_per_s": reg,
+        "register_per_s_by_version": done.registers, "amqtt_puback_timeouts": timeouts,
         "results": [{**asdict(r), "lost": r.lost} for r in results],
     })
 

@@ -2,9 +2,10 @@
 
 Statuses are merged per node while they wait (the latest state wins: each is read from the
 registry at send time, so a deleted node's topic is cleared and a newer state is never
-overwritten). In-flight QoS 1 publishes are bounded, since paho refuses new ones once 65,535
-await acknowledgement. Republishing the whole fleet after a (re)connect runs behind live
-changes, in batches that yield to the event loop, so it never blocks ingest.
+overwritten). In-flight QoS 1 publishes are bounded (packet ids run out at 65,535, and the
+broker's receive maximum may allow fewer: the link keeps to it). Republishing the whole fleet
+after a (re)connect runs behind live changes, in batches that yield to the event loop, so it
+never blocks ingest.
 """
 
 from __future__ import annotations
@@ -25,9 +26,8 @@ from fleetmq.views import dumps, node_status_payload
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 256
-"""QoS 1 publishes awaiting PUBACK. paho rescans its whole in-flight table on every PUBACK
-(``_update_inflight``), so a large window costs the network thread O(window) per message;
-256 keeps that small and still allows ~10,000 msg/s at 25 ms round trip."""
+"""QoS 1 publishes awaiting PUBACK (fewer if the broker's receive maximum says so): enough for
+~10,000 msg/s at 25 ms round trip, while a lost connection has little to send again."""
 REPLY_BOUND = 10_000
 """Replies waiting for the broker; past it the oldest is dropped (and counted)."""
 BATCH = 500

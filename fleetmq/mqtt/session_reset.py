@@ -23,7 +23,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 
 from fleetmq.config import BrokerSettings
 from fleetmq.mqtt.dynsec import DynsecAdmin, DynsecError
-from fleetmq.mqtt.link import use_broker
+from fleetmq.mqtt.paho_options import use_broker
 
 CONNECT_TIMEOUT_S = 5.0
 """The clean-session connection's TCP, TLS and CONNACK, together."""

@@ -151,9 +151,10 @@ BENCHES = {
         ("bench/ingest.py", "--nodes", "100", "--messages", "1000", "--publishers", "1"),
         "ingest.json",
         ("bare paho subscriber, MQTT 5", "fleetmq applied, MQTT 5 (default)",
-         "fleetmq applied, --mqtt-version 3.1.1", "ratio to the bare 3.1.1 subscriber"),
-        _check_ingest({"bare-mqtt-3.1.1", "bare-mqtt-5", "fleetmq-mqtt-5",
-                       "fleetmq-mqtt-3.1.1"})),
+         "fleetmq applied, --mqtt-version 3.1.1", "ratio to the bare paho 3.1.1 subscriber",
+         "bare gmqtt subscriber, MQTT 5", "ratio to the bare gmqtt MQTT 5 subscriber"),
+        _check_ingest({"bare-mqtt-3.1.1", "bare-mqtt-5", "bare-gmqtt-5", "bare-gmqtt-3.1.1",
+                       "fleetmq-mqtt-5", "fleetmq-mqtt-3.1.1"})),
     "ingest-embedded": Bench(
         ("bench/ingest.py", "--broker", "embedded", "--nodes", "100", "--messages", "1000",
          "--publishers", "1"),

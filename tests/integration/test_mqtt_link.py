@@ -13,10 +13,11 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-import paho.mqtt.client as paho
 import pytest
 
 from fleetmq.config import BrokerSettings
+from fleetmq.errors import BrokerError
+from fleetmq.mqtt import inbox
 from fleetmq.mqtt import link as mqtt
 from fleetmq.mqtt.link import Inbound, MqttLink, Will
 from tests.conftest import eventually
@@ -58,6 +59,8 @@ class ScriptedBroker:
     """Answers CONNECT (unless told not to), SUBSCRIBE, UNSUBSCRIBE, PINGREQ and QoS 1 PUBLISH."""
 
     answer_mqtt5: bool = True
+    close_mqtt5: bool = False
+    """Close an MQTT 5 CONNECT's connection without answering (as amqtt does with a will)."""
     sessions: list[Session] = field(default_factory=list)
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
@@ -82,6 +85,8 @@ class ScriptedBroker:
                 if kind == CONNECT:
                     session = Session(level=body[6], writer=writer, received=[CONNECT])
                     self.sessions.append(session)
+                    if session.level == 5 and self.close_mqtt5:
+                        break
                     if session.level == 5 and not self.answer_mqtt5:
                         continue  # like amqtt: a CONNECT it cannot read goes unanswered
                     writer.write(packet(CONNACK, b"\0\0\0" if session.level == 5 else b"\0\0"))
@@ -125,19 +130,25 @@ def link_to(broker: ScriptedBroker, *, mqtt5: bool = False, will: Will | None = 
                     prefer_mqtt5=mqtt5, monotonic=asyncio.get_running_loop().time)
 
 
-def test_the_private_paho_methods_the_link_replaces_still_exist() -> None:
-    # fleetmq.mqtt.link._Client overrides them: a paho release without them would bypass both.
-    assert callable(getattr(paho.Client, "_sock_recv", None))
-    assert callable(getattr(paho.Client, "_handle_on_message", None))
+async def test_the_gmqtt_names_the_link_reaches_still_exist() -> None:
+    # fleetmq.mqtt.gmqtt_client reaches the transport through them (backpressure, abort).
+    import gmqtt.mqtt.connection
+
+    client = gmqtt.Client("probe")
+    assert hasattr(client, "_connection")
+    assert "_transport" in gmqtt.mqtt.connection.MQTTConnection.__init__.__code__.co_names
 
 
 @pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5"])
 async def test_messages_arrive_in_order_and_the_socket_waits_while_the_deque_is_full(
     monkeypatch: pytest.MonkeyPatch, mqtt5: bool
 ) -> None:
-    monkeypatch.setattr(mqtt, "INBOUND_BOUND", 100)
-    count = 1_000
+    monkeypatch.setattr(inbox, "INBOUND_BOUND", 100)
+    # What gmqtt has read already (its stream buffer and one read: under 512 KiB) still lands
+    # once the deque is full; the burst is much larger, so most of it must wait in the socket.
+    count = 200_000
     burst = b"".join(publish(f"t/{i}", b"%d" % i, mqtt5=mqtt5) for i in range(count))
+    slack = 512 * 1024 // 8  # messages: each is at least 8 bytes
 
     def send_burst(session: Session) -> None:
         session.writer.write(burst)  # all at once: many packets per read
@@ -145,14 +156,15 @@ async def test_messages_arrive_in_order_and_the_socket_waits_while_the_deque_is_
     async with scripted_broker(on_subscribed=send_burst) as broker:
         link = link_to(broker, mqtt5=mqtt5)
         async with link:
-            await eventually(lambda: len(link._inbound) >= 100)
+            await eventually(lambda: len(link._inbox.queue) >= 100)
             await asyncio.sleep(0.2)  # the socket is not read meanwhile
-            assert len(link._inbound) == 100
+            held = len(link._inbox.queue)
+            assert 100 <= held <= 100 + slack < count
             taken: list[Inbound] = []
             while len(taken) < count:
                 await link.wait_inbound()
-                taken += link.take_inbound(30)
-                assert len(link._inbound) <= 100
+                taken += link.take_inbound(3_000)
+                assert len(link._inbox.queue) <= 100 + slack
             assert [m.topic for m in taken] == [f"t/{i}" for i in range(count)]
             assert [m.payload for m in taken] == [b"%d" % i for i in range(count)]
             assert link.connected
@@ -167,6 +179,16 @@ async def test_an_unanswered_mqtt5_connect_falls_back_to_3_1_1_with_the_will(
         link = link_to(broker, mqtt5=True, will=Will("m/status", b"offline"))
         async with link:
             await eventually(lambda: link.connected)
+            assert link.protocol_name == "3.1.1"
+            assert [s.level for s in broker.sessions] == [5, 4]
+
+
+async def test_an_mqtt5_connect_closed_unanswered_falls_back_at_once() -> None:
+    async with scripted_broker(close_mqtt5=True) as broker:
+        link = link_to(broker, mqtt5=True, will=Will("m/status", b"offline"))
+        async with link:
+            # Well before CONNACK_TIMEOUT_S (5 s): the close itself ends the wait.
+            await eventually(lambda: link.connected, timeout=2.0)
             assert link.protocol_name == "3.1.1"
             assert [s.level for s in broker.sessions] == [5, 4]
 
@@ -211,3 +233,48 @@ async def test_an_unreachable_broker_is_retried_and_exit_does_not_wait() -> None
         async with link:
             await eventually(lambda: "cannot connect" in link.last_error)
             assert not link.connected
+
+
+@pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5"])
+async def test_with_ack_after_apply_a_qos1_puback_waits_until_the_consumer_comes_back(
+    mqtt5: bool,
+) -> None:
+    def send_qos1(session: Session) -> None:
+        name = b"t/1"
+        session.writer.write(packet(PUBLISH | 0x02, struct.pack("!H", len(name)) + name
+                                    + b"\0\7" + (b"\0" if mqtt5 else b"") + b"hello"))
+
+    async with scripted_broker(on_subscribed=send_qos1) as broker:
+        link = MqttLink(BrokerSettings("mqtt", "127.0.0.1", broker.port), "link-test",
+                        subscriptions=["t/#"], will=None, keepalive_s=5, prefer_mqtt5=mqtt5,
+                        monotonic=asyncio.get_running_loop().time, ack_after_apply=True)
+        async with link:
+            await link.wait_inbound()
+            session = broker.sessions[-1]
+            await asyncio.sleep(0.2)
+            assert PUBACK not in session.received  # received, not applied
+            [msg] = link.take_inbound(10)
+            assert msg.payload == b"hello"
+            await asyncio.sleep(0.2)
+            assert PUBACK not in session.received  # taken: the consumer is still at it
+            assert link.take_inbound(10) == []  # back for more: the message was applied
+            await eventually(lambda: PUBACK in session.received)
+
+
+async def test_a_refused_subscription_is_reported() -> None:
+    async with scripted_broker() as broker:
+        link = link_to(broker, subscriptions=())
+        async with link:
+            await eventually(lambda: link.connected)
+            session = broker.sessions[0]
+            # The broker grants one and refuses one (0x80) of the next SUBSCRIBE's filters.
+            original = session.writer.write
+
+            def refuse(data: bytes) -> None:
+                if data[0] == SUBACK:
+                    data = data[:-1] + b"\x80"
+                original(data)
+
+            session.writer.write = refuse  # type: ignore[method-assign]
+            with pytest.raises(BrokerError, match="subscription refused"):
+                await link.subscribe(["a/b"])

@@ -1,0 +1,105 @@
+"""gmqtt as the manager's link uses it: the client, its store of unacknowledged publishes.
+
+gmqtt offers no public handle on its transport: pausing reads (backpressure) and closing a
+connection that never got its CONNACK reach the client's ``_connection`` here, and only here
+(tests/integration/test_mqtt_link.py checks those names still exist).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from gmqtt import Client  # type: ignore[import-untyped]
+from gmqtt.storage import PersistentStorage  # type: ignore[import-untyped]
+
+NO_RECONNECT = -2
+"""gmqtt's ``reconnect_retries``: -1 is unlimited, 0 still allows one; below that, none (the
+link reconnects itself)."""
+
+
+class Outbox(PersistentStorage):  # type: ignore[misc]  # gmqtt is untyped
+    """gmqtt's store of QoS 1 publishes awaiting PUBACK (a documented ``Client`` argument),
+    counting them and telling the link when one is acknowledged."""
+
+    def __init__(self, on_ack: Callable[[], None]) -> None:
+        super().__init__()
+        self._on_ack = on_ack
+        self.size = 0
+
+    def push_message(self, mid: int, raw_package: bytes) -> None:
+        super().push_message(mid, raw_package)
+        self.size = len(self._messages)
+
+    def remove_message_by_mid(self, mid: int) -> None:
+        super().remove_message_by_mid(mid)
+        self.size = len(self._messages)
+        self._on_ack()
+
+    def clear(self) -> None:
+        super().clear()
+        self.size = 0
+        self._on_ack()
+
+
+class _QuietRetries(logging.Filter):
+    """gmqtt logs an error each time it declines to reconnect, which is by our design."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max number of failed connection attempts" not in str(record.msg)
+
+
+
+GMQTT_LOG = logging.getLogger("fleetmq.mqtt.gmqtt")
+"""The logger gmqtt's client writes to."""
+GMQTT_LOG.addFilter(_QuietRetries())
+
+
+class GmqttClient(Client):  # type: ignore[misc]  # gmqtt is untyped
+    """gmqtt's client with the few things the link asks of its connection."""
+
+    def connection(self) -> object:
+        """The current connection (changes once a connect got as far as TCP and TLS)."""
+        return self._connection
+
+    def connection_state(self, before: object) -> str:
+        """Of a connect under way: "none" (no new connection yet), "open" or "closed"."""
+        connection = self._connection
+        if connection is None or connection is before:
+            return "none"
+        return "closed" if connection.is_closing() else "open"
+
+    def is_connected_safe(self) -> bool:
+        return self._connection is not None and not self._connection.is_closing()
+
+    def refusal(self) -> Exception | None:
+        """The CONNACK refusal of the last connect, if there was one."""
+        handler = self._package_handler
+        if not handler.has_error:
+            return None
+        try:
+            handler.propagate_error()
+        except Exception as exc:  # gmqtt hands its error over by raising it
+            return exc
+        return None
+
+    def pause_reading(self) -> None:
+        transport = self._transport()
+        if transport is not None and transport.is_reading():
+            transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        transport = self._transport()
+        if transport is not None and not transport.is_closing() and not transport.is_reading():
+            transport.resume_reading()
+
+    def _transport(self) -> asyncio.Transport | None:
+        connection = self._connection
+        return None if connection is None else connection._transport
+
+    def drop(self) -> None:
+        """Close the connection at once, without DISCONNECT (a failed or abandoned connect)."""
+        transport = self._transport()
+        if transport is not None:
+            transport.abort()
