@@ -15,13 +15,14 @@ import itertools
 import json
 import operator
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pydantic_core import to_json
 
 from fleetmq.core.clock import Instant
 from fleetmq.core.events import Event, NodeDeleted, NodeTransitioned
+from fleetmq.core.index import StatusIndex
 from fleetmq.core.models import HeartbeatRequest, RegisterRequest, Scalar, Status
 
 TIMEOUT_FACTOR = 3
@@ -123,6 +124,7 @@ class Registry:
         self._removed: set[str] = set()
         self._queues: dict[float, OrderedDict[str, None]] = {}
         self._grace_from = float("-inf")
+        self._index = StatusIndex(self._nodes.get)
         self.version = 0
         """Bumped by every change of any node: readers may cache what they derive from it."""
 
@@ -144,6 +146,16 @@ class Registry:
             self._added = set()
             self._removed = set()
         return self._sorted
+
+    def ids_with_status(self, status: Status, after: str | None = None) -> Iterator[str]:
+        """Sorted ids greater than ``after`` of the nodes with ``status``, in O(1) per id read.
+        A snapshot like ``sorted_ids``: a reader may await between items, and gets each node
+        as it is then (skipping a node that has left the status meanwhile)."""
+        return self._index.ids_after(status, after)
+
+    def count(self, status: Status | None = None, node_type: str | None = None) -> int:
+        """How many nodes have that status and type (case-insensitive), kept as they change."""
+        return self._index.count(status, node_type)
 
     def ids(self) -> list[str]:
         """Every id, in no particular order (cheaper than ``sorted_ids``)."""
@@ -183,6 +195,7 @@ class Registry:
                 session=req.session,
             )
             self._nodes[node_id] = node
+            self._index.add(node)
             if node_id in self._removed:
                 self._removed.discard(node_id)  # deleted and back before a read: still listed
             else:
@@ -253,6 +266,7 @@ class Registry:
         for timeout, group in by_timeout.items():
             group.sort(key=_seen_mono)
             self._queues[timeout] = OrderedDict.fromkeys(node.id for node in group)
+        self._index.restore(table.values())
         # Sorted ids are built by the first read that needs them, not before being ready.
         self._sorted = []
         self._added = set(table)
@@ -265,6 +279,7 @@ class Registry:
             raise NodeNotFoundError(node_id)
         self.version += 1
         self._unschedule(node)
+        self._index.remove(node, node.status)
         if node_id in self._added:
             self._added.discard(node_id)
         else:
@@ -319,6 +334,9 @@ class Registry:
         self, node: Node, status: Status, reason: str, now: Instant, *, first: bool = False
     ) -> NodeTransitioned:
         previous = None if first else node.status
+        if previous is not None and previous != status:
+            node.status = status
+            self._index.move(node, previous)
         node.status = status
         node.status_reason = reason
         node.status_since = now.wall

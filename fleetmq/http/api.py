@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -27,6 +28,7 @@ from fleetmq.core.models import (
     HeartbeatRequest,
     RegisterRequest,
     Rejection,
+    Status,
     describe_error,
     node_conflict,
     node_not_registered,
@@ -287,6 +289,11 @@ class RestApi:
         match = _filter(request.query)
         limit = _limit(request.query.get("limit"))
         after = request.query.get("after")
+        status = request.query.get("status")
+        if status is not None and limit is not None:  # a page of one status: O(limit)
+            # _filter checked the value
+            return await self._status_page(cast(Status, status.lower()), request.query, after,
+                                           limit, match)
         ids = self._registry.sorted_ids()  # a snapshot: later changes build a new list
         start = bisect.bisect_right(ids, after) if after else 0
         if limit is None and len(ids) - start > STREAM_ABOVE:
@@ -295,31 +302,48 @@ class RestApi:
         if whole_fleet and self._list_cache[0] == self._registry.version:
             return web.Response(body=self._list_cache[1], content_type=JSON)
         version = self._registry.version
-        parts, next_id = await self._collect(ids, start, limit, match)
+        parts, next_id = await self._collect(_from(ids, start), limit, match)
         total = await self._count(ids, match)
         body = _document(parts, total, next_id)
         if whole_fleet and version == self._registry.version:  # unchanged while collected
             self._list_cache = (version, body)
         return web.Response(body=body, content_type=JSON)
 
-    def _nodes(self, ids: list[str]) -> Iterator[Node]:
+    async def _status_page(self, status: Status, query: Any, after: str | None, limit: int,
+                           match: Callable[[Node], bool]) -> web.Response:
+        """A page of the nodes with one status, read from the registry's status index; the
+        total from its counts by status and type (a location filter is counted by walking the
+        nodes of that status)."""
+        ids = self._registry.ids_with_status(status, after or None)
+        parts, next_id = await self._collect(ids, limit, match)
+        if query.get("location") is None:
+            total = self._registry.count(status, query.get("node_type"))
+        else:
+            total = 0
+            matches = self._registry.ids_with_status(status)
+            while chunk := list(self._nodes(itertools.islice(matches, STREAM_CHUNK))):
+                total += sum(1 for node in chunk if match(node))
+                await asyncio.sleep(0)
+        return web.Response(body=_document(parts, total, next_id), content_type=JSON)
+
+    def _nodes(self, ids: Iterable[str]) -> Iterator[Node]:
         get = self._registry.get
         for node_id in ids:
             node = get(node_id)
             if node is not None:
                 yield node
 
-    async def _collect(self, ids: list[str], start: int, limit: int | None,
+    async def _collect(self, ids: Iterator[str], limit: int | None,
                        match: Callable[[Node], bool]) -> tuple[list[bytes], str | None]:
-        """Up to ``limit`` matches from ``start``, and the ``next`` id if more follow.
+        """Up to ``limit`` matches among ``ids``, and the ``next`` id if more follow.
 
         Walks in chunks, yielding between them: a sparse filter over a large fleet must not
         stall ingest or expiry.
         """
         parts: list[bytes] = []
         last = None
-        for offset in range(start, len(ids), STREAM_CHUNK):
-            for node in self._nodes(ids[offset:offset + STREAM_CHUNK]):
+        while chunk := list(itertools.islice(ids, STREAM_CHUNK)):
+            for node in self._nodes(chunk):
                 if not match(node):
                     continue
                 if len(parts) == limit:
@@ -395,6 +419,10 @@ class RestApi:
 def _document(parts: list[bytes], total: int, next_id: str | None = None) -> bytes:
     tail = dumps({"count": len(parts), "total": total, "next": next_id})
     return b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
+
+
+def _from(ids: list[str], start: int) -> Iterator[str]:
+    return (ids[i] for i in range(start, len(ids)))
 
 
 def _no_such_node(node_id: str) -> Rejection:
