@@ -4,17 +4,16 @@ changes, so that a filtered page or count costs O(limit), not O(matches) (contra
 A status change must stay cheap (a million nodes may go offline in one expiry wave), so each
 status keeps a sorted ``base`` list and an unsorted ``pending`` list of ids that entered the
 status since the base was built. Leaving a status costs nothing: an entry is valid only while
-its node still has that status, and readers check it. Stale and duplicate entries are swept by
-rebuilding, which happens when they outnumber the valid ones or when the pending ids outgrow
-the base: O(1) amortized per change. A reader merges the base with the (few) pending ids; when
-there are many, it rebuilds first.
+its node still has that status, and readers check it. A writer rebuilds (sweeping stale and
+duplicate entries) only when they outnumber the valid ones: O(1) amortized per change, and a
+registration storm or a mass expiry, which only add valid entries, never waits for a sort. A
+reader merges the base with the (few) pending ids; when there are many, it rebuilds first.
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
@@ -50,7 +49,9 @@ class StatusIndex:
     def __init__(self, lookup: Callable[[str], Indexed | None]) -> None:
         self._lookup = lookup
         self._by_status: dict[str, _Ids] = {status: _Ids() for status in STATUSES}
-        self._by_type: Counter[tuple[str, str]] = Counter()
+        self._types: dict[str, dict[str, int]] = {status: {} for status in STATUSES}
+        """Per status, nodes by type as registered (case folded only when counted: a status
+        change then costs two dict updates, not a case fold)."""
 
     # --- writing ---------------------------------------------------------------------------
 
@@ -59,20 +60,16 @@ class StatusIndex:
         ids = self._by_status[node.status]
         ids.pending.append(node.id)
         ids.count += 1
-        self._by_type[node.status, node.type.casefold()] += 1
-        if len(ids.pending) > len(ids.base) + SLACK:
+        types = self._types[node.status]
+        types[node.type] = types.get(node.type, 0) + 1
+        if len(ids.base) + len(ids.pending) > 2 * ids.count + SLACK:
             self._rebuild(node.status)
 
     def remove(self, node: Indexed, status: Status) -> None:
         """The node had ``status`` and has it no more (it changed, or the node is gone)."""
         ids = self._by_status[status]
         ids.count -= 1
-        key = (status, node.type.casefold())
-        left = self._by_type[key] - 1
-        if left:
-            self._by_type[key] = left
-        else:
-            del self._by_type[key]
+        _drop(self._types[status], node.type)
         if len(ids.base) + len(ids.pending) > 2 * ids.count + SLACK:
             self._rebuild(status)
 
@@ -81,7 +78,8 @@ class StatusIndex:
         by_status: dict[str, list[str]] = {status: [] for status in STATUSES}
         for node in nodes:
             by_status[node.status].append(node.id)
-            self._by_type[node.status, node.type.casefold()] += 1
+            types = self._types[node.status]
+            types[node.type] = types.get(node.type, 0) + 1
         for status, found in by_status.items():
             found.sort()
             ids = self._by_status[status]
@@ -92,19 +90,14 @@ class StatusIndex:
         expiry path, where a million may change at once)."""
         status = node.status
         old, new = self._by_status[previous], self._by_status[status]
-        kind = node.type.casefold()
-        by_type = self._by_type
-        key = (previous, kind)
-        left = by_type[key] - 1
-        if left:
-            by_type[key] = left
-        else:
-            del by_type[key]
-        by_type[status, kind] += 1
+        kind = node.type
+        _drop(self._types[previous], kind)
+        types = self._types[status]
+        types[kind] = types.get(kind, 0) + 1
         old.count -= 1
         new.count += 1
         new.pending.append(node.id)
-        if len(new.pending) > len(new.base) + SLACK:
+        if len(new.base) + len(new.pending) > 2 * new.count + SLACK:
             self._rebuild(status)
         if len(old.base) + len(old.pending) > 2 * old.count + SLACK:
             self._rebuild(previous)
@@ -118,9 +111,9 @@ class StatusIndex:
                 return sum(ids.count for ids in self._by_status.values())
             return self._by_status[status].count
         want = node_type.casefold()
-        if status is not None:
-            return self._by_type.get((status, want), 0)
-        return sum(self._by_type.get((s, want), 0) for s in STATUSES)
+        statuses = STATUSES if status is None else (status,)
+        return sum(n for s in statuses for kind, n in self._types[s].items()
+                   if kind.casefold() == want)
 
     def ids_after(self, status: Status, after: str | None) -> Iterator[str]:
         """Ids of the nodes with ``status``, sorted, greater than ``after``.
@@ -157,6 +150,9 @@ class StatusIndex:
 
     def _rebuild(self, status: Status) -> None:
         ids = self._by_status[status]
+        if not ids.count:
+            ids.base, ids.pending = [], []
+            return
         lookup = self._lookup
         merged = sorted(ids.base + ids.pending) if ids.pending else ids.base
         fresh: list[str] = []
@@ -170,6 +166,14 @@ class StatusIndex:
                 last = node_id
         ids.base = fresh
         ids.pending = []
+
+
+def _drop(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 def _tail(items: list[str], start: int) -> Iterator[str]:
