@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    PINNING,
+    add_pin_option,
     answers,
     machine,
     postgres_if,
@@ -82,6 +84,7 @@ def start_timed(broker: str, store_url: str, workdir: Path) -> dict[str, float]:
     argv = [sys.executable, "-m", "fleetmq", "serve", "--broker", broker,
             "--http", f"127.0.0.1:{http_port}", "--store", store_url,
             "--topic-root", f"startup{http_port}", "--log-level", "info"]
+    argv = PINNING.manager(argv)
     started = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
@@ -109,7 +112,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--stores", nargs="+", default=["sqlite", "postgresql"],
                         choices=["sqlite", "postgresql"])
+    add_pin_option(parser)
     args = parser.parse_args()
+    PINNING.start(args.pin)
     results = []
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-startup-") as tmp:
         workdir = Path(tmp)

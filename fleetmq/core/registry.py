@@ -24,6 +24,7 @@ from fleetmq.core.clock import Instant
 from fleetmq.core.events import Event, NodeDeleted, NodeTransitioned
 from fleetmq.core.index import StatusIndex
 from fleetmq.core.models import HeartbeatRequest, RegisterRequest, Scalar, Status
+from fleetmq.core.texts import SharedTexts
 
 TIMEOUT_FACTOR = 3
 def _dump(value: object) -> str:
@@ -125,6 +126,7 @@ class Registry:
         self._queues: dict[float, OrderedDict[str, None]] = {}
         self._grace_from = float("-inf")
         self._index = StatusIndex(self._nodes.get)
+        self._share = SharedTexts()
         self.version = 0
         """Bumped by every change of any node: readers may cache what they derive from it."""
 
@@ -181,13 +183,14 @@ class Registry:
         timeout = (
             float(TIMEOUT_FACTOR * interval) if interval is not None else self.default_timeout_s
         )
+        share = self._share
         node = self._nodes.get(node_id)
         created = node is None
         if node is None:
             node = Node(
-                id=node_id, type=req.node_type, name=req.name or node_id,
-                capabilities_json=_dump(req.capabilities), location=req.location,
-                metadata_json=_dump(req.metadata),
+                id=node_id, type=share(req.node_type), name=req.name or node_id,
+                capabilities_json=share(_dump(req.capabilities)),
+                location=share.optional(req.location), metadata_json=share(_dump(req.metadata)),
                 interval_s=interval or self.default_interval_s,
                 declared_interval=interval is not None, timeout_s=timeout,
                 registered_at=now.wall, last_seen=now.wall, seen_mono=now.mono,
@@ -204,11 +207,11 @@ class Registry:
             if node.type.casefold() != req.node_type.casefold():
                 raise NodeConflictError(node_id, node.type, req.node_type)
             self._unschedule(node)
-            node.type = req.node_type
+            node.type = share(req.node_type)
             node.name = req.name or node_id
-            node.capabilities_json = _dump(req.capabilities)
-            node.location = req.location
-            node.metadata_json = _dump(req.metadata)
+            node.capabilities_json = share(_dump(req.capabilities))
+            node.location = share.optional(req.location)
+            node.metadata_json = share(_dump(req.metadata))
             node.interval_s = interval or self.default_interval_s
             node.declared_interval = interval is not None
             node.timeout_s = timeout

@@ -9,6 +9,7 @@ import random
 
 import pytest
 
+from fleetmq.core import texts
 from fleetmq.core.clock import FakeClock
 from fleetmq.core.events import NodeDeleted, NodeTransitioned
 from fleetmq.core.models import Status
@@ -251,3 +252,25 @@ def test_sorted_ids_stay_sorted_across_inserts_and_deletes(
             expected.discard(victim)
         assert registry.sorted_ids() == sorted(expected)
     assert len(registry) == len(expected)
+
+
+def test_nodes_with_the_same_description_share_its_texts(
+    registry: Registry, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = {"capabilities": ["dht22", "mqtt"], "location": "office-floor-2",
+            "metadata": {"gateway": "nanoclaw-pi-01"}}
+    a = registry.register("a", reg(**body), clock.now()).node
+    b = registry.register("b", reg(**body), clock.now()).node
+    assert a.type is b.type
+    assert a.location is b.location
+    assert a.capabilities_json is b.capabilities_json
+    assert a.metadata_json is b.metadata_json
+    assert b.capabilities == ("dht22", "mqtt")
+    assert b.metadata == {"gateway": "nanoclaw-pi-01"}
+
+    monkeypatch.setattr(texts, "SHARED_TEXTS", 2)  # full: starts over, values stay right
+    for i in range(5):
+        node = registry.register(f"n{i}", reg(location=f"room-{i}"), clock.now()).node
+        assert node.location == f"room-{i}"
+    again = registry.register("a", reg(location="room-4", capabilities=["x"]), clock.now()).node
+    assert (again.location, again.capabilities) == ("room-4", ("x",))
