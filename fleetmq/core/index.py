@@ -155,15 +155,10 @@ class StatusIndex:
             return
         lookup = self._lookup
         merged = sorted(ids.base + ids.pending) if ids.pending else ids.base
-        fresh: list[str] = []
-        append = fresh.append
-        last = None
-        for node_id in merged:
-            if node_id != last:
-                node = lookup(node_id)
-                if node is not None and node.status == status:
-                    append(node_id)
-                last = node_id
+        fresh = [node_id for node_id in merged
+                 if (node := lookup(node_id)) is not None and node.status == status]
+        if ids.pending:  # a node may be listed twice (it left the status and came back)
+            fresh = list(dict.fromkeys(fresh))
         ids.base = fresh
         ids.pending = []
 
