@@ -4,10 +4,12 @@ changes, so that a filtered page or count costs O(limit), not O(matches) (contra
 A status change must stay cheap (a million nodes may go offline in one expiry wave), so each
 status keeps a sorted ``base`` list and an unsorted ``pending`` list of ids that entered the
 status since the base was built. Leaving a status costs nothing: an entry is valid only while
-its node still has that status, and readers check it. A writer rebuilds (sweeping stale and
-duplicate entries) only when they outnumber the valid ones: O(1) amortized per change, and a
-registration storm or a mass expiry, which only add valid entries, never waits for a sort. A
-reader merges the base with the (few) pending ids; when there are many, it rebuilds first.
+its node still has that status, and readers check it. Stale and duplicate entries are swept when
+they outnumber the valid ones, by the next reader or by the next writer that adds an entry (the
+lists only grow by additions, so memory stays within twice the most nodes a status has held):
+O(1) amortized per change, and a registration storm or a mass expiry never waits for a sweep of
+the status the nodes leave. A reader merges the base with the (few) pending ids; when there are
+many, it rebuilds first.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ class StatusIndex:
     def add(self, node: Indexed) -> None:
         """A node now has ``node.status`` (new, or restored)."""
         ids = self._by_status[node.status]
+        if not ids.count:  # whatever it lists is stale (all of a fleet that went offline)
+            ids.base, ids.pending = [], []
         ids.pending.append(node.id)
         ids.count += 1
         types = self._types[node.status]
@@ -70,8 +74,6 @@ class StatusIndex:
         ids = self._by_status[status]
         ids.count -= 1
         _drop(self._types[status], node.type)
-        if len(ids.base) + len(ids.pending) > 2 * ids.count + SLACK:
-            self._rebuild(status)
 
     def restore(self, nodes: Iterable[Indexed]) -> None:
         """Fill an empty index with nodes loaded from a store, sorted in one go per status."""
@@ -95,12 +97,12 @@ class StatusIndex:
         types = self._types[status]
         types[kind] = types.get(kind, 0) + 1
         old.count -= 1
+        if not new.count:
+            new.base, new.pending = [], []
         new.count += 1
         new.pending.append(node.id)
         if len(new.base) + len(new.pending) > 2 * new.count + SLACK:
             self._rebuild(status)
-        if len(old.base) + len(old.pending) > 2 * old.count + SLACK:
-            self._rebuild(previous)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -123,7 +125,8 @@ class StatusIndex:
         not listed (as for the unfiltered list).
         """
         ids = self._by_status[status]
-        if len(ids.pending) > PENDING_READ:
+        if (len(ids.pending) > PENDING_READ
+                or len(ids.base) + len(ids.pending) > 2 * ids.count + SLACK):
             self._rebuild(status)
         base = ids.base  # rebuilding makes a new list: this one stays as it is
         pending = sorted(ids.pending)

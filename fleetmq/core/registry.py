@@ -127,6 +127,7 @@ class Registry:
         self._grace_from = float("-inf")
         self._index = StatusIndex(self._nodes.get)
         self._share = SharedTexts()
+        self._timeouts: dict[float, float] = {}
         self.version = 0
         """Bumped by every change of any node: readers may cache what they derive from it."""
 
@@ -181,7 +182,8 @@ class Registry:
         self.version += 1
         interval = req.heartbeat_interval_seconds
         timeout = (
-            float(TIMEOUT_FACTOR * interval) if interval is not None else self.default_timeout_s
+            self._timeout_of(float(TIMEOUT_FACTOR * interval)) if interval is not None
+            else self.default_timeout_s
         )
         share = self._share
         node = self._nodes.get(node_id)
@@ -254,9 +256,15 @@ class Registry:
         assert not self._nodes, "restore() fills an empty registry"
         by_timeout: dict[float, list[Node]] = {}
         table = self._nodes
+        share = self._share
         for node in nodes:
             node.deadline = None
             node.view = None
+            node.type = share(node.type)
+            node.location = share.optional(node.location)
+            node.capabilities_json = share(node.capabilities_json)
+            node.metadata_json = share(node.metadata_json)
+            node.timeout_s = self._timeout_of(node.timeout_s)
             table[node.id] = node
             if node.status != "offline":
                 node.deadline = node.seen_mono + node.timeout_s
@@ -322,6 +330,10 @@ class Registry:
         self._grace_from = now.mono
 
     # --- internals -----------------------------------------------------------------------
+
+    def _timeout_of(self, timeout: float) -> float:
+        """One float object per distinct timeout, not one per node (24 bytes each)."""
+        return self._timeouts.setdefault(timeout, timeout)
 
     def _report_offline(self, node: Node, req: HeartbeatRequest, now: Instant) -> HeartbeatApplied:
         # An offline report is not proof of life: last_seen and telemetry stay as they are.

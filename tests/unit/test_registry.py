@@ -5,6 +5,7 @@ test_registry_expiry.py."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -274,3 +275,24 @@ def test_nodes_with_the_same_description_share_its_texts(
         assert node.location == f"room-{i}"
     again = registry.register("a", reg(location="room-4", capabilities=["x"]), clock.now()).node
     assert (again.location, again.capabilities) == ("room-4", ("x",))
+
+
+def test_restored_nodes_share_their_repeated_texts(clock: FakeClock) -> None:
+    source = Registry(60)
+    body = {"location": "hall", "capabilities": ["dht22"], "heartbeat_interval_seconds": 10}
+    for node_id in ("a", "b"):
+        source.register(node_id, reg(**body), clock.now())
+    copies = []
+    for node_id in ("a", "b"):
+        node = source.get(node_id)
+        assert node is not None
+        copies.append(copy.copy(node))
+        copies[-1].location = "".join(["ha", "ll"])  # equal text, another object (as loaded)
+        copies[-1].timeout_s = float("30")
+    restored = Registry(60)
+    restored.restore(copies)
+    a, b = node_of(restored, "a"), node_of(restored, "b")
+    assert a.location == "hall"
+    assert a.location is b.location
+    assert a.timeout_s is b.timeout_s
+    assert restored.expire(clock.advance(30)) != []  # deadlines still from the timeout
