@@ -302,7 +302,7 @@ class RestApi:
         if whole_fleet and self._list_cache[0] == self._registry.version:
             return web.Response(body=self._list_cache[1], content_type=JSON)
         version = self._registry.version
-        parts, next_id = await self._collect(_from(ids, start), limit, match)
+        parts, next_id = await self._collect(_slices(ids, start), limit, match)
         total = await self._count(ids, match)
         body = _document(parts, total, next_id)
         if whole_fleet and version == self._registry.version:  # unchanged while collected
@@ -315,14 +315,13 @@ class RestApi:
         total from its counts by status and type (a location filter is counted by walking the
         nodes of that status)."""
         ids = self._registry.ids_with_status(status, after or None)
-        parts, next_id = await self._collect(ids, limit, match)
+        parts, next_id = await self._collect(_batches(ids), limit, match)
         if query.get("location") is None:
             total = self._registry.count(status, query.get("node_type"))
         else:
             total = 0
-            matches = self._registry.ids_with_status(status)
-            while chunk := list(self._nodes(itertools.islice(matches, STREAM_CHUNK))):
-                total += sum(1 for node in chunk if match(node))
+            for chunk in _batches(self._registry.ids_with_status(status)):
+                total += sum(1 for node in self._nodes(chunk) if match(node))
                 await asyncio.sleep(0)
         return web.Response(body=_document(parts, total, next_id), content_type=JSON)
 
@@ -333,16 +332,17 @@ class RestApi:
             if node is not None:
                 yield node
 
-    async def _collect(self, ids: Iterator[str], limit: int | None,
+    async def _collect(self, chunks: Iterator[list[str]], limit: int | None,
                        match: Callable[[Node], bool]) -> tuple[list[bytes], str | None]:
-        """Up to ``limit`` matches among ``ids``, and the ``next`` id if more follow.
+        """Up to ``limit`` matches among the ids of ``chunks``, and the ``next`` id if more
+        follow.
 
         Walks in chunks, yielding between them: a sparse filter over a large fleet must not
         stall ingest or expiry.
         """
         parts: list[bytes] = []
         last = None
-        while chunk := list(itertools.islice(ids, STREAM_CHUNK)):
+        for chunk in chunks:
             for node in self._nodes(chunk):
                 if not match(node):
                     continue
@@ -421,8 +421,15 @@ def _document(parts: list[bytes], total: int, next_id: str | None = None) -> byt
     return b'{"nodes":[' + b",".join(parts) + b"]," + tail[1:]
 
 
-def _from(ids: list[str], start: int) -> Iterator[str]:
-    return (ids[i] for i in range(start, len(ids)))
+def _slices(ids: list[str], start: int) -> Iterator[list[str]]:
+    """``ids[start:]`` in chunks of ``STREAM_CHUNK`` (slices: no per-id Python step)."""
+    return (ids[offset:offset + STREAM_CHUNK] for offset in range(start, len(ids), STREAM_CHUNK))
+
+
+def _batches(ids: Iterator[str]) -> Iterator[list[str]]:
+    """An iterator of ids in chunks of ``STREAM_CHUNK``."""
+    while chunk := list(itertools.islice(ids, STREAM_CHUNK)):
+        yield chunk
 
 
 def _no_such_node(node_id: str) -> Rejection:
