@@ -22,6 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    PINNING,
+    add_pin_option,
     answers,
     machine,
     postgres_if,
@@ -37,22 +39,26 @@ from tests.support import Mosquitto, free_port
 FILL_BATCH = 50_000
 
 
-def node_rows(start: int, count: int, now: float) -> list[tuple[object, ...]]:
+def node_rows(start: int, count: int, now: float,
+              offline_share: float = 0.1) -> list[tuple[object, ...]]:
+    """Rows of nodes ``start`` to ``start + count``; one in ``1 / offline_share`` offline."""
+    every = round(1 / offline_share)
     rows = []
     for i in range(start, start + count):
+        offline = i % every == 0
         rows.append((
             f"microclaw-esp32-{i:08x}", "microclaw", f"sensor {i}",
             f'["dht22","mqtt","bme{i % 997}"]', f"office-floor-{i % 50}-desk-{i}",
             f'{{"gateway":"nanoclaw-pi-{i % 300:03d}","firmware":"v1.{i % 7}.{i % 13}",'
             f'"serial":"SN{i:010d}"}}',
-            60, True, 180.0, now - 3600, now - (i % 60), "online" if i % 10 else "offline",
-            "registered" if i % 10 else "heartbeat_timeout", now - 600, f"s{i}",
+            60, True, 180.0, now - 3600, now - (i % 60), "offline" if offline else "online",
+            "heartbeat_timeout" if offline else "registered", now - 600, f"s{i}",
             i % 86_400, 200 + i % 100, i % 4,
         ))
     return rows
 
 
-async def fill(url: str, nodes: int) -> float:
+async def fill(url: str, nodes: int, offline_share: float = 0.1) -> float:
     store = make_store(parse_store(url))
     await store.open()
     started = time.monotonic()
@@ -60,7 +66,7 @@ async def fill(url: str, nodes: int) -> float:
     try:
         for start in range(0, nodes, FILL_BATCH):
             await store.write(Batch(upserts=node_rows(start, min(FILL_BATCH, nodes - start),
-                                                      now)))
+                                                      now, offline_share)))
     finally:
         await store.close()
     return time.monotonic() - started
@@ -78,6 +84,7 @@ def start_timed(broker: str, store_url: str, workdir: Path) -> dict[str, float]:
     argv = [sys.executable, "-m", "fleetmq", "serve", "--broker", broker,
             "--http", f"127.0.0.1:{http_port}", "--store", store_url,
             "--topic-root", f"startup{http_port}", "--log-level", "info"]
+    argv = PINNING.manager(argv)
     started = time.monotonic()
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
@@ -105,7 +112,9 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--stores", nargs="+", default=["sqlite", "postgresql"],
                         choices=["sqlite", "postgresql"])
+    add_pin_option(parser)
     args = parser.parse_args()
+    PINNING.start(args.pin)
     results = []
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-startup-") as tmp:
         workdir = Path(tmp)

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import itertools
 import logging
 import math
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -27,6 +28,7 @@ from fleetmq.core.models import (
     HeartbeatRequest,
     RegisterRequest,
     Rejection,
+    Status,
     describe_error,
     node_conflict,
     node_not_registered,
@@ -294,22 +296,28 @@ class RestApi:
         limit_text = query.get("limit")
         limit = _limit(limit_text)
         after = query.get("after") or None
-        ids = self._registry.sorted_ids()  # a snapshot: later changes build a new list
-        start = bisect.bisect_right(ids, after) if after else 0
-        if limit is None and len(ids) - start > STREAM_ABOVE:
-            return await self._stream(request, ids, start, match)
+        status = query.get("status")
         version = self._registry.version
-        key: PageKey = (after, limit_text, query.get("node_type"), query.get("status"),
+        key: PageKey = (after, limit_text, query.get("node_type"), status,
                         query.get("location"))
         body = self._pages.get(key, version)
         if body is not None:
             return web.Response(body=body, content_type=JSON)
-        if match is _all:
-            parts, next_id = await self._page(ids, start, limit)
+        if status is not None and limit is not None:  # a page of one status: O(limit)
+            # _filter checked the value
+            body = await self._status_page(cast(Status, status.lower()), query, after, limit,
+                                           match)
         else:
-            parts, next_id = await self._collect(ids, start, limit, match)
-        total = await self._count(ids, match)
-        body = document(parts, total, next_id)
+            ids = self._registry.sorted_ids()  # a snapshot: later changes build a new list
+            start = bisect.bisect_right(ids, after) if after else 0
+            if limit is None and len(ids) - start > STREAM_ABOVE:
+                return await self._stream(request, ids, start, match)
+            if match is _all:
+                parts, next_id = await self._page(ids, start, limit)
+            else:
+                parts, next_id = await self._collect(_slices(ids, start), limit, match)
+            total = await self._count(ids, match)
+            body = document(parts, total, next_id)
         if version == self._registry.version:  # unchanged while collected
             self._pages.put(key, version, body)
         return web.Response(body=body, content_type=JSON)
@@ -322,7 +330,7 @@ class RestApi:
         get = self._registry.get
         nodes = [node for node in map(get, ids[start:stop]) if node is not None]
         if len(nodes) != stop - start:  # never while ids is the registry's own snapshot
-            return await self._collect(ids, start, limit, _all)
+            return await self._collect(_slices(ids, start), limit, _all)
         parts: list[bytes] = []
         for offset in range(0, len(nodes), PAGE_CHUNK):
             if offset:
@@ -330,24 +338,41 @@ class RestApi:
             parts += node_views(nodes[offset:offset + PAGE_CHUNK])
         return parts, (ids[stop - 1] if parts and stop < len(ids) else None)
 
-    def _nodes(self, ids: list[str]) -> Iterator[Node]:
+    async def _status_page(self, status: Status, query: Any, after: str | None, limit: int,
+                           match: Callable[[Node], bool]) -> bytes:
+        """A page of the nodes with one status, read from the registry's status index; the
+        total from its counts by status and type (a location filter is counted by walking the
+        nodes of that status)."""
+        ids = self._registry.ids_with_status(status, after or None)
+        parts, next_id = await self._collect(_batches(ids), limit, match)
+        if query.get("location") is None:
+            total = self._registry.count(status, query.get("node_type"))
+        else:
+            total = 0
+            for chunk in _batches(self._registry.ids_with_status(status)):
+                total += sum(1 for node in self._nodes(chunk) if match(node))
+                await asyncio.sleep(0)
+        return document(parts, total, next_id)
+
+    def _nodes(self, ids: Iterable[str]) -> Iterator[Node]:
         get = self._registry.get
         for node_id in ids:
             node = get(node_id)
             if node is not None:
                 yield node
 
-    async def _collect(self, ids: list[str], start: int, limit: int | None,
+    async def _collect(self, chunks: Iterator[list[str]], limit: int | None,
                        match: Callable[[Node], bool]) -> tuple[list[bytes], str | None]:
-        """Up to ``limit`` matches from ``start``, and the ``next`` id if more follow.
+        """Up to ``limit`` matches among the ids of ``chunks``, and the ``next`` id if more
+        follow.
 
         Walks in chunks, yielding between them: a sparse filter over a large fleet must not
         stall ingest or expiry.
         """
         parts: list[bytes] = []
         last = None
-        for offset in range(start, len(ids), STREAM_CHUNK):
-            for node in self._nodes(ids[offset:offset + STREAM_CHUNK]):
+        for chunk in chunks:
+            for node in self._nodes(chunk):
                 if not match(node):
                     continue
                 if len(parts) == limit:
@@ -418,6 +443,17 @@ class RestApi:
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type=JSON)
+
+
+def _slices(ids: list[str], start: int) -> Iterator[list[str]]:
+    """``ids[start:]`` in chunks of ``STREAM_CHUNK`` (slices: no per-id Python step)."""
+    return (ids[offset:offset + STREAM_CHUNK] for offset in range(start, len(ids), STREAM_CHUNK))
+
+
+def _batches(ids: Iterator[str]) -> Iterator[list[str]]:
+    """An iterator of ids in chunks of ``STREAM_CHUNK``."""
+    while chunk := list(itertools.islice(ids, STREAM_CHUNK)):
+        yield chunk
 
 
 def _no_such_node(node_id: str) -> Rejection:

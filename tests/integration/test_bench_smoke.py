@@ -128,6 +128,23 @@ def _check_auth_cost(doc: dict[str, Any]) -> None:
             assert side["non_2xx"] == 0, r  # the bearer keys were accepted
 
 
+def _check_filtered(doc: dict[str, Any]) -> None:
+    [result] = doc["results"]
+    rows = {r["query"]: r for r in result["rows"]}
+    assert (rows["offline, limit 1"]["total"], rows["offline, limit 1"]["count"]) == (400, 1)
+    assert rows["offline + type, limit 1"]["total"] == 400
+    assert rows["online, limit 1"]["total"] == 1600
+    assert rows["degraded (none), limit 1"]["total"] == 0
+    assert rows["offline + location, limit 1"]["total"] == 1
+    for row in result["rows"][1:]:
+        _positive(row, "p50_ms", "max_ms")
+
+
+def _check_serve_memory(doc: dict[str, Any]) -> None:
+    _positive(doc, "rate", "idle_mb", "registered_mb", "read_mb", "read_bytes")
+    assert doc["nodes"] == 2000
+
+
 @dataclass(frozen=True)
 class Bench:
     argv: tuple[str, ...]
@@ -191,6 +208,12 @@ BENCHES = {
         ("bench/memory.py", "--nodes", "2000", "--fix", "none"),
         "memory.json", ("bytes of RSS per node", "where one node's bytes go"), _check_memory,
         mosquitto=False),
+    "filtered": Bench(
+        ("bench/filtered.py", "--nodes", "2000", "--offline", "0.2", "--repeat", "2"),
+        "filtered.json", ("offline, limit 1", "offline + type, limit 1"), _check_filtered),
+    "serve-memory": Bench(
+        ("bench/serve_memory.py", "--nodes", "2000", "--slices", "2"),
+        "serve_memory.json", ("RSS after the read", "registrations/s"), _check_serve_memory),
     "expiry": Bench(
         ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
         "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,

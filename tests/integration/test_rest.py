@@ -675,6 +675,54 @@ async def test_list_pages_through_a_filter(mixed_fleet: Api) -> None:
     assert (second["count"], second["total"], second["next"]) == (2, 4, None)
 
 
+async def _pages(api: Api, limit: str, **params: str) -> tuple[list[str], set[int]]:
+    """Every id of a filtered list read page by page, and the totals the pages gave."""
+    seen: list[str] = []
+    totals: set[int] = set()
+    after: str | None = None
+    while True:
+        body = (await api.nodes(limit=limit, **params,
+                                **({"after": after} if after is not None else {}))).json
+        seen += [n["id"] for n in body["nodes"]]
+        totals.add(body["total"])
+        assert body["count"] == len(body["nodes"])
+        after = body["next"]
+        if after is None:
+            return seen, totals
+        assert after == body["nodes"][-1]["id"]
+
+
+@pytest.mark.parametrize("params", [
+    {"status": "online"}, {"status": "DEGRADED"}, {"status": "offline"},
+    {"status": "online", "node_type": "MicroClaw"}, {"status": "offline", "node_type": "picclaw"},
+    {"status": "online", "location": "OFFICE-floor-2"},
+    {"status": "online", "node_type": "microclaw", "location": "office-floor-2"},
+])
+async def test_status_pages_and_totals_follow_every_change(
+    mixed_fleet: Api, params: dict[str, str]
+) -> None:
+    async def check() -> None:
+        expected = _ids(await mixed_fleet.nodes(**params))  # without limit: every node read
+        for limit in ("1", "2", "10000"):
+            seen, totals = await _pages(mixed_fleet, limit, **params)
+            assert seen == expected, (limit, params)
+            assert totals == {len(expected)}, (limit, params)
+
+    await check()
+    await mixed_fleet.heartbeat("esp-2")  # degraded -> online
+    await mixed_fleet.heartbeat("esp-3", status="offline")
+    await check()
+    await mixed_fleet.heartbeat("pic-1")  # offline -> online
+    assert (await mixed_fleet.request("DELETE", "/api/v1/fleet/nodes/esp-1")).status == 204
+    await check()
+    await _register_all(mixed_fleet, [
+        {"node_id": "esp-1", "node_type": "picclaw", "location": "office-floor-2"},
+        {"node_id": "esp-0", "node_type": "microclaw", "location": "office-floor-2"},
+    ])
+    await mixed_fleet.heartbeat("esp-0", status="degraded")
+    await check()
+
+
 async def test_a_list_larger_than_the_stream_threshold_is_streamed_whole(api: Api) -> None:
     n = STREAM_ABOVE + 500
     ids = [f"bulk-{i:05d}" for i in range(n)]

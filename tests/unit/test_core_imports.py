@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-CORE = ("models", "topics", "registry", "events", "clock")
+CORE = ("models", "topics", "registry", "events", "clock", "index", "texts")
 PACKAGE = Path(__file__).resolve().parents[2] / "fleetmq" / "core"
 ALLOWED = {"pydantic", "pydantic_core", "fleetmq"}
 

@@ -5,10 +5,12 @@ test_registry_expiry.py."""
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
 
+from fleetmq.core import texts
 from fleetmq.core.clock import FakeClock
 from fleetmq.core.events import NodeDeleted, NodeTransitioned
 from fleetmq.core.models import Status
@@ -251,3 +253,45 @@ def test_sorted_ids_stay_sorted_across_inserts_and_deletes(
             expected.discard(victim)
         assert registry.sorted_ids() == sorted(expected)
     assert len(registry) == len(expected)
+
+
+def test_nodes_with_the_same_description_share_its_texts(
+    registry: Registry, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    body = {"capabilities": ["dht22", "mqtt"], "location": "office-floor-2",
+            "metadata": {"gateway": "nanoclaw-pi-01"}}
+    a = registry.register("a", reg(**body), clock.now()).node
+    b = registry.register("b", reg(**body), clock.now()).node
+    assert a.type is b.type
+    assert a.location is b.location
+    assert a.capabilities_json is b.capabilities_json
+    assert a.metadata_json is b.metadata_json
+    assert b.capabilities == ("dht22", "mqtt")
+    assert b.metadata == {"gateway": "nanoclaw-pi-01"}
+
+    monkeypatch.setattr(texts, "SHARED_TEXTS", 2)  # full: starts over, values stay right
+    for i in range(5):
+        node = registry.register(f"n{i}", reg(location=f"room-{i}"), clock.now()).node
+        assert node.location == f"room-{i}"
+    again = registry.register("a", reg(location="room-4", capabilities=["x"]), clock.now()).node
+    assert (again.location, again.capabilities) == ("room-4", ("x",))
+
+
+def test_restored_nodes_share_their_timeouts(clock: FakeClock) -> None:
+    source = Registry(60)
+    body = {"location": "hall", "capabilities": ["dht22"], "heartbeat_interval_seconds": 10}
+    for node_id in ("a", "b"):
+        source.register(node_id, reg(**body), clock.now())
+    copies = []
+    for node_id in ("a", "b"):
+        node = source.get(node_id)
+        assert node is not None
+        copies.append(copy.copy(node))
+        copies[-1].location = "".join(["ha", "ll"])  # equal text, another object (as loaded)
+        copies[-1].timeout_s = float("30")
+    restored = Registry(60)
+    restored.restore(copies)
+    a, b = node_of(restored, "a"), node_of(restored, "b")
+    assert a.location == b.location == "hall"
+    assert a.timeout_s is b.timeout_s
+    assert restored.expire(clock.advance(30)) != []  # deadlines still from the timeout

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections import deque
 from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from fleetmq import views
 from fleetmq.core.clock import FakeClock, format_timestamp
 from fleetmq.core.events import NodeTransitioned
 from fleetmq.core.models import (
@@ -118,6 +120,23 @@ def test_node_json_is_cached_until_the_node_changes() -> None:
     assert doc["last_seen"] == "2026-02-16T08:31:01.250Z"
     assert doc["uptime_seconds"] == 42
     assert doc["status_since"] == "2026-02-16T08:30:00.000Z"
+
+
+def test_only_the_most_recently_serialized_views_are_kept(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(views, "VIEWS_KEPT", 3)
+    monkeypatch.setattr(views, "_kept", deque())
+    clock = FakeClock()
+    registry = Registry(60)
+    nodes = [registry.register(f"n{i}", reg(), clock.now()).node for i in range(5)]
+    served = [node_json(node) for node in nodes]
+    assert [node.view is not None for node in nodes] == [False, False, True, True, True]
+    assert node_json(nodes[0]) == served[0]  # made again on demand, the same bytes
+    assert [node.view is not None for node in nodes] == [True, False, False, True, True]
+    registry.heartbeat("n4", hb(uptime_seconds=1), clock.advance(1))  # drops its view
+    assert json.loads(node_json(nodes[4]))["uptime_seconds"] == 1
+    assert sum(node.view is not None for node in nodes) <= 3
 
 
 @pytest.mark.parametrize(
