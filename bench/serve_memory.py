@@ -109,7 +109,7 @@ def main() -> None:  # noqa: PLR0915  (one run, told in order)
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
                 try:
-                    rate = register(broker.port, http_port, "servemem", args.nodes)
+                    rate, _done, _dropped = register(broker.port, http_port, "servemem", args.nodes)
                 finally:
                     stop.set()
                     sampler.join()
