@@ -80,6 +80,29 @@ async def _victim(guarded: Guarded, node_id: str = "victim-1") -> Any:
     return await guarded.snapshot(node_id)
 
 
+async def _refused_from(one: OneConnection, path: str, token: str, deadline: float,
+                        message: str) -> None:
+    """Reads ``path`` with ``token`` over the one connection until it is refused: nothing
+    accepted once ``deadline`` (wall clock) has passed, and refused within 0.1 s of it."""
+    accepted_late: list[float] = []
+    refused_at = None
+    while time.time() < deadline + 2.0:
+        sent = time.time()
+        reply = await one.request("GET", path, token)
+        assert reply.status in (200, 401), reply.raw
+        if reply.status == 200 and sent > deadline:
+            accepted_late.append(sent - deadline)
+        if reply.status == 401:
+            refused_at = sent
+            assert reply.json["message"] == message
+            break
+        await asyncio.sleep(0.005)  # pace: the key's own rate limit (--key-rate) stays out
+    assert not accepted_late, (f"accepted {len(accepted_late)} requests up to "
+                               f"{max(accepted_late):.3f} s after the token ended")
+    assert refused_at is not None, "the token was never refused"
+    assert refused_at - deadline < 0.1
+
+
 async def test_a_key_revoked_while_its_connection_stays_open_is_refused_on_it(
         guarded: Guarded, one: OneConnection) -> None:
     before = await _victim(guarded)
@@ -107,24 +130,9 @@ async def test_a_key_that_expires_while_its_connection_stays_open_is_refused_fro
     expires_at = next(k["expires_at"] for k in listed if k["role"] == "write")
     # Milliseconds on the wire: the true expiry is within 1 ms of what is shown.
     deadline = datetime.fromisoformat(expires_at).timestamp() + 0.001
-    accepted_late: list[float] = []
-    refused_at = None
-    while time.time() < deadline + 2.0:
-        sent = time.time()
-        # Reads: heartbeats this fast would meet the node's rate limit (429) instead.
-        reply = await one.request("GET", f"{FLEET}/nodes/other-1", write)
-        assert reply.status in (200, 401), reply.raw
-        if reply.status == 200 and sent > deadline:
-            accepted_late.append(sent - deadline)
-        if reply.status == 401:
-            refused_at = sent
-            assert reply.json["message"] == "The token has expired"
-            break
-        await asyncio.sleep(0.005)  # pace: the key's own rate limit (--key-rate) stays out
-    assert not accepted_late, (f"accepted {len(accepted_late)} requests up to "
-                               f"{max(accepted_late):.3f} s after its expiry")
-    assert refused_at is not None, "the expired key was never refused"
-    assert refused_at - deadline < 0.1
+    # Reads: heartbeats this fast would meet the node's rate limit (429) instead.
+    await _refused_from(one, f"{FLEET}/nodes/other-1", write, deadline,
+                        "The token has expired")
 
 
 async def test_other_tokens_on_a_connection_that_presented_a_good_one_are_judged_alone(
@@ -175,23 +183,8 @@ async def test_a_rotated_out_node_token_is_refused_on_its_connection_from_its_gr
                 if c.revoked_at is not None]
     assert ending.revoked_at is not None
     deadline = ending.revoked_at
-    accepted_late: list[float] = []
-    refused_at = None
-    while time.time() < deadline + 2.0:
-        sent = time.time()
-        reply = await one.request("GET", f"{FLEET}/nodes/own-1", old)
-        assert reply.status in (200, 401), reply.raw
-        if reply.status == 200 and sent > deadline:
-            accepted_late.append(sent - deadline)
-        if reply.status == 401:
-            refused_at = sent
-            assert reply.json["message"] == "The token has been revoked"
-            break
-        await asyncio.sleep(0.005)
-    assert not accepted_late, (f"accepted {len(accepted_late)} requests up to "
-                               f"{max(accepted_late):.3f} s after its grace ended")
-    assert refused_at is not None, "the rotated-out token was never refused"
-    assert refused_at - deadline < 0.1
+    await _refused_from(one, f"{FLEET}/nodes/own-1", old, deadline,
+                        "The token has been revoked")
 
 
 async def test_failed_attempts_on_a_connection_that_once_succeeded_are_all_counted(
