@@ -118,6 +118,7 @@ class FleetService:
             keepalive_s=settings.keepalive_s,
             prefer_mqtt5=prefer_mqtt5,
             monotonic=self.clock.monotonic,
+            ack_after_apply=settings.puback == "applied",
         )
         out_broker = broker
         if (not broker.embedded and broker.username is not None

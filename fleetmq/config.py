@@ -187,9 +187,12 @@ class Settings:
     """The manager's MQTT client id; None means ``_fleetmq-<root>``."""
     keepalive_s: int = 60
     mqtt_version: str = "5"
-    """"5" (falls back to 3.1.1 when the broker refuses it) or "3.1.1": paho parses MQTT 5
-    properties on every message, so 3.1.1 ingests about 1.5 times as fast, without MQTT 5
-    response topics."""
+    """"5" (falls back to 3.1.1 when the broker refuses it) or "3.1.1" (no MQTT 5 response
+    topics; ingests about as fast)."""
+    puback: str = "receipt"
+    """When the manager acknowledges a QoS 1 message: "receipt" (fastest; a message received
+    but not yet applied is lost if the process dies) or "applied" (after it is applied, at
+    about a third of the ingest rate: see docs/protocol.md)."""
     log_level: str = "info"
 
     @property
@@ -222,6 +225,8 @@ class Settings:
             )
         if self.mqtt_version not in ("5", "3.1.1"):
             raise ConfigError(f"--mqtt-version {self.mqtt_version!r} is not 5 or 3.1.1")
+        if self.puback not in ("receipt", "applied"):
+            raise ConfigError(f"--puback {self.puback[:64]!r} is not receipt or applied")
         if not 5 <= self.keepalive_s <= 65_535:
             raise ConfigError(
                 f"--keepalive {self.keepalive_s} is out of range: give whole seconds from 5 to "

@@ -348,3 +348,11 @@ def test_serve_help_lists_every_option_with_its_environment_variable(
                    "--offline-after", "--log-level"):
         assert option in out
         assert env_name(option) in out
+
+
+def test_puback_is_receipt_by_default_and_applied_on_request() -> None:
+    assert settings_for([]).puback == "receipt"
+    assert settings_for(["--puback", "applied"]).puback == "applied"
+    assert settings_for([], {"FLEETMQ_PUBACK": "applied"}).puback == "applied"
+    with pytest.raises(ConfigError, match=r"--puback 'later' is not receipt or applied"):
+        settings_for(["--puback", "later"])
