@@ -96,8 +96,6 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
         self._max_queued = max_queued
         self.counters = counters
         self._past_ceiling = False
-        self._discarding: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def _create_server_instance(self, listener_name: str, listener_type: Any,
                                       address: str | None, port: int,
@@ -145,7 +143,8 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
             # A revocation that arrived during the login is caught here. amqtt itself may still
             # pause (up to a second, retrying a state change) before it registers the session,
             # where the revoker does not see it: every publish, subscription and delivery checks
-            # the credential again (``_still_valid``), so such a session can do nothing.
+            # the credential again, so such a session can do nothing until the revoker's
+            # once-a-second sweep (``sweep_ended``) discards it.
             if not access.still_valid(admitted):
                 access.counters.logins_refused["revoked"] += 1
                 await self._refuse(writer, Refused("revoked", 4))
@@ -266,7 +265,7 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
         if access is None:
             return bool(await super()._topic_filtering(session, topic, action))
         admitted = admitted_of(session)
-        if admitted is None or not self._still_valid(access, session, admitted):
+        if admitted is None or not access.still_valid(admitted):
             return False
         if action == Action.SUBSCRIBE:
             return access.may_subscribe(admitted, topic)
@@ -282,7 +281,7 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
             admitted = admitted_of(session)
             # Dropped (3.1.1 cannot say so) and counted; the connection stays, where amqtt
             # would stop serving a client that publishes to a `$` topic.
-            if admitted is None or not self._still_valid(access, session, admitted) or (
+            if admitted is None or not access.still_valid(admitted) or (
                     not access.may_publish(admitted, message.topic or "")):
                 return True
         return bool(await super()._handle_message_delivery(session, handler, wait_deliver))
@@ -306,51 +305,29 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
             self.counters.queue_dropped += 1
         await super()._retain_broadcast_message(broadcast, qos, target_session)
 
-    def _still_valid(self, access: BrokerAccess, session: Session, admitted: Admitted) -> bool:
-        """Whether the session's credential still works; if not, the session is discarded
-        (the revoker closes such sessions as soon as it hears of the end: this catches one
-        that registered where it could not see it)."""
-        if access.still_valid(admitted):
-            return True
-        if session.client_id not in self._discarding:
-            self._discarding.add(session.client_id)
-            task = asyncio.get_running_loop().create_task(self._discard_ended(session))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-        return False
-
-    async def _discard_ended(self, session: Session) -> None:
-        try:
-            entry = self._sessions.get(session.client_id)
-            if entry is not None and entry[0] is session:
-                log.warning("broker_session_of_ended_credential client_id=%.64r (discarded)",
-                            session.client_id)
-                await self.discard(session.client_id)
-        finally:
-            self._discarding.discard(session.client_id)
-
     async def cut_credentials(self, ended: set[str]) -> int:
         """Close every connection logged in with one of ``ended`` and drop its session, and
         every stored session last resumed with one; how many sessions went."""
-        gone = 0
-        for client_id, (session, _handler) in list(self._sessions.items()):
-            admitted = admitted_of(session)
-            if admitted is not None and admitted.credential_id in ended:
-                await self.discard(client_id)
-                gone += 1
-        return gone
+        return await self._discard_where(lambda admitted: admitted.credential_id in ended)
 
     async def sweep_ended(self) -> int:
-        """Discard every session whose credential no longer works; how many went."""
+        """Discard every session whose credential no longer works, told or not (one amqtt
+        registered after the revoker looked); how many went."""
         access = self._access
         if access is None:
             return 0
+        return await self._discard_where(lambda admitted: not access.still_valid(admitted),
+                                         untold=True)
+
+    async def _discard_where(self, ended: Callable[[Admitted], bool], *,
+                             untold: bool = False) -> int:
         gone = 0
         for client_id, (session, _handler) in list(self._sessions.items()):
             admitted = admitted_of(session)
-            if admitted is not None and not access.still_valid(admitted):
-                log.warning("broker_session_of_ended_credential client_id=%.64r (discarded)",
-                            client_id)
+            if admitted is not None and ended(admitted):
+                if untold:
+                    log.warning("broker_session_of_ended_credential client_id=%.64r "
+                                "(discarded)", client_id)
                 await self.discard(client_id)
                 gone += 1
         return gone

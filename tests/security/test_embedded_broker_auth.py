@@ -285,7 +285,8 @@ async def test_a_session_the_revoker_missed_can_do_nothing_once_its_credential_e
         fleet: AuthFleet) -> None:
     """amqtt may register a session up to a second after its login was checked, where the
     revoker does not see it. Played here by keeping the revocation from the broker's revoker:
-    the revoked node's next publish is dropped, and that ends its session (without its will)."""
+    the revoked node's next publish is dropped, and the revoker's sweep ends its session
+    (without its will)."""
     a = await fleet.node("node-a")
     b = await fleet.node("node-b")
     broker = fleet.svc.embedded_broker
