@@ -14,17 +14,19 @@ import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 
-from fleetmq.broker.embedded import SWEEP_S
+from fleetmq.broker.embedded import SWEEP_S, EmbeddedBroker
 from tests.conftest import eventually
 from tests.security.broker_clients import (
     ACCEPTED,
     BAD_USERNAME_OR_PASSWORD,
     NOT_AUTHORISED,
     AuthFleet,
+    Device,
     auth_fleet,
     raw_connect,
 )
@@ -281,6 +283,33 @@ async def test_revoked_node_token_live_connection_is_closed_within_a_second(
     assert (await fleet.metrics())["fleetmq_broker_connections_revoked_total"] >= 1
 
 
+def hide_revocations_from_the_broker(fleet: AuthFleet) -> EmbeddedBroker:
+    """Plays a session amqtt registered after the revoker looked: the broker's revoker no
+    longer hears of ended credentials (its once-a-second sweep still runs)."""
+    broker = fleet.svc.embedded_broker
+    assert broker is not None
+    fleet.svc.auth._listeners.remove(broker._credentials_changed)
+    return broker
+
+
+async def dropped_without_its_will(fleet: AuthFleet, broker: EmbeddedBroker, node_id: str,
+                                   before: dict[str, Any] | None, witness: Device) -> None:
+    """Once the node's dropped connection is handled, the manager shows it as it was: no will
+    applied. The witness's heartbeats go through the broker after the drop (and its will, if
+    any, was broadcast): once the manager has applied them, it would have applied the will."""
+
+    def dropped() -> bool:
+        entry = broker._broker._sessions.get(node_id)
+        return entry is None or not entry[0].transitions.is_connected()
+
+    await eventually(dropped, timeout=2, interval=0.005)
+    await fleet.still_serves(witness, witness.client_id)
+    after = await fleet.rest_node(node_id)
+    assert after is not None
+    assert before is not None
+    assert (after["last_seen"], after["status"]) == (before["last_seen"], "online")
+
+
 async def test_a_session_the_revoker_missed_can_do_nothing_once_its_credential_ended(
         fleet: AuthFleet) -> None:
     """amqtt may register a session up to a second after its login was checked, where the
@@ -289,9 +318,7 @@ async def test_a_session_the_revoker_missed_can_do_nothing_once_its_credential_e
     (without its will)."""
     a = await fleet.node("node-a")
     b = await fleet.node("node-b")
-    broker = fleet.svc.embedded_broker
-    assert broker is not None
-    fleet.svc.auth._listeners.remove(broker._credentials_changed)
+    broker = hide_revocations_from_the_broker(fleet)
     before = await fleet.rest_node("node-b")
     assert await fleet.svc.auth.revoke_credentials("node-b", actor="test") == 1
     assert b.connected  # nobody told the broker
@@ -313,9 +340,7 @@ async def test_an_idle_session_the_revoker_missed_is_closed_by_its_sweep(
     it (without its will) though nobody told the broker."""
     a = await fleet.node("node-a")
     b = await fleet.node("node-b")
-    broker = fleet.svc.embedded_broker
-    assert broker is not None
-    fleet.svc.auth._listeners.remove(broker._credentials_changed)
+    broker = hide_revocations_from_the_broker(fleet)
     before = await fleet.rest_node("node-b")
     revoked = time.monotonic()
     assert await fleet.svc.auth.revoke_credentials("node-b", actor="test") == 1
@@ -336,27 +361,14 @@ async def test_a_session_the_revoker_missed_leaves_no_will_when_its_socket_drops
     a = await fleet.node("node-a")
     will = json.dumps({"status": "degraded", "reason": "will-after-revocation"}).encode()
     b = await fleet.node("node-b", will=(fleet.topics.heartbeat("node-b"), will, False))
-    broker = fleet.svc.embedded_broker
-    assert broker is not None
-    fleet.svc.auth._listeners.remove(broker._credentials_changed)
+    broker = hide_revocations_from_the_broker(fleet)
     before = await fleet.rest_node("node-b")
     assert await fleet.svc.auth.revoke_credentials("node-b", actor="test") == 1
     assert b.connected  # nobody told the broker
 
     b.kill()
 
-    def dropped() -> bool:
-        entry = broker._broker._sessions.get("node-b")
-        return entry is None or not entry[0].transitions.is_connected()
-
-    await eventually(dropped, timeout=2, interval=0.005)
-    # A's heartbeats go through the broker after B's drop was handled (and its will, if any,
-    # broadcast): once the manager has applied them, it would have applied the will too.
-    await fleet.still_serves(a, "node-a")
-    after = await fleet.rest_node("node-b")
-    assert after is not None
-    assert before is not None
-    assert (after["last_seen"], after["status"]) == (before["last_seen"], "online")
+    await dropped_without_its_will(fleet, broker, "node-b", before, a)
 
 
 async def test_a_node_whose_token_just_expired_leaves_no_will_when_its_socket_drops(
@@ -386,17 +398,7 @@ async def test_a_node_whose_token_just_expired_leaves_no_will_when_its_socket_dr
 
     broker = fleet.svc.embedded_broker
     assert broker is not None
-
-    def dropped() -> bool:
-        entry = broker._broker._sessions.get("node-e")
-        return entry is None or not entry[0].transitions.is_connected()
-
-    await eventually(dropped, timeout=2, interval=0.005)
-    await fleet.still_serves(a, "node-a")  # applied after the will would have been
-    after = await fleet.rest_node("node-e")
-    assert after is not None
-    assert before is not None
-    assert (after["last_seen"], after["status"]) == (before["last_seen"], "online")
+    await dropped_without_its_will(fleet, broker, "node-e", before, a)
 
 
 async def test_rotated_out_token_keeps_its_connection_for_the_grace_then_is_cut(
