@@ -278,11 +278,7 @@ async def test_revoked_nodes_persistent_session_is_not_resumed_with_a_new_creden
     assert await witness.subscribe(reply) == 1
     assert await witness.publish(f"{s.root}/{node}/register", REGISTER) == 0
     await eventually(lambda: witness.received(reply))
-    _, new_token = await s.service.auth.issue_credential(node, actor="test")
-    await settled(s.service)
-    resumed = peers(dynsec_mosquitto, node, node, new_token, protocol=protocol)
-    assert await resumed.connect(clean=False, session_expiry=3600) == 0
-    assert resumed.session_present is False
+    resumed = await resumed_without_session(s, peers, dynsec_mosquitto, node, protocol=protocol)
     # What the old session held is gone: a fresh reply arrives, the queued one never does.
     assert await resumed.subscribe(reply) == 1
     assert await witness.publish(f"{s.root}/{node}/register", REGISTER) == 0
@@ -321,6 +317,20 @@ async def test_revoked_keys_session_is_discarded_and_its_client_is_gone(
     await s.assert_a_untouched(before)
 
 
+async def resumed_without_session(s: Scene, peers: Peers, broker: Mosquitto, node: str,
+                                  token: str | None = None,
+                                  protocol: MQTTProtocolVersion = V5) -> Peer:
+    """``node`` logs in again (with ``token``, else a credential issued now) asking for its
+    persistent session, and finds none: what the revoked credential's session held is gone."""
+    if token is None:
+        _, token = await s.service.auth.issue_credential(node, actor="test")
+    await settled(s.service)
+    resumed = peers(broker, node, node, token, protocol=protocol)
+    assert await resumed.connect(clean=False, session_expiry=3600) == 0
+    assert resumed.session_present is False
+    return resumed
+
+
 async def persistent_holder(s: Scene, peers: Peers, broker: Mosquitto,
                             node: str) -> None:
     """``node`` gets a credential, and a persistent session subscribed to its reply topic
@@ -350,10 +360,7 @@ async def test_revocation_followed_at_once_by_a_new_credential_still_discards_th
         await eventually(lambda: mirror.admin._lock._waiters)  # the mirror waits for it
         await s.service.auth.revoke_credentials(node, actor="test")
         _, new_token = await s.service.auth.issue_credential(node, actor="test")
-    await settled(s.service)
-    resumed = peers(dynsec_mosquitto, node, node, new_token)
-    assert await resumed.connect(clean=False, session_expiry=3600) == 0
-    assert resumed.session_present is False
+    await resumed_without_session(s, peers, dynsec_mosquitto, node, new_token)
 
 
 async def test_a_session_that_could_not_be_discarded_is_discarded_on_a_later_try(
@@ -379,11 +386,7 @@ async def test_a_session_that_could_not_be_discarded_is_discarded_on_a_later_try
     await eventually(removed_and_retry_waiting, timeout=10)  # the removal was not held up
     mirror._broker = broker
     await settled(s.service)
-    _, new_token = await s.service.auth.issue_credential(node, actor="test")
-    await settled(s.service)
-    resumed = peers(dynsec_mosquitto, node, node, new_token)
-    assert await resumed.connect(clean=False, session_expiry=3600) == 0
-    assert resumed.session_present is False
+    await resumed_without_session(s, peers, dynsec_mosquitto, node)
 
 
 async def test_a_waiting_session_retry_does_not_delay_the_next_revocations_kick(
@@ -443,11 +446,7 @@ async def test_a_revocation_during_another_identitys_slow_session_discard_is_kic
         assert time.monotonic() - started < 1.0
         mirror._broker = broker
     await settled(s.service)  # the slow one's session is discarded on its retry
-    resumed = peers(dynsec_mosquitto, slow, slow,
-                    (await s.service.auth.issue_credential(slow, actor="test"))[1])
-    await settled(s.service)
-    assert await resumed.connect(clean=False, session_expiry=3600) == 0
-    assert resumed.session_present is False
+    await resumed_without_session(s, peers, dynsec_mosquitto, slow)
     await s.assert_a_untouched(before)
 
 
