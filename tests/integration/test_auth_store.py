@@ -24,6 +24,7 @@ from fleetmq.auth.store import (
     MemoryAuthStore,
 )
 from fleetmq.auth.tokens import digest
+from fleetmq.auth.verifier import POLL_S
 from fleetmq.config import parse_store
 from fleetmq.core.clock import FakeClock
 from fleetmq.store import make_auth_store
@@ -53,6 +54,15 @@ async def opened(url: str) -> AsyncIterator[AuthStore]:
 def credential(cred_id: str, **fields: object) -> Credential:
     return Credential(id=cred_id, digest=digest(cred_id), created_at=100.0,  # type: ignore[arg-type]
                       **fields)
+
+
+@asynccontextmanager
+async def loaded_auth(clock: FakeClock, poll_s: float = POLL_S) -> AsyncIterator[AuthService]:
+    """An AuthService on a fresh memory store, its credentials loaded."""
+    async with opened("memory://") as store:
+        auth = AuthService(store, clock, poll_s=poll_s)
+        await auth.load()
+        yield auth
 
 
 async def test_changes_are_read_back_by_sequence_number(store_url: str) -> None:
@@ -162,9 +172,7 @@ async def test_a_second_service_on_the_same_store_sees_changes_and_revocations(
 
 async def test_rotation_keeps_the_old_token_for_its_grace_and_two_at_most() -> None:
     clock = FakeClock(wall=1000.0)
-    async with opened("memory://") as store:
-        auth = AuthService(store, clock)
-        await auth.load()
+    async with loaded_auth(clock) as auth:
         _, first = await auth.issue_credential("n1", actor="t")
         _, second = await auth.issue_credential("n1", grace_s=30, actor="t")
         assert auth.verify(first).principal is not None  # inside its grace
@@ -178,9 +186,7 @@ async def test_rotation_keeps_the_old_token_for_its_grace_and_two_at_most() -> N
 
 async def test_enrollment_limits() -> None:
     clock = FakeClock(wall=1000.0)
-    async with opened("memory://") as store:
-        auth = AuthService(store, clock)
-        await auth.load()
+    async with loaded_auth(clock) as auth:
         key, _ = await auth.create_key("enroll", max_uses=2, id_pattern="dev-*",
                                        node_type="picclaw", actor="t")
         with pytest.raises(AuthError) as outside:
@@ -216,9 +222,7 @@ async def test_enrollment_limits() -> None:
 
 async def test_concurrent_rotations_of_one_node_never_leave_three_tokens_valid() -> None:
     clock = FakeClock(wall=1000.0)
-    async with opened("memory://") as store:
-        auth = AuthService(store, clock)
-        await auth.load()
+    async with loaded_auth(clock) as auth:
         _, first = await auth.issue_credential("n1", actor="t")
         made = await asyncio.gather(*(auth.issue_credential("n1", grace_s=60, actor="t")
                                       for _ in range(5)))
@@ -230,9 +234,7 @@ async def test_concurrent_rotations_of_one_node_never_leave_three_tokens_valid()
 
 async def test_expiry_is_audited_once_and_listeners_hear_of_it() -> None:
     clock = FakeClock(wall=1000.0)
-    async with opened("memory://") as store:
-        auth = AuthService(store, clock, poll_s=0.01)
-        await auth.load()
+    async with loaded_auth(clock, poll_s=0.01) as auth:
         heard: list[str] = []
         auth.add_listener(lambda creds: heard.extend(c.broker_identity for c in creds))
         await auth.issue_credential("n1", expires_in_s=5, actor="t")
@@ -242,7 +244,7 @@ async def test_expiry_is_audited_once_and_listeners_hear_of_it() -> None:
         poll = asyncio.create_task(auth.run())
         try:
             await eventually(lambda: len(heard) == 2, timeout=2)
-            entries = await eventually(lambda: _expired(store), timeout=2)
+            entries = await eventually(lambda: _expired(auth.store), timeout=2)
         finally:
             poll.cancel()
         assert sorted(e.subject for e in entries) == [f"key:{key.id}", "node:n1"]
