@@ -348,10 +348,8 @@ class RestApi:
         if query.get("location") is None:
             total = self._registry.count(status, query.get("node_type"))
         else:
-            total = 0
-            for chunk in _batches(self._registry.ids_with_status(status)):
-                total += sum(1 for node in self._nodes(chunk) if match(node))
-                await asyncio.sleep(0)
+            total = await self._matching(_batches(self._registry.ids_with_status(status)),
+                                         match)
         return document(parts, total, next_id)
 
     def _nodes(self, ids: Iterable[str]) -> Iterator[Node]:
@@ -388,10 +386,14 @@ class RestApi:
         stop = len(ids) if stop is None else stop
         if match is _all:
             return stop
+        return await self._matching(_slices(ids, 0, stop), match)
+
+    async def _matching(self, chunks: Iterable[list[str]], match: Callable[[Node], bool]
+                        ) -> int:
+        """How many nodes of ``chunks`` match, yielding between chunks."""
         total = 0
-        for offset in range(0, stop, STREAM_CHUNK):
-            total += sum(1 for n in self._nodes(ids[offset:min(offset + STREAM_CHUNK, stop)])
-                         if match(n))
+        for chunk in chunks:
+            total += sum(1 for n in self._nodes(chunk) if match(n))
             await asyncio.sleep(0)
         return total
 
@@ -405,9 +407,8 @@ class RestApi:
         count = 0
         try:
             await response.write(b'{"nodes":[')
-            for offset in range(start, len(ids), STREAM_CHUNK):
-                parts = [node_json(n) for n in self._nodes(ids[offset:offset + STREAM_CHUNK])
-                         if match(n)]
+            for chunk in _slices(ids, start):
+                parts = [node_json(n) for n in self._nodes(chunk) if match(n)]
                 if parts:
                     await response.write((b"," if count else b"") + b",".join(parts))
                     count += len(parts)
@@ -445,9 +446,11 @@ class RestApi:
         return web.Response(body=self._openapi, content_type=JSON)
 
 
-def _slices(ids: list[str], start: int) -> Iterator[list[str]]:
-    """``ids[start:]`` in chunks of ``STREAM_CHUNK`` (slices: no per-id Python step)."""
-    return (ids[offset:offset + STREAM_CHUNK] for offset in range(start, len(ids), STREAM_CHUNK))
+def _slices(ids: list[str], start: int, stop: int | None = None) -> Iterator[list[str]]:
+    """``ids[start:stop]`` in chunks of ``STREAM_CHUNK`` (slices: no per-id Python step)."""
+    stop = len(ids) if stop is None else stop
+    return (ids[offset:min(offset + STREAM_CHUNK, stop)]
+            for offset in range(start, stop, STREAM_CHUNK))
 
 
 def _batches(ids: Iterator[str]) -> Iterator[list[str]]:
