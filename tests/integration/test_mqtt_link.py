@@ -52,6 +52,8 @@ class Session:
     writer: asyncio.StreamWriter
     received: list[int] = field(default_factory=list)
     """Packet types received, in order."""
+    topics: list[str] = field(default_factory=list)
+    """Topics of the PUBLISH packets received, in order."""
 
 
 @dataclass
@@ -65,6 +67,10 @@ class ScriptedBroker:
     connected: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
     on_subscribed: Callable[[Session], None] | None = None
+    acks_from_session: int = 0
+    """QoS 1 publishes of earlier sessions (by index) are left unacknowledged."""
+    resume: bool = False
+    """Every connection after the first is told its session is present (it was kept)."""
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         session: Session | None = None
@@ -89,7 +95,9 @@ class ScriptedBroker:
                         break
                     if session.level == 5 and not self.answer_mqtt5:
                         continue  # like amqtt: a CONNECT it cannot read goes unanswered
-                    writer.write(packet(CONNACK, b"\0\0\0" if session.level == 5 else b"\0\0"))
+                    present = b"\1" if self.resume and len(self.sessions) > 1 else b"\0"
+                    writer.write(packet(CONNACK, present + (b"\0\0" if session.level == 5
+                                                            else b"\0")))
                     self.connected.set()
                 elif kind in (SUBSCRIBE, UNSUBSCRIBE):
                     assert session is not None
@@ -101,15 +109,23 @@ class ScriptedBroker:
                         self.on_subscribed(session)
                 elif kind == PINGREQ:
                     writer.write(packet(PINGRESP, b""))
-                elif kind == PUBLISH and first & 0x06:
-                    topic_len = struct.unpack("!H", body[:2])[0]
-                    mid = body[2 + topic_len: 4 + topic_len]
-                    writer.write(packet(PUBACK, mid + (b"\0" if session and session.level == 5
-                                                       else b"")))
+                elif kind == PUBLISH:
+                    assert session is not None
+                    self._published(session, first, body)
                 elif kind == DISCONNECT:
                     break
                 await writer.drain()
         writer.close()
+
+
+    def _published(self, session: Session, first: int, body: bytes) -> None:
+        """Notes the topic; a QoS 1 publish is acknowledged unless its session is one that
+        must not be."""
+        topic_len = struct.unpack("!H", body[:2])[0]
+        session.topics.append(body[2:2 + topic_len].decode())
+        if first & 0x06 and len(self.sessions) > self.acks_from_session:
+            mid = body[2 + topic_len: 4 + topic_len]
+            session.writer.write(packet(PUBACK, mid + (b"\0" if session.level == 5 else b"")))
 
 
 @contextlib.asynccontextmanager
@@ -131,12 +147,17 @@ def link_to(broker: ScriptedBroker, *, mqtt5: bool = False, will: Will | None = 
 
 
 async def test_the_gmqtt_names_the_link_reaches_still_exist() -> None:
-    # fleetmq.mqtt.gmqtt_client reaches the transport through them (backpressure, abort).
+    # fleetmq.mqtt.gmqtt_client reaches the transport through them (backpressure, abort,
+    # coalesced writes).
     import gmqtt.mqtt.connection
+    import gmqtt.mqtt.protocol
 
     client = gmqtt.Client("probe")
     assert hasattr(client, "_connection")
+    assert hasattr(client, "_create_connection")
     assert "_transport" in gmqtt.mqtt.connection.MQTTConnection.__init__.__code__.co_names
+    assert "_protocol" in gmqtt.mqtt.connection.MQTTConnection.__init__.__code__.co_names
+    assert "_transport" in gmqtt.mqtt.protocol.BaseMQTTProtocol.write_data.__code__.co_names
 
 
 @pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5"])
@@ -222,6 +243,39 @@ async def test_publishes_are_acknowledged_and_exit_sends_disconnect_and_leaves_n
         await eventually(lambda: broker.sessions[0].received[-1:] == [DISCONNECT])
         assert broker.sessions[0].received.count(PUBLISH) == 300
     assert not [t for t in threading.enumerate() if t.name.startswith("paho")]
+
+
+@pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5"])
+async def test_publishes_sent_in_one_loop_turn_arrive_complete_and_in_order(mqtt5: bool) -> None:
+    # The link writes what one turn of the loop sends in one go (gmqtt_client.py).
+    async with scripted_broker() as broker:
+        link = link_to(broker, mqtt5=mqtt5, subscriptions=())
+        async with link:
+            await eventually(lambda: link.connected)
+            sent = [f"out/{i}" for i in range(5_000)]
+            for i, topic in enumerate(sent):  # packets of all sizes, some over a TCP segment
+                assert link.publish(topic, b"x" * (i % 3_000))
+            assert await link.flush(10.0)
+            assert broker.sessions[0].topics == sent
+
+
+@pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5"])
+async def test_qos1_publishes_in_flight_when_the_connection_drops_are_sent_again_in_order(
+    monkeypatch: pytest.MonkeyPatch, mqtt5: bool,
+) -> None:
+    monkeypatch.setattr(mqtt, "RECONNECT_MIN_S", 0.05)
+    async with scripted_broker(acks_from_session=1, resume=True) as broker:
+        link = link_to(broker, mqtt5=mqtt5, subscriptions=())
+        async with link:
+            await eventually(lambda: link.connected)
+            sent = [f"out/{i}" for i in range(3_000)]
+            for topic in sent:
+                assert link.publish(topic, b"x")
+            await eventually(lambda: len(broker.sessions[0].topics) == len(sent))
+            assert link.in_flight == len(sent)  # none acknowledged by the first session
+            broker.sessions[0].writer.transport.abort()
+            assert await link.flush(10.0)
+            assert broker.sessions[1].topics == sent
 
 
 async def test_an_unreachable_broker_is_retried_and_exit_does_not_wait() -> None:
