@@ -10,6 +10,7 @@ fleet. Once every status is out, the whole fleet is read once over REST (streame
 and the RSS read again.
 
     python bench/serve_memory.py [--nodes 1000000] [--store memory://] [--mqtt-version 3.1.1]
+                                 [--publishers 1]
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def main() -> None:  # noqa: PLR0915  (one run, told in order)
     parser.add_argument("--nodes", type=int, default=1_000_000)
     parser.add_argument("--store", default="memory://")
     parser.add_argument("--mqtt-version", default="3.1.1", choices=["3.1.1", "5"])
+    parser.add_argument("--publishers", type=int, default=1,
+                        help="registering processes (one paho client each)")
     parser.add_argument("--slices", type=int, default=5,
                         help="the registration rate is given for this many slices of the fleet")
     add_pin_option(parser)
@@ -109,7 +112,8 @@ def main() -> None:  # noqa: PLR0915  (one run, told in order)
                 sampler = threading.Thread(target=sample, daemon=True)
                 sampler.start()
                 try:
-                    rate, _done, _dropped = register(broker.port, http_port, "servemem", args.nodes)
+                    rate, done, dropped = register(broker.port, http_port, "servemem", args.nodes,
+                                                    publishers=args.publishers)
                 finally:
                     stop.set()
                     sampler.join()
@@ -131,7 +135,10 @@ def main() -> None:  # noqa: PLR0915  (one run, told in order)
         ("machine", f"{machine()['cores']} cores, python {machine()['python']}, pinned: "
                     f"{PINNING.describe()}"),
         ("manager", f"fleetmq serve --store {args.store} --mqtt-version {args.mqtt_version}"),
-        ("nodes registered over MQTT", f"{args.nodes:,} ({rate:,.0f} registrations/s overall)"),
+        ("nodes registered over MQTT", f"{args.nodes:,} from {args.publishers} processes "
+                                       f"({rate:,.0f} registrations/s overall)"),
+        ("stored, replied to and published", f"{done:,.0f}/s overall, {dropped:,} replies "
+                                             "dropped"),
         ("RSS idle", f"{idle_mb:,.0f} MB"),
         ("RSS registered (statuses out)",
          f"{registered_mb:,.0f} MB ({registered_mb * 2**20 / args.nodes:,.0f} B per node; "
@@ -145,7 +152,8 @@ def main() -> None:  # noqa: PLR0915  (one run, told in order)
     print_table(("nodes (slice)", "registrations/s"), slices)
     write_result("serve_memory", {
         "machine": machine(), "nodes": args.nodes, "store": args.store,
-        "mqtt_version": args.mqtt_version, "rate": rate, "idle_mb": idle_mb,
+        "mqtt_version": args.mqtt_version, "rate": rate, "done": done, "dropped": dropped,
+        "idle_mb": idle_mb,
         "registered_mb": registered_mb, "read_mb": read_mb, "peak_mb": peak_mb,
         "read_bytes": size, "read_s": read_s, "slices": slices, "samples": samples})
 

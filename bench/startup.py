@@ -39,34 +39,37 @@ from tests.support import Mosquitto, free_port
 FILL_BATCH = 50_000
 
 
-def node_rows(start: int, count: int, now: float,
-              offline_share: float = 0.1) -> list[tuple[object, ...]]:
-    """Rows of nodes ``start`` to ``start + count``; one in ``1 / offline_share`` offline."""
-    every = round(1 / offline_share)
+def node_rows(start: int, count: int, now: float, offline_share: float = 0.1,
+              interval_s: int = 60) -> list[tuple[object, ...]]:
+    """Rows of nodes ``start`` to ``start + count``; one in ``1 / offline_share`` offline (none
+    at 0), each declaring ``interval_s`` (its timeout three times that)."""
+    every = round(1 / offline_share) if offline_share else 0
     rows = []
     for i in range(start, start + count):
-        offline = i % every == 0
+        offline = bool(every) and i % every == 0
         rows.append((
             f"microclaw-esp32-{i:08x}", "microclaw", f"sensor {i}",
             f'["dht22","mqtt","bme{i % 997}"]', f"office-floor-{i % 50}-desk-{i}",
             f'{{"gateway":"nanoclaw-pi-{i % 300:03d}","firmware":"v1.{i % 7}.{i % 13}",'
             f'"serial":"SN{i:010d}"}}',
-            60, True, 180.0, now - 3600, now - (i % 60), "offline" if offline else "online",
+            interval_s, True, 3.0 * interval_s, now - 3600, now - (i % 60),
+            "offline" if offline else "online",
             "heartbeat_timeout" if offline else "registered", now - 600, f"s{i}",
             i % 86_400, 200 + i % 100, i % 4,
         ))
     return rows
 
 
-async def fill(url: str, nodes: int, offline_share: float = 0.1) -> float:
+async def fill(url: str, nodes: int, offline_share: float = 0.1, interval_s: int = 60) -> float:
     store = make_store(parse_store(url))
     await store.open()
     started = time.monotonic()
     now = time.time()
     try:
         for start in range(0, nodes, FILL_BATCH):
-            await store.write(Batch(upserts=node_rows(start, min(FILL_BATCH, nodes - start),
-                                                      now, offline_share)))
+            rows = node_rows(start, min(FILL_BATCH, nodes - start), now, offline_share,
+                             interval_s)
+            await store.write(Batch(upserts=rows))
     finally:
         await store.close()
     return time.monotonic() - started
