@@ -141,8 +141,13 @@ def _check_filtered(doc: dict[str, Any]) -> None:
 
 
 def _check_serve_memory(doc: dict[str, Any]) -> None:
-    _positive(doc, "rate", "idle_mb", "registered_mb", "read_mb", "read_bytes")
+    _positive(doc, "rate", "done", "idle_mb", "registered_mb", "read_mb", "read_bytes")
     assert doc["nodes"] == 2000
+
+
+def _check_status_wave(doc: dict[str, Any]) -> None:
+    _positive(doc, "online", "offline_rate")
+    assert doc["offline_nodes"] == doc["offline"] == doc["nodes"] == 2000
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,10 @@ BENCHES = {
     "serve-memory": Bench(
         ("bench/serve_memory.py", "--nodes", "2000", "--slices", "2"),
         "serve_memory.json", ("RSS after the read", "registrations/s"), _check_serve_memory),
+    "status-wave": Bench(
+        ("bench/status_wave.py", "--nodes", "2000", "--timeout", "3"),
+        "status_wave.json", ("offline statuses/s", "CPU during the wave"),
+        _check_status_wave),
     "expiry": Bench(
         ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
         "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,
