@@ -28,9 +28,8 @@ log = logging.getLogger(__name__)
 MAX_IN_FLIGHT = 4_096
 """QoS 1 publishes awaiting PUBACK (fewer if the broker's receive maximum says so). The round
 trip is the manager's own loop as much as the broker: with the loop busy applying a flood, 256
-(the bound until issue 9) let out 25,000 statuses/s of a mass expiry and dropped a third of the
-replies of a registration flood (bench/README.md section 14); 4,096 is ~400 KB to send again
-after a lost connection."""
+(the bound until issue 9) dropped 30% of the replies of a registration flood past REPLY_BOUND
+(bench/README.md section 14); 4,096 is a few hundred KB to send again after a lost connection."""
 REPLY_BOUND = 10_000
 """Replies waiting for the broker; past it the oldest is dropped (and counted)."""
 BATCH = 500
