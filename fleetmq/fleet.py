@@ -48,15 +48,15 @@ class Fleet:
     def heartbeat(self, node_id: str, req: HeartbeatRequest,
                   sender: str | None = None) -> tuple[HeartbeatApplied, Instant]:
         """Raises RateLimitedError, NodeNotFoundError."""
+        now = self.clock.now()  # read once: the rate and the registry take the same moment
         try:
-            self.rates.check(node_id, self.clock.monotonic(), sender)
+            self.rates.check(node_id, now.mono, sender)
         except RateLimitedError:
             # A last will that takes a live node offline is never refused: the node is gone,
             # and the fleet must know. Any other message past the rate is.
             node = self.registry.get(node_id)
             if req.status != "offline" or node is None or node.status == "offline":
                 raise
-        now = self.clock.now()
         result = self.registry.heartbeat(node_id, req, now)
         if result.events:
             self._emit(result.events)

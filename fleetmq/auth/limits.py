@@ -29,7 +29,13 @@ class TokenBucket:
     def take(self, now: float, n: float = 1) -> float:
         """0.0 when ``n`` tokens were taken, else the seconds until they would be there
         (nothing is taken then: a refused request costs the caller nothing)."""
-        self._refill(now)
+        # The refill is inline: this runs for every message and request (NodeRates).
+        last = self._last
+        if last is None:
+            self._last = now
+        elif now > last:
+            self._tokens = min(float(self.burst), self._tokens + (now - last) * self.rate)
+            self._last = now
         if self._tokens >= n:
             self._tokens -= n
             return 0.0
@@ -37,14 +43,8 @@ class TokenBucket:
 
     def full_at(self, now: float) -> bool:
         """Whether the bucket is full at ``now``: forgetting it then changes nothing."""
-        self._refill(now)
+        self.take(now, 0)  # refills, takes nothing
         return self._tokens >= self.burst
-
-    def _refill(self, now: float) -> None:
-        if self._last is not None and now > self._last:
-            self._tokens = min(float(self.burst), self._tokens + (now - self._last) * self.rate)
-        if self._last is None or now > self._last:
-            self._last = now
 
 
 class KeyedLimiter:

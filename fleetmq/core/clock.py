@@ -61,7 +61,13 @@ def _second(seconds: int) -> str:
     return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
+@functools.lru_cache(maxsize=16)
+def _millisecond(ms: int) -> str:
+    # Replies and statuses of a burst share their millisecond: formatted once per millisecond.
+    seconds, ms = divmod(ms, 1000)
+    return f"{_second(seconds)}.{ms:03d}Z"
+
+
 def format_timestamp(wall: float) -> str:
     """RFC 3339, UTC, milliseconds, ending in ``Z``: ``2026-02-16T08:30:00.000Z``."""
-    seconds, ms = divmod(round(wall * 1000), 1000)
-    return f"{_second(seconds)}.{ms:03d}Z"
+    return _millisecond(round(wall * 1000))

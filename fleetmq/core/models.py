@@ -24,13 +24,15 @@ from pydantic import (
     WithJsonSchema,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema
+from pydantic_core import CoreSchema, from_json
 
-from fleetmq.core.topics import NODE_ID_PATTERN
+from fleetmq.core.topics import NODE_ID_PATTERN, is_valid_node_id
 
 MAX_PAYLOAD_BYTES = 64 * 1024
 QUOTE_LIMIT = 64
 MAX_COUNTER = 2**63 - 1
+MAX_SHORT_TEXT = 64
+"""Characters of a session id or a reason, at most."""
 
 Status = Literal["online", "degraded", "offline"]
 STATUSES: tuple[Status, ...] = ("online", "degraded", "offline")
@@ -128,10 +130,10 @@ PRINTABLE = Documented(printable=True)
 NodeId = Annotated[str, StringConstraints(pattern=NODE_ID_PATTERN)]
 Counter = Annotated[int, BeforeValidator(integral), Field(strict=True, ge=0, le=MAX_COUNTER)]
 Interval = Annotated[int, BeforeValidator(integral), Field(strict=True, ge=1, le=86_400)]
-SessionId = Annotated[str, StringConstraints(min_length=1, max_length=64),
+SessionId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SHORT_TEXT),
                       AfterValidator(_no_nul), NO_NUL]
-Reason = Annotated[str, StringConstraints(min_length=1, max_length=64), AfterValidator(_printable),
-                   PRINTABLE]
+Reason = Annotated[str, StringConstraints(min_length=1, max_length=MAX_SHORT_TEXT),
+                   AfterValidator(_printable), PRINTABLE]
 Text = Annotated[str, StringConstraints(max_length=256), AfterValidator(_no_nul), NO_NUL]
 _METADATA_SCHEMA: JsonSchemaValue = {
     "type": "object", "propertyNames": {"pattern": NO_NUL_PATTERN},
@@ -180,6 +182,89 @@ class HeartbeatRequest(BaseModel):
 
 
 BARE_HEARTBEAT = HeartbeatRequest()
+
+
+def parse_heartbeat(body: bytes | str) -> HeartbeatRequest:
+    """``HeartbeatRequest.model_validate_json(body)`` (same result, same ``ValidationError``),
+    in about half the time for the bodies agents send.
+
+    pydantic's own parser reads the body; each known field whose value is plainly valid (a
+    whole number in range, a valid id, one of the statuses...) is taken as it is, and the
+    model is built without running its validators. Anything else (a fraction, a string where
+    a number goes, any invalid value, a body that is not a JSON object) goes through the
+    model's validation, which accepts or answers it exactly as it always did. Unknown fields
+    are ignored either way.
+    """
+    try:
+        values = from_json(body)
+    except ValueError:
+        values = None
+    if type(values) is dict:
+        fields = _plain_heartbeat(values)
+        if fields is not None:
+            return _heartbeat_of(fields)
+    return HeartbeatRequest.model_validate_json(body)
+
+
+def _plain_node_id(value: object) -> bool:
+    return value is None or (type(value) is str and is_valid_node_id(value))
+
+
+def _plain_status(value: object) -> bool:
+    return value is None or (type(value) is str and value in STATUSES)
+
+
+def _plain_reason(value: object) -> bool:
+    return value is None or (type(value) is str and 0 < len(value) <= MAX_SHORT_TEXT
+                             and value.isprintable())
+
+
+def _plain_session(value: object) -> bool:
+    return value is None or (type(value) is str and 0 < len(value) <= MAX_SHORT_TEXT
+                             and "\x00" not in value)
+
+
+_HEARTBEAT_COUNTERS = frozenset({"uptime_seconds", "free_memory_kb", "sensors_active"})
+_PLAIN_HEARTBEAT = {
+    "node_id": _plain_node_id,
+    "status": _plain_status,
+    "reason": _plain_reason,
+    "session": _plain_session,
+}
+"""What ``HeartbeatRequest`` accepts as it is, field by field, besides its counters (unit
+tests hold the two to the same answers)."""
+_HEARTBEAT_DEFAULTS = dict(BARE_HEARTBEAT.__dict__)
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _plain_heartbeat(values: dict[str, Any]) -> dict[str, Any] | None:
+    """The known fields of ``values``, if each one is plainly valid; else None."""
+    fields = {}
+    for key, value in values.items():
+        if key in _HEARTBEAT_COUNTERS:  # the usual fields: checked here, without a call
+            # type(), not isinstance: a boolean is refused, a float goes to the model (60.0)
+            if value is not None and not (type(value) is int and 0 <= value <= MAX_COUNTER):
+                return None
+        else:
+            plain = _PLAIN_HEARTBEAT.get(key)
+            if plain is None:
+                continue  # unknown: ignored, as the model does (extra="ignore")
+            if not plain(value):
+                return None
+        fields[key] = value
+    return fields
+
+
+def _heartbeat_of(fields: dict[str, Any]) -> HeartbeatRequest:
+    """The model of fields known to be valid: what ``model_construct`` does, without its
+    per-field loop over defaults and aliases (which costs as much as validating)."""
+    request = _new(HeartbeatRequest)
+    _set(request, "__dict__", {**_HEARTBEAT_DEFAULTS, **fields})
+    _set(request, "__pydantic_fields_set__", set(fields))
+    _set(request, "__pydantic_extra__", None)
+    _set(request, "__pydantic_private__", None)
+    return request
 
 
 def quote(value: object, limit: int = QUOTE_LIMIT) -> str:

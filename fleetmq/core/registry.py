@@ -96,7 +96,9 @@ class Registered:
     events: list[Event]
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: a frozen dataclass sets each field through object.__setattr__ (0.5 instead of
+# 0.17 us for each heartbeat).
+@dataclass(slots=True)
 class HeartbeatApplied:
     node: Node
     events: list[Event]

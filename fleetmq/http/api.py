@@ -25,13 +25,13 @@ from fleetmq.core.clock import format_timestamp
 from fleetmq.core.models import (
     MAX_PAYLOAD_BYTES,
     STATUSES,
-    HeartbeatRequest,
     RegisterRequest,
     Rejection,
     Status,
     describe_error,
     node_conflict,
     node_not_registered,
+    parse_heartbeat,
     quote,
     rate_limited,
     require_node_id,
@@ -130,8 +130,8 @@ class RestApi:
         """Answers of GET /nodes (whole fleet, pages, filters) as of the registry's version
         (dashboards poll them; each is rebuilt after any change)."""
         self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Event | None = None
+        """Made by ``wait_idle`` (shutdown): until then a request only counts itself."""
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -139,7 +139,6 @@ class RestApi:
         flight are counted for shutdown, the token gate decides before any body is read, and
         every error is answered in the contract's shape."""
         self._in_flight += 1
-        self._idle.clear()
         try:
             if self._access is not None:
                 refusal = self._access.check(request)
@@ -153,11 +152,15 @@ class RestApi:
             return answer
         finally:
             self._in_flight -= 1
-            if not self._in_flight:
+            if not self._in_flight and self._idle is not None:
                 self._idle.set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no request is in flight (shutdown); False on timeout."""
+        if not self._in_flight:
+            return True
+        if self._idle is None:
+            self._idle = asyncio.Event()
         return await wait_set(self._idle, timeout_s)
 
     def build(self) -> web.Application:
@@ -188,8 +191,12 @@ class RestApi:
         return app
 
     async def _body(self, request: web.Request) -> bytes:
-        if request.content.is_eof():  # already all here (the usual small body): no timer
-            return await request.read()
+        content = request.content
+        if content.is_eof():  # already all here (the usual small body): no timer, no await
+            body = content.read_nowait()
+            if len(body) > MAX_PAYLOAD_BYTES:  # as request.read() would
+                raise web.HTTPRequestEntityTooLarge(MAX_PAYLOAD_BYTES, len(body))
+            return body
         try:
             async with asyncio.timeout(self._settings.body_timeout_s):
                 return await request.read()
@@ -221,7 +228,7 @@ class RestApi:
     async def heartbeat(self, request: web.Request) -> web.Response:
         body = await self._body(request)
         try:
-            req = HeartbeatRequest.model_validate_json(body)
+            req = parse_heartbeat(body)
         except ValidationError as exc:
             raise describe_error(exc) from None
         node_id = require_node_id(req.node_id)
@@ -235,7 +242,7 @@ class RestApi:
             # keep flowing in memory (and /readyz says so); the writer catches up later.
             with contextlib.suppress(StoreUnavailableError):
                 await self._writer.durable(DURABLE_TIMEOUT_S)
-        return json_response(heartbeat_reply(result.node, now.wall))
+        return web.Response(body=dumps(heartbeat_reply(result.node, now.wall)), content_type=JSON)
 
     async def delete_node(self, request: web.Request) -> web.Response:
         node_id = path_id(request)

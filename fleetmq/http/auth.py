@@ -214,6 +214,8 @@ class RestAccess:
         """A node token acts only for its own id: raise 403 for a body naming another. The
         sender to hold to a node's rate (``NodeRates``): the key speaking for the node, None
         for the node itself (or with auth off)."""
+        if not self.enabled:
+            return None
         principal = request.get(PRINCIPAL)
         if principal is None:
             return None
