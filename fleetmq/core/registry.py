@@ -407,7 +407,7 @@ class Registry:
 
     def _reschedule(self, node: Node) -> None:
         queue = self._queues.get(node.timeout_s) if node.deadline is not None else None
-        if self._release(node) or queue is None:
+        if (self._held and self._release(node)) or queue is None:  # no call while none held
             self._schedule(node)
             return
         node.deadline = node.seen_mono + node.timeout_s
@@ -415,7 +415,7 @@ class Registry:
 
     def _unschedule(self, node: Node) -> None:
         if node.deadline is not None:
-            if not self._release(node):
+            if not (self._held and self._release(node)):
                 queue = self._queues[node.timeout_s]
                 del queue[node.id]
                 if not queue:
@@ -424,7 +424,7 @@ class Registry:
 
     def _release(self, node: Node) -> bool:
         """Take a scheduled node out of the set-aside ones; False if it is in its queue."""
-        if self._held and node.id in self._held:
+        if node.id in self._held:
             del self._held[node.id]
             return True
         return False
