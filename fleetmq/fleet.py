@@ -13,7 +13,7 @@ import logging
 from fleetmq.core.clock import Clock, Instant
 from fleetmq.core.events import Event, NodeTransitioned
 from fleetmq.core.models import HeartbeatRequest, RegisterRequest
-from fleetmq.core.registry import HeartbeatApplied, Registered, Registry
+from fleetmq.core.registry import HeartbeatApplied, Registered, Registry, Waiting
 from fleetmq.metrics import Metrics
 from fleetmq.mqtt.publisher import Publisher
 from fleetmq.rates import NodeRates, RateLimitedError
@@ -72,8 +72,9 @@ class Fleet:
         self._emit(self.registry.delete(node_id))
         log.info("node_deleted node_id=%s", node_id)
 
-    def expire(self, limit: float | None, max_events: int | None = None) -> int:
-        events = self.registry.expire(self.clock.now(), limit, max_events)
+    def expire(self, limit: float | None, max_events: int | None = None,
+               waiting: Waiting | None = None) -> int:
+        events = self.registry.expire(self.clock.now(), limit, max_events, waiting)
         if events:
             self._emit(events)
             log.info("nodes_expired count=%d", len(events))

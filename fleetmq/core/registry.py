@@ -6,7 +6,9 @@ so readers on the same loop always see a consistent node.
 
 Expiry is deadline-based and costs O(expired) per call: nodes sharing a timeout sit in one
 insertion-ordered map, and since every refresh happens at a later moment than the one before,
-each map is ordered by deadline; expiry only looks at the front of each map.
+each map is ordered by deadline; expiry only looks at the front of each map. A due node that
+a message still waiting to be applied may refresh is set aside in one more map, looked at again
+by each call until that message has refreshed it or turned out not to.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import itertools
 import json
 import operator
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pydantic_core import to_json
@@ -31,6 +33,10 @@ def _dump(value: object) -> str:
     """Compact JSON text (pydantic's serializer: 8 times as fast as json.dumps here)."""
     return to_json(value).decode()
 _seen_mono = operator.attrgetter("seen_mono")
+
+Waiting = Callable[[str, float], bool]
+"""``waiting(node_id, deadline)``: is a message that may refresh that node, received at or
+before that deadline, still waiting to be applied?"""
 
 
 @dataclass(slots=True, eq=False)
@@ -126,6 +132,9 @@ class Registry:
         self._added: set[str] = set()
         self._removed: set[str] = set()
         self._queues: dict[float, OrderedDict[str, None]] = {}
+        self._held: dict[str, None] = {}
+        """Due nodes taken off their queue because a message of theirs was still waiting: each
+        keeps its deadline until it expires or is scheduled again."""
         self._grace_from = float("-inf")
         self._index = StatusIndex(self._nodes.get)
         self._share = SharedTexts()
@@ -175,6 +184,11 @@ class Registry:
             first = self._nodes[next(iter(queue))]
             assert first.deadline is not None
             due = max(first.deadline, self._grace_from + timeout)
+            earliest = due if earliest is None else min(earliest, due)
+        for node_id in self._held:
+            node = self._nodes[node_id]
+            assert node.deadline is not None
+            due = max(node.deadline, self._grace_from + node.timeout_s)
             earliest = due if earliest is None else min(earliest, due)
         return earliest
 
@@ -297,17 +311,24 @@ class Registry:
         return [NodeDeleted(node_id)]
 
     def expire(
-        self, now: Instant, limit: float | None = None, max_events: int | None = None
+        self, now: Instant, limit: float | None = None, max_events: int | None = None,
+        waiting: Waiting | None = None,
     ) -> list[Event]:
         """Take offline nodes whose deadline is at or before ``limit`` (default: now), at most
         ``max_events`` of them (call again while it returns that many).
 
-        The caller lowers ``limit`` to the receipt time of the oldest message still waiting to
-        be applied, so expiry never runs ahead of ingest. Cost: O(expired + distinct timeouts).
+        Expiry never runs ahead of ingest: a due node for which ``waiting`` says a message
+        received by its deadline is still to be applied is set aside, not expired. Applying
+        that message schedules it again (a heartbeat or a registration); a later call expires
+        it once nothing of its is waiting any more (the message was refused, say). Cost:
+        O(expired + set aside + distinct timeouts).
         """
         cutoff = now.mono if limit is None else min(limit, now.mono)
         budget = max_events if max_events is not None else len(self._nodes)
         events: list[Event] = []
+        if self._held:
+            self._expire_held(now, cutoff, budget, waiting, events)
+        held = self._held
         for timeout, queue in self._queues.items():
             if self._grace_from + timeout > cutoff:
                 continue
@@ -317,8 +338,10 @@ class Registry:
                 if node.deadline > cutoff:
                     break
                 queue.popitem(last=False)
-                node.deadline = None
-                events.append(self._transition(node, "offline", "heartbeat_timeout", now))
+                if waiting is not None and waiting(node.id, node.deadline):
+                    held[node.id] = None
+                else:
+                    events.append(self._time_out(node, now))
         if events:
             self.version += 1
         return events
@@ -329,6 +352,26 @@ class Registry:
         self._grace_from = now.mono
 
     # --- internals -----------------------------------------------------------------------
+
+    def _expire_held(self, now: Instant, cutoff: float, budget: int, waiting: Waiting | None,
+                     events: list[Event]) -> None:
+        """Expire the set-aside nodes whose message is no longer waiting (a grace granted
+        since, or a lower limit, keeps them aside a while longer)."""
+        for node_id in list(self._held):
+            if len(events) >= budget:
+                return
+            node = self._nodes[node_id]
+            assert node.deadline is not None
+            if (node.deadline > cutoff or self._grace_from + node.timeout_s > cutoff
+                    or (waiting is not None and waiting(node_id, node.deadline))):
+                continue
+            del self._held[node_id]
+            events.append(self._time_out(node, now))
+
+    def _time_out(self, node: Node, now: Instant) -> Event:
+        """The node, off its deadline queue already, goes offline for its silence."""
+        node.deadline = None
+        return self._transition(node, "offline", "heartbeat_timeout", now)
 
     def _timeout_of(self, timeout: float) -> float:
         """One float object per distinct timeout, not one per node (24 bytes each)."""
@@ -366,7 +409,7 @@ class Registry:
 
     def _reschedule(self, node: Node) -> None:
         queue = self._queues.get(node.timeout_s) if node.deadline is not None else None
-        if queue is None:
+        if (self._held and self._release(node)) or queue is None:  # no call while none held
             self._schedule(node)
             return
         node.deadline = node.seen_mono + node.timeout_s
@@ -374,8 +417,16 @@ class Registry:
 
     def _unschedule(self, node: Node) -> None:
         if node.deadline is not None:
-            queue = self._queues[node.timeout_s]
-            del queue[node.id]
-            if not queue:
-                del self._queues[node.timeout_s]
+            if not (self._held and self._release(node)):
+                queue = self._queues[node.timeout_s]
+                del queue[node.id]
+                if not queue:
+                    del self._queues[node.timeout_s]
             node.deadline = None
+
+    def _release(self, node: Node) -> bool:
+        """Take a scheduled node out of the set-aside ones; False if it is in its queue."""
+        if node.id in self._held:
+            del self._held[node.id]
+            return True
+        return False

@@ -26,7 +26,7 @@ from fleetmq.core.models import (
     rate_limited,
     store_unavailable,
 )
-from fleetmq.core.registry import NodeConflictError, NodeNotFoundError
+from fleetmq.core.registry import NodeConflictError, NodeNotFoundError, Waiting
 from fleetmq.core.topics import Kind, Topics, is_valid_node_id
 from fleetmq.errors import BrokerError
 from fleetmq.fleet import Fleet
@@ -244,3 +244,28 @@ def _check_id(topic_id: str, payload_id: str | None) -> None:
                         f"Field 'node_id' ({quote(payload_id)}) differs from the topic's id "
                         f"({quote(topic_id)})",
                         "id_mismatch")
+
+
+def waiting_in(link: MqttLink, topics: Topics) -> Waiting | None:
+    """What expiry must not run ahead of, as the link's queue stands now: whether a
+    registration or heartbeat of a node, received at or before its deadline, is still queued.
+    None when nothing is queued. The queue's topics are read once, at the first node due after
+    the oldest queued message: a message that arrives later was received later (after the
+    caller's limit), and one taken meanwhile has been applied."""
+    oldest = link.oldest_pending()
+    if oldest is None:
+        return None
+    earliest: dict[str, float] | None = None
+
+    def waiting(node_id: str, deadline: float) -> bool:
+        nonlocal earliest
+        if deadline < oldest:
+            return False
+        if earliest is None:
+            earliest = link.earliest_pending()
+        heard = earliest.get(topics.heartbeat(node_id))
+        if heard is None or heard > deadline:
+            heard = earliest.get(topics.register(node_id))
+        return heard is not None and heard <= deadline
+
+    return waiting

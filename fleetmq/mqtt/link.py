@@ -382,6 +382,10 @@ class MqttLink:
         """Receipt time of the oldest message not yet taken, or None."""
         return self._inbox.oldest()
 
+    def earliest_pending(self) -> dict[str, float]:
+        """Each topic with messages not yet taken, and the receipt time of its oldest one."""
+        return self._inbox.earliest_by_topic()
+
     # --- outbound --------------------------------------------------------------------------
 
     @property

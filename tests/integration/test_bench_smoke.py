@@ -88,6 +88,15 @@ def _check_expiry(doc: dict[str, Any]) -> None:
         assert 0 <= r["lateness_p50_s"] <= r["lateness_p99_s"] <= r["lateness_max_s"] < 2
 
 
+def _check_expiry_serve(doc: dict[str, Any]) -> None:
+    assert [r["scenario"] for r in doc["results"]] == ["paced", "storm"]
+    for r in doc["results"]:
+        assert r["expired"] == r["nodes"] == 2000
+        _positive(r, "register_per_s", "wave_s", "polls")
+        assert r["cpu_share"] >= 0  # a wave this small may fit in one clock tick of /proc
+        assert 0 <= r["late_p50_s"] <= r["late_p99_s"] <= r["late_max_s"] < 2
+
+
 def _check_hooks(doc: dict[str, Any]) -> None:
     assert doc["storm"]["allowed"] == doc["storm"]["logins"] == 200
     assert doc["authorize"]["allowed"] == doc["authorize"]["calls"] == 300
@@ -227,6 +236,9 @@ BENCHES = {
         ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
         "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,
         mosquitto=False),
+    "expiry-serve": Bench(
+        ("bench/expiry_serve.py", "--nodes", "2000", "--offline-after", "8", "--rate", "1000"),
+        "expiry_serve.json", ("paced", "storm"), _check_expiry_serve),
     "hooks": Bench(
         ("bench/hooks.py", "--nodes", "200", "--credentials", "1000", "--authorize", "300",
          "--revocations", "2", "--concurrency", "8"),

@@ -16,11 +16,16 @@ from dataclasses import dataclass, field
 import pytest
 
 from fleetmq.config import BrokerSettings
+from fleetmq.core.clock import FakeClock, Instant
+from fleetmq.core.registry import Registry
+from fleetmq.core.topics import Topics
 from fleetmq.errors import BrokerError
 from fleetmq.mqtt import inbox
 from fleetmq.mqtt import link as mqtt
+from fleetmq.mqtt.ingest import waiting_in
 from fleetmq.mqtt.link import Inbound, MqttLink, Will
 from tests.conftest import eventually
+from tests.unit.conftest import reg
 
 CONNECT, CONNACK, PUBLISH, PUBACK, SUBSCRIBE, SUBACK = 0x10, 0x20, 0x30, 0x40, 0x80, 0x90
 UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT = 0xA0, 0xB0, 0xC0, 0xD0, 0xE0
@@ -332,3 +337,34 @@ async def test_a_refused_subscription_is_reported() -> None:
             session.writer.write = refuse  # type: ignore[method-assign]
             with pytest.raises(BrokerError, match="subscription refused"):
                 await link.subscribe(["a/b"])
+
+
+async def test_expiry_waits_for_the_queued_messages_of_a_node_and_for_nothing_else() -> None:
+    # Contract §3: a node is not expired while a message of its own, received by its
+    # deadline, is still queued; nobody else waits for that queue.
+    clock = FakeClock(mono=100.0)
+    registry = Registry(10)  # timeout 30 s
+    for node_id, at in (("n3", 95.0), ("n1", 100.0), ("n2", 100.0), ("n4", 105.0)):
+        registry.register(node_id, reg(), Instant(at, at))
+    topics = Topics("fleet")
+    clock.advance(30)  # the moment the messages arrive: n1's and n2's deadline
+
+    def send(session: Session) -> None:
+        for node_id in ("n2", "n3", "other"):  # n3's comes 5 s after its deadline
+            session.writer.write(publish(topics.heartbeat(node_id), b"{}", mqtt5=False))
+
+    async with scripted_broker(on_subscribed=send) as broker:
+        link = MqttLink(BrokerSettings("mqtt", "127.0.0.1", broker.port), "link-test",
+                        subscriptions=[topics.heartbeat_filter], will=None, keepalive_s=5,
+                        prefer_mqtt5=False, monotonic=clock.monotonic)
+        async with link:
+            await eventually(lambda: len(link.earliest_pending()) == 3)
+            now = clock.advance(10)
+
+            expired = registry.expire(now, waiting=waiting_in(link, topics))
+
+            assert [e.node_id for e in expired] == ["n3", "n1", "n4"]
+            # n2's heartbeat is taken and refused, say: nothing holds it back any more.
+            assert len(link.take_inbound(10)) == 3
+            assert waiting_in(link, topics) is None
+            assert [e.node_id for e in registry.expire(clock.advance(0.2))] == ["n2"]

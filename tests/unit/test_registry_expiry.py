@@ -10,14 +10,15 @@ import pytest
 
 from fleetmq.core.clock import FakeClock, Instant
 from fleetmq.core.events import NodeTransitioned
-from fleetmq.core.registry import Registry
+from fleetmq.core.registry import Registry, Waiting
 from tests.unit.conftest import hb, node_of, reg
 
 EPS = 2**-10  # a power of two: FakeClock sums stay exact, so "just before" is really before
 
 
-def expired_ids(registry: Registry, now: Instant, limit: float | None = None) -> list[str]:
-    return [event.node_id for event in registry.expire(now, limit)]
+def expired_ids(registry: Registry, now: Instant, limit: float | None = None,
+                waiting: Waiting | None = None) -> list[str]:
+    return [event.node_id for event in registry.expire(now, limit, waiting=waiting)]
 
 
 # --- timeouts --------------------------------------------------------------------------------
@@ -286,3 +287,113 @@ def test_thousand_nodes_with_mixed_intervals_expire_exactly_when_due(clock: Fake
     assert expired_total > 1000  # some came back and timed out again
     assert all(node_of(registry, n).status == "offline" for n in deadline)
     assert registry.next_deadline() is None
+
+
+# --- messages still waiting to be applied ----------------------------------------------------
+
+
+def waiting_for(received: dict[str, float]) -> Waiting:
+    """A message of each of these nodes, received at that moment, is still queued."""
+    return lambda node_id, deadline: received.get(node_id, float("inf")) <= deadline
+
+
+def test_due_node_with_a_message_waiting_is_held_and_the_others_expire(
+    clock: FakeClock,
+) -> None:
+    registry = Registry(10)
+    start = clock.now()
+    for node_id in ("n1", "n2", "n3"):
+        registry.register(node_id, reg(), start)
+    # n2's heartbeat came at its deadline and waits; n3's came after its deadline: too late.
+    waiting = waiting_for({"n2": start.mono + 30, "n3": start.mono + 30 + EPS})
+
+    assert [e.node_id for e in registry.expire(clock.advance(40), waiting=waiting)] == [
+        "n1", "n3"]
+    assert node_of(registry, "n2").status == "online"
+    assert registry.expire(clock.advance(10), waiting=waiting) == []  # still waiting
+
+
+def test_held_node_refreshed_by_its_message_keeps_its_new_deadline(clock: FakeClock) -> None:
+    registry = Registry(10)
+    start = clock.now()
+    registry.register("n1", reg(), start)
+    registry.expire(clock.advance(35), waiting=waiting_for({"n1": start.mono + 29}))
+
+    applied = clock.now()
+    registry.heartbeat("n1", hb(), applied)
+
+    assert registry.next_deadline() == applied.mono + 30
+    assert registry.expire(clock.advance(30 - EPS), waiting=waiting_for({})) == []
+    assert expired_ids(registry, clock.advance(EPS)) == ["n1"]
+    assert registry.expire(clock.advance(100)) == []
+
+
+def test_held_node_expires_once_its_message_turned_out_not_to_refresh_it(
+    clock: FakeClock,
+) -> None:
+    registry = Registry(10)
+    start = clock.now()
+    registry.register("n1", reg(), start)
+    registry.register("n2", reg(), clock.advance(1))
+    waiting = waiting_for({"n1": start.mono + 29})
+    assert expired_ids(registry, clock.advance(40), waiting=waiting) == ["n2"]
+    assert registry.next_deadline() == start.mono + 30  # overdue, still scheduled
+
+    # The message was refused (bad payload, rate limit): nothing of n1 waits any more.
+    now = clock.advance(0.2)
+    assert registry.expire(now, waiting=waiting_for({})) == [
+        NodeTransitioned("n1", "offline", "heartbeat_timeout", now.wall, start.wall, "online")]
+    assert registry.next_deadline() is None
+    assert registry.expire(clock.advance(100)) == []
+
+
+@pytest.mark.parametrize("change", ["delete", "report_offline", "register"])
+def test_held_node_changed_meanwhile_is_not_lost_nor_expired_twice(
+    clock: FakeClock, change: str
+) -> None:
+    registry = Registry(10)
+    start = clock.now()
+    registry.register("n1", reg(), start)
+    registry.expire(clock.advance(40), waiting=waiting_for({"n1": start.mono}))
+
+    if change == "delete":
+        registry.delete("n1")
+    elif change == "report_offline":
+        registry.heartbeat("n1", hb(status="offline"), clock.now())
+    else:
+        registry.register("n1", reg(heartbeat_interval_seconds=100), clock.now())
+
+    assert registry.expire(clock.advance(1), waiting=waiting_for({})) == []
+    if change == "register":
+        assert registry.next_deadline() == clock.now().mono - 1 + 300
+        assert expired_ids(registry, clock.advance(300)) == ["n1"]
+    else:
+        assert registry.next_deadline() is None
+    assert registry.expire(clock.advance(1000)) == []
+
+
+def test_held_node_waits_for_a_grace_granted_meanwhile(clock: FakeClock) -> None:
+    registry = Registry(10)
+    start = clock.now()
+    registry.register("n1", reg(), start)
+    registry.expire(clock.advance(40), waiting=waiting_for({"n1": start.mono}))
+    reconnected = clock.advance(1)
+    registry.grant_grace(reconnected)
+
+    assert registry.next_deadline() == reconnected.mono + 30
+    assert registry.expire(clock.advance(30 - EPS), waiting=waiting_for({})) == []
+    assert expired_ids(registry, clock.advance(EPS)) == ["n1"]
+
+
+def test_held_nodes_count_against_no_batch_and_expire_within_one(clock: FakeClock) -> None:
+    registry = Registry(10)
+    start = clock.now()
+    for i in range(10):
+        registry.register(f"n{i}", reg(), start)
+    held = {f"n{i}": start.mono for i in range(0, 10, 2)}
+
+    assert expired_ids(registry, clock.advance(40), waiting=waiting_for(held)) == [
+        "n1", "n3", "n5", "n7", "n9"]
+    late = clock.advance(1)
+    assert [e.node_id for e in registry.expire(late, max_events=3)] == ["n0", "n2", "n4"]
+    assert [e.node_id for e in registry.expire(late, max_events=3)] == ["n6", "n8"]
