@@ -10,6 +10,7 @@ does.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -248,16 +249,20 @@ class MemoryAuthStore:
     async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
                    require: bool = False, keep_admin_at: float | None = None,
                    outbox: Sequence[OutboxRow] = ()) -> int:
-        after = dict(self._credentials)
+        # Only the changed records are copied: a copy of every credential per save made
+        # issuing a million node credentials one by one quadratic.
+        changed: dict[str, Credential] = {}
         for c in credentials:
-            held = after.get(c.id)
+            held = changed.get(c.id) or self._credentials.get(c.id)
             used = _latest(c.last_used_at, held.last_used_at if held is not None else None)
-            after[c.id] = replace(c, seq=self._seq + 1, last_used_at=used)
+            changed[c.id] = replace(c, seq=self._seq + 1, last_used_at=used)
         if keep_admin_at is not None and not any(
-                c.role == "admin" and c.valid_at(keep_admin_at) for c in after.values()):
+                c.role == "admin" and c.valid_at(keep_admin_at) for c in chain(
+                    changed.values(), (c for c in self._credentials.values()
+                                       if c.id not in changed))):
             raise LastAdminError("that would leave no valid admin key")
         self._seq += 1
-        self._credentials = after
+        self._credentials.update(changed)
         self._required = self._required or require
         for entry in audit:
             self._audit.append(replace(entry, id=len(self._audit) + 1))
