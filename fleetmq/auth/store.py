@@ -9,9 +9,10 @@ does.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from itertools import chain
 from dataclasses import dataclass, replace
+from itertools import chain
 from typing import Protocol
 
 from fleetmq.errors import StoreError
@@ -174,6 +175,9 @@ class AuthStore(Protocol):
     the CLI manages keys in the store of a running manager."""
 
     url: str
+    keeps_broker_hash: bool
+    """Whether credentials made for this store carry a ``broker_hash``: only a store that
+    another process can read (``fleetmq credentials export``) has a use for one."""
 
     async def open(self) -> None:
         """Connect and create the access-control tables if they are missing."""
@@ -223,12 +227,21 @@ class AuthStore(Protocol):
 
 
 class MemoryAuthStore:
-    """``memory://``: nothing survives the process (auth then needs ``--admin-token-file``)."""
+    """``memory://``: nothing survives the process (auth then needs ``--admin-token-file``).
+
+    It keeps the very records it is given when they carry its next sequence number (the
+    ``Verifier`` stamps them so), and last uses beside them: the manager's only copy of a
+    credential is then shared by the store and the verifier."""
 
     url = "memory://"
+    keeps_broker_hash = False
+    """No other process can read this store, so nobody could export a hash from it."""
 
     def __init__(self) -> None:
         self._credentials: dict[str, Credential] = {}
+        self._used: dict[str, float] = {}
+        """Last uses recorded since the credential was last saved (``record_use``): kept
+        beside the record rather than in a copy of it."""
         self._audit: list[AuditEntry] = []
         self._seq = 0
         self._required = False
@@ -241,7 +254,12 @@ class MemoryAuthStore:
 
     async def changes(self, since: int) -> AuthChanges:
         return AuthChanges(self._seq, self._required,
-                           [c for c in self._credentials.values() if c.seq > since])
+                           [self._with_use(c) for c in self._credentials.values()
+                            if c.seq > since])
+
+    def _with_use(self, c: Credential) -> Credential:
+        used = _latest(c.last_used_at, self._used.get(c.id))
+        return c if used == c.last_used_at else replace(c, last_used_at=used)
 
     async def seq(self) -> int:
         return self._seq
@@ -251,21 +269,30 @@ class MemoryAuthStore:
                    outbox: Sequence[OutboxRow] = ()) -> int:
         # Only the changed records are copied: a copy of every credential per save made
         # issuing a million node credentials one by one quadratic.
+        seq = self._seq + 1
         changed: dict[str, Credential] = {}
         for c in credentials:
             held = changed.get(c.id) or self._credentials.get(c.id)
-            used = _latest(c.last_used_at, held.last_used_at if held is not None else None)
-            changed[c.id] = replace(c, seq=self._seq + 1, last_used_at=used)
+            used = _latest(c.last_used_at,
+                           None if held is None else self._with_use(held).last_used_at)
+            changed[c.id] = c if c.seq == seq and c.last_used_at == used else replace(
+                c, seq=seq, last_used_at=used)
         if keep_admin_at is not None and not any(
                 c.role == "admin" and c.valid_at(keep_admin_at) for c in chain(
                     changed.values(), (c for c in self._credentials.values()
                                        if c.id not in changed))):
             raise LastAdminError("that would leave no valid admin key")
-        self._seq += 1
+        self._seq = seq
         self._credentials.update(changed)
+        for cred_id in changed:
+            self._used.pop(cred_id, None)  # folded into the record just saved
         self._required = self._required or require
         for entry in audit:
-            self._audit.append(replace(entry, id=len(self._audit) + 1))
+            # One string per actor and address, not one per entry (~120 bytes of each entry
+            # when every credential of a fleet is issued by one key from one address).
+            self._audit.append(replace(
+                entry, id=len(self._audit) + 1, actor=sys.intern(entry.actor),
+                address=None if entry.address is None else sys.intern(entry.address)))
         await self.outbox_add(outbox)
         return self._seq
 
@@ -313,7 +340,8 @@ class MemoryAuthStore:
         for cred_id, at in used:
             c = self._credentials.get(cred_id)
             if c is not None:
-                self._credentials[cred_id] = replace(c, last_used_at=_latest(at, c.last_used_at))
+                held = self._with_use(c).last_used_at
+                self._used[cred_id] = at if held is None else max(at, held)
 
     async def audit(self, limit: int, before: int | None) -> list[AuditEntry]:
         newest_first = [e for e in reversed(self._audit) if before is None or e.id < before]

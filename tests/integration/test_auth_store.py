@@ -170,6 +170,24 @@ async def test_a_second_service_on_the_same_store_sees_changes_and_revocations(
             poll.cancel()
 
 
+async def test_only_a_store_another_process_reads_keeps_a_broker_hash(store_url: str) -> None:
+    # `credentials export` reads the hashes from the store; memory:// has no other reader.
+    async with opened(store_url) as store:
+        auth = AuthService(store, FakeClock(wall=1000.0))
+        await auth.load()
+        cred, token = await auth.issue_credential("node-1", actor="cli")
+        [stored] = (await store.changes(0)).credentials
+        if store_url == "memory://":
+            assert (cred.broker_hash, stored.broker_hash) == (None, None)
+        else:
+            assert stored.broker_hash is not None
+            assert stored.broker_hash.startswith("$7$101$")
+        await auth.revoke_credentials("node-1", actor="cli")  # a record saved again
+        [stored] = (await store.changes(0)).credentials
+        assert (stored.broker_hash is None) == (store_url == "memory://")
+        assert auth.verify(token).failure == "revoked"
+
+
 async def test_rotation_keeps_the_old_token_for_its_grace_and_two_at_most() -> None:
     clock = FakeClock(wall=1000.0)
     async with loaded_auth(clock) as auth:
