@@ -143,6 +143,13 @@ def _check_filtered(doc: dict[str, Any]) -> None:
 def _check_serve_memory(doc: dict[str, Any]) -> None:
     _positive(doc, "rate", "idle_mb", "registered_mb", "read_mb", "read_bytes")
     assert doc["nodes"] == 2000
+    assert doc["credentials"] == {}
+
+
+def _check_serve_memory_credentials(doc: dict[str, Any]) -> None:
+    _positive(doc, "rate", "idle_mb", "registered_mb", "read_mb", "read_bytes")
+    _positive(doc["credentials"], "issued_per_s", "issued_mb", "logins_per_s", "logged_in_mb")
+    assert doc["nodes"] == 2000
 
 
 @dataclass(frozen=True)
@@ -214,6 +221,10 @@ BENCHES = {
     "serve-memory": Bench(
         ("bench/serve_memory.py", "--nodes", "2000", "--slices", "2"),
         "serve_memory.json", ("RSS after the read", "registrations/s"), _check_serve_memory),
+    "serve-memory-credentials": Bench(
+        ("bench/serve_memory.py", "--nodes", "2000", "--slices", "2", "--credentials"),
+        "serve_memory.json", ("node credentials issued", "RSS after the read"),
+        _check_serve_memory_credentials),
     "expiry": Bench(
         ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
         "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,
