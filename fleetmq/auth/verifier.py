@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from fleetmq.auth.rules import BROKER_ROLES, Principal, TopicRules
-from fleetmq.auth.store import AuditEntry, AuthStore, Credential, OutboxRow
+from fleetmq.auth.store import AuditEntry, AuthStore, Credential, OutboxRow, note_use
 from fleetmq.auth.tokens import digest, token_kind
 from fleetmq.core.clock import Clock
 from fleetmq.errors import StoreError
@@ -72,9 +72,8 @@ class Verifier:
         self.required = False
         """The store requires auth: it has held an admin key (for good)."""
         self._used: dict[str, float] = {}
-        self._last_used: dict[str, float] = {}
-        """Uses seen by this process: ``record_use`` writes them behind without a sequence
-        number, so the in-memory records would otherwise never show them."""
+        """Uses seen since the last flush. ``record_use`` writes them behind without a
+        sequence number, so the flush also notes them in the records held (``note_use``)."""
         self._listeners: list[Listener] = []
         self._first_use: list[Callable[[Credential], None]] = []
         self._seen: set[str] = set()
@@ -137,8 +136,15 @@ class Verifier:
 
     async def flush_uses(self) -> None:
         used, self._used = self._used, {}
-        if used:
+        if not used:
+            return
+        try:
             await self.store.record_use(list(used.items()))
+        finally:  # known to this process even if the store failed to take them
+            for cred_id, at in used.items():
+                cred = self._by_id.get(cred_id)
+                if cred is not None:
+                    note_use(cred, at)
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(credentials)`` hears of every credential written (here or by the CLI)
@@ -176,7 +182,7 @@ class Verifier:
                     listener(cred)
                 except Exception:
                     log.exception("auth_first_use_listener_failed")
-        self._used[cred.id] = self._last_used[cred.id] = now
+        self._used[cred.id] = now
         verdict = self._verdicts.get(cred.id)
         if verdict is None or verdict.credential is not cred:
             if len(self._verdicts) >= VERDICTS_KEPT:
@@ -220,7 +226,7 @@ class Verifier:
 
     def last_used_at(self, cred: Credential) -> float | None:
         """The latest use known: by this process, or as the store last said."""
-        seen = self._last_used.get(cred.id)
+        seen = self._used.get(cred.id)
         if seen is None or (cred.last_used_at is not None and cred.last_used_at > seen):
             return cred.last_used_at
         return seen

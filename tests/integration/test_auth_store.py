@@ -114,6 +114,20 @@ async def test_audit_is_newest_first_pages_and_prunes(store_url: str) -> None:
         assert [e.action for e in await store.audit(10, None)] == ["a5", "a4", "a3"]
 
 
+async def test_audit_ids_only_grow_across_pruning(store_url: str) -> None:
+    """Contract section 11: a pruned entry's id is never given again (the memory store once
+    numbered entries by how many it held)."""
+    async with opened(store_url) as store:
+        await store.save([], [AuditEntry(float(t), f"a{t}", "cli", None, "s") for t in (1, 2, 3)])
+        given = [e.id for e in await store.audit(10, None)]
+        assert await store.prune_audit(3.0) == 2
+        await store.save([], [AuditEntry(4.0, "a4", "cli", None, "s")])
+        assert await store.prune_audit(5.0) == 2
+        await store.save([], [AuditEntry(5.0, "a5", "cli", None, "s")])
+        [last] = await store.audit(10, None)
+        assert last.id > max(given) + 1
+
+
 async def test_last_use_is_written_behind_without_a_new_sequence_number(store_url: str) -> None:
     async with opened(store_url) as store:
         seq = await store.save([credential("k1", role="read")], [])
