@@ -286,6 +286,8 @@ class Verifier:
             fresh.append(cred)
             self._verdicts.pop(cred.id, None)
             if old is not None:
+                if old.last_used_at is not None:  # a use this process noted, maybe unsaved
+                    note_use(cred, old.last_used_at)
                 self._by_digest.pop(old.digest, None)
                 if old.node_id is not None:
                     self._set_node_records(old.node_id, tuple(

@@ -155,6 +155,26 @@ async def test_the_latest_use_survives_older_writes(store_url: str) -> None:
         assert k1.last_used_at == 700.0
 
 
+async def test_a_use_stays_known_once_written_behind(store_url: str) -> None:
+    """The flush notes each use in the record the verifier holds (no separate table of last
+    uses): the use is still shown after it, in the store too, and a later save keeps it."""
+    clock = FakeClock()
+    async with opened(store_url) as store:
+        auth = AuthService(store, clock)
+        await auth.load()
+        cred, token = await auth.issue_credential("node-1", actor="cli")
+        assert auth.last_used_at(cred) is None
+        assert auth.verify(token).principal is not None
+        used = clock.now().wall
+        clock.advance(60.0)
+        await auth.flush_uses()
+        [held] = auth.node_credentials("node-1")
+        assert auth.last_used_at(held) == used
+        assert [c.last_used_at for c in (await store.changes(0)).credentials] == [used]
+        assert await auth.revoke_credentials("node-1", actor="cli") == 1
+        assert [c.last_used_at for c in (await store.changes(0)).credentials] == [used]
+
+
 @pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
 async def test_a_second_service_on_the_same_store_sees_changes_and_revocations(
     store_url: str,
