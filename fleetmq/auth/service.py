@@ -96,7 +96,7 @@ class AuthService(Verifier):
         now = self._now()
         cred = Credential(
             id=new_key_id(), digest=digest(token), created_at=now, role=role, name=name,
-            broker_hash=mosquitto_hash(token),
+            broker_hash=self._broker_hash(token),
             expires_at=None if expires_in_s is None else now + expires_in_s,
             max_uses=max_uses, id_pattern=id_pattern, node_type=node_type,
             allow_registered=allow_registered)
@@ -172,7 +172,7 @@ class AuthService(Verifier):
         cred = Credential(id=new_key_id(), digest=digest(token), created_at=now,
                           node_id=node_id, expires_at=None if expires_in_s is None
                           else now + expires_in_s, enrolled_by=enrolled_by,
-                          broker_hash=mosquitto_hash(token))
+                          broker_hash=self._broker_hash(token))
         older = self.node_credentials(node_id)
         ending: list[Credential] = []
         for index, old in enumerate(older):
@@ -246,7 +246,7 @@ class AuthService(Verifier):
         token = new_token("node")
         cred = Credential(id=new_key_id(), digest=digest(token), created_at=now,
                           node_id=node_id, enrolled_by=key.id,
-                          broker_hash=mosquitto_hash(token))
+                          broker_hash=self._broker_hash(token))
         await self._save([used, cred], [AuditEntry(now, "enrolled", actor, address,
                                                    f"node:{node_id} key:{key.id}")],
                          outbox=broker_put(cred, token))
@@ -256,6 +256,10 @@ class AuthService(Verifier):
         """An audit entry on its own (a refusal the store should remember)."""
         async with self._lock:
             await self._save([], [AuditEntry(self._now(), action, actor, address, subject)])
+
+    def _broker_hash(self, token: str) -> str | None:
+        """The token's Mosquitto hash for ``credentials export``, if the store keeps one."""
+        return mosquitto_hash(token) if self.store.keeps_broker_hash else None
 
     def _removals(self, ended: list[Credential], now: float) -> list[OutboxRow]:
         """Outbox rows that take identities left without a valid token off a broker mirror,

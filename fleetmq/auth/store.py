@@ -9,8 +9,11 @@ does.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from itertools import chain
 from typing import Protocol
 
 from fleetmq.errors import StoreError
@@ -30,7 +33,9 @@ class Credential:
     expires_at: float | None = None
     revoked_at: float | None = None
     """When it stops working: now at a revocation, later while a rotated-out token's grace runs."""
-    last_used_at: float | None = None
+    last_used_at: float | None = field(default=None, compare=False)
+    """Bookkeeping written behind, and the one field set in place (``note_use``): not part of
+    a record's identity, so neither compared nor hashed."""
     uses: int = 0
     max_uses: int | None = None
     id_pattern: str | None = None
@@ -68,6 +73,14 @@ class Credential:
         if self.revoked_at is not None and self.revoked_at <= at:
             return self
         return replace(self, revoked_at=at)
+
+
+def note_use(cred: Credential, at: float) -> None:
+    """Set the record's last use to ``at`` in place if that is later. A use is not a change
+    (no sequence number, no listener) and the record's one copy is shared by the memory store
+    and the verifier: a dict of last uses beside a million records cost ~86 bytes each."""
+    if cred.last_used_at is None or at > cred.last_used_at:
+        object.__setattr__(cred, "last_used_at", at)  # frozen for every other field
 
 
 CREDENTIAL_COLUMNS: tuple[str, ...] = (
@@ -173,6 +186,9 @@ class AuthStore(Protocol):
     the CLI manages keys in the store of a running manager."""
 
     url: str
+    keeps_broker_hash: bool
+    """Whether credentials made for this store carry a ``broker_hash``: only a store that
+    another process can read (``fleetmq credentials export``) has a use for one."""
 
     async def open(self) -> None:
         """Connect and create the access-control tables if they are missing."""
@@ -222,13 +238,19 @@ class AuthStore(Protocol):
 
 
 class MemoryAuthStore:
-    """``memory://``: nothing survives the process (auth then needs ``--admin-token-file``)."""
+    """``memory://``: nothing survives the process (auth then needs ``--admin-token-file``).
+
+    It keeps the very records it is given when they carry its next sequence number (the
+    ``Verifier`` stamps them so), and writes last uses into them: the manager's only copy of a
+    credential is then shared by the store and the verifier."""
 
     url = "memory://"
+    keeps_broker_hash = False
+    """No other process can read this store, so nobody could export a hash from it."""
 
     def __init__(self) -> None:
         self._credentials: dict[str, Credential] = {}
-        self._audit: list[AuditEntry] = []
+        self._audit = PackedAuditLog()
         self._seq = 0
         self._required = False
         self._mirror = False
@@ -248,19 +270,25 @@ class MemoryAuthStore:
     async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
                    require: bool = False, keep_admin_at: float | None = None,
                    outbox: Sequence[OutboxRow] = ()) -> int:
-        after = dict(self._credentials)
+        # Only the changed records are copied: a copy of every credential per save made
+        # issuing a million node credentials one by one quadratic.
+        seq = self._seq + 1
+        changed: dict[str, Credential] = {}
         for c in credentials:
-            held = after.get(c.id)
-            used = _latest(c.last_used_at, held.last_used_at if held is not None else None)
-            after[c.id] = replace(c, seq=self._seq + 1, last_used_at=used)
+            held = changed.get(c.id) or self._credentials.get(c.id)
+            used = _latest(c.last_used_at, None if held is None else held.last_used_at)
+            changed[c.id] = c if c.seq == seq and c.last_used_at == used else replace(
+                c, seq=seq, last_used_at=used)
         if keep_admin_at is not None and not any(
-                c.role == "admin" and c.valid_at(keep_admin_at) for c in after.values()):
+                c.role == "admin" and c.valid_at(keep_admin_at) for c in chain(
+                    changed.values(), (c for c in self._credentials.values()
+                                       if c.id not in changed))):
             raise LastAdminError("that would leave no valid admin key")
-        self._seq += 1
-        self._credentials = after
+        self._seq = seq
+        self._credentials.update(changed)
         self._required = self._required or require
-        for entry in audit:
-            self._audit.append(replace(entry, id=len(self._audit) + 1))
+        self._audit.append(audit, {s: s for c in changed.values()
+                                   for s in (c.id, c.node_id) if s is not None})
         await self.outbox_add(outbox)
         return self._seq
 
@@ -308,20 +336,84 @@ class MemoryAuthStore:
         for cred_id, at in used:
             c = self._credentials.get(cred_id)
             if c is not None:
-                self._credentials[cred_id] = replace(c, last_used_at=_latest(at, c.last_used_at))
+                note_use(c, at)
 
     async def audit(self, limit: int, before: int | None) -> list[AuditEntry]:
-        newest_first = [e for e in reversed(self._audit) if before is None or e.id < before]
-        return newest_first[:limit]
+        return self._audit.newest(limit, before)
 
     async def prune_audit(self, older_than: float) -> int:
-        kept = [e for e in self._audit if e.at >= older_than]
-        dropped = len(self._audit) - len(kept)
-        self._audit = kept
-        return dropped
+        return self._audit.prune(older_than)
 
     async def close(self) -> None:
         return None
+
+
+CONTEXTS_KEPT = 4096
+"""Distinct contexts remembered for sharing; past this the memory starts over (entries keep
+theirs). Many arise only when actors or addresses vary, e.g. enrollments from many devices."""
+
+_Context = tuple[str, str, str | None, str]
+"""(action, actor, address, the subject up to and with its first colon)."""
+
+
+class PackedAuditLog:
+    """The ``memory://`` store's audit log, packed: a million ``credential_issued`` entries
+    cost ~180 bytes each as records (an object, an id, a ``node:<id>`` subject, a float) and
+    ~35 here. Ids only grow (contract section 11: one store never gives an id twice, pruned
+    or not).
+
+    An entry is a moment and an id in arrays of machine numbers, a context shared by every
+    entry with the same action, actor, address and subject kind (``node:``, ``key:``...), and
+    the rest of its subject, which is the very string of the credential saved with it when
+    there is one (the node id its record already holds). Entries are rebuilt when read."""
+
+    def __init__(self) -> None:
+        self._at = array("d")
+        self._ids = array("q")
+        self._contexts: list[_Context] = []
+        self._rests: list[str] = []
+        self._shared: dict[_Context, _Context] = {}
+        self._last_id = 0
+
+    def append(self, entries: Iterable[AuditEntry], names: Mapping[str, str]) -> None:
+        """Add entries; ``names`` maps a string to an equal one already held (the ids and
+        node ids of the credentials saved with them), to be kept instead of a copy."""
+        for e in entries:
+            head, colon, rest = e.subject.partition(":")
+            if not colon:
+                head, rest = "", e.subject
+            context = (e.action, e.actor, e.address, head + colon)
+            shared = self._shared.get(context)
+            if shared is None:
+                if len(self._shared) >= CONTEXTS_KEPT:
+                    self._shared.clear()
+                shared = self._shared[context] = context
+            self._last_id += 1
+            self._at.append(e.at)
+            self._ids.append(self._last_id)
+            self._contexts.append(shared)
+            self._rests.append(names.get(rest, rest))
+
+    def newest(self, limit: int, before: int | None) -> list[AuditEntry]:
+        """Newest first, ids below ``before`` when given."""
+        end = len(self._ids) if before is None else bisect_left(self._ids, before)
+        return [self._entry(i) for i in range(end - 1, max(end - limit, 0) - 1, -1)]
+
+    def prune(self, older_than: float) -> int:
+        """Drop the entries before ``older_than``; how many were dropped."""
+        kept = [i for i, at in enumerate(self._at) if at >= older_than]
+        dropped = len(self._ids) - len(kept)
+        if dropped:
+            self._at = array("d", (self._at[i] for i in kept))
+            self._ids = array("q", (self._ids[i] for i in kept))
+            self._contexts = [self._contexts[i] for i in kept]
+            self._rests = [self._rests[i] for i in kept]
+        return dropped
+
+    def _entry(self, i: int) -> AuditEntry:
+        action, actor, address, head = self._contexts[i]
+        return AuditEntry(self._at[i], action, actor, address, head + self._rests[i],
+                          self._ids[i])
 
 
 def _latest(a: float | None, b: float | None) -> float | None:

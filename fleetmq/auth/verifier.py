@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from fleetmq.auth.rules import BROKER_ROLES, Principal, TopicRules
-from fleetmq.auth.store import AuditEntry, AuthStore, Credential, OutboxRow
+from fleetmq.auth.store import AuditEntry, AuthStore, Credential, OutboxRow, note_use
 from fleetmq.auth.tokens import digest, token_kind
 from fleetmq.core.clock import Clock
 from fleetmq.errors import StoreError
@@ -28,6 +28,9 @@ from fleetmq.errors import StoreError
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+VERDICTS_KEPT = 65_536
+"""Accepting verdicts kept for reuse; past this the memory starts over (each costs ~170 bytes:
+a million nodes that all logged in once would otherwise keep one each for good)."""
 """How often the store's sequence number is read: a change by the CLI is live within this."""
 USE_FLUSH_S = 5.0
 
@@ -60,23 +63,25 @@ class Verifier:
         self._poll_s = poll_s
         self._by_digest: dict[bytes, Credential] = {}
         self._by_id: dict[str, Credential] = {}
-        self._by_node: dict[str, list[Credential]] = {}
+        self._by_node: dict[str, Credential | tuple[Credential, ...]] = {}
+        """A node's records: the one record most nodes have, a tuple for a node with several
+        (a list per node was ~100 bytes of a million node credentials)."""
         self._ends: list[tuple[float, str]] = []
         """(end, id) of credentials that will stop working: a heap, checked each poll."""
         self._seq = 0
         self.required = False
         """The store requires auth: it has held an admin key (for good)."""
         self._used: dict[str, float] = {}
-        self._last_used: dict[str, float] = {}
-        """Uses seen by this process: ``record_use`` writes them behind without a sequence
-        number, so the in-memory records would otherwise never show them."""
+        """Uses seen since the last flush. ``record_use`` writes them behind without a
+        sequence number, so the flush also notes them in the records held (``note_use``)."""
         self._listeners: list[Listener] = []
         self._first_use: list[Callable[[Credential], None]] = []
         self._seen: set[str] = set()
         """Credentials this process has accepted at least once (first-use hook)."""
         self._verdicts: dict[str, Verdict] = {}
         """The accepting verdict of each credential, made once (immutable, shared by its
-        requests): a Principal and a Verdict per request cost ~1 us of the REST gate."""
+        requests): a Principal and a Verdict per request cost ~1 us of the REST gate. At most
+        ``VERDICTS_KEPT``."""
         self._lock = asyncio.Lock()
         """One change at a time: each reads the store's latest state, decides and writes
         while holding it, so two rotations of one node (or an enrollment racing an issue)
@@ -131,8 +136,15 @@ class Verifier:
 
     async def flush_uses(self) -> None:
         used, self._used = self._used, {}
-        if used:
+        if not used:
+            return
+        try:
             await self.store.record_use(list(used.items()))
+        finally:  # known to this process even if the store failed to take them
+            for cred_id, at in used.items():
+                cred = self._by_id.get(cred_id)
+                if cred is not None:
+                    note_use(cred, at)
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(credentials)`` hears of every credential written (here or by the CLI)
@@ -170,9 +182,11 @@ class Verifier:
                     listener(cred)
                 except Exception:
                     log.exception("auth_first_use_listener_failed")
-        self._used[cred.id] = self._last_used[cred.id] = now
+        self._used[cred.id] = now
         verdict = self._verdicts.get(cred.id)
         if verdict is None or verdict.credential is not cred:
+            if len(self._verdicts) >= VERDICTS_KEPT:
+                self._verdicts.clear()
             verdict = self._verdicts[cred.id] = Verdict(principal_of(cred), cred)
         return verdict
 
@@ -212,7 +226,7 @@ class Verifier:
 
     def last_used_at(self, cred: Credential) -> float | None:
         """The latest use known: by this process, or as the store last said."""
-        seen = self._last_used.get(cred.id)
+        seen = self._used.get(cred.id)
         if seen is None or (cred.last_used_at is not None and cred.last_used_at > seen):
             return cred.last_used_at
         return seen
@@ -229,7 +243,7 @@ class Verifier:
         """The node's credentials that still work, the current one first (one in its grace
         after a rotation ends sooner)."""
         now = self._now()
-        return sorted((c for c in self._by_node.get(node_id, ()) if c.valid_at(now)),
+        return sorted((c for c in self._node_records(node_id) if c.valid_at(now)),
                       key=lambda c: (c.revoked_at is None, c.created_at), reverse=True)
 
     def has_valid_admin(self) -> bool:
@@ -250,11 +264,14 @@ class Verifier:
     async def _save(self, credentials: list[Credential], audit: list[AuditEntry], *,
                     require: bool = False, keep_admin_at: float | None = None,
                     outbox: list[OutboxRow] | None = None) -> None:
-        seq = await self.store.save(credentials, audit, require=require,
+        # Stamped with the sequence number they get if nobody else writes meanwhile: the
+        # memory store then keeps these very records, and one copy serves both.
+        expected = self._seq + 1
+        stamped = [c if c.seq == expected else replace(c, seq=expected) for c in credentials]
+        seq = await self.store.save(stamped, audit, require=require,
                                     keep_admin_at=keep_admin_at, outbox=outbox or ())
-        if seq == self._seq + 1:  # nobody else wrote meanwhile: what was saved is all
-            self._absorb([replace(c, seq=seq) for c in credentials], seq,
-                         self.required or require, notify=True)
+        if seq == expected:  # nobody else wrote meanwhile: what was saved is all
+            self._absorb(stamped, seq, self.required or require, notify=True)
         else:
             await self._refresh()
 
@@ -269,14 +286,16 @@ class Verifier:
             fresh.append(cred)
             self._verdicts.pop(cred.id, None)
             if old is not None:
+                if old.last_used_at is not None:  # a use this process noted, maybe unsaved
+                    note_use(cred, old.last_used_at)
                 self._by_digest.pop(old.digest, None)
-                siblings = self._by_node.get(old.node_id or "", [])
-                if old in siblings:
-                    siblings.remove(old)
+                if old.node_id is not None:
+                    self._set_node_records(old.node_id, tuple(
+                        c for c in self._node_records(old.node_id) if c is not old))
             self._by_id[cred.id] = cred
             self._by_digest[cred.digest] = cred
             if cred.node_id is not None:
-                self._by_node.setdefault(cred.node_id, []).append(cred)
+                self._set_node_records(cred.node_id, (*self._node_records(cred.node_id), cred))
             ends = cred.ends_at()
             if ends is not None and ends > now:
                 heapq.heappush(self._ends, (ends, cred.id))
@@ -286,6 +305,16 @@ class Verifier:
             self.generation += 1
         if notify and fresh:
             self._tell(fresh)
+
+    def _node_records(self, node_id: str) -> tuple[Credential, ...]:
+        held = self._by_node.get(node_id, ())
+        return (held,) if isinstance(held, Credential) else held
+
+    def _set_node_records(self, node_id: str, records: tuple[Credential, ...]) -> None:
+        if not records:
+            self._by_node.pop(node_id, None)
+        else:
+            self._by_node[node_id] = records[0] if len(records) == 1 else records
 
     async def _end_due(self) -> None:
         """Tell the listeners of every credential whose revocation, grace or expiry has just

@@ -93,6 +93,8 @@ _FAILURES: tuple[type[BaseException], ...] = (
 
 
 class PostgresAuthStore:
+    keeps_broker_hash = True  # `fleetmq credentials export` reads this store
+
     def __init__(self, dsn: str, url: str) -> None:
         self.dsn = dsn
         self.url = url

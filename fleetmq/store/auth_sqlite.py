@@ -90,6 +90,8 @@ _VALID_ADMINS = ("SELECT count(*) FROM credentials WHERE role = 'admin' "
 
 
 class SqliteAuthStore:
+    keeps_broker_hash = True  # `fleetmq credentials export` reads this store
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.url = f"sqlite:///{path}"

@@ -114,6 +114,20 @@ async def test_audit_is_newest_first_pages_and_prunes(store_url: str) -> None:
         assert [e.action for e in await store.audit(10, None)] == ["a5", "a4", "a3"]
 
 
+async def test_audit_ids_only_grow_across_pruning(store_url: str) -> None:
+    """Contract section 11: a pruned entry's id is never given again (the memory store once
+    numbered entries by how many it held)."""
+    async with opened(store_url) as store:
+        await store.save([], [AuditEntry(float(t), f"a{t}", "cli", None, "s") for t in (1, 2, 3)])
+        given = [e.id for e in await store.audit(10, None)]
+        assert await store.prune_audit(3.0) == 2
+        await store.save([], [AuditEntry(4.0, "a4", "cli", None, "s")])
+        assert await store.prune_audit(5.0) == 2
+        await store.save([], [AuditEntry(5.0, "a5", "cli", None, "s")])
+        [last] = await store.audit(10, None)
+        assert last.id > max(given) + 1
+
+
 async def test_last_use_is_written_behind_without_a_new_sequence_number(store_url: str) -> None:
     async with opened(store_url) as store:
         seq = await store.save([credential("k1", role="read")], [])
@@ -139,6 +153,26 @@ async def test_the_latest_use_survives_older_writes(store_url: str) -> None:
         await store.save([replace(k1, last_used_at=700.0)], [])  # a newer use in the record
         [k1] = (await store.changes(0)).credentials
         assert k1.last_used_at == 700.0
+
+
+async def test_a_use_stays_known_once_written_behind(store_url: str) -> None:
+    """The flush notes each use in the record the verifier holds (no separate table of last
+    uses): the use is still shown after it, in the store too, and a later save keeps it."""
+    clock = FakeClock()
+    async with opened(store_url) as store:
+        auth = AuthService(store, clock)
+        await auth.load()
+        cred, token = await auth.issue_credential("node-1", actor="cli")
+        assert auth.last_used_at(cred) is None
+        assert auth.verify(token).principal is not None
+        used = clock.now().wall
+        clock.advance(60.0)
+        await auth.flush_uses()
+        [held] = auth.node_credentials("node-1")
+        assert auth.last_used_at(held) == used
+        assert [c.last_used_at for c in (await store.changes(0)).credentials] == [used]
+        assert await auth.revoke_credentials("node-1", actor="cli") == 1
+        assert [c.last_used_at for c in (await store.changes(0)).credentials] == [used]
 
 
 @pytest.mark.parametrize("store_url", ["sqlite", "postgresql"], indirect=True)
@@ -168,6 +202,24 @@ async def test_a_second_service_on_the_same_store_sees_changes_and_revocations(
             assert manager.key(key.id) is not None
         finally:
             poll.cancel()
+
+
+async def test_only_a_store_another_process_reads_keeps_a_broker_hash(store_url: str) -> None:
+    # `credentials export` reads the hashes from the store; memory:// has no other reader.
+    async with opened(store_url) as store:
+        auth = AuthService(store, FakeClock(wall=1000.0))
+        await auth.load()
+        cred, token = await auth.issue_credential("node-1", actor="cli")
+        [stored] = (await store.changes(0)).credentials
+        if store_url == "memory://":
+            assert (cred.broker_hash, stored.broker_hash) == (None, None)
+        else:
+            assert stored.broker_hash is not None
+            assert stored.broker_hash.startswith("$7$101$")
+        await auth.revoke_credentials("node-1", actor="cli")  # a record saved again
+        [stored] = (await store.changes(0)).credentials
+        assert (stored.broker_hash is None) == (store_url == "memory://")
+        assert auth.verify(token).failure == "revoked"
 
 
 async def test_rotation_keeps_the_old_token_for_its_grace_and_two_at_most() -> None:

@@ -152,6 +152,13 @@ def _check_filtered(doc: dict[str, Any]) -> None:
 def _check_serve_memory(doc: dict[str, Any]) -> None:
     _positive(doc, "rate", "done", "idle_mb", "registered_mb", "read_mb", "read_bytes")
     assert doc["nodes"] == 2000
+    assert doc["credentials"] == {}
+
+
+def _check_serve_memory_credentials(doc: dict[str, Any]) -> None:
+    _positive(doc, "rate", "done", "idle_mb", "registered_mb", "read_mb", "read_bytes")
+    _positive(doc["credentials"], "issued_per_s", "issued_mb", "logins_per_s", "logged_in_mb")
+    assert doc["nodes"] == 2000
 
 
 def _check_status_wave(doc: dict[str, Any]) -> None:
@@ -232,6 +239,10 @@ BENCHES = {
         ("bench/status_wave.py", "--nodes", "2000", "--timeout", "3"),
         "status_wave.json", ("offline statuses/s", "CPU during the wave"),
         _check_status_wave),
+    "serve-memory-credentials": Bench(
+        ("bench/serve_memory.py", "--nodes", "2000", "--slices", "2", "--credentials"),
+        "serve_memory.json", ("node credentials issued", "RSS after the read"),
+        _check_serve_memory_credentials),
     "expiry": Bench(
         ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
         "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,
