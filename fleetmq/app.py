@@ -352,7 +352,9 @@ class FleetService:
     async def _expire_due(self) -> None:
         """Expire what is due, in batches, without waiting for the ingest backlog: a due node
         is held back only by a message of its own received by its deadline and still queued.
-        One limit for the whole pass, so what arrives during it cannot matter."""
+        One limit for the whole pass, so what arrives during it cannot matter. Received means
+        read into the link's inbox: while the inbox is full and reading paused, what the socket
+        and the broker hold is not (docs/protocol.md, Deadline)."""
         self.metrics.expiry_passes += 1
         limit = self.clock.now().mono - IN_HAND_MARGIN_S
         waiting = waiting_in(self.link, self.topics)

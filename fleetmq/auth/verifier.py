@@ -28,10 +28,10 @@ from fleetmq.errors import StoreError
 log = logging.getLogger(__name__)
 
 POLL_S = 0.2
+"""How often the store's sequence number is read: a change by the CLI is live within this."""
 VERDICTS_KEPT = 65_536
 """Accepting verdicts kept for reuse; past this the memory starts over (each costs ~170 bytes:
 a million nodes that all logged in once would otherwise keep one each for good)."""
-"""How often the store's sequence number is read: a change by the CLI is live within this."""
 USE_FLUSH_S = 5.0
 
 Failure = Literal["missing", "malformed", "unknown", "expired", "revoked"]

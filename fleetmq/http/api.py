@@ -159,8 +159,7 @@ class RestApi:
         """Wait until no request is in flight (shutdown); False on timeout."""
         if not self._in_flight:
             return True
-        if self._idle is None:
-            self._idle = asyncio.Event()
+        self._idle = asyncio.Event()  # a new one each time: requests never clear it
         return await wait_set(self._idle, timeout_s)
 
     def build(self) -> web.Application:
