@@ -184,7 +184,7 @@ class HeartbeatRequest(BaseModel):
 BARE_HEARTBEAT = HeartbeatRequest()
 
 
-def parse_heartbeat(body: bytes | str) -> HeartbeatRequest:
+def parse_heartbeat(body: bytes | bytearray | str) -> HeartbeatRequest:
     """``HeartbeatRequest.model_validate_json(body)`` (same result, same ``ValidationError``),
     in about half the time for the bodies agents send.
 

@@ -16,12 +16,12 @@ from pydantic import ValidationError
 from fleetmq.core.models import (
     BARE_HEARTBEAT,
     MAX_PAYLOAD_BYTES,
-    HeartbeatRequest,
     RegisterRequest,
     Rejection,
     describe_error,
     node_conflict,
     node_not_registered,
+    parse_heartbeat,
     quote,
     rate_limited,
     store_unavailable,
@@ -136,7 +136,7 @@ class MqttIngest:
     def _heartbeat(self, node_id: str, msg: Inbound) -> None:
         if msg.payload.strip():
             try:
-                req = HeartbeatRequest.model_validate_json(msg.payload)
+                req = parse_heartbeat(msg.payload)
             except ValidationError as exc:
                 raise describe_error(exc) from None
         else:
