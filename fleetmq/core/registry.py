@@ -177,20 +177,9 @@ class Registry:
 
     def next_deadline(self) -> float | None:
         """The earliest deadline (monotonic), for sleeping until something can expire."""
-        earliest: float | None = None
-        for timeout, queue in self._queues.items():
-            if not queue:
-                continue
-            first = self._nodes[next(iter(queue))]
-            assert first.deadline is not None
-            due = max(first.deadline, self._grace_from + timeout)
-            earliest = due if earliest is None else min(earliest, due)
-        for node_id in self._held:
-            node = self._nodes[node_id]
-            assert node.deadline is not None
-            due = max(node.deadline, self._grace_from + node.timeout_s)
-            earliest = due if earliest is None else min(earliest, due)
-        return earliest
+        firsts = (self._nodes[next(iter(queue))] for queue in self._queues.values() if queue)
+        held = (self._nodes[node_id] for node_id in self._held)
+        return min(map(self._due, itertools.chain(firsts, held)), default=None)
 
     # --- writing -------------------------------------------------------------------------
 
@@ -361,12 +350,17 @@ class Registry:
             if len(events) >= budget:
                 return
             node = self._nodes[node_id]
-            assert node.deadline is not None
-            if (node.deadline > cutoff or self._grace_from + node.timeout_s > cutoff
-                    or (waiting is not None and waiting(node_id, node.deadline))):
+            deadline = node.deadline
+            assert deadline is not None
+            if self._due(node) > cutoff or (waiting is not None and waiting(node_id, deadline)):
                 continue
             del self._held[node_id]
             events.append(self._time_out(node, now))
+
+    def _due(self, node: Node) -> float:
+        """When a scheduled node can expire: its deadline, or the end of a grace after it."""
+        assert node.deadline is not None
+        return max(node.deadline, self._grace_from + node.timeout_s)
 
     def _time_out(self, node: Node, now: Instant) -> Event:
         """The node, off its deadline queue already, goes offline for its silence."""
