@@ -241,7 +241,7 @@ class RestApi:
             # keep flowing in memory (and /readyz says so); the writer catches up later.
             with contextlib.suppress(StoreUnavailableError):
                 await self._writer.durable(DURABLE_TIMEOUT_S)
-        return web.Response(body=dumps(heartbeat_reply(result.node, now.wall)), content_type=JSON)
+        return json_response(heartbeat_reply(result.node, now.wall))
 
     async def delete_node(self, request: web.Request) -> web.Response:
         node_id = path_id(request)
