@@ -56,6 +56,24 @@ def settle(count: Callable[[], float], target: float, idle: float, timeout: floa
     return last
 
 
+def paced(rate: int, stop: Any, sent: Any, publish: Callable[[int], None],
+          bursts_per_s: int = 100) -> None:
+    """``publish(i)`` for i = 0, 1, 2... at ``rate`` a second, in bursts of ``rate /
+    bursts_per_s``, until ``stop`` (a multiprocessing Event) is set; ``sent.value`` (a shared
+    Value) follows the count. A late burst is caught up, not dropped."""
+    burst = max(1, rate // bursts_per_s)
+    started = time.monotonic()
+    count = 0
+    while not stop.is_set():
+        for _ in range(burst):
+            publish(count)
+            count += 1
+        sent.value = count
+        ahead = started + count / rate - time.monotonic()
+        if ahead > 0:
+            time.sleep(ahead)
+
+
 def answers(url: str) -> bool:
     try:
         request(url, timeout=2)

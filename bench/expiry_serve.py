@@ -46,6 +46,7 @@ from bench.common import (
     add_pin_option,
     machine,
     metric,
+    paced,
     print_rows,
     print_table,
     request,
@@ -74,21 +75,15 @@ def _paced(port: int, root: str, rate: int, stop: Any, sent_total: Any) -> None:
     client.connect("127.0.0.1", port, keepalive=120)
     client.loop_start()
     heartbeat = json.dumps({"uptime_seconds": 1, "free_memory_kb": 200})
-    burst = max(1, rate // TICKS)
-    started = time.monotonic()
-    sent = live = 0
-    while not stop.is_set():
-        for _ in range(burst):
-            if sent % 5 == 0:
-                client.publish(f"{root}/live-{live:07d}/register", LIVE_BODY, qos=0)
-                live += 1
-            else:
-                client.publish(f"{root}/live-{sent % live:07d}/heartbeat", heartbeat, qos=0)
-            sent += 1
-        sent_total.value = sent
-        ahead = started + sent / rate - time.monotonic()
-        if ahead > 0:
-            time.sleep(ahead)
+
+    def publish(i: int) -> None:
+        live = i // 5  # registered before message i: live-0 ... live-<live - 1>, and this one
+        if i % 5 == 0:
+            client.publish(f"{root}/live-{live:07d}/register", LIVE_BODY, qos=0)
+        else:
+            client.publish(f"{root}/live-{i % (live + 1):07d}/heartbeat", heartbeat, qos=0)
+
+    paced(rate, stop, sent_total, publish, TICKS)
     client.disconnect()
     client.loop_stop()
 

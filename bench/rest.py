@@ -56,6 +56,7 @@ from bench.common import (
     fresh_store,
     machine,
     metric,
+    paced,
     request,
     stop_process,
     wait_for,
@@ -198,18 +199,12 @@ def paced_publisher(port: int, rate: int, nodes: int, stop: Any, sent: Any) -> N
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-rest-pub")
     client.connect("127.0.0.1", port, keepalive=120)
     client.loop_start()
-    per_slice = max(1, rate // 100)
-    started = time.monotonic()
-    count = 0
-    while not stop.is_set():
-        for _ in range(per_slice):
-            payload = b'{"uptime_seconds": %d, "free_memory_kb": 200}' % count
-            client.publish(f"{ROOT}/node-{count % nodes:05d}/heartbeat", payload, qos=0)
-            count += 1
-        sent.value = count
-        ahead = started + count / rate - time.monotonic()
-        if ahead > 0:
-            time.sleep(ahead)
+
+    def publish(i: int) -> None:
+        payload = b'{"uptime_seconds": %d, "free_memory_kb": 200}' % i
+        client.publish(f"{ROOT}/node-{i % nodes:05d}/heartbeat", payload, qos=0)
+
+    paced(rate, stop, sent, publish)
     client.disconnect()
     client.loop_stop()
 
