@@ -245,8 +245,8 @@ class MqttLink:
         client.drop()
         if made and self._may_fall_back():
             # amqtt closes an MQTT 5 CONNECT with a will, and leaves others unanswered.
-            log.info("broker_mqtt5_unanswered broker=%s closed=%s fallback=3.1.1",
-                     self._broker.describe(), self._closed_early)
+            log.info("broker_mqtt5_unanswered client_id=%s broker=%s closed=%s fallback=3.1.1",
+                     self._client_id, self._broker.describe(), self._closed_early)
             return self._fall_back(client)
         if self._closed_early:
             return "the broker closed the connection before answering"
@@ -255,7 +255,8 @@ class MqttLink:
     def _refused(self, client: Any, exc: Exception) -> str:
         code = getattr(exc, "_code", None)
         if code in _UNSUPPORTED_PROTOCOL and self._may_fall_back():
-            log.info("broker_mqtt5_refused broker=%s fallback=3.1.1", self._broker.describe())
+            log.info("broker_mqtt5_refused client_id=%s broker=%s fallback=3.1.1",
+                     self._client_id, self._broker.describe())
             return self._fall_back(client)
         return f"broker refused the connection: {exc}"
 
@@ -297,7 +298,8 @@ class MqttLink:
 
     def _note_error(self, message: str) -> None:
         if message != self.last_error:
-            log.warning("broker_unreachable broker=%s error=%s", self._broker.describe(), message)
+            log.warning("broker_unreachable client_id=%s broker=%s error=%s",
+                        self._client_id, self._broker.describe(), message)
         self.last_error = message
 
     # --- gmqtt callbacks (on the event loop) ---------------------------------------------
@@ -321,8 +323,9 @@ class MqttLink:
             fut: asyncio.Future[None] = loop.create_future()
             self._pending_subacks[client.subscribe(Subscription(topic, qos=1))] = fut
             futures.append(fut)
-        log.info("broker_connected broker=%s protocol=%s session_present=%s",
-                 self._broker.describe(), self.protocol_name, bool(session_present))
+        log.info("broker_connected client_id=%s broker=%s protocol=%s session_present=%s",
+                 self._client_id, self._broker.describe(), self.protocol_name,
+                 bool(session_present))
 
         def ready(done: asyncio.Future[list[BaseException | None]]) -> None:
             if done.cancelled() or generation != self._generation:
@@ -345,8 +348,8 @@ class MqttLink:
         reason = str(exc) if exc else "closed"
         if self.connected:
             level = logging.INFO if self._closing else logging.WARNING
-            log.log(level, "broker_disconnected broker=%s reason=%s",
-                    self._broker.describe(), reason)
+            log.log(level, "broker_disconnected client_id=%s broker=%s reason=%s",
+                    self._client_id, self._broker.describe(), reason)
         self._set_connected(connected=False, reason=f"connection lost: {reason}")
         self._inbox.paused = False
         self._lost.set()
