@@ -21,6 +21,11 @@ from fleetmq.store.writer import StoreWriter
 
 log = logging.getLogger(__name__)
 
+EXPIRED_LOG_EVERY_S = 10.0
+"""During a mass expiry, one ``nodes_expired`` line per this many seconds with the count since
+the last, rather than one per expiry pass (5 a second); the rest is logged once a pass finds
+nothing more to expire."""
+
 
 class Fleet:
     def __init__(self, registry: Registry, clock: Clock, publisher: Publisher,
@@ -31,6 +36,8 @@ class Fleet:
         self._publisher = publisher
         self._metrics = metrics
         self.writer = writer
+        self._expired_unlogged = 0
+        self._expired_logged_at = float("-inf")
 
     def register(self, node_id: str, req: RegisterRequest,
                  sender: str | None = None) -> tuple[Registered, Instant]:
@@ -74,10 +81,16 @@ class Fleet:
 
     def expire(self, limit: float | None, max_events: int | None = None,
                waiting: Waiting | None = None) -> int:
-        events = self.registry.expire(self.clock.now(), limit, max_events, waiting)
+        now = self.clock.now()
+        events = self.registry.expire(now, limit, max_events, waiting)
         if events:
             self._emit(events)
-            log.info("nodes_expired count=%d", len(events))
+            self._expired_unlogged += len(events)
+        if self._expired_unlogged and (
+                not events or now.mono - self._expired_logged_at >= EXPIRED_LOG_EVERY_S):
+            log.info("nodes_expired count=%d", self._expired_unlogged)
+            self._expired_unlogged = 0
+            self._expired_logged_at = now.mono
         return len(events)
 
     def grant_grace(self) -> None:
