@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 from collections.abc import Mapping
@@ -27,6 +28,11 @@ AGENT_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
                        f"(default: {DEFAULT_BROKER})"),
     ("--api", None, "use the REST API at this URL instead of MQTT, e.g. http://127.0.0.1:8080"),
     ("--interval", "60", "heartbeat interval in whole seconds (default: 60)"),
+    ("--name", None, "a display name (default: the node id)"),
+    ("--location", None, "where the node is, e.g. office-floor-2 (sent with every registration: "
+                         "without it, a registration clears a location set earlier)"),
+    ("--capabilities", None, "what the node can do, comma-separated, e.g. dht22,relay"),
+    ("--metadata", None, "a JSON object of flat values, e.g. '{\"fw\": \"1.4.2\"}'"),
     ("--topic-root", "fleet", "first MQTT topic level (default: fleet)"),
     ("--log-level", "info", "debug, info, warning or error (default: info)"),
     ("--token", None, "the node's token (fmq_node_...): its MQTT password (username and client "
@@ -101,10 +107,30 @@ def agent_from(args: argparse.Namespace) -> Agent:
     broker, api = _transport(args)
     return Agent(_required(args, "--node-id"), _required(args, "--node-type"),
                  broker=broker, api=api, interval_s=interval, topic_root=args.topic_root,
+                 name=args.name or None, location=args.location or None,
+                 capabilities=_capabilities(args.capabilities),
+                 metadata=_metadata(args.metadata),
                  token=args.token or None, token_file=args.token_file or None,
                  enroll_key=args.enroll_key or None, enroll_api=args.enroll_api or None,
                  ca_file=args.broker_ca or None, cert_file=args.broker_cert or None,
                  key_file=args.broker_key or None, api_ca_file=args.api_ca or None)
+
+
+def _capabilities(text: str | None) -> list[str]:
+    return [item.strip() for item in (text or "").split(",") if item.strip()]
+
+
+def _metadata(text: str | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--metadata is not JSON ({exc}): give an object such as "
+                          '\'{"fw": "1.4.2"}\'') from None
+    if not isinstance(value, dict):
+        raise ConfigError("--metadata must be a JSON object such as '{\"fw\": \"1.4.2\"}'")
+    return value
 
 
 async def run_until_signalled(agent: Agent) -> None:

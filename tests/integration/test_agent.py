@@ -304,7 +304,33 @@ async def test_agent_options_come_from_the_environment_and_flags_win(
         assert await agent.wait_exit() == 0, agent.log
 
 
+async def test_the_agent_command_describes_the_node_and_a_restart_keeps_its_location(
+    mosquitto: Mosquitto, root: str, http: aiohttp.ClientSession, agent_processes: Any
+) -> None:
+    args = ("--node-id", "described-1", "--node-type", "picclaw", "--broker", mosquitto.url,
+            "--topic-root", root, "--name", "Gate <north>", "--location", "dock-3",
+            "--capabilities", "dht22, relay", "--metadata", '{"fw": "1.4.2", "rev": 3}')
+    async with running(make_settings(mosquitto.url, root)) as svc:
+        first = agent_processes(*args)
+        doc = await node_where(http, svc, "described-1", timeout=15, status="online")
+        assert (doc["name"], doc["location"], doc["capabilities"], doc["metadata"]) == (
+            "Gate <north>", "dock-3", ["dht22", "relay"], {"fw": "1.4.2", "rev": 3})
+        first.proc.send_signal(signal.SIGTERM)
+        assert await first.wait_exit() == 0, first.log
+        await node_where(http, svc, "described-1", timeout=3, status="offline")
+        # Registering again (a restarted agent) sends the same description: nothing is wiped.
+        second = agent_processes(*args)
+        doc = await node_where(http, svc, "described-1", timeout=15, status="online")
+        assert (doc["location"], doc["metadata"]) == ("dock-3", {"fw": "1.4.2", "rev": 3})
+        second.proc.send_signal(signal.SIGTERM)
+        assert await second.wait_exit() == 0, second.log
+
+
 @pytest.mark.parametrize(("args", "words"), [
+    (["--node-id", "n1", "--node-type", "picclaw", "--metadata", "fw=1"], "--metadata"),
+    (["--node-id", "n1", "--node-type", "picclaw", "--metadata", "[1]"], "--metadata"),
+    (["--node-id", "n1", "--node-type", "picclaw", "--metadata", '{"a": {"b": 1}}'],
+     "metadata"),
     (["--node-id", "a/b", "--node-type", "picclaw"], "node id"),
     (["--node-type", "picclaw"], "--node-id"),
     (["--node-id", "n1", "--node-type", "picclaw", "--interval", "soon"], "--interval"),
