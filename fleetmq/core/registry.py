@@ -250,9 +250,11 @@ class Registry:
             node.session = req.session
         self._reschedule(node)
         status: Status = req.status or "online"
-        if status == node.status:
+        # A degraded node says why (contract sections 4 and 11); a new reason is news too.
+        reason = req.reason if status == "degraded" and req.reason else "heartbeat"
+        if status == node.status and reason in (node.status_reason, "heartbeat"):
             return HeartbeatApplied(node, [])
-        return HeartbeatApplied(node, [self._transition(node, status, "heartbeat", now)])
+        return HeartbeatApplied(node, [self._transition(node, status, reason, now)])
 
     def restore(self, nodes: Iterable[Node]) -> None:
         """Put back nodes loaded from a store, into an empty registry. Nodes that were alive

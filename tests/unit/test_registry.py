@@ -202,6 +202,30 @@ def test_degraded_and_back_to_online_are_heartbeat_transitions(
     assert (node.status, node.status_reason, node.status_since) == ("online", "heartbeat", t3.wall)
 
 
+def test_a_degraded_node_s_reason_is_its_status_reason_and_a_new_one_is_an_event(
+    registry: Registry, clock: FakeClock
+) -> None:
+    registry.register(NODE, reg(), clock.now())
+
+    t1 = clock.advance(1)
+    low = registry.heartbeat(NODE, hb(status="degraded", reason="low_battery"), t1)
+    same = registry.heartbeat(NODE, hb(status="degraded", reason="low_battery"), clock.advance(1))
+    silent = registry.heartbeat(NODE, hb(status="degraded"), clock.advance(1))
+    t4 = clock.advance(1)
+    hot = registry.heartbeat(NODE, hb(status="degraded", reason="overheating"), t4)
+    t5 = clock.advance(1)
+    fine = registry.heartbeat(NODE, hb(reason="ignored_when_online"), t5)
+
+    assert low.events == [
+        NodeTransitioned(NODE, "degraded", "low_battery", t1.wall, t1.wall, "online")]
+    assert same.events == silent.events == []  # no reason says nothing new: it stays
+    assert hot.events == [
+        NodeTransitioned(NODE, "degraded", "overheating", t4.wall, t4.wall, "degraded")]
+    assert fine.events == [
+        NodeTransitioned(NODE, "online", "heartbeat", t5.wall, t5.wall, "degraded")]
+    assert node_of(registry).status_reason == "heartbeat"
+
+
 # --- delete and ordering -------------------------------------------------------------------
 
 
