@@ -38,6 +38,7 @@ from fleetmq.core.models import (
     store_unavailable,
 )
 from fleetmq.core.registry import Node, NodeConflictError, NodeNotFoundError, Registry
+from fleetmq.core.topics import is_valid_node_id
 from fleetmq.errors import StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.http.access import AccessRoutes
@@ -303,52 +304,62 @@ class RestApi:
         limit = _limit(limit_text)
         after = query.get("after") or None
         status = query.get("status")
+        prefix = _prefix(query)
         version = self._registry.version
         key: PageKey = (after, limit_text, query.get("node_type"), status,
-                        query.get("location"))
+                        query.get("location"), prefix)
         body = self._pages.get(key, version)
         if body is not None:
             return web.Response(body=body, content_type=JSON)
         if status is not None and limit is not None:  # a page of one status: O(limit)
             # _filter checked the value
             body = await self._status_page(cast(Status, status.lower()), query, after, limit,
-                                           match)
+                                           match, prefix)
         else:
             ids = self._registry.sorted_ids()  # a snapshot: later changes build a new list
-            start = bisect.bisect_right(ids, after) if after else 0
-            if limit is None and len(ids) - start > STREAM_ABOVE:
-                return await self._stream(request, ids, start, match)
+            lo, hi = _prefix_range(ids, prefix)
+            start = max(lo, bisect.bisect_right(ids, after)) if after else lo
+            if limit is None and hi - start > STREAM_ABOVE:
+                return await self._stream(request, ids, start, hi, match,
+                                          await self._count(ids, match, lo, start))
             if match is _all:
-                parts, next_id = await self._page(ids, start, limit)
+                parts, next_id = await self._page(ids, start, hi, limit)
             else:
-                parts, next_id = await self._collect(_slices(ids, start), limit, match)
-            total = await self._count(ids, match)
+                parts, next_id = await self._collect(_slices(ids, start, hi), limit, match)
+            total = await self._count(ids, match, lo, hi)
             body = document(parts, total, next_id)
         if version == self._registry.version:  # unchanged while collected
             self._pages.put(key, version, body)
         return web.Response(body=body, content_type=JSON)
 
-    async def _page(self, ids: list[str], start: int, limit: int | None
+    async def _page(self, ids: list[str], start: int, hi: int, limit: int | None
                     ) -> tuple[list[bytes], str | None]:
-        """An unfiltered page: the nodes of ``ids[start:start + limit]``, read as they are
-        now, and the ``next`` id if more follow."""
-        stop = len(ids) if limit is None else min(len(ids), start + limit)
+        """An unfiltered page: the nodes of ``ids[start:min(start + limit, hi)]``, read as
+        they are now, and the ``next`` id if more follow before ``hi``."""
+        stop = hi if limit is None else min(hi, start + limit)
         get = self._registry.get
         nodes = [node for node in map(get, ids[start:stop]) if node is not None]
         if len(nodes) != stop - start:  # never while ids is the registry's own snapshot
-            return await self._collect(_slices(ids, start), limit, _all)
+            return await self._collect(_slices(ids, start, hi), limit, _all)
         parts: list[bytes] = []
         for offset in range(0, len(nodes), PAGE_CHUNK):
             if offset:
                 await asyncio.sleep(0)  # a page of nodes whose JSON must be rebuilt
             parts += node_views(nodes[offset:offset + PAGE_CHUNK])
-        return parts, (ids[stop - 1] if parts and stop < len(ids) else None)
+        return parts, (ids[stop - 1] if parts and stop < hi else None)
 
     async def _status_page(self, status: Status, query: Any, after: str | None, limit: int,
-                           match: Callable[[Node], bool]) -> bytes:
+                           match: Callable[[Node], bool], prefix: str | None) -> bytes:
         """A page of the nodes with one status, read from the registry's status index; the
-        total from its counts by status and type (a location filter is counted by walking the
-        nodes of that status)."""
+        total from its counts by status and type (a location filter or an id prefix is counted
+        by walking the nodes of that status that it could match)."""
+        if prefix is not None:
+            start = max(after, _below(prefix)) if after else _below(prefix)
+            ids = _while_prefixed(self._registry.ids_with_status(status, start), prefix)
+            parts, next_id = await self._collect(_batches(ids), limit, match)
+            every = _while_prefixed(self._registry.ids_with_status(status, _below(prefix)),
+                                    prefix)
+            return document(parts, await self._matching(_batches(every), match), next_id)
         ids = self._registry.ids_with_status(status, after or None)
         parts, next_id = await self._collect(_batches(ids), limit, match)
         if query.get("location") is None:
@@ -386,13 +397,12 @@ class RestApi:
             await asyncio.sleep(0)
         return parts, None
 
-    async def _count(self, ids: list[str], match: Callable[[Node], bool],
-                     stop: int | None = None) -> int:
-        """How many of ``ids[:stop]`` match, counted in chunks that yield between them."""
-        stop = len(ids) if stop is None else stop
+    async def _count(self, ids: list[str], match: Callable[[Node], bool], start: int,
+                     stop: int) -> int:
+        """How many of ``ids[start:stop]`` match, counted in chunks that yield between them."""
         if match is _all:
-            return stop
-        return await self._matching(_slices(ids, 0, stop), match)
+            return stop - start
+        return await self._matching(_slices(ids, start, stop), match)
 
     async def _matching(self, chunks: Iterable[list[str]], match: Callable[[Node], bool]
                         ) -> int:
@@ -403,17 +413,17 @@ class RestApi:
             await asyncio.sleep(0)
         return total
 
-    async def _stream(self, request: web.Request, ids: list[str], start: int,
-                      match: Callable[[Node], bool]) -> web.StreamResponse:
+    async def _stream(self, request: web.Request, ids: list[str], start: int, stop: int,
+                      match: Callable[[Node], bool], before: int) -> web.StreamResponse:
         # A large fleet goes out in chunks, yielding between them, so that listing a million
         # nodes never stalls ingest. Each node is read as it is when its chunk is written.
-        before = await self._count(ids, match, start)
+        # ``before``: the matches ahead of ``start`` (a page that began further on).
         response = web.StreamResponse(headers={"Content-Type": JSON})
         await response.prepare(request)
         count = 0
         try:
             await response.write(b'{"nodes":[')
-            for chunk in _slices(ids, start):
+            for chunk in _slices(ids, start, stop):
                 parts = [node_json(n) for n in self._nodes(chunk) if match(n)]
                 if parts:
                     await response.write((b"," if count else b"") + b",".join(parts))
@@ -467,6 +477,38 @@ def _batches(ids: Iterator[str]) -> Iterator[list[str]]:
 
 def _no_such_node(node_id: str) -> Rejection:
     return Rejection(404, "Node not found", f"No node with ID {quote(node_id)}", "unknown_node")
+
+
+def _prefix(query: Any) -> str | None:
+    """``?q=``: the start of a node id (contract section 9), case as in the ids."""
+    prefix = query.get("q") or None
+    if prefix is not None and not is_valid_node_id(prefix):
+        raise Rejection(400, "Invalid parameter",
+                        f"Parameter 'q' must be the start of a node id (letters, digits and "
+                        f"'._:-', from a letter or digit, at most 128), not {quote(prefix)}",
+                        "invalid_query")
+    return prefix
+
+
+def _prefix_range(ids: list[str], prefix: str | None) -> tuple[int, int]:
+    """Where the ids that start with ``prefix`` are in sorted ``ids``: O(log n)."""
+    if prefix is None:
+        return 0, len(ids)
+    return (bisect.bisect_left(ids, prefix),
+            bisect.bisect_left(ids, prefix + _AFTER_EVERY_ID_CHAR))
+
+
+_AFTER_EVERY_ID_CHAR = "\U0010ffff"
+
+
+def _below(prefix: str) -> str:
+    """A string below every id that starts with ``prefix`` and above every smaller id (ids
+    hold only ASCII), for ``ids_after``, which starts after the string it is given."""
+    return prefix[:-1] + chr(ord(prefix[-1]) - 1) + _AFTER_EVERY_ID_CHAR
+
+
+def _while_prefixed(ids: Iterator[str], prefix: str) -> Iterator[str]:
+    return itertools.takewhile(lambda node_id: node_id.startswith(prefix), ids)
 
 
 def _all(_node: Node) -> bool:

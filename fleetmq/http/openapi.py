@@ -221,6 +221,8 @@ def _document(topic_root: str) -> dict[str, Any]:
             ("node_type", {"type": "string"}, "exact match, case-insensitive"),
             ("status", {"enum": ["online", "degraded", "offline"]}, "exact match"),
             ("location", {"type": "string"}, "exact match, case-insensitive"),
+            ("q", {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"},
+             "ids that start with this (case-sensitive, as ids sort)"),
             ("limit", {"type": "integer", "minimum": 1, "maximum": 10000},
              "page size; without it every match is returned"),
             ("after", {"type": "string"}, "the 'next' value of the previous page"),

@@ -723,6 +723,39 @@ async def test_status_pages_and_totals_follow_every_change(
     await check()
 
 
+@pytest.mark.parametrize(("params", "expected"), [
+    pytest.param({"q": "esp"}, ["esp-1", "esp-2", "esp-3"], id="prefix"),
+    pytest.param({"q": "esp-2"}, ["esp-2"], id="a-whole-id"),
+    pytest.param({"q": "ESP"}, [], id="case-sensitive-as-ids-sort"),
+    pytest.param({"q": "e"}, ["esp-1", "esp-2", "esp-3"], id="one-character"),
+    pytest.param({"q": "esp-20"}, [], id="longer-than-any"),
+    pytest.param({"q": "pic", "status": "offline"}, ["pic-1"], id="with-status"),
+    pytest.param({"q": "esp", "status": "online"}, ["esp-1", "esp-3"], id="with-status-2"),
+    pytest.param({"q": "esp", "location": "office-floor-2"}, ["esp-1", "esp-2"],
+                 id="with-location"),
+    pytest.param({"q": "g", "node_type": "nanoclaw", "status": "online"}, ["gw-1"],
+                 id="with-all"),
+    pytest.param({"q": "f"}, [], id="between-ids"),
+    pytest.param({"q": "z"}, [], id="after-every-id"),
+    pytest.param({"q": "0"}, [], id="before-every-id"),
+])
+async def test_q_lists_the_ids_that_start_with_it_page_by_page(
+    mixed_fleet: Api, params: dict[str, str], expected: list[str]
+) -> None:
+    reply = await mixed_fleet.nodes(**params)
+    assert _ids(reply) == expected
+    assert (reply.json["count"], reply.json["total"]) == (len(expected), len(expected))
+    for limit in ("1", "2"):
+        seen, totals = await _pages(mixed_fleet, limit, **params)
+        assert seen == expected, limit
+        assert totals == {len(expected)}, limit
+
+
+@pytest.mark.parametrize("q", ["-esp", "esp/1", "a b", "é", "n" * 129, "esp+", "#"])
+async def test_q_that_no_id_can_start_with_is_a_400(api: Api, q: str) -> None:
+    assert_error(await api.nodes(q=q), 400, mentions=("'q'",))
+
+
 async def test_a_list_larger_than_the_stream_threshold_is_streamed_whole(api: Api) -> None:
     n = STREAM_ABOVE + 500
     ids = [f"bulk-{i:05d}" for i in range(n)]
@@ -746,6 +779,21 @@ async def test_a_list_larger_than_the_stream_threshold_is_streamed_whole(api: Ap
 
     paged = (await api.nodes(limit="10000")).json
     assert (paged["count"], paged["total"], paged["next"]) == (10000, n, ids[9999])
+
+    # A prefix narrows the stream to its range of ids; after= starts within it.
+    await api.register("aaa-1")
+    await api.register("zzz-1")
+    prefixed = await api.nodes(q="bulk-")
+    assert prefixed.headers.get("Transfer-Encoding") == "chunked"
+    body = json.loads(prefixed.raw)
+    assert [node["id"] for node in body["nodes"]] == ids
+    assert (body["count"], body["total"]) == (n, n)
+    resumed = await api.nodes(q="bulk-", after=ids[10])
+    assert resumed.headers.get("Transfer-Encoding") == "chunked"
+    body = json.loads(resumed.raw)
+    assert [node["id"] for node in body["nodes"]] == ids[11:]
+    assert (body["count"], body["total"]) == (n - 11, n)
+    assert _ids(await api.nodes(q="bulk-1", limit="3")) == ids[10000:10003]
 
 
 async def test_the_whole_fleet_list_follows_every_change(api: Api) -> None:
