@@ -23,7 +23,7 @@ from fleetmq.cli import env_name
 from fleetmq.commands import table
 from fleetmq.core.clock import SystemClock
 from fleetmq.core.models import STATUSES
-from fleetmq.errors import FleetmqError
+from fleetmq.errors import ConfigError, FleetmqError
 
 DEFAULT_API = "http://127.0.0.1:8080"
 PAGE_SIZE = 1000
@@ -37,6 +37,7 @@ OPTIONS: tuple[tuple[str, str, str | None, str], ...] = (
     ("--status", "S", None, "only nodes in this state: online, degraded or offline"),
     ("--type", "T", None, "only nodes of this node_type (case-insensitive)"),
     ("--location", "L", None, "only nodes at this location (case-insensitive)"),
+    ("--limit", "N", None, "show the first N nodes by id, and how many match in all"),
 )
 
 
@@ -61,35 +62,69 @@ def run(args: argparse.Namespace) -> int:
     api = _base_url(args.api)
     filters = {key: value for key, value in (("status", args.status), ("node_type", args.type),
                                               ("location", args.location)) if value}
+    limit = _limit(args.limit)
     now = SystemClock().now().wall
-    rows = [_row(node, now) for node in fetch_nodes(api, filters, args.token)]
+    listing = NodeListing(api, filters, args.token, limit)
+    rows = [_row(node, now) for node in listing]
     counts = Counter(row[2] for row in rows)
+    if limit is not None and listing.total is not None and listing.total > len(rows):
+        last = f"first {len(rows)} of {listing.total} nodes (--limit {limit})"
+    else:
+        last = summary(len(rows), counts)
     try:
         sys.stdout.write(render_table(rows))
-        sys.stdout.write(summary(len(rows), counts) + "\n")
+        sys.stdout.write(last + "\n")
         sys.stdout.flush()
     except BrokenPipeError:  # `fleetmq nodes | head`: the reader has all it wanted
         return 0
     return 0
 
 
-def fetch_nodes(api: str, filters: Mapping[str, str],
-                token: str | None = None) -> Iterator[dict[str, Any]]:
-    """Every matching node, sorted by id, one page at a time."""
-    after: str | None = None
-    while True:
-        query = {**filters, "limit": str(PAGE_SIZE)}
-        if after is not None:
-            query["after"] = after
-        page = _get_json(f"{api}/api/v1/fleet/nodes?{urllib.parse.urlencode(query)}", api,
-                         token)
-        nodes, after = page.get("nodes"), page.get("next")
-        if not isinstance(nodes, list) or not (after is None or isinstance(after, str)):
-            raise ApiError(f"{api} did not answer with a fleetmq node list: is --api the "
-                           "address of `fleetmq serve`?")
-        yield from nodes
-        if after is None:
-            return
+class NodeListing:
+    """The matching nodes, sorted by id, one page at a time (at most ``limit`` of them);
+    ``total`` is how many match in all, once the first page is read."""
+
+    def __init__(self, api: str, filters: Mapping[str, str], token: str | None = None,
+                 limit: int | None = None) -> None:
+        self.total: int | None = None
+        self._pages = self._read(api, filters, token, limit)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self._pages
+
+    def _read(self, api: str, filters: Mapping[str, str], token: str | None,
+              limit: int | None) -> Iterator[dict[str, Any]]:
+        after: str | None = None
+        left = limit
+        while left is None or left > 0:
+            query = {**filters, "limit": str(PAGE_SIZE if left is None else min(left, PAGE_SIZE))}
+            if after is not None:
+                query["after"] = after
+            page = _get_json(f"{api}/api/v1/fleet/nodes?{urllib.parse.urlencode(query)}", api,
+                             token)
+            nodes, after, total = page.get("nodes"), page.get("next"), page.get("total")
+            if not isinstance(nodes, list) or not (after is None or isinstance(after, str)):
+                raise ApiError(f"{api} did not answer with a fleetmq node list: is --api the "
+                               "address of `fleetmq serve`?")
+            if self.total is None and isinstance(total, int):
+                self.total = total
+            yield from nodes
+            if left is not None:
+                left -= len(nodes)
+            if after is None:
+                return
+
+
+def _limit(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        limit = int(text)
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ConfigError(f"--limit {text!r} is not a whole number of nodes from 1 up")
+    return limit
 
 
 def render_table(rows: list[tuple[str, ...]]) -> str:

@@ -111,6 +111,32 @@ async def test_nodes_pages_through_a_fleet_larger_than_one_page(
         assert out.splitlines()[-1] == f"{count} nodes: {count} online, 0 degraded, 0 offline"
 
 
+async def test_nodes_limit_shows_the_first_n_and_how_many_match(
+    mosquitto: Any, root: str, http: aiohttp.ClientSession
+) -> None:
+    async with running(make_settings(mosquitto.url, root)) as service:
+        port = service.http_port
+        api = f"http://127.0.0.1:{port}"
+        await asyncio.gather(*(post(http, port, "register", {"node_id": f"n-{i:04d}",
+                                                            "node_type": "sensor"})
+                               for i in range(1_005)))
+
+        code, out, err = await nodes_cli("--api", api, "--limit", "1002")
+        assert code == 0, err
+        assert list(table_rows(out)) == [f"n-{i:04d}" for i in range(1_002)]  # two pages
+        assert out.splitlines()[-1] == "first 1002 of 1005 nodes (--limit 1002)"
+
+        code, out, err = await nodes_cli("--api", api, "--limit", "5000")
+        assert code == 0, err
+        assert out.splitlines()[-1] == "1005 nodes: 1005 online, 0 degraded, 0 offline"
+
+        for bad in ("0", "-3", "many"):
+            code, out, err = await nodes_cli("--api", api, "--limit", bad)
+            assert (code, out) == (2, ""), bad
+            assert err.strip() == f"fleetmq: error: --limit {bad!r} is not a whole number " \
+                                  "of nodes from 1 up"
+
+
 async def test_nodes_on_an_empty_fleet_says_so(
     mosquitto: Any, root: str
 ) -> None:
