@@ -53,7 +53,7 @@ async def rest_load(http: aiohttp.ClientSession, base: str, ledger: Ledger, tag:
             async with http.post(f"{base}/heartbeat", json={
                     "node_id": node_id, "status": "degraded", "reason": "low_battery"}) as resp:
                 assert resp.status == 200, await resp.text()
-            ledger.present[node_id].update(status="degraded", status_reason="heartbeat")
+            ledger.present[node_id].update(status="degraded", status_reason="low_battery")
             ledger.doubt.discard(node_id)
         else:
             node_id = f"rest-{tag}-{count}"

@@ -80,7 +80,7 @@ async def test_acknowledged_changes_survive_a_restart(
         assert await get_node(http, svc, "gone") is None
         assert after == before
         assert after is not None
-        assert (after["status"], after["status_reason"]) == ("degraded", "heartbeat")
+        assert (after["status"], after["status_reason"]) == ("degraded", "low_battery")
         assert (after["location"], after["metadata"], after["uptime_seconds"]) == (
             "roof", {"fw": "2.1", "rev": 3}, 77)
         # The deleted node's history stays readable.
@@ -88,6 +88,30 @@ async def test_acknowledged_changes_survive_a_restart(
         assert status == 200
         assert [(e["from"], e["to"], e["reason"]) for e in doc["events"]] == [
             (None, "online", "registered")]
+
+
+async def test_a_node_deleted_and_registered_again_starts_without_its_old_telemetry(
+    mosquitto: Mosquitto, root: str, durable_store: StoreSettings, http: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(mosquitto.url, root, store=durable_store)
+    telemetry = ("uptime_seconds", "free_memory_kb", "sensors_active")
+    async with running(settings) as svc:
+        assert (await post(http, svc, "register", {"node_id": "again", "type": "picclaw",
+                                                   "location": "old-room"}))[0] == 200
+        assert (await post(http, svc, "heartbeat", {
+            "node_id": "again", "uptime_seconds": 42, "free_memory_kb": 200,
+            "sensors_active": 3}))[0] == 200
+        await eventually(lambda: svc.writer.backlog == 0)  # the old telemetry is stored
+        async with http.delete(api(svc, "/api/v1/fleet/nodes/again")) as resp:
+            assert resp.status == 204
+        assert (await post(http, svc, "register", {"node_id": "again", "type": "picclaw"}))[0] \
+            == 200
+        fresh = await get_node(http, svc, "again")
+        assert fresh is not None
+        assert [fresh[k] for k in (*telemetry, "location")] == [None, None, None, None]
+
+    async with running(settings) as svc:  # and as the store kept it
+        assert await get_node(http, svc, "again") == fresh
 
 
 async def test_an_mqtt_registration_is_stored_before_its_reply(
