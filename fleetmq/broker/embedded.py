@@ -24,7 +24,7 @@ from fleetmq.broker.access import AccessCounters, BrokerAccess
 from fleetmq.config import BrokerTlsSettings, BrokerWsSettings
 from fleetmq.core.clock import SystemClock
 from fleetmq.errors import BrokerError
-from fleetmq.ports import address_in_use
+from fleetmq.ports import address_in_use, bind_error
 from fleetmq.tls import BROKER_TLS_OPTIONS, server_context
 
 log = logging.getLogger(__name__)
@@ -177,6 +177,7 @@ class EmbeddedBroker:
                               f"{self.ws.host}:{self.ws.port} is already in use (another "
                               "broker's websockets listener?): pass --broker-ws HOST:PORT with "
                               "a free port, or --broker-ws off to run without it")
+        self._check_bindable()
         from fleetmq.broker.amqtt_broker import FleetBroker  # noqa: PLC0415 (heavy import)
 
         broker = FleetBroker(
@@ -197,6 +198,22 @@ class EmbeddedBroker:
                  f"{self.ws.host}:{self.ws.port}" if self.ws is not None else "off",
                  self._access is not None)
         return self
+
+    def _check_bindable(self) -> None:
+        """Any other reason a listener cannot bind (an address of another machine, a name
+        that does not resolve) as one sentence naming its option, not amqtt's traceback."""
+        listeners = [("--broker", self.host, self.port)]
+        if self.tls is not None:
+            listeners.append(("--broker-tls", self.tls.host, self.tls.port))
+        if self.ws is not None:
+            listeners.append(("--broker-ws", self.ws.host, self.ws.port))
+        for option, host, port in listeners:
+            error = bind_error(host, port)
+            if error is not None:
+                raise BrokerError(f"cannot start the embedded MQTT broker: {option} "
+                                  f"{host}:{port} cannot be listened on "
+                                  f"({error.strerror or error}): give an address of this "
+                                  "machine (127.0.0.1 for this machine only)")
 
     async def __aexit__(self, *exc_info: object) -> None:
         broker = self._broker

@@ -106,6 +106,17 @@ async def test_websocket_port_taken_exits_with_a_one_line_hint(managers: Any) ->
     assert "--broker-ws off" in line
 
 
+async def test_websocket_address_of_another_machine_exits_with_one_error_line(
+        managers: Any) -> None:
+    manager = managers("--auth", "off", "--broker", f"embedded://127.0.0.1:{free_port()}",
+                       "--http", f"127.0.0.1:{free_port()}",
+                       "--broker-ws", "192.0.2.1:9001")  # TEST-NET-1: never this machine's
+    assert await manager.wait_exit(timeout=10) == 1
+    [line] = [x for x in manager.log.splitlines() if x.startswith("fleetmq: error:")]
+    assert "--broker-ws 192.0.2.1:9001 cannot be listened on" in line
+    assert_no_traceback(manager.log)
+
+
 async def test_broker_ws_off_opens_no_websocket_listener(
         managers: Any, http: aiohttp.ClientSession, root: str) -> None:
     http_port = free_port()
