@@ -9,6 +9,7 @@ that node A is untouched: still connected, still served, its node and status unc
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -205,3 +206,30 @@ async def test_a_revoked_credentials_websocket_connection_is_closed_within_a_sec
     assert "node-b" not in (fleet.svc.embedded_broker.session_ids()
                             if fleet.svc.embedded_broker else [])
     await fleet.still_serves(a, "node-a")
+
+
+async def test_a_node_flooding_over_websockets_is_cut_off_and_others_stay_served(
+        fleet: AuthFleet) -> None:
+    """Contract section 8, "Limits": past 10 x its rate for 10 s its connection is closed
+    (a WebSocket too) and its logins refused for a minute."""
+    victim = await fleet.node("node-a")
+    token = await fleet.node_token("flooder")
+    t = fleet.topics
+    async with mqttjs(ws_url(fleet), client_id="flooder", username="flooder",
+                      password=token) as flooder:
+        await flooder.connected()
+        await flooder.publish(t.register("flooder"), json.dumps({"type": "browser"}))
+        started = time.monotonic()
+        sent = 0
+        while not flooder.of("close") and time.monotonic() - started < 20:
+            await flooder.send(op="publish", topic=t.heartbeat("flooder"), qos=0,
+                               payload=json.dumps({"uptime_seconds": sent}))
+            sent += 1
+            await asyncio.sleep(0.01)  # 100 a second: 20 x the default rate
+        assert flooder.of("close"), "the flooding node was not disconnected within 20 s"
+    assert time.monotonic() - started < 15
+    assert (await fleet.metrics())["fleetmq_broker_connections_cut_total"] == 1
+    async with mqttjs(ws_url(fleet), client_id="flooder", username="flooder",
+                      password=token) as again:
+        assert (await again.refused()).get("code") == NOT_AUTHORISED
+    await fleet.still_serves(victim, "node-a")
