@@ -44,6 +44,22 @@ SESSION_EXPIRY_S = 86_400
 """A persistent session left without a connection this long is dropped (amqtt does it)."""
 
 
+class HandshakeFailures(logging.Filter):
+    """websockets logs every failed WebSocket handshake (plain HTTP, a port scanner, a client
+    that asks for no ``mqtt`` subprotocol) as an ERROR with a traceback, so anyone reaching
+    the listener could fill the log. Such a record becomes one line, kept at debug level only.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "opening handshake failed":
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg, record.args = "broker_ws_handshake_failed error=%.200r", (error,)
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return log.isEnabledFor(logging.DEBUG)
+
+
 def _config(host: str, port: int, *, auth: bool, session_expiry_s: int,
             tls: BrokerTlsSettings | None = None,
             ws: BrokerWsSettings | None = None) -> dict[str, Any]:
@@ -161,6 +177,9 @@ class EmbeddedBroker:
     async def __aenter__(self) -> EmbeddedBroker:
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+        ws_log = logging.getLogger("websockets.server")
+        if not any(isinstance(f, HandshakeFailures) for f in ws_log.filters):
+            ws_log.addFilter(HandshakeFailures())
         if address_in_use(self.host, self.port):
             raise BrokerError(
                 f"cannot start the embedded MQTT broker: {self.host}:{self.port} is already in "

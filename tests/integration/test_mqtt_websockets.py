@@ -73,6 +73,10 @@ async def test_mqttjs_over_websockets_gets_statuses_from_fleetmq_serve_embedded_
     await manager.wait_ready(http_port, http)
     await watch_statuses_then_changes(f"ws://127.0.0.1:{ws_port}", root, http, http_port)
     assert f"ws=127.0.0.1:{ws_port}" in manager.log
+    # Plain HTTP on the WebSocket port (a scanner, say) is refused without a traceback each.
+    for _ in range(3):
+        async with http.get(f"http://127.0.0.1:{ws_port}/") as resp:
+            assert resp.status == 426
     # A dashboard still connected: the manager stops even so, promptly, and the dashboard
     # sees the manager's offline status before its connection ends.
     async with mqttjs(f"ws://127.0.0.1:{ws_port}") as dashboard:
