@@ -118,6 +118,8 @@ def start_manager(broker_url: str, root: str, *options: str, workdir: Path,
             "--broker", broker_url, "--http", f"127.0.0.1:{http_port}",
             "--store", fresh_store(workdir, root) if store == "sqlite" else store,
             "--topic-root", root, "--log-level", "warning", *UNLIMITED_NODES, *options]
+    if broker_url.startswith("embedded") and "--broker-ws" not in options:
+        argv += ["--broker-ws", "off"]  # not measured here; and 9001 may be anyone's
     argv = PINNING.manager(argv)
     if log is None:
         proc = subprocess.Popen(argv)

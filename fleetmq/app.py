@@ -246,11 +246,13 @@ class FleetService:
                                       manager_secret=self._broker_secret,
                                       monotonic=self.clock.monotonic,
                                       tls=self.settings.broker_tls,
+                                      ws=self.settings.broker_ws,
                                       key_rate=self.settings.auth.key_rate,
                                       key_burst=self.settings.auth.key_burst)
             self.metrics.broker_access = embedded.counters
         else:
-            embedded = EmbeddedBroker(broker.host, broker.port, tls=self.settings.broker_tls)
+            embedded = EmbeddedBroker(broker.host, broker.port, tls=self.settings.broker_tls,
+                                      ws=self.settings.broker_ws)
         self.embedded_broker = embedded
         return embedded
 

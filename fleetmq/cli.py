@@ -24,6 +24,7 @@ from fleetmq.config import (
     Settings,
     parse_broker,
     parse_broker_tls,
+    parse_broker_ws,
     parse_hostport,
     parse_store,
 )
@@ -105,6 +106,10 @@ SERVE_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
      "HOST:PORT of a TLS listener of the embedded broker, beside its TCP one (default: none)"),
     ("--broker-tls-cert", None, "the embedded broker's TLS certificate file (PEM)"),
     ("--broker-tls-key", None, "the embedded broker's TLS key file (PEM, unencrypted)"),
+    ("--broker-ws", None,
+     "HOST:PORT of the embedded broker's MQTT over WebSockets listener (browser dashboards "
+     "with MQTT.js), with the same logins and topic rules as its TCP one, or off "
+     "(default: 127.0.0.1:9001 with the embedded broker)"),
     ("--http-tls-cert", None, "serve HTTPS with this certificate file (with --http-tls-key)"),
     ("--http-tls-key", None, "the HTTPS certificate's key file"),
     ("--metrics-public", "false", "true: /metrics without a token (default: false)"),
@@ -183,10 +188,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
     host, port = parse_hostport(args.http, "--http")
     if args.log_level.lower() not in LOG_LEVELS:
         raise ConfigError(f"--log-level {args.log_level!r} is not one of {', '.join(LOG_LEVELS)}")
+    broker = parse_broker(args.broker, ca_file=args.broker_ca, cert_file=args.broker_cert,
+                          key_file=args.broker_key)
     return Settings(
-        broker=parse_broker(args.broker, ca_file=args.broker_ca, cert_file=args.broker_cert,
-                            key_file=args.broker_key),
+        broker=broker,
         broker_tls=parse_broker_tls(args.broker_tls, args.broker_tls_cert, args.broker_tls_key),
+        broker_ws=parse_broker_ws(args.broker_ws, broker),
         http=HttpSettings(host=host, port=port, tls_cert=args.http_tls_cert or None,
                           tls_key=args.http_tls_key or None),
         auth=_auth_settings(args),

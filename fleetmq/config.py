@@ -73,6 +73,15 @@ class BrokerTlsSettings:
     key_file: str
 
 
+@dataclass(frozen=True, slots=True)
+class BrokerWsSettings:
+    """The embedded broker's WebSocket listener (``--broker-ws HOST:PORT``): MQTT over
+    WebSockets for browser dashboards (MQTT.js), with the same logins and topic rules as TCP."""
+
+    host: str = "127.0.0.1"
+    port: int = 9001
+
+
 StoreScheme = Literal["memory", "sqlite", "postgresql"]
 DEFAULT_STORE = "sqlite:///fleetmq.db"
 
@@ -179,6 +188,9 @@ class Settings:
     auth: AuthSettings = AuthSettings()
     broker_tls: BrokerTlsSettings | None = None
     """The embedded broker's TLS listener; None: TCP only."""
+    broker_ws: BrokerWsSettings | None = None
+    """The embedded broker's WebSocket listener; None: none (the CLI's default is
+    127.0.0.1:9001 with the embedded broker)."""
     topic_root: str = "fleet"
     heartbeat_interval_s: int = 60
     offline_after_s: float | None = None
@@ -236,11 +248,35 @@ class Settings:
             raise ConfigError(f"--broker-tls is a listener of the embedded broker, but --broker "
                               f"is {self.broker.describe()}: drop --broker-tls, or configure "
                               "TLS on that broker")
+        if self.broker_ws is not None and not self.broker.embedded:
+            raise ConfigError(f"--broker-ws is a listener of the embedded broker, but --broker "
+                              f"is {self.broker.describe()}: drop --broker-ws (or pass "
+                              "--broker-ws off), or configure WebSockets on that broker")
+        self._check_ports_distinct()
         if self.client_id is not None and not self.client_id.startswith(CLIENT_ID_PREFIX):
             raise ConfigError(
                 f"--client-id {self.client_id!r} must begin with {CLIENT_ID_PREFIX!r}, "
                 "which no node id can, so no device can take over the manager's session"
             )
+
+
+    def _check_ports_distinct(self) -> None:
+        """Two of fleetmq's own listeners on one port would fail deep inside amqtt or aiohttp,
+        after the port checks (each port is free until the other binds it)."""
+        own = [("--http", self.http.host, self.http.port)]
+        if self.broker.embedded:
+            own.append(("--broker", self.broker.host, self.broker.port))
+        if self.broker_tls is not None:
+            own.append(("--broker-tls", self.broker_tls.host, self.broker_tls.port))
+        if self.broker_ws is not None:
+            own.append(("--broker-ws", self.broker_ws.host, self.broker_ws.port))
+        for i, (option, host, port) in enumerate(own):
+            for other, other_host, other_port in own[:i]:
+                if port != 0 and port == other_port and (
+                        host == other_host or "0.0.0.0" in (host, other_host)
+                        or "::" in (host, other_host)):
+                    raise ConfigError(f"{option} and {other} both ask for port {port}: give "
+                                      f"{option} another port")
 
 
 def parse_broker(text: str, *, ca_file: str | None = None, cert_file: str | None = None,
@@ -302,6 +338,30 @@ def parse_broker_tls(text: str | None, cert_file: str | None,
     if port == 0:
         raise ConfigError("--broker-tls needs a port from 1 to 65535 (e.g. 127.0.0.1:8883)")
     return BrokerTlsSettings(host, port, cert_file, key_file)
+
+
+WS_DEFAULT = "127.0.0.1:9001"
+WS_OFF = ("off", "none", "false", "no")
+
+
+def parse_broker_ws(text: str | None, broker: BrokerSettings) -> BrokerWsSettings | None:
+    """``--broker-ws HOST:PORT`` or ``off``; not given: 127.0.0.1:9001 with the embedded
+    broker, none with another (whose own WebSocket listener, if any, is its business)."""
+    if text is None or not text.strip():
+        if not broker.embedded:
+            return None
+        text = WS_DEFAULT
+    if text.strip().lower() in WS_OFF:
+        return None
+    try:
+        host, port = parse_hostport(text, "--broker-ws")
+    except ConfigError:
+        raise ConfigError(f"--broker-ws {text!r} is not HOST:PORT (for example "
+                          f"{WS_DEFAULT}) or off") from None
+    if port == 0:
+        raise ConfigError("--broker-ws needs a port from 1 to 65535 (e.g. 127.0.0.1:9001), "
+                          "or off")
+    return BrokerWsSettings(host, port)
 
 
 def parse_hostport(text: str, option: str) -> tuple[str, int]:

@@ -12,14 +12,21 @@ import socket
 
 def address_in_use(host: str, port: int) -> bool:
     """True if ``host:port`` is already bound by someone; any other bind error (an unknown
-    host, say) answers False and is left for the real bind to report."""
+    host, say) answers False and is left for ``bind_error`` or the real bind to report."""
+    error = bind_error(host, port)
+    return error is not None and error.errno == errno.EADDRINUSE
+
+
+def bind_error(host: str, port: int) -> OSError | None:
+    """Why ``host:port`` cannot be bound now (taken, an address of another machine, a name
+    that does not resolve), or None."""
     if port == 0:
-        return False
+        return None
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            return exc.errno == errno.EADDRINUSE
-    return False
+            return exc
+    return None

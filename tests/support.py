@@ -33,6 +33,9 @@ class Mosquitto:
         self.port = free_port()
         while self.port == 1883:
             self.port = free_port()
+        self.ws_port: int | None = None
+        """The port of the repo's websockets listener, moved to a free port; None if the
+        repo's mosquitto.conf has none."""
         self.workdir = workdir
         self.persistence = persistence
         self.dynsec = dynsec
@@ -46,13 +49,19 @@ class Mosquitto:
 
     def _write_config(self) -> None:
         kept = []
-        for line in (REPO / "mosquitto.conf").read_text().splitlines():
+        repo_conf = (REPO / "mosquitto.conf").read_text().splitlines()
+        for line in repo_conf:
             words = line.split()
             if words and not words[0].startswith("#") and words[0] in _OVERRIDDEN:
                 continue
             kept.append(line)
         if self.dynsec:
             kept += [f"plugin {DYNSEC_PLUGIN}", f"plugin_opt_config_file {self.dynsec_file}"]
+        if _has_websockets_listener(repo_conf):
+            # Before the TCP listener, which stays the last one: listener options that
+            # subclasses append (use_username_as_clientid, TLS files) remain its own.
+            self.ws_port = self.ws_port or _free_port_not(9001, self.port)
+            kept += [f"listener {self.ws_port} 127.0.0.1", "protocol websockets"]
         kept += [
             f"listener {self.port} 127.0.0.1",
             f"allow_anonymous {'false' if self.dynsec else 'true'}",
@@ -60,6 +69,7 @@ class Mosquitto:
             f"persistence_location {self.workdir}/",
             f"log_dest file {self.log}",
         ]
+
         if os.geteuid() == 0:
             kept.append("user root")  # as root Mosquitto would drop to its own user
         self.conf.write_text("\n".join(kept) + "\n")
@@ -104,6 +114,27 @@ class Mosquitto:
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        """The websockets listener (MQTT over WebSockets) of the repo's mosquitto.conf."""
+        if self.ws_port is None:
+            raise RuntimeError("the repo's mosquitto.conf has no `protocol websockets` listener")
+        return f"ws://127.0.0.1:{self.ws_port}"
+
+
+def _has_websockets_listener(conf: list[str]) -> bool:
+    """Whether a `listener` of the config is followed by `protocol websockets`."""
+    words = [line.split() for line in conf if line.split() and not line.startswith("#")]
+    return any(w[:2] == ["protocol", "websockets"] and any(v[0] == "listener" for v in words[:i])
+               for i, w in enumerate(words))
+
+
+def _free_port_not(*taken: int) -> int:
+    port = free_port()
+    while port in (1883, *taken):
+        port = free_port()
+    return port
 
 
 def postgres_bindir() -> Path | None:

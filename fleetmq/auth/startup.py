@@ -47,6 +47,9 @@ def listeners(settings: Settings) -> list[tuple[str, str, bool]]:
     if settings.broker_tls is not None:
         own.append(("embedded MQTT broker's TLS listener (--broker-tls)",
                     settings.broker_tls.host, True))
+    if settings.broker_ws is not None:
+        own.append(("embedded MQTT broker's WebSocket listener (--broker-ws)",
+                    settings.broker_ws.host, False))
     return own
 
 

@@ -9,10 +9,12 @@ read (and tested) without it. Every refusal is counted by reason for ``/metrics`
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from fleetmq.auth.limits import KeyedLimiter
 from fleetmq.auth.rules import MANAGER_CLIENT_PREFIX, Principal, TopicRules
@@ -36,6 +38,28 @@ MAX_TRACKED = 100_000
 # Why a CONNECT is refused (metrics.LOGIN_REFUSALS): the token's failure (AuthService.verify),
 # a wrong manager secret, a username that is not the token's identity, a client id that is not
 # it, a key whose role has no broker rights, a will topic outside the client's own.
+
+
+def origin_allowed_without_auth(origin: str | None) -> bool:
+    """With auth off, whether a WebSocket handshake with this ``Origin`` header may go on.
+
+    Auth off means every listener is for this machine only. A browser on this machine runs
+    pages from any site, and a WebSocket, unlike a fetch, is not held back by CORS: any page
+    could publish into an open fleet through ``ws://127.0.0.1:9001``. So, without auth, only
+    clients that are not browsers (no Origin) and pages served from this machine (a loopback
+    host) get in; ``null`` (a file, or a sandboxed frame of any site) does not. With auth on
+    every origin may try: MQTT carries no cookie, so a page needs a token of its own."""
+    if origin is None:
+        return True
+    host = urlsplit(origin.strip()).hostname
+    if not host:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass

@@ -7,8 +7,10 @@ live client off (``notes/amqtt.md``). Here a refused CONNECT gets its CONNACK an
 closed and nothing else happens. A persistent session is resumed only by the identity that
 created it; topic checks come from ``BrokerAccess``; a credential that ends cuts its
 connections and drops their sessions. In every mode: offline queues are bounded, and a client
-gets retained messages only for filters it holds itself. Only this module imports amqtt's
-broker internals; ``embedded.py`` imports it lazily.
+gets retained messages only for filters it holds itself. Every listener (TCP, TLS and
+WebSocket) hands its connections to ``_client_connected``: one login path for all (and, with
+auth off, a browser page from another site is kept off the WebSocket listener). Only this
+module imports amqtt's broker internals; ``embedded.py`` imports it lazily.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from amqtt.adapters import WebSocketsReader
 from amqtt.broker import Broker
 from amqtt.contexts import Action, ListenerType
 from amqtt.errors import BrokerError as AmqttBrokerError
@@ -29,9 +32,18 @@ from amqtt.mqtt.protocol.broker_handler import BrokerProtocolHandler
 from amqtt.session import Session
 
 from fleetmq.auth.limits import LoginBackoff
-from fleetmq.broker.access import AccessCounters, Admitted, BrokerAccess, Login, Refused
+from fleetmq.broker.access import (
+    AccessCounters,
+    Admitted,
+    BrokerAccess,
+    Login,
+    Refused,
+    origin_allowed_without_auth,
+)
+from fleetmq.metrics import RateLimitedLog
 
 log = logging.getLogger(__name__)
+_limited = RateLimitedLog(log)
 
 CONNECT_TIMEOUT_S = 10.0
 """A client must send its CONNECT within this after opening the socket (amqtt waits forever)."""
@@ -112,7 +124,7 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
         access = self._access
         if access is None:
-            await super()._client_connected(listener_name, reader, writer)
+            await self._open_client_connected(listener_name, reader, writer)
             return
         server = self._servers.get(listener_name)
         if server is None:
@@ -157,6 +169,19 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
                           session.client_id, exc)
         finally:
             server.release_connection()
+
+    async def _open_client_connected(self, listener_name: str, reader: Any,
+                                     writer: Any) -> None:
+        """Auth off: amqtt's own path, once a WebSocket's origin is known to be this
+        machine's (``origin_allowed_without_auth``)."""
+        origin = _websocket_origin(writer)
+        if not origin_allowed_without_auth(origin):
+            _limited.warning("broker_ws_origin", self._monotonic(),
+                             "broker_websocket_origin_refused origin=%.200r: auth is off, so "
+                             "only pages served from this machine may connect", origin)
+            await _close(writer)
+            return
+        await super()._client_connected(listener_name, reader, writer)
 
     async def _admit(self, access: BrokerAccess, session: Session, writer: Any,
                      address: str) -> Admitted | None:
@@ -363,14 +388,40 @@ class FleetBroker(Broker):  # type: ignore[misc]  # amqtt is untyped here
         return list(self._sessions)
 
 
+def _transport(writer: Any) -> Any:
+    """The connection's transport under amqtt's writer adapter: a TCP stream's
+    (``StreamWriterAdapter._writer``) or a WebSocket's (``WebSocketsWriter._protocol``)."""
+    stream = getattr(writer, "_writer", None) or getattr(writer, "_protocol", None)
+    return getattr(stream, "transport", None)
+
+
+def _websocket_origin(writer: Any) -> str | None:
+    """The ``Origin`` header of a WebSocket connection's handshake (None: none, or TCP)."""
+    request = getattr(getattr(writer, "_protocol", None), "request", None)
+    headers = getattr(request, "headers", None)
+    origin = headers.get("Origin") if headers is not None else None
+    return origin if isinstance(origin, str) else None
+
+
 def _abort(handler: Any) -> None:
-    """Close the client's socket at once: its reader sees EOF and amqtt ends the connection."""
-    stream = getattr(getattr(handler, "writer", None), "_writer", None)
-    transport = getattr(stream, "transport", None)
+    """Close the client's socket at once: its reader sees EOF and amqtt ends the connection.
+    Over WebSockets too: amqtt's WebSocket reader ignores ``feed_eof``, so a revoked or cut
+    off browser client would otherwise keep its socket."""
+    transport = _transport(getattr(handler, "writer", None))
     if transport is not None:
         transport.abort()
     elif getattr(handler, "reader", None) is not None:
         handler.reader.feed_eof()
+
+
+def end_input(handler: Any) -> None:
+    """End a client's input so that its reader task finishes (shutdown): EOF for a TCP
+    stream; a WebSocket reader ignores EOF, so its socket is closed instead."""
+    reader = getattr(handler, "reader", None)
+    if isinstance(reader, WebSocketsReader):
+        _abort(handler)
+    elif reader is not None:
+        reader.feed_eof()
 
 
 async def _close(writer: Any) -> None:
@@ -378,6 +429,6 @@ async def _close(writer: Any) -> None:
         async with asyncio.timeout(CLOSE_TIMEOUT_S):
             await writer.close()
     except Exception:  # a client that reads nothing: drop the socket instead
-        transport = getattr(getattr(writer, "_writer", None), "transport", None)
+        transport = _transport(writer)
         if transport is not None:
             transport.abort()

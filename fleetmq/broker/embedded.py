@@ -21,10 +21,10 @@ from fleetmq.auth.rules import TopicRules
 from fleetmq.auth.service import AuthService
 from fleetmq.auth.store import Credential
 from fleetmq.broker.access import AccessCounters, BrokerAccess
-from fleetmq.config import BrokerTlsSettings
+from fleetmq.config import BrokerTlsSettings, BrokerWsSettings
 from fleetmq.core.clock import SystemClock
 from fleetmq.errors import BrokerError
-from fleetmq.ports import address_in_use
+from fleetmq.ports import address_in_use, bind_error
 from fleetmq.tls import BROKER_TLS_OPTIONS, server_context
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 SWEEP_S = 1.0
 """How often the revoker looks at every session without being told of an ended credential."""
 
-_NOISY_LOGGERS = ("amqtt", "transitions")
+_NOISY_LOGGERS = ("amqtt", "transitions", "websockets.server")
+"""Loggers that speak at INFO for every connection or state change."""
 SHUTDOWN_GRACE_S = 1.0
 """How long amqtt may take to stop on its own before its clients' input is ended for it."""
 SHUTDOWN_TIMEOUT_S = 5.0
@@ -43,13 +44,34 @@ SESSION_EXPIRY_S = 86_400
 """A persistent session left without a connection this long is dropped (amqtt does it)."""
 
 
+class HandshakeFailures(logging.Filter):
+    """websockets logs every failed WebSocket handshake (plain HTTP, a port scanner, a client
+    that asks for no ``mqtt`` subprotocol) as an ERROR with a traceback, so anyone reaching
+    the listener could fill the log. Such a record becomes one line, kept at debug level only.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "opening handshake failed":
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        record.msg, record.args = "broker_ws_handshake_failed error=%.200r", (error,)
+        record.exc_info, record.exc_text = None, None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return log.isEnabledFor(logging.DEBUG)
+
+
 def _config(host: str, port: int, *, auth: bool, session_expiry_s: int,
-            tls: BrokerTlsSettings | None = None) -> dict[str, Any]:
+            tls: BrokerTlsSettings | None = None,
+            ws: BrokerWsSettings | None = None) -> dict[str, Any]:
     listeners: dict[str, Any] = {"default": {"type": "tcp", "bind": f"{host}:{port}"}}
     if tls is not None:
         # amqtt makes the context itself (TLS 1.2+, a client certificate optional and unused).
         listeners["tls"] = {"type": "tcp", "bind": f"{tls.host}:{tls.port}", "ssl": True,
                             "certfile": tls.cert_file, "keyfile": tls.key_file}
+    if ws is not None:
+        # Every listener's connections go through FleetBroker._client_connected: one login
+        # check and one set of topic rules, whatever the transport.
+        listeners["ws"] = {"type": "ws", "bind": f"{ws.host}:{ws.port}"}
     return {
         "listeners": listeners,
         # An explicit plugin list: amqtt's defaults add $SYS, event and packet logging. With
@@ -63,17 +85,18 @@ def _config(host: str, port: int, *, auth: bool, session_expiry_s: int,
 class EmbeddedBroker:
     """``auth`` None: anonymous, for auth off. Otherwise every CONNECT needs a token (or, for
     the manager's own client ids, ``manager_secret``) and every topic follows ``rules``.
-    ``tls``: a second listener with TLS."""
+    ``tls``: a second listener with TLS; ``ws``: one for MQTT over WebSockets."""
 
     def __init__(self, host: str, port: int, *, auth: AuthService | None = None,
                  rules: TopicRules | None = None, manager_secret: str | None = None,
                  monotonic: Callable[[], float] = SystemClock.monotonic,
                  session_expiry_s: int = SESSION_EXPIRY_S, max_queued: int = MAX_QUEUED,
-                 tls: BrokerTlsSettings | None = None, key_rate: float = 1000.0,
-                 key_burst: int = 2000) -> None:
+                 tls: BrokerTlsSettings | None = None, ws: BrokerWsSettings | None = None,
+                 key_rate: float = 1000.0, key_burst: int = 2000) -> None:
         self.host = host
         self.port = port
         self.tls = tls
+        self.ws = ws
         if tls is not None:  # read now, for a one-line error instead of amqtt's traceback
             server_context(tls.cert_file, tls.key_file, BROKER_TLS_OPTIONS)
         self._auth = auth
@@ -154,6 +177,9 @@ class EmbeddedBroker:
     async def __aenter__(self) -> EmbeddedBroker:
         for name in _NOISY_LOGGERS:
             logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
+        ws_log = logging.getLogger("websockets.server")
+        if not any(isinstance(f, HandshakeFailures) for f in ws_log.filters):
+            ws_log.addFilter(HandshakeFailures())
         if address_in_use(self.host, self.port):
             raise BrokerError(
                 f"cannot start the embedded MQTT broker: {self.host}:{self.port} is already in "
@@ -165,11 +191,17 @@ class EmbeddedBroker:
             raise BrokerError(f"cannot start the embedded MQTT broker's TLS listener: "
                               f"{self.tls.host}:{self.tls.port} is already in use: pass "
                               "--broker-tls HOST:PORT with a free port")
+        if self.ws is not None and address_in_use(self.ws.host, self.ws.port):
+            raise BrokerError(f"cannot start the embedded MQTT broker's WebSocket listener: "
+                              f"{self.ws.host}:{self.ws.port} is already in use (another "
+                              "broker's websockets listener?): pass --broker-ws HOST:PORT with "
+                              "a free port, or --broker-ws off to run without it")
+        self._check_bindable()
         from fleetmq.broker.amqtt_broker import FleetBroker  # noqa: PLC0415 (heavy import)
 
         broker = FleetBroker(
             _config(self.host, self.port, auth=self._access is not None,
-                    session_expiry_s=self._session_expiry_s, tls=self.tls),
+                    session_expiry_s=self._session_expiry_s, tls=self.tls, ws=self.ws),
             access=self._access, counters=self.counters, backoff=LoginBackoff(),
             monotonic=self._monotonic, max_queued=self._max_queued)
         try:
@@ -180,10 +212,27 @@ class EmbeddedBroker:
         self._broker = broker
         if self._access is not None:
             self._revoker = asyncio.create_task(self._revoke_loop(), name="fleetmq-broker-revoke")
-        log.info("embedded_broker_started address=%s:%d tls=%s auth=%s", self.host, self.port,
-                 f"{self.tls.host}:{self.tls.port}" if self.tls is not None else "off",
+        log.info("embedded_broker_started address=%s:%d tls=%s ws=%s auth=%s", self.host,
+                 self.port, f"{self.tls.host}:{self.tls.port}" if self.tls is not None else "off",
+                 f"{self.ws.host}:{self.ws.port}" if self.ws is not None else "off",
                  self._access is not None)
         return self
+
+    def _check_bindable(self) -> None:
+        """Any other reason a listener cannot bind (an address of another machine, a name
+        that does not resolve) as one sentence naming its option, not amqtt's traceback."""
+        listeners = [("--broker", self.host, self.port)]
+        if self.tls is not None:
+            listeners.append(("--broker-tls", self.tls.host, self.tls.port))
+        if self.ws is not None:
+            listeners.append(("--broker-ws", self.ws.host, self.ws.port))
+        for option, host, port in listeners:
+            error = bind_error(host, port)
+            if error is not None:
+                raise BrokerError(f"cannot start the embedded MQTT broker: {option} "
+                                  f"{host}:{port} cannot be listened on "
+                                  f"({error.strerror or error}): give an address of this "
+                                  "machine (127.0.0.1 for this machine only)")
 
     async def __aexit__(self, *exc_info: object) -> None:
         broker = self._broker
@@ -200,6 +249,8 @@ class EmbeddedBroker:
         # same moment, and the wait then lasts until the client hangs up: with agents still
         # connected, shutdown would never finish. Past a grace period, ending each client's
         # input (EOF) lets those readers finish. amqtt offers no public list of its clients.
+        from fleetmq.broker.amqtt_broker import end_input  # noqa: PLC0415 (heavy import)
+
         handlers = [handler for _session, handler in list(broker._sessions.values())]
         task = asyncio.ensure_future(broker.shutdown())
         try:
@@ -209,8 +260,7 @@ class EmbeddedBroker:
             except TimeoutError:
                 log.warning("embedded_broker_slow_shutdown clients=%d", len(handlers))
                 for handler in handlers:
-                    if handler.reader is not None:
-                        handler.reader.feed_eof()
+                    end_input(handler)
                 async with asyncio.timeout(SHUTDOWN_TIMEOUT_S):
                     await task
         except TimeoutError:

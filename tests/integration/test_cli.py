@@ -341,7 +341,8 @@ async def test_embedded_broker_serves_mqtt_and_rest_and_stops_on_sigterm(
 ) -> None:
     mqtt_url = f"embedded://127.0.0.1:{free_port()}"
     port = free_port()
-    manager = managers("--broker", mqtt_url, "--http", f"127.0.0.1:{port}")
+    manager = managers("--broker", mqtt_url, "--http", f"127.0.0.1:{port}",
+                       "--broker-ws", f"127.0.0.1:{free_port()}")
     await manager.wait_ready(port, http)
 
     # The default topic root is "fleet"; the broker is this manager's own, so nothing else
@@ -386,7 +387,8 @@ async def test_embedded_broker_port_taken_exits_with_a_one_line_hint_to_use_brok
     managers: Any
 ) -> None:
     line, busy = await exit_over_taken_port(lambda busy: managers(
-        "--broker", f"embedded://127.0.0.1:{busy}", "--http", f"127.0.0.1:{free_port()}"))
+        "--broker", f"embedded://127.0.0.1:{busy}", "--http", f"127.0.0.1:{free_port()}",
+        "--broker-ws", "off"))
     assert "already in use" in line
     assert str(busy) in line
     assert "--broker" in line
@@ -398,8 +400,9 @@ async def test_http_port_taken_exits_with_a_one_line_hint_to_use_http(
 ) -> None:
     url = (request.getfixturevalue("mosquitto").url if broker == "mosquitto"
            else f"embedded://127.0.0.1:{free_port()}")
+    ws = ["--broker-ws", "off"] if broker == "embedded" else []
     line, busy = await exit_over_taken_port(lambda busy: managers(
-        "--broker", url, "--http", f"127.0.0.1:{busy}", "--topic-root", root))
+        "--broker", url, "--http", f"127.0.0.1:{busy}", "--topic-root", root, *ws))
     assert "already in use" in line
     assert str(busy) in line
     assert "--http" in line

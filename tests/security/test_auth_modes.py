@@ -126,3 +126,15 @@ async def test_a_bad_admin_token_file_stops_the_start(tmp_path: Path, root: str)
     with pytest.raises(AuthSetupError, match="does not hold an fmq_key_ token"):
         async with running(settings):
             pass
+
+
+def test_a_websocket_listener_beyond_loopback_without_an_admin_key_exits_1(
+        tmp_path: Path) -> None:
+    done = serve(tmp_path, "--http", f"127.0.0.1:{free_port()}",
+                 "--broker", f"embedded://127.0.0.1:{free_port()}",
+                 "--broker-ws", f"0.0.0.0:{free_port()}")
+    assert done.returncode == 1, done.stderr
+    [line] = [x for x in done.stderr.splitlines() if x.startswith("fleetmq: error:")]
+    assert "WebSocket listener (--broker-ws)" in line
+    assert "0.0.0.0" in line
+    assert "--auth off" in line

@@ -51,6 +51,7 @@ def manager(tmp_path: Path) -> Iterator[Manager]:
     log_path = tmp_path / "serve.log"
     argv = [sys.executable, "-m", "fleetmq", "serve",
             "--broker", f"embedded://127.0.0.1:{free_port()}", "--http", "127.0.0.1:0",
+            "--broker-ws", "off",
             "--store", "memory://", "--admin-token-file", str(token_file),
             # The fuzzer sends thousands of requests a minute with one key and a few node
             # ids: under the default per-key and per-node rates most would get 429 and test

@@ -48,9 +48,15 @@ class ExportedMosquitto(Mosquitto):
 
     def _write_config(self) -> None:
         super()._write_config()
-        lines = [line for line in self.conf.read_text().splitlines()
-                 if line.split()[:1] != ["allow_anonymous"]]
-        # After the listener line: use_username_as_clientid is a listener option.
+        lines = []
+        for line in self.conf.read_text().splitlines():
+            if line.split()[:1] == ["allow_anonymous"]:
+                continue
+            lines.append(line)
+            # After every listener line (the websockets one too): use_username_as_clientid
+            # is a listener option (docs/broker-hooks.md).
+            if line.split()[:1] == ["listener"]:
+                lines.append("use_username_as_clientid true")
         lines += [*REQUIRED_BROKER_CONFIG, f"password_file {self.passwd}",
                   f"acl_file {self.acl}"]
         self.conf.write_text("\n".join(lines) + "\n")

@@ -239,7 +239,7 @@ def test_serve_with_bad_tls_files_exits_2_with_one_line(
     pki: Pki, tmp_path: Path, case: str, words: str
 ) -> None:
     base = ["serve", "--store", "memory://", "--http", f"127.0.0.1:{free_port()}",
-            "--broker", f"embedded://127.0.0.1:{free_port()}"]
+            "--broker", f"embedded://127.0.0.1:{free_port()}", "--broker-ws", "off"]
     port = free_port()
     extra = {
         "http cert alone": ["--http-tls-cert", pki.server.cert],

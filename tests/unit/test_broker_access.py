@@ -16,6 +16,7 @@ from fleetmq.broker.access import (
     BrokerAccess,
     Login,
     Refused,
+    origin_allowed_without_auth,
 )
 from fleetmq.core.clock import FakeClock
 
@@ -157,3 +158,21 @@ async def test_the_broker_counts_what_each_node_itself_sent(
     clock.advance(25)
     assert access.sent_recently("n1") == 0
     assert access.sent_recently("n2") == 0
+
+
+# --- auth off: which browser pages may use the WebSocket listener ------------------------------
+
+
+@pytest.mark.parametrize("origin", [None, "http://localhost:5173", "http://127.0.0.1:8000",
+                                    "https://127.0.0.2", "http://[::1]:3000",
+                                    "http://dash.localhost:8080", "HTTP://LOCALHOST"])
+def test_without_auth_pages_of_this_machine_and_non_browsers_may_use_websockets(
+        origin: str | None) -> None:
+    assert origin_allowed_without_auth(origin)
+
+
+@pytest.mark.parametrize("origin", ["https://evil.example", "null", "", "http://10.0.0.5",
+                                    "http://localhost.evil.example", "http://127.0.0.1.nip.io",
+                                    "file://", "http://[::ffff:1.2.3.4]"])
+def test_without_auth_pages_of_other_sites_may_not_use_websockets(origin: str) -> None:
+    assert not origin_allowed_without_auth(origin)

@@ -7,7 +7,13 @@ import dataclasses
 import pytest
 
 from fleetmq.cli import build_parser, env_name, main, settings_from
-from fleetmq.config import BrokerSettings, Settings, parse_broker, parse_hostport
+from fleetmq.config import (
+    BrokerSettings,
+    BrokerWsSettings,
+    Settings,
+    parse_broker,
+    parse_hostport,
+)
 from fleetmq.core.topics import Kind, Parsed, Topics, is_valid_node_id, is_valid_root
 from fleetmq.errors import ConfigError
 
@@ -356,3 +362,60 @@ def test_puback_is_receipt_by_default_and_applied_on_request() -> None:
     assert settings_for([], {"FLEETMQ_PUBACK": "applied"}).puback == "applied"
     with pytest.raises(ConfigError, match=r"--puback 'later' is not receipt or applied"):
         settings_for(["--puback", "later"])
+
+
+# --- --broker-ws: the embedded broker's MQTT over WebSockets listener ------------------------
+
+
+def test_broker_ws_is_on_loopback_port_9001_by_default_with_the_embedded_broker() -> None:
+    assert settings_for([]).broker_ws == BrokerWsSettings("127.0.0.1", 9001)
+
+
+def test_broker_ws_is_none_by_default_with_an_external_broker() -> None:
+    assert settings_for(["--broker", "mqtt://127.0.0.1:1884"]).broker_ws is None
+
+
+@pytest.mark.parametrize("value", ["off", "OFF", "none", " off "])
+def test_broker_ws_off_opens_no_listener_with_either_broker(value: str) -> None:
+    assert settings_for(["--broker-ws", value]).broker_ws is None
+    assert settings_for(["--broker", "mqtt://127.0.0.1:1884", "--broker-ws", value]
+                        ).broker_ws is None
+
+
+def test_broker_ws_from_the_environment_and_flags_win() -> None:
+    env = {"FLEETMQ_BROKER_WS": "0.0.0.0:9101"}
+    assert settings_for([], env).broker_ws == BrokerWsSettings("0.0.0.0", 9101)
+    assert settings_for(["--broker-ws", "127.0.0.1:9102"], env).broker_ws == \
+        BrokerWsSettings("127.0.0.1", 9102)
+    assert settings_for(["--broker-ws", "off"], env).broker_ws is None
+    assert settings_for(["--broker-ws", ":9103"]).broker_ws == BrokerWsSettings("0.0.0.0", 9103)
+
+
+def test_broker_ws_address_with_an_external_broker_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--broker-ws is a listener of the embedded broker"):
+        settings_for(["--broker", "mqtt://127.0.0.1:1884", "--broker-ws", "127.0.0.1:9001"])
+
+
+@pytest.mark.parametrize("value", ["9001", "localhost", "127.0.0.1:", "127.0.0.1:0",
+                                   "127.0.0.1:65536", "127.0.0.1:ws"])
+def test_broker_ws_bad_values_name_the_option_and_off(value: str) -> None:
+    with pytest.raises(ConfigError, match="--broker-ws") as info:
+        settings_for(["--broker-ws", value])
+    assert "off" in str(info.value)
+
+
+@pytest.mark.parametrize(("argv", "clash"), [
+    (["--broker", "embedded://127.0.0.1:9001"], "--broker"),
+    (["--http", "127.0.0.1:9001"], "--http"),
+    (["--http", "0.0.0.0:9001"], "--http"),
+    (["--broker-ws", "0.0.0.0:1883"], "--broker"),
+])
+def test_broker_ws_on_the_port_of_another_own_listener_is_refused(
+        argv: list[str], clash: str) -> None:
+    with pytest.raises(ConfigError, match=f"--broker-ws and {clash} both ask for port"):
+        settings_for(argv)
+
+
+def test_own_listeners_may_share_a_port_on_different_addresses() -> None:
+    settings = settings_for(["--broker-ws", "127.0.0.2:8080"])
+    assert settings.broker_ws == BrokerWsSettings("127.0.0.2", 8080)
