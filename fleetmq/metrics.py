@@ -32,7 +32,7 @@ a newer one in recent releases, which this is not)."""
 DROP_REASONS = (
     "invalid_json", "invalid_payload", "invalid_topic_id", "id_mismatch", "too_large",
     "retained", "unknown_node", "conflict", "late_will", "store_unavailable",
-    "rate_limited",
+    "rate_limited", "internal_error",
 )
 """Always exposed (zero included), so a dashboard's rate() has a series from the start."""
 
@@ -40,8 +40,12 @@ DROP_REASONS = (
 class Metrics:
     def __init__(self) -> None:
         self.mqtt_received = 0
+        """Messages MQTT ingest took from the link; each is then counted once more, as
+        applied, ignored or dropped by reason, so received = applied + ignored + dropped."""
         self.mqtt_applied = 0
         self.mqtt_ignored_topic = 0
+        """Not for ingest: topics outside ours, and the manager's own status and
+        reconciliation traffic."""
         self.dropped: Counter[str] = Counter()
         """MQTT messages dropped, by reason (``DROP_REASONS``, or a Rejection's own)."""
         self.http_requests = 0
@@ -103,7 +107,8 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("fleetmq_mqtt_backlog",
                                 "Statuses and replies waiting to be published", value=r.backlog())
         yield _counter("fleetmq_mqtt_messages_received_total",
-                       "MQTT messages taken by ingest", m.mqtt_received)
+                       "MQTT messages taken by ingest; each is also counted once as applied, "
+                       "ignored or dropped", m.mqtt_received)
         yield _counter("fleetmq_mqtt_messages_applied_total",
                        "MQTT registrations and heartbeats applied to the registry",
                        m.mqtt_applied)
