@@ -19,6 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from tests.support import Postgres, free_port, postgres_bindir
 
 
@@ -83,11 +85,13 @@ def answers(url: str) -> bool:
 
 
 def metric(http_port: int, name: str) -> float:
+    """The sum of a metric's series (``fleetmq_nodes``: the fleet, over its statuses)."""
     text = request(f"http://127.0.0.1:{http_port}/metrics").decode()
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise KeyError(name)
+    values = [s.value for family in text_string_to_metric_families(text)
+              for s in family.samples if s.name == name]
+    if not values:
+        raise KeyError(name)
+    return sum(values)
 
 
 def fresh_store(workdir: Path, name: str = "fleetmq") -> str:

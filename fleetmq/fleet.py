@@ -54,7 +54,8 @@ class Fleet:
 
     def heartbeat(self, node_id: str, req: HeartbeatRequest,
                   sender: str | None = None) -> tuple[HeartbeatApplied, Instant]:
-        """Raises RateLimitedError, NodeNotFoundError."""
+        """Raises RateLimitedError, NodeNotFoundError. A heartbeat ignored on purpose
+        (``result.ignored``) is the transport's to count."""
         now = self.clock.now()  # read once: the rate and the registry take the same moment
         try:
             self.rates.check(node_id, now.mono, sender)
@@ -69,8 +70,6 @@ class Fleet:
             self._emit(result.events)
         elif req.status != "offline":  # an offline report changes neither last_seen nor data
             self.writer.touch(node_id)
-        if result.ignored is not None:
-            self._metrics.dropped[result.ignored] += 1
         return result, now
 
     def delete(self, node_id: str) -> None:

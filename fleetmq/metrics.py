@@ -1,4 +1,11 @@
-"""Counters the manager keeps about itself, rendered for ``GET /metrics`` (Prometheus text).
+"""Counters the manager keeps about itself, and their exposition for ``GET /metrics``.
+
+The hot paths (MQTT ingest, REST heartbeats) add to plain ints in ``Metrics``: no lock, no call.
+A scrape reads them through ``FleetCollector``, a prometheus_client custom collector registered
+on the app's own ``CollectorRegistry`` (never the library's global one: tests run several apps
+in one process), and ``generate_latest`` writes the Prometheus text format with ``# HELP`` and
+``# TYPE`` lines. Every gauge it reads is kept as the state changes, so a scrape costs the same
+for ten nodes or a million.
 
 Also the rate limiter for logging bad device input: one misbehaving device must not flood the
 log, yet every drop stays counted.
@@ -8,21 +15,39 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
+
+from prometheus_client import generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from fleetmq.core.models import STATUSES, Status
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+"""The format ``generate_latest`` writes (prometheus_client's ``CONTENT_TYPE_LATEST`` names
+a newer one in recent releases, which this is not)."""
 
 DROP_REASONS = (
     "invalid_json", "invalid_payload", "invalid_topic_id", "id_mismatch", "too_large",
     "retained", "unknown_node", "conflict", "late_will", "store_unavailable",
-    "rate_limited",
+    "rate_limited", "internal_error",
 )
+"""Always exposed (zero included), so a dashboard's rate() has a series from the start."""
 
 
 class Metrics:
     def __init__(self) -> None:
         self.mqtt_received = 0
+        """Messages MQTT ingest took from the link; each is then counted once more, as
+        applied, ignored or dropped by reason, so received = applied + ignored + dropped."""
         self.mqtt_applied = 0
         self.mqtt_ignored_topic = 0
+        """Not for ingest: topics outside ours, and the manager's own status and
+        reconciliation traffic."""
         self.dropped: Counter[str] = Counter()
+        """MQTT messages dropped, by reason (``DROP_REASONS``, or a Rejection's own)."""
         self.http_requests = 0
         self.transitions: Counter[str] = Counter()
         self.status_published = 0
@@ -38,69 +63,103 @@ class Metrics:
         self.broker_access: BrokerAccessFigures | None = None
         """The embedded broker's refusals and cuts, when it runs with auth."""
 
-    def render(self, *, nodes: int, connected: bool, backlog: int,
-               store: StoreFigures | None = None) -> str:
-        lines = [
-            "# TYPE fleetmq_nodes gauge",
-            f"fleetmq_nodes {nodes}",
-            "# TYPE fleetmq_broker_connected gauge",
-            f"fleetmq_broker_connected {int(connected)}",
-            "# TYPE fleetmq_mqtt_backlog gauge",
-            f"fleetmq_mqtt_backlog {backlog}",
-            "# TYPE fleetmq_mqtt_messages_received_total counter",
-            f"fleetmq_mqtt_messages_received_total {self.mqtt_received}",
-            "# TYPE fleetmq_mqtt_messages_applied_total counter",
-            f"fleetmq_mqtt_messages_applied_total {self.mqtt_applied}",
-            "# TYPE fleetmq_mqtt_messages_ignored_total counter",
-            f"fleetmq_mqtt_messages_ignored_total {self.mqtt_ignored_topic}",
-            "# TYPE fleetmq_mqtt_messages_dropped_total counter",
-        ]
-        lines += [
-            f'fleetmq_mqtt_messages_dropped_total{{reason="{reason}"}} {self.dropped[reason]}'
-            for reason in DROP_REASONS
-        ]
-        lines.append("# TYPE fleetmq_transitions_total counter")
-        lines += [
-            f'fleetmq_transitions_total{{status="{status}"}} {self.transitions[status]}'
-            for status in ("online", "degraded", "offline")
-        ]
-        lines += [
-            "# TYPE fleetmq_status_published_total counter",
-            f"fleetmq_status_published_total {self.status_published}",
-            "# TYPE fleetmq_replies_published_total counter",
-            f"fleetmq_replies_published_total {self.replies_published}",
-            "# TYPE fleetmq_replies_overflowed_total counter",
-            f"fleetmq_replies_overflowed_total {self.replies_overflowed}",
-            "# TYPE fleetmq_response_topics_refused_total counter",
-            f"fleetmq_response_topics_refused_total {self.response_topics_refused}",
-        ]
-        lines.append("# TYPE fleetmq_broker_hook_answers_total counter")
-        lines += [
-            f'fleetmq_broker_hook_answers_total{{hook="{hook}",result="{result}",'
-            f'reason="{reason}"}} {count}'
-            for (hook, result, reason), count in sorted(self.broker_hooks.items())
-        ]
-        lines += _refusals(self.auth_refused)
-        if store is not None:
-            lines += [
-                "# TYPE fleetmq_store_available gauge",
-                f"fleetmq_store_available {int(store.available)}",
-                "# TYPE fleetmq_store_backlog gauge",
-                f"fleetmq_store_backlog {store.backlog}",
-                "# TYPE fleetmq_store_commits_total counter",
-                f"fleetmq_store_commits_total {store.commits}",
-                "# TYPE fleetmq_store_rows_written_total counter",
-                f"fleetmq_store_rows_written_total {store.rows_written}",
-                "# TYPE fleetmq_store_failures_total counter",
-                f"fleetmq_store_failures_total {store.failures}",
-                "# TYPE fleetmq_store_events_dropped_total counter",
-                f"fleetmq_store_events_dropped_total {store.events_dropped}",
-                "# TYPE fleetmq_store_rows_rejected_total counter",
-                f"fleetmq_store_rows_rejected_total {store.rows_rejected}",
-            ]
-        if self.broker_access is not None:
-            lines += _broker_access_lines(self.broker_access)
-        return "\n".join(lines) + "\n"
+
+@dataclass(frozen=True, slots=True)
+class Readings:
+    """What a scrape reads besides ``Metrics``; each must cost O(1), whatever the fleet."""
+
+    nodes: Callable[[Status], int]
+    """Nodes with a status (the registry's index keeps the counts)."""
+    connected: Callable[[], bool]
+    backlog: Callable[[], int]
+    store: StoreFigures | None = None
+
+
+def exposition(metrics: Metrics, readings: Readings) -> CollectorRegistry:
+    """A registry of the app's own with its one collector: render it with ``render``."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(metrics, readings))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The Prometheus text format (``CONTENT_TYPE``)."""
+    return generate_latest(registry)
+
+
+class FleetCollector(Collector):
+    """Reads ``Metrics`` and ``Readings`` at each scrape: the counting stays plain ints."""
+
+    def __init__(self, metrics: Metrics, readings: Readings) -> None:
+        self._metrics = metrics
+        self._readings = readings
+
+    def collect(self) -> Iterator[Metric]:
+        m, r = self._metrics, self._readings
+        nodes = GaugeMetricFamily("fleetmq_nodes", "Registered nodes by status "
+                                  "(sum them for the fleet)", labels=["status"])
+        for status in STATUSES:
+            nodes.add_metric([status], r.nodes(status))
+        yield nodes
+        yield GaugeMetricFamily("fleetmq_broker_connected",
+                                "1 while every broker connection of the manager is up",
+                                value=int(r.connected()))
+        yield GaugeMetricFamily("fleetmq_mqtt_backlog",
+                                "Statuses and replies waiting to be published", value=r.backlog())
+        yield _counter("fleetmq_mqtt_messages_received_total",
+                       "MQTT messages taken by ingest; each is also counted once as applied, "
+                       "ignored or dropped", m.mqtt_received)
+        yield _counter("fleetmq_mqtt_messages_applied_total",
+                       "MQTT registrations and heartbeats applied to the registry",
+                       m.mqtt_applied)
+        yield _counter("fleetmq_mqtt_messages_ignored_total",
+                       "MQTT messages not for ingest (other topics, the manager's own status "
+                       "and reconciliation traffic)", m.mqtt_ignored_topic)
+        dropped = m.dropped
+        yield _by_label("fleetmq_mqtt_messages_dropped_total",
+                        "MQTT messages dropped, by reason", "reason",
+                        {reason: dropped[reason] for reason in (*DROP_REASONS, *sorted(dropped))})
+        transitions = m.transitions
+        yield _by_label("fleetmq_transitions_total", "Node status transitions, by new status",
+                        "status", {status: transitions[status] for status in STATUSES})
+        yield _counter("fleetmq_status_published_total",
+                       "Retained node statuses published (clears included)", m.status_published)
+        yield _counter("fleetmq_replies_published_total", "Replies published to nodes",
+                       m.replies_published)
+        yield _counter("fleetmq_replies_overflowed_total",
+                       "Replies dropped from a full reply queue (the oldest goes)",
+                       m.replies_overflowed)
+        yield _counter("fleetmq_response_topics_refused_total",
+                       "MQTT 5 Response Topics refused (auth on: answers go to the node's own "
+                       "reply topic)", m.response_topics_refused)
+        hooks = CounterMetricFamily("fleetmq_broker_hook_answers_total",
+                                    "Broker HTTP auth hook answers, by hook, result and reason",
+                                    labels=["hook", "result", "reason"])
+        for (hook, result, reason), count in sorted(m.broker_hooks.items()):
+            hooks.add_metric([hook, result, reason], count)
+        yield hooks
+        refused = CounterMetricFamily("fleetmq_auth_refused_total",
+                                      "REST requests refused by access control, by HTTP status "
+                                      "and reason", labels=["status", "reason"])
+        for code, reason in sorted(set(AUTH_REFUSALS) | set(m.auth_refused)):
+            refused.add_metric([str(code), reason], m.auth_refused[(code, reason)])
+        yield refused
+        if r.store is not None:
+            yield from _store_families(r.store)
+        if m.broker_access is not None:
+            yield from _broker_access_families(m.broker_access)
+
+
+def _counter(name: str, documentation: str, value: int) -> CounterMetricFamily:
+    return CounterMetricFamily(name, documentation, value=value)
+
+
+def _by_label(name: str, documentation: str, label: str,
+              values: dict[str, int]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, value in values.items():
+        family.add_metric([key], value)
+    return family
 
 
 AUTH_REFUSALS: tuple[tuple[int, str], ...] = (
@@ -108,16 +167,7 @@ AUTH_REFUSALS: tuple[tuple[int, str], ...] = (
     (401, "revoked"), (403, "key"), (403, "node"), (429, "login_backoff"),
     (429, "enroll_rate"), (429, "key_rate"), (429, "node_rate"),
 )
-"""Always rendered (zero included), so a dashboard's rate() has a series from the start."""
-
-
-def _refusals(refused: Counter[tuple[int, str]]) -> list[str]:
-    lines = ["# TYPE fleetmq_auth_refused_total counter"]
-    for status, reason in sorted(set(AUTH_REFUSALS) | set(refused)):
-        lines.append(f'fleetmq_auth_refused_total{{status="{status}",reason="{reason}"}} '
-                     f"{refused[(status, reason)]}")
-    return lines
-
+"""Always exposed (zero included), so a dashboard's rate() has a series from the start."""
 
 LOGIN_REFUSALS = ("missing", "malformed", "unknown", "expired", "revoked", "manager",
                   "identity", "role", "client_id", "will", "cut_off")
@@ -139,23 +189,27 @@ class BrokerAccessFigures(Protocol):
     queue_dropped: int
 
 
-def _broker_access_lines(f: BrokerAccessFigures) -> list[str]:
-    lines = ["# TYPE fleetmq_broker_logins_accepted_total counter",
-             f"fleetmq_broker_logins_accepted_total {f.logins_accepted}",
-             "# TYPE fleetmq_broker_logins_refused_total counter"]
-    lines += [f'fleetmq_broker_logins_refused_total{{reason="{reason}"}} '
-              f"{f.logins_refused[reason]}" for reason in LOGIN_REFUSALS]
-    for name, value in (("logins_delayed", f.logins_delayed),
-                        ("publishes_refused", f.publishes_refused),
-                        ("subscriptions_refused", f.subscriptions_refused),
-                        ("connections_revoked", f.connections_revoked),
-                        ("connections_cut", f.connections_cut),
-                        ("publishes_rate_limited", f.publishes_rate_limited),
-                        ("sessions_discarded", f.sessions_discarded),
-                        ("queue_dropped", f.queue_dropped)):
-        lines += [f"# TYPE fleetmq_broker_{name}_total counter",
-                  f"fleetmq_broker_{name}_total {value}"]
-    return lines
+def _broker_access_families(f: BrokerAccessFigures) -> Iterator[Metric]:
+    broker = "Embedded broker (auth on): "
+    yield _counter("fleetmq_broker_logins_accepted_total", broker + "logins accepted",
+                   f.logins_accepted)
+    yield _by_label("fleetmq_broker_logins_refused_total", broker + "logins refused, by reason",
+                    "reason", {reason: f.logins_refused[reason] for reason in LOGIN_REFUSALS})
+    for name, value, documentation in (
+            ("logins_delayed", f.logins_delayed,
+             "refused logins answered after the back-off delay"),
+            ("publishes_refused", f.publishes_refused, "publishes refused by the topic rules"),
+            ("subscriptions_refused", f.subscriptions_refused,
+             "subscriptions refused by the topic rules"),
+            ("connections_revoked", f.connections_revoked,
+             "connections closed because their credential stopped working"),
+            ("connections_cut", f.connections_cut, "connections of flooding nodes closed"),
+            ("publishes_rate_limited", f.publishes_rate_limited,
+             "publishes of an API key past its rate, dropped"),
+            ("sessions_discarded", f.sessions_discarded, "persistent sessions dropped"),
+            ("queue_dropped", f.queue_dropped,
+             "messages dropped from a full offline queue")):
+        yield _counter(f"fleetmq_broker_{name}_total", broker + documentation, value)
 
 
 class StoreFigures(Protocol):
@@ -170,6 +224,22 @@ class StoreFigures(Protocol):
     failures: int
     events_dropped: int
     rows_rejected: int
+
+
+def _store_families(store: StoreFigures) -> Iterator[Metric]:
+    yield GaugeMetricFamily("fleetmq_store_available", "1 while the node store accepts writes",
+                            value=int(store.available))
+    yield GaugeMetricFamily("fleetmq_store_backlog", "Changes waiting to be written to the store",
+                            value=store.backlog)
+    yield _counter("fleetmq_store_commits_total", "Store transactions committed", store.commits)
+    yield _counter("fleetmq_store_rows_written_total", "Store rows written", store.rows_written)
+    yield _counter("fleetmq_store_failures_total",
+                   "Store writes that failed (each starts or prolongs an outage)", store.failures)
+    yield _counter("fleetmq_store_events_dropped_total",
+                   "History events dropped from the writer's full queue (the oldest go)",
+                   store.events_dropped)
+    yield _counter("fleetmq_store_rows_rejected_total",
+                   "Rows the store refused as data and dropped alone", store.rows_rejected)
 
 
 class RateLimitedLog:

@@ -11,12 +11,25 @@ import subprocess
 import time
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 REPO = Path(__file__).resolve().parent.parent
 # Directives the test broker sets itself; the rest of the repo's mosquitto.conf is kept.
 _OVERRIDDEN = {"listener", "protocol", "persistence", "persistence_location", "persistence_file",
                "autosave_interval", "log_dest", "user", "password_file", "acl_file", "pid_file",
                "allow_anonymous", "plugin", "plugin_opt_config_file"}
 DYNSEC_PLUGIN = "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so"
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    """A ``/metrics`` text as prometheus_client parses it: ``{'name{a="1",b="2"}': value}``,
+    labels sorted by name (as prometheus_client writes them)."""
+    values = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
 
 
 def free_port() -> int:

@@ -46,7 +46,7 @@ from fleetmq.http.auth import RestAccess
 from fleetmq.http.openapi import openapi_document
 from fleetmq.http.pages import PageCache, PageKey, document
 from fleetmq.http.params import JSON, error_response, json_response, path_id, whole
-from fleetmq.metrics import Metrics
+from fleetmq.metrics import CONTENT_TYPE, Metrics, Readings, exposition, render
 from fleetmq.mqtt.link import MqttLink
 from fleetmq.mqtt.publisher import Publisher
 from fleetmq.rates import RateLimitedError
@@ -124,6 +124,10 @@ class RestApi:
         self._links = links
         self._publisher = publisher
         self._metrics = metrics
+        self._exposition = exposition(metrics, Readings(
+            nodes=registry.count,
+            connected=lambda: all(link.connected for link in links),
+            backlog=lambda: publisher.backlog, store=fleet.writer))
         self._settings = settings
         self._topic_root = topic_root
         self._openapi = b""
@@ -453,10 +457,8 @@ class RestApi:
                               "mqtt_protocol": self._links[0].protocol_name})
 
     async def metrics(self, _request: web.Request) -> web.Response:
-        text = self._metrics.render(nodes=len(self._registry),
-                                    connected=all(link.connected for link in self._links),
-                                    backlog=self._publisher.backlog, store=self._writer)
-        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+        return web.Response(body=render(self._exposition),
+                            headers={"Content-Type": CONTENT_TYPE})
 
     async def openapi(self, _request: web.Request) -> web.Response:
         return web.Response(body=self._openapi, content_type=JSON)

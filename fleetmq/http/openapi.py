@@ -295,9 +295,14 @@ def _document(topic_root: str) -> dict[str, Any]:
                 "summary": "This OpenAPI document",
                 "responses": {"200": {"description": "The OpenAPI 3 document",
                                       "content": {"application/json": {}}}}}},
-            "/metrics": {"get": {"summary": "Counters in Prometheus text format",
-                                 "responses": {"200": {"description": "Metrics",
-                                                       "content": {"text/plain": {}}}}}},
+            "/metrics": {"get": {
+                "summary": "Counters and gauges in the Prometheus text format",
+                "description": "Written by prometheus_client (`text/plain; version=0.0.4`), "
+                               "with `# HELP` and `# TYPE` lines for every metric, and the "
+                               "gauges `fleetmq_nodes{status=\"online\"|\"degraded\"|"
+                               "\"offline\"}`.",
+                "responses": {"200": {"description": "Metrics",
+                                      "content": {"text/plain": {}}}}}},
             **_BROKER_HOOK_PATHS,
         },
         "components": {"schemas": _schemas()},

@@ -44,6 +44,8 @@ COALESCE_S = 0.002
 """After a short batch, let messages gather this long before waiting again: the socket is read
 as packets come, often one at a time, and a wake-up of this task per read would cost more than
 the messages it applies, while 2 ms is nothing against a heartbeat's lag budget."""
+IGNORED = "ignored"
+"""``_take``'s outcome for a message that is not for ingest (counted apart from drops)."""
 RECONCILE_QUIET_S = 0.5
 RECONCILE_TIMEOUT_S = 30.0
 
@@ -79,43 +81,61 @@ class MqttIngest:
             await asyncio.sleep(0 if len(batch) == BATCH else COALESCE_S)
 
     def handle(self, msg: Inbound) -> None:
-        self._metrics.mqtt_received += 1
+        """Take one message. It is counted as received, then once more as applied, ignored or
+        dropped by reason, whatever becomes of it (a failure included), so that received =
+        applied + ignored + dropped at every scrape."""
+        metrics = self._metrics
+        metrics.mqtt_received += 1
+        try:
+            outcome = self._take(msg)
+        except Exception:
+            metrics.dropped["internal_error"] += 1
+            raise
+        if outcome is None:
+            metrics.mqtt_applied += 1
+        elif outcome == IGNORED:
+            metrics.mqtt_ignored_topic += 1
+        else:
+            metrics.dropped[outcome] += 1
+
+    def _take(self, msg: Inbound) -> str | None:
+        """None when applied; else ``IGNORED`` or why it was dropped (``DROP_REASONS``)."""
         parsed = self._topics.parse(msg.topic)
         if parsed is None:
             # amqtt pushes retained messages beyond our own filters: route by our topics only.
-            self._metrics.mqtt_ignored_topic += 1
-            return
+            return IGNORED
         if parsed.kind is Kind.STATUS or parsed.kind is Kind.SYNC:
             self._reconcile(parsed.kind, parsed.node_id, msg)
-            return
+            return IGNORED
         if msg.retain:
-            self._drop("retained", msg, "retained message on an ingest topic is ignored")
-            return
-        node_id = parsed.node_id
-        if not is_valid_node_id(node_id):
-            self._drop("invalid_topic_id", msg, "topic id is not a valid node id")
-            return
+            return self._dropped("retained", msg, "retained message on an ingest topic is ignored")
+        if not is_valid_node_id(parsed.node_id):
+            return self._dropped("invalid_topic_id", msg, "topic id is not a valid node id")
+        return self._apply(parsed.kind, parsed.node_id, msg)
+
+    def _apply(self, kind: Kind, node_id: str, msg: Inbound) -> str | None:
+        """A registration or heartbeat: None when applied, else why it was dropped (the node
+        is answered on its reply topic)."""
         try:
             if len(msg.payload) > MAX_PAYLOAD_BYTES:
                 raise Rejection(413, "Payload too large",
                                 f"Payload of {len(msg.payload)} bytes is over the "
                                 f"{MAX_PAYLOAD_BYTES} byte limit", "too_large")
-            if parsed.kind is Kind.REGISTER:
+            if kind is Kind.REGISTER:
                 self._register(node_id, msg)
-            else:
-                self._heartbeat(node_id, msg)
+                return None
+            return self._heartbeat(node_id, msg)
         except Rejection as rej:
-            self._drop(rej.reason, msg, rej.message)
+            self._dropped(rej.reason, msg, rej.message)
             self._reply(node_id, msg, {"error": rej.title, "message": rej.message,
                                        "code": rej.code})
+            return rej.reason
         except RateLimitedError as limited:
-            self._metrics.dropped["rate_limited"] += 1
             if limited.answer:  # one 429 a second: a flood gets no flood of replies
                 refusal = rate_limited(limited.retry_after_s)
                 self._reply(node_id, msg, {"error": refusal.title, "message": refusal.message,
                                            "code": refusal.code})
-        else:
-            self._metrics.mqtt_applied += 1
+            return "rate_limited"
 
     def _register(self, node_id: str, msg: Inbound) -> None:
         try:
@@ -133,7 +153,8 @@ class MqttIngest:
         # The reply acknowledges the registration: it goes out once the store has it.
         self._fleet.writer.when_durable(lambda: self._reply(node_id, msg, body))
 
-    def _heartbeat(self, node_id: str, msg: Inbound) -> None:
+    def _heartbeat(self, node_id: str, msg: Inbound) -> str | None:
+        """None when applied; else why it changed nothing on purpose (``late_will``)."""
         if msg.payload.strip():
             try:
                 req = parse_heartbeat(msg.payload)
@@ -149,10 +170,10 @@ class MqttIngest:
         if result.ignored is not None:
             self._warn.warning(result.ignored, msg.received,
                                "offline_ignored node_id=%s reason=%s", node_id, result.ignored)
-            return
+            return result.ignored
         # Accepted heartbeats are answered only where MQTT 5 asks, at a topic we may write to.
         if msg.response_topic is None:
-            return
+            return None
         topic = self._answer_topic(node_id, msg.response_topic)
         if topic is not None:
             body = heartbeat_reply(result.node, now.wall)
@@ -161,6 +182,7 @@ class MqttIngest:
                     lambda: self._publisher.reply(topic, body, msg.correlation))
             else:
                 self._publisher.reply(topic, body, msg.correlation)
+        return None
 
     def _reply(self, node_id: str, msg: Inbound, body: dict[str, Any]) -> None:
         topic = None
@@ -179,11 +201,12 @@ class MqttIngest:
             return own
         return None if self._topics.is_foreign_reply_target(asked, node_id) else asked
 
-    def _drop(self, reason: str, msg: Inbound, detail: str) -> None:
-        self._metrics.dropped[reason] += 1
+    def _dropped(self, reason: str, msg: Inbound, detail: str) -> str:
+        """Log a drop (rate-limited per reason); ``handle`` counts it."""
         self._warn.warning(reason, msg.received,
                            "mqtt_message_dropped reason=%s topic=%s detail=%s",
                            reason, msg.topic[:200], detail)
+        return reason
 
     # --- reconciliation of retained statuses (contract §6) -------------------------------
 
@@ -220,8 +243,9 @@ class MqttIngest:
         log.info("reconcile_finished stale_statuses_cleared=%d", self._stale_cleared)
 
     def _reconcile(self, kind: Kind, node_id: str, msg: Inbound) -> None:
+        """A status or the sentinel: read only while reconciling (``handle`` counts it as
+        ignored: it is the manager's own traffic, not a node's)."""
         if self._sync_token is None:
-            self._metrics.mqtt_ignored_topic += 1
             return
         if kind is Kind.SYNC:
             if msg.payload == self._sync_token:

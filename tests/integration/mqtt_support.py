@@ -17,6 +17,7 @@ from paho.mqtt.properties import Properties
 
 from fleetmq.app import FleetService
 from tests.conftest import MqttClient, Received
+from tests.support import metric_samples
 
 
 def api(svc: FleetService, path: str) -> str:
@@ -44,12 +45,7 @@ async def metrics(http: aiohttp.ClientSession, svc: FleetService) -> dict[str, f
     async with http.get(api(svc, "/metrics")) as resp:
         assert resp.status == 200
         text = await resp.text()
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            values[name] = float(value)
-    return values
+    return metric_samples(text)
 
 
 def dropped(values: dict[str, float], reason: str) -> float:

@@ -88,6 +88,12 @@ def _check_expiry(doc: dict[str, Any]) -> None:
         assert 0 <= r["lateness_p50_s"] <= r["lateness_p99_s"] <= r["lateness_max_s"] < 2
 
 
+def _check_scrape(doc: dict[str, Any]) -> None:
+    assert [r["nodes"] for r in doc["results"]] == [10, 2000]
+    for r in doc["results"]:
+        _positive(r, "render_p50_us", "render_max_us", "bytes")
+
+
 def _check_expiry_serve(doc: dict[str, Any]) -> None:
     assert [r["scenario"] for r in doc["results"]] == ["paced", "storm"]
     for r in doc["results"]:
@@ -247,6 +253,9 @@ BENCHES = {
         ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
         "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,
         mosquitto=False),
+    "scrape": Bench(
+        ("bench/scrape.py", "--nodes", "2000", "--rounds", "20"),
+        "scrape.json", ("render p50",), _check_scrape, mosquitto=False),
     "expiry-serve": Bench(
         ("bench/expiry_serve.py", "--nodes", "2000", "--offline-after", "8", "--rate", "1000"),
         "expiry_serve.json", ("paced", "storm"), _check_expiry_serve),

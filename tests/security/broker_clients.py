@@ -30,7 +30,7 @@ from tests.conftest import (
     make_settings,
     running,
 )
-from tests.support import free_port
+from tests.support import free_port, metric_samples
 
 ACCEPTED = 0
 BAD_USERNAME_OR_PASSWORD = 4
@@ -273,12 +273,7 @@ class AuthFleet:
         async with self.http.get(url, headers={"Authorization": f"Bearer {self.admin}"}) as r:
             assert r.status == 200
             text = await r.text()
-        values = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name] = float(value)
-        return values
+        return metric_samples(text)
 
     async def still_serves(self, node: Device, node_id: str) -> None:
         """The victim is untouched: connected, and still receiving on its reply and status

@@ -5,11 +5,14 @@ bad token is refused with 401 before the body is read, and the victim node stays
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
+from pathlib import Path
+
+import aiohttp
 
 from tests.conftest import eventually
-from tests.security.conftest import FLEET, Guarded, Reply
+from tests.security.conftest import FLEET, Guarded, Reply, guarded_manager
+from tests.support import Mosquitto, metric_samples
 
 VICTIM = "victim-node"
 
@@ -148,6 +151,18 @@ async def test_open_routes_need_no_token_and_metrics_does(guarded: Guarded) -> N
     assert (await c.request("GET", "/api/v1/secret", guarded.admin)).status == 404
 
 
+async def test_metrics_public_serves_metrics_alone_without_a_token(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession,
+) -> None:
+    async with guarded_manager(mosquitto, root, tmp_path, http, metrics_public=True) as g:
+        reply = await g.client.request("GET", "/metrics")
+        assert reply.status == 200
+        assert reply.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        values = metric_samples(reply.raw.decode())
+        assert values['fleetmq_auth_refused_total{reason="missing",status="401"}'] == 0
+        _assert_401(await g.client.request("GET", f"{FLEET}/nodes"), presented=False)
+
+
 async def test_a_bad_token_is_refused_before_the_body_is_read(guarded: Guarded) -> None:
     # Headers only, with a Content-Length promising a body that never comes: the answer
     # must arrive anyway.
@@ -230,13 +245,10 @@ async def test_refusals_are_counted_by_reason_in_metrics(guarded: Guarded) -> No
     await c.node("fmq_key_nope", VICTIM)
     read = await c.key(guarded.admin, "read")
     assert (await c.request("DELETE", f"{FLEET}/nodes/{VICTIM}", read)).status == 403
-    text = (await c.request("GET", "/metrics", guarded.admin)).raw.decode()
+    values = metric_samples((await c.request("GET", "/metrics", guarded.admin)).raw.decode())
 
-    def count(status: int, reason: str) -> int:
-        match = re.search(rf'fleetmq_auth_refused_total{{status="{status}",reason="{reason}"}} '
-                          r"(\d+)", text)
-        assert match, (status, reason)
-        return int(match.group(1))
+    def count(status: int, reason: str) -> float:
+        return values[f'fleetmq_auth_refused_total{{reason="{reason}",status="{status}"}}']
 
     assert count(401, "missing") == 1
     assert count(401, "malformed") == 1

@@ -21,7 +21,7 @@ from fleetmq.core.models import (
     node_not_registered,
 )
 from fleetmq.core.registry import Node, NodeConflictError, Registry
-from fleetmq.metrics import DROP_REASONS, Metrics, RateLimitedLog
+from fleetmq.metrics import RateLimitedLog
 from fleetmq.views import (
     dumps,
     error_body,
@@ -309,19 +309,3 @@ def test_rate_limited_log_counts_each_key_apart(
         warn.warning(key, 1.0, "drop %s", key)
 
     assert messages(caplog) == ["drop a", "drop b", "drop c"]
-
-
-def test_metrics_render_every_drop_reason_even_at_zero() -> None:
-    metrics = Metrics()
-    metrics.dropped["late_will"] += 2
-    metrics.transitions["offline"] += 1
-
-    text = metrics.render(nodes=3, connected=True, backlog=0)
-
-    assert text.endswith("\n")
-    assert "fleetmq_nodes 3\n" in text
-    assert "fleetmq_broker_connected 1\n" in text
-    assert 'fleetmq_mqtt_messages_dropped_total{reason="late_will"} 2\n' in text
-    assert 'fleetmq_transitions_total{status="offline"} 1\n' in text
-    for reason in DROP_REASONS:
-        assert f'fleetmq_mqtt_messages_dropped_total{{reason="{reason}"}}' in text
