@@ -156,6 +156,7 @@ async def test_the_gmqtt_names_the_link_reaches_still_exist() -> None:
     # coalesced writes).
     import gmqtt.mqtt.connection
     import gmqtt.mqtt.protocol
+    import gmqtt.mqtt.utils
 
     client = gmqtt.Client("probe")
     assert hasattr(client, "_connection")
@@ -163,6 +164,14 @@ async def test_the_gmqtt_names_the_link_reaches_still_exist() -> None:
     assert "_transport" in gmqtt.mqtt.connection.MQTTConnection.__init__.__code__.co_names
     assert "_protocol" in gmqtt.mqtt.connection.MQTTConnection.__init__.__code__.co_names
     assert "_transport" in gmqtt.mqtt.protocol.BaseMQTTProtocol.write_data.__code__.co_names
+    # ... and builds its own PUBLISH packets (ids from gmqtt's allocator, keepalive's clock)
+    # and skips an empty property block on what it reads.
+    assert "_last_data_out" in gmqtt.mqtt.protocol.BaseMQTTProtocol.write_data.__code__.co_names
+    assert hasattr(gmqtt.mqtt.utils.IdGenerator, "_mid_generate")
+    assert hasattr(gmqtt.mqtt.protocol.MQTTProtocol, "proto_ver")
+    handler = client._package_handler
+    assert hasattr(handler, "_parse_properties")
+    assert hasattr(handler._connection_state, "protocol_version")
 
 
 @pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5"])
