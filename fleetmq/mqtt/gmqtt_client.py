@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -87,6 +88,11 @@ class CoalescingTransport:
 
 _PUBLISH_QOS1 = 0x32
 """PUBLISH's first byte at QoS 1 (retain is its lowest bit)."""
+_PUBLISH = 0x30
+_PUBACK = 0x40
+_PUBACK_V5 = struct.Struct("!BBHBB").pack
+"""A PUBACK as gmqtt writes it at MQTT 5: success, no properties."""
+_PUBACK_V311 = struct.Struct("!BBH").pack
 
 
 def _length(value: int) -> bytes:
@@ -138,18 +144,62 @@ class GmqttClient(Client):  # type: ignore[misc]  # gmqtt is untyped
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # What arrives most (PUBLISHes, PUBACKs of our own publishes) skips gmqtt's generic
+        # handling: the handler looks its methods up in this cache by packet type.
         handler = self._package_handler
-        parse = handler._parse_properties
+        handler._handler_cache[_PUBLISH] = self._handle_publish
+        handler._handler_cache[_PUBACK] = self._handle_puback
 
-        def parse_properties(packet: bytes) -> tuple[dict[str, Any] | None, bytes | None]:
-            """gmqtt's property parsing, with a shortcut for a packet without properties
-            (most MQTT 5 PUBLISHes and PUBACKs): the same empty dict and rest of the packet,
-            without its ``defaultdict`` and copy (MQTT 3.1.1 packets have no such block)."""
-            if packet[:1] == b"\x00" and handler._connection_state.protocol_version >= MQTTv50:
-                return {}, packet[1:]
-            return parse(packet)  # type: ignore[no-any-return]  # gmqtt is untyped
+    def _handle_publish(self, cmd: int, raw: bytes) -> None:
+        """gmqtt's ``_handle_publish_packet`` for a QoS 0 or 1 PUBLISH without MQTT 5
+        properties, acknowledged on receipt: the same ``on_message`` call (topic, payload,
+        QoS, ``{"dup", "retain"}``) and the same PUBACK before it, without gmqtt's struct
+        formats built per packet, its property dictionaries and its debug formatting (the
+        MQTT 5 part of which made MQTT 5 ingest the slower). Anything else (QoS 2, properties,
+        a topic alias, acknowledgement after the callback, a malformed packet) is gmqtt's.
+        tests/unit/test_gmqtt_fast_paths.py holds the two to the same calls and bytes."""
+        handler = self._package_handler
+        qos = (cmd >> 1) & 3
+        size = len(raw)
+        # gmqtt runs an async on_message as a task; the link's is async only when it
+        # acknowledges after applying, which is never optimistic.
+        if qos > 1 or size < 2 or not handler._optimistic_acknowledgement:
+            return self._gmqtt_publish(cmd, raw)
+        at = 2 + (raw[0] << 8 | raw[1])
+        mid_at = at
+        if qos:
+            at += 2
+        mqtt5 = handler._connection_state.protocol_version >= MQTTv50
+        if at + mqtt5 > size or at == 2 + 2 * qos:  # short, or no topic (an alias)
+            return self._gmqtt_publish(cmd, raw)
+        if mqtt5:
+            if raw[at]:  # properties: gmqtt parses them
+                return self._gmqtt_publish(cmd, raw)
+            at += 1
+        try:
+            topic = raw[2:mid_at].decode("utf-8")
+        except UnicodeDecodeError:
+            return self._gmqtt_publish(cmd, raw)
+        if qos:
+            mid = raw[mid_at] << 8 | raw[mid_at + 1]
+            self._connection._protocol.write_data(
+                _PUBACK_V5(_PUBACK, 4, mid, 0, 0) if mqtt5 else _PUBACK_V311(_PUBACK, 2, mid))
+        handler.on_message(topic, raw[at:], qos, {"dup": (cmd & 0x08) >> 3,
+                                                  "retain": cmd & 0x01})
+        return None
 
-        handler._parse_properties = parse_properties
+    def _gmqtt_publish(self, cmd: int, raw: bytes) -> None:
+        self._package_handler._handle_publish_packet(cmd, raw)
+
+    def _handle_puback(self, cmd: int, packet: bytes) -> None:
+        """gmqtt's ``_handle_puback_packet`` (free the packet id, drop the publish from the
+        outbox) without its three calls and two debug logs on the way."""
+        if len(packet) < 2:
+            self._package_handler._handle_puback_packet(cmd, packet)
+            return
+        mid = packet[0] << 8 | packet[1]
+        self._package_handler.id_generator._used_ids.discard(mid)
+        self._persistent_storage.remove_message_by_mid(mid)
 
     async def _create_connection(self, *args: Any, **kwargs: Any) -> Any:
         """gmqtt's connection, its packets written through a ``CoalescingTransport``."""
