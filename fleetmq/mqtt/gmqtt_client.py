@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -214,18 +213,14 @@ class GmqttClient(Client):  # type: ignore[misc]  # gmqtt is untyped
         """``Client.publish(topic, payload, qos=1, retain=retain, correlation_data=...)``,
         without gmqtt's ``Message`` and its generic property encoding (13% of the manager's
         time while registering, bench/README.md section 19): the packet is built here, gets
-        its id from gmqtt's allocator, is written as gmqtt writes it and kept in the outbox
-        for a resumed session. Raises OverflowError when no packet id is free and
+        its id from gmqtt's allocator, is written and kept in the outbox for a resumed
+        session as gmqtt does. Raises OverflowError when no packet id is free and
         AttributeError without a connection, as ``Client.publish`` does."""
-        connection = self._connection
-        protocol = connection._protocol
+        protocol = self._connection._protocol
         mid = protocol.id_generator._mid_generate()
         packet = publish_packet(topic, payload, mid, retain=retain,
                                 mqtt5=protocol.proto_ver >= MQTTv50, correlation=correlation)
-        connection._last_data_out = time.monotonic()  # gmqtt's keepalive reads it
-        transport = protocol._transport
-        if transport is not None and not transport.is_closing():
-            transport.write(packet)
+        protocol.write_data(packet)
         self._persistent_storage.push_message(mid, packet)
 
     def connection(self) -> object:
