@@ -3,8 +3,12 @@ and the transport its packets are written to.
 
 gmqtt offers no public handle on its transport: pausing reads (backpressure), closing a
 connection that never got its CONNACK and coalescing writes reach the client's
-``_connection`` (and its protocol's ``_transport``) here, and only here
-(tests/integration/test_mqtt_link.py checks those names still exist).
+``_connection`` (and its protocol's ``_transport``) here, and only here. The packets that
+make up the manager's traffic (its QoS 1 PUBLISHes out; PUBLISHes and PUBACKs in) are built
+and read here too, past gmqtt's generic and costly path, through its packet id allocator and
+its handler's cache of methods (tests/integration/test_mqtt_link.py checks those names still
+exist; tests/unit/test_publish_packet.py and test_gmqtt_fast_paths.py that the result is
+gmqtt's, byte for byte and call for call).
 """
 
 from __future__ import annotations
