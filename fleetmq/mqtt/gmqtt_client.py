@@ -216,7 +216,7 @@ class GmqttClient(Client):  # type: ignore[misc]  # gmqtt is untyped
                      correlation: bytes | None = None) -> None:
         """``Client.publish(topic, payload, qos=1, retain=retain, correlation_data=...)``,
         without gmqtt's ``Message`` and its generic property encoding (13% of the manager's
-        time while registering, bench/README.md section 19): the packet is built here, gets
+        time while registering, bench/README.md sections 14 and 19): the packet is built here, gets
         its id from gmqtt's allocator, is written and kept in the outbox for a resumed
         session as gmqtt does. Raises OverflowError when no packet id is free and
         AttributeError without a connection, as ``Client.publish`` does."""
