@@ -178,6 +178,7 @@ class FleetService:
             broker = self.settings.broker
             if broker.embedded:
                 await stack.enter_async_context(self._embedded_broker())
+            self._heap.space_collections()
             await self._open_store()
             self.fleet.grant_grace()
             if self._manager_logins:

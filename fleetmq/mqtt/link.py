@@ -412,7 +412,10 @@ class MqttLink:
         if client is None or not self.connected or (qos and self.in_flight >= self._window):
             return False
         try:
-            if correlation is not None and self.mqtt5:
+            if qos == 1:
+                client.publish_qos1(topic, payload, retain=retain,
+                                    correlation=correlation if self.mqtt5 else None)
+            elif correlation is not None and self.mqtt5:
                 client.publish(topic, payload, qos=qos, retain=retain,
                                correlation_data=correlation)
             else:

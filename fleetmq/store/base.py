@@ -36,7 +36,8 @@ TouchRow = tuple[Any, ...]
 
 
 class HistoryEvent(NamedTuple):
-    """One transition, as it is kept: ``from_status`` is None for a first registration."""
+    """One transition, as it is kept: ``from_status`` is None for a first registration. The
+    fields are in the order of SQLite's insert (sqlite.py writes these tuples as they are)."""
 
     node_id: str
     from_status: str | None

@@ -216,8 +216,9 @@ class SqliteStore:
             if batch.touches:
                 conn.executemany(_TOUCH, batch.touches)
             if batch.events:
-                conn.executemany(_EVENT, ((e.node_id, e.from_status, e.to_status, e.reason,
-                                           e.at, e.key) for e in batch.events))
+                # HistoryEvent is a tuple in _EVENT's column order: no Python generator in
+                # this thread, which shares the GIL (and, pinned, the core) with the loop.
+                conn.executemany(_EVENT, batch.events)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -155,7 +155,9 @@ async def test_the_gmqtt_names_the_link_reaches_still_exist() -> None:
     # fleetmq.mqtt.gmqtt_client reaches the transport through them (backpressure, abort,
     # coalesced writes).
     import gmqtt.mqtt.connection
+    import gmqtt.mqtt.handler
     import gmqtt.mqtt.protocol
+    import gmqtt.mqtt.utils
 
     client = gmqtt.Client("probe")
     assert hasattr(client, "_connection")
@@ -163,6 +165,18 @@ async def test_the_gmqtt_names_the_link_reaches_still_exist() -> None:
     assert "_transport" in gmqtt.mqtt.connection.MQTTConnection.__init__.__code__.co_names
     assert "_protocol" in gmqtt.mqtt.connection.MQTTConnection.__init__.__code__.co_names
     assert "_transport" in gmqtt.mqtt.protocol.BaseMQTTProtocol.write_data.__code__.co_names
+    # ... builds its own PUBLISH packets (ids from gmqtt's allocator) and handles PUBLISH and
+    # PUBACK itself, through the handler's cache of its methods.
+    assert hasattr(gmqtt.mqtt.utils.IdGenerator, "_mid_generate")
+    assert hasattr(gmqtt.mqtt.protocol.MQTTProtocol, "proto_ver")
+    handler = client._package_handler
+    get_handler = gmqtt.mqtt.handler.MqttPackageHandler.__get_handler__
+    assert "_handler_cache" in get_handler.__code__.co_names
+    assert hasattr(handler, "_handle_publish_packet")
+    assert hasattr(handler, "_handle_puback_packet")
+    assert hasattr(handler, "_optimistic_acknowledgement")
+    assert hasattr(handler._connection_state, "protocol_version")
+    assert hasattr(handler.id_generator, "_used_ids")
 
 
 @pytest.mark.parametrize("mqtt5", [False, True], ids=["3.1.1", "5"])

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from fleetmq.heap import FREEZE_FROM, Heap
+from fleetmq.heap import FREEZE_FROM, YOUNG_THRESHOLD, Heap
 
 
 @pytest.fixture
@@ -33,3 +33,12 @@ def test_a_fleet_loaded_and_frozen_at_start_is_not_frozen_again_at_once(heap: He
     heap.frozen(1_000_000)
     assert not heap.settle(1_200_000)
     assert heap.settle(1_500_000)
+
+
+def test_young_collections_are_spaced_out(heap: Heap) -> None:
+    before = gc.get_threshold()
+    try:
+        heap.space_collections()
+        assert gc.get_threshold() == (YOUNG_THRESHOLD, *before[1:])
+    finally:
+        gc.set_threshold(*before)
