@@ -252,6 +252,12 @@ class Verifier:
         return sorted((c for c in self._table.node(node_id) if c.valid_at(now)),
                       key=lambda c: (c.revoked_at is None, c.created_at), reverse=True)
 
+    def held_node_id(self, node_id: str) -> str:
+        """The node id string a credential of the node holds, equal to ``node_id``; else
+        ``node_id``. The registry keeps it for a new node: one string where there were two."""
+        held = self._table.node_id_held(node_id)
+        return node_id if held is None else held
+
     def enrolled_with(self, key_id: str) -> list[Credential]:
         """The node credentials made by enrollment with that key, valid or not."""
         return [c for c in self._table.unusual() if c.enrolled_by == key_id]
