@@ -94,8 +94,11 @@ def test_since_gives_the_credentials_written_after_a_sequence_number() -> None:
 def test_many_rows_grow_every_index_and_stay_found() -> None:
     table = CredentialTable()
     creds = [_node_cred(f"node-{n % 5000}", n) for n in range(20_000)]
-    for c in creds:
+    for n, c in enumerate(creds):
         table.put(c)
+        earlier = creds[n // 2]  # found while a grown index's entries move over too
+        assert table.get(earlier.id) == earlier
+        assert table.row_of_digest(c.digest) == n
     assert len(table) == 20_000
     for c in creds[::97]:
         assert table.get(c.id) == c
