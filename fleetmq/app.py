@@ -79,7 +79,8 @@ class FleetService:
         self.auth_enabled = False
         """Decided at start (``--auth`` and the store), fixed for the process's life."""
         self.metrics = Metrics()
-        self.registry = Registry(settings.heartbeat_interval_s, settings.default_timeout_s)
+        self.registry = Registry(settings.heartbeat_interval_s, settings.default_timeout_s,
+                                 held_id=self.auth.held_node_id)
         # Two connections: ingest (persistent session, subscriptions) and output (statuses,
         # replies, presence and the manager's will). On one connection the PUBACKs of our
         # publishes queue behind every inbound message, so under a heartbeat backlog status

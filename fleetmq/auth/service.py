@@ -122,8 +122,7 @@ class AuthService(Verifier):
         now = self._now()
         ended = [cred.revoked(now)]
         if cascade:
-            ended += [c.revoked(now) for c in self._by_id.values()
-                      if c.enrolled_by == key_id and c.valid_at(now)]
+            ended += [c.revoked(now) for c in self.enrolled_with(key_id) if c.valid_at(now)]
         removals = self._removals(ended, now)
         audit = [AuditEntry(now, "key_revoked", actor, address, f"key:{key_id}")]
         audit += [AuditEntry(now, "credential_revoked", actor, address,

@@ -12,76 +12,14 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from itertools import chain
 from typing import Protocol
 
+# Credential is re-exported: every store and route imports it from here.
+from fleetmq.auth.credential import Credential as Credential  # noqa: PLC0414
+from fleetmq.auth.table import CredentialTable
 from fleetmq.errors import StoreError
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """One token's record. ``node_id`` is set for a node credential, ``role`` for a key
-    (``read``, ``write``, ``admin``, ``broker`` or ``enroll``)."""
-
-    id: str
-    digest: bytes
-    created_at: float
-    node_id: str | None = None
-    role: str | None = None
-    name: str = ""
-    expires_at: float | None = None
-    revoked_at: float | None = None
-    """When it stops working: now at a revocation, later while a rotated-out token's grace runs."""
-    last_used_at: float | None = field(default=None, compare=False)
-    """Bookkeeping written behind, and the one field set in place (``note_use``): not part of
-    a record's identity, so neither compared nor hashed."""
-    uses: int = 0
-    max_uses: int | None = None
-    id_pattern: str | None = None
-    node_type: str | None = None
-    allow_registered: bool = False
-    enrolled_by: str | None = None
-    """The enroll key's id, for a node credential made by enrollment."""
-    broker_hash: str | None = None
-    """The token as a Mosquitto password-file hash (for ``credentials export``): the broker
-    checks logins itself without fleetmq ever keeping the token."""
-    needs_reissue: bool = False
-    """The broker mirror (dynsec) lost this credential's client: fleetmq holds no token to
-    re-create it, so MQTT logins fail until an admin issues a new credential."""
-    seq: int = 0
-
-    @property
-    def is_key(self) -> bool:
-        return self.node_id is None
-
-    @property
-    def broker_identity(self) -> str:
-        """The MQTT username and client id: the node id, or ``_key.<id>``."""
-        return self.node_id if self.node_id is not None else f"_key.{self.id}"
-
-    def ends_at(self) -> float | None:
-        """The earliest of expiry and revocation: from then on the token is refused."""
-        ends = [t for t in (self.expires_at, self.revoked_at) if t is not None]
-        return min(ends) if ends else None
-
-    def valid_at(self, now: float) -> bool:
-        ends = self.ends_at()
-        return ends is None or now < ends
-
-    def revoked(self, at: float) -> Credential:
-        if self.revoked_at is not None and self.revoked_at <= at:
-            return self
-        return replace(self, revoked_at=at)
-
-
-def note_use(cred: Credential, at: float) -> None:
-    """Set the record's last use to ``at`` in place if that is later. A use is not a change
-    (no sequence number, no listener) and the record's one copy is shared by the memory store
-    and the verifier: a dict of last uses beside a million records cost ~86 bytes each."""
-    if cred.last_used_at is None or at > cred.last_used_at:
-        object.__setattr__(cred, "last_used_at", at)  # frozen for every other field
-
 
 CREDENTIAL_COLUMNS: tuple[str, ...] = (
     "id", "digest", "created_at", "node_id", "role", "name", "expires_at", "revoked_at",
@@ -240,16 +178,15 @@ class AuthStore(Protocol):
 class MemoryAuthStore:
     """``memory://``: nothing survives the process (auth then needs ``--admin-token-file``).
 
-    It keeps the very records it is given when they carry its next sequence number (the
-    ``Verifier`` stamps them so), and writes last uses into them: the manager's only copy of a
-    credential is then shared by the store and the verifier."""
+    Its credentials are a packed table (``table``), which the ``Verifier`` of this store reads
+    instead of keeping its own: the manager's only copy of a credential."""
 
     url = "memory://"
     keeps_broker_hash = False
     """No other process can read this store, so nobody could export a hash from it."""
 
     def __init__(self) -> None:
-        self._credentials: dict[str, Credential] = {}
+        self.table = CredentialTable()
         self._audit = PackedAuditLog()
         self._seq = 0
         self._required = False
@@ -261,8 +198,7 @@ class MemoryAuthStore:
         return None
 
     async def changes(self, since: int) -> AuthChanges:
-        return AuthChanges(self._seq, self._required,
-                           [c for c in self._credentials.values() if c.seq > since])
+        return AuthChanges(self._seq, self._required, self.table.since(since))
 
     async def seq(self) -> int:
         return self._seq
@@ -270,22 +206,16 @@ class MemoryAuthStore:
     async def save(self, credentials: list[Credential], audit: list[AuditEntry], *,
                    require: bool = False, keep_admin_at: float | None = None,
                    outbox: Sequence[OutboxRow] = ()) -> int:
-        # Only the changed records are copied: a copy of every credential per save made
-        # issuing a million node credentials one by one quadratic.
         seq = self._seq + 1
-        changed: dict[str, Credential] = {}
-        for c in credentials:
-            held = changed.get(c.id) or self._credentials.get(c.id)
-            used = _latest(c.last_used_at, None if held is None else held.last_used_at)
-            changed[c.id] = c if c.seq == seq and c.last_used_at == used else replace(
-                c, seq=seq, last_used_at=used)
+        changed = {c.id: c if c.seq == seq else replace(c, seq=seq) for c in credentials}
         if keep_admin_at is not None and not any(
                 c.role == "admin" and c.valid_at(keep_admin_at) for c in chain(
-                    changed.values(), (c for c in self._credentials.values()
+                    changed.values(), (c for c in self.table.unusual()
                                        if c.id not in changed))):
             raise LastAdminError("that would leave no valid admin key")
         self._seq = seq
-        self._credentials.update(changed)
+        for c in changed.values():
+            self.table.put(c)  # keeps the later of its last use and the one held
         self._required = self._required or require
         self._audit.append(audit, {s: s for c in changed.values()
                                    for s in (c.id, c.node_id) if s is not None})
@@ -334,9 +264,9 @@ class MemoryAuthStore:
 
     async def record_use(self, used: list[tuple[str, float]]) -> None:
         for cred_id, at in used:
-            c = self._credentials.get(cred_id)
-            if c is not None:
-                note_use(c, at)
+            row = self.table.row_of_id(cred_id)
+            if row is not None:
+                self.table.note_use(row, at)
 
     async def audit(self, limit: int, before: int | None) -> list[AuditEntry]:
         return self._audit.newest(limit, before)
@@ -414,10 +344,3 @@ class PackedAuditLog:
         action, actor, address, head = self._contexts[i]
         return AuditEntry(self._at[i], action, actor, address, head + self._rests[i],
                           self._ids[i])
-
-
-def _latest(a: float | None, b: float | None) -> float | None:
-    """The later of two last-use times, either of which may be unknown."""
-    if a is None or b is None:
-        return a if b is None else b
-    return max(a, b)

@@ -1,10 +1,12 @@
 """The checking half of the live authority: holds every credential in memory, answers token
 checks, and keeps itself current.
 
-A token check is one SHA-256 and one dict lookup. It polls the store's sequence number so that
-changes made by the CLI are seen within ``poll_s``, ends what expires, and writes last-use times
-behind. Listeners hear of every credential that changed or ended; they apply it at their edge
-(closing broker sessions, mirroring to Mosquitto). Changes are made by ``AuthService``
+A token check is one SHA-256 and one lookup in a packed table (``table.py``): the memory
+store's own table for ``memory://``, one of the verifier's own for a store on disk. It polls
+the store's sequence number so that changes made by the CLI are seen within ``poll_s``, ends
+what expires, and writes last-use times behind. Listeners hear of every credential that
+changed or ended; they apply it at their edge (closing broker sessions, mirroring to
+Mosquitto). Changes are made by ``AuthService``
 (``service.py``) through ``_save``, which writes through the ``AuthStore`` before it answers.
 It knows nothing of HTTP or MQTT.
 """
@@ -20,7 +22,8 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from fleetmq.auth.rules import BROKER_ROLES, Principal, TopicRules
-from fleetmq.auth.store import AuditEntry, AuthStore, Credential, OutboxRow, note_use
+from fleetmq.auth.store import AuditEntry, AuthStore, Credential, MemoryAuthStore, OutboxRow
+from fleetmq.auth.table import CredentialTable
 from fleetmq.auth.tokens import digest, token_kind
 from fleetmq.core.clock import Clock
 from fleetmq.errors import StoreError
@@ -61,27 +64,26 @@ class Verifier:
         self.store = store
         self._clock = clock
         self._poll_s = poll_s
-        self._by_digest: dict[bytes, Credential] = {}
-        self._by_id: dict[str, Credential] = {}
-        self._by_node: dict[str, Credential | tuple[Credential, ...]] = {}
-        """A node's records: the one record most nodes have, a tuple for a node with several
-        (a list per node was ~100 bytes of a million node credentials)."""
+        self._shared = isinstance(store, MemoryAuthStore)
+        self._table = store.table if isinstance(store, MemoryAuthStore) else CredentialTable()
+        """Every credential known. The memory store's table is this process's only copy, kept
+        current by its saves; a store on disk is read into a table of the verifier's own."""
         self._ends: list[tuple[float, str]] = []
         """(end, id) of credentials that will stop working: a heap, checked each poll."""
         self._seq = 0
         self.required = False
         """The store requires auth: it has held an admin key (for good)."""
-        self._used: dict[str, float] = {}
-        """Uses seen since the last flush. ``record_use`` writes them behind without a
-        sequence number, so the flush also notes them in the records held (``note_use``)."""
+        self._used: dict[int, float] = {}
+        """Uses seen since the last flush, by row. ``record_use`` writes them behind without a
+        sequence number, so the flush also notes them in the table."""
         self._listeners: list[Listener] = []
         self._first_use: list[Callable[[Credential], None]] = []
         self._seen: set[str] = set()
         """Credentials this process has accepted at least once (first-use hook)."""
-        self._verdicts: dict[str, Verdict] = {}
-        """The accepting verdict of each credential, made once (immutable, shared by its
-        requests): a Principal and a Verdict per request cost ~1 us of the REST gate. At most
-        ``VERDICTS_KEPT``."""
+        self._verdicts: dict[int, Verdict] = {}
+        """The accepting verdict of each credential by row, made once (immutable, shared by its
+        requests; good while the row's sequence number is its record's): a Principal and a
+        Verdict per request cost ~1 us of the REST gate. At most ``VERDICTS_KEPT``."""
         self._lock = asyncio.Lock()
         """One change at a time: each reads the store's latest state, decides and writes
         while holding it, so two rotations of one node (or an enrollment racing an issue)
@@ -139,12 +141,11 @@ class Verifier:
         if not used:
             return
         try:
-            await self.store.record_use(list(used.items()))
+            await self.store.record_use([(self._table.id_of(row), at)
+                                         for row, at in used.items()])
         finally:  # known to this process even if the store failed to take them
-            for cred_id, at in used.items():
-                cred = self._by_id.get(cred_id)
-                if cred is not None:
-                    note_use(cred, at)
+            for row, at in used.items():
+                self._table.note_use(row, at)
 
     def add_listener(self, listener: Listener) -> None:
         """``listener(credentials)`` hears of every credential written (here or by the CLI)
@@ -167,27 +168,31 @@ class Verifier:
         # Looked up by the token's SHA-256: what a lookup's timing could tell is how a digest
         # the caller cannot choose compares with stored ones, which leads to no token (the
         # constant-time compare of section 8 is about this: nothing of a token leaks).
-        cred = self._by_digest.get(digest(token))
-        if cred is None:
+        table = self._table
+        row = table.row_of_digest(digest(token))
+        if row is None:
             return Verdict(None, failure="unknown")
+        verdict = self._verdicts.get(row)
+        cred = verdict.credential if verdict is not None else None
+        if cred is None or cred.seq != table.seq(row):
+            verdict, cred = None, table.record(row)
         now = self._now()
         if cred.revoked_at is not None and cred.revoked_at <= now:
             return Verdict(None, cred, "revoked")
         if cred.expires_at is not None and cred.expires_at <= now:
             return Verdict(None, cred, "expired")
-        if cred.last_used_at is None and self._first_use and cred.id not in self._seen:
+        if self._first_use and table.last_used_at(row) is None and cred.id not in self._seen:
             self._seen.add(cred.id)
             for listener in self._first_use:
                 try:
                     listener(cred)
                 except Exception:
                     log.exception("auth_first_use_listener_failed")
-        self._used[cred.id] = now
-        verdict = self._verdicts.get(cred.id)
-        if verdict is None or verdict.credential is not cred:
+        self._used[row] = now
+        if verdict is None:
             if len(self._verdicts) >= VERDICTS_KEPT:
                 self._verdicts.clear()
-            verdict = self._verdicts[cred.id] = Verdict(principal_of(cred), cred)
+            verdict = self._verdicts[row] = Verdict(principal_of(cred), cred)
         return verdict
 
     def broker_login(self, rules: TopicRules, username: str | None, password: str | None,
@@ -217,38 +222,49 @@ class Verifier:
 
     def credential(self, cred_id: str) -> Credential | None:
         """The record of that id, valid or not; None if this process has not seen it (yet)."""
-        return self._by_id.get(cred_id)
+        return self._table.get(cred_id)
 
     def valid(self, cred_id: str) -> bool:
         """Whether the credential of that id still works (sessions check it on revocation)."""
-        cred = self._by_id.get(cred_id)
+        cred = self._table.get(cred_id)
         return cred is not None and cred.valid_at(self._now())
 
     def last_used_at(self, cred: Credential) -> float | None:
         """The latest use known: by this process, or as the store last said."""
-        seen = self._used.get(cred.id)
-        if seen is None or (cred.last_used_at is not None and cred.last_used_at > seen):
-            return cred.last_used_at
-        return seen
+        row = self._table.row_of_id(cred.id)
+        held = None if row is None else self._table.last_used_at(row)
+        known = [t for t in (cred.last_used_at, held,
+                             None if row is None else self._used.get(row)) if t is not None]
+        return max(known) if known else None
 
     def keys(self) -> list[Credential]:
-        return sorted((c for c in self._by_id.values() if c.is_key),
+        return sorted((c for c in self._table.unusual() if c.is_key),
                       key=lambda c: (c.created_at, c.id))
 
     def key(self, key_id: str) -> Credential | None:
-        cred = self._by_id.get(key_id)
+        cred = self._table.get(key_id)
         return cred if cred is not None and cred.is_key else None
 
     def node_credentials(self, node_id: str) -> list[Credential]:
         """The node's credentials that still work, the current one first (one in its grace
         after a rotation ends sooner)."""
         now = self._now()
-        return sorted((c for c in self._node_records(node_id) if c.valid_at(now)),
+        return sorted((c for c in self._table.node(node_id) if c.valid_at(now)),
                       key=lambda c: (c.revoked_at is None, c.created_at), reverse=True)
+
+    def held_node_id(self, node_id: str) -> str:
+        """The node id string a credential of the node holds, equal to ``node_id``; else
+        ``node_id``. The registry keeps it for a new node: one string where there were two."""
+        held = self._table.node_id_held(node_id)
+        return node_id if held is None else held
+
+    def enrolled_with(self, key_id: str) -> list[Credential]:
+        """The node credentials made by enrollment with that key, valid or not."""
+        return [c for c in self._table.unusual() if c.enrolled_by == key_id]
 
     def has_valid_admin(self) -> bool:
         now = self._now()
-        return any(c.role == "admin" and c.valid_at(now) for c in self._by_id.values())
+        return any(c.role == "admin" and c.valid_at(now) for c in self._table.unusual())
 
     # --- internals -------------------------------------------------------------------------
 
@@ -259,13 +275,13 @@ class Verifier:
 
     def credentials(self) -> list[Credential]:
         """Every credential known, valid or not."""
-        return list(self._by_id.values())
+        return list(self._table.records())
 
     async def _save(self, credentials: list[Credential], audit: list[AuditEntry], *,
                     require: bool = False, keep_admin_at: float | None = None,
                     outbox: list[OutboxRow] | None = None) -> None:
-        # Stamped with the sequence number they get if nobody else writes meanwhile: the
-        # memory store then keeps these very records, and one copy serves both.
+        # Stamped with the sequence number they get if nobody else writes meanwhile: what was
+        # saved is then what is held, without reading it back.
         expected = self._seq + 1
         stamped = [c if c.seq == expected else replace(c, seq=expected) for c in credentials]
         seq = await self.store.save(stamped, audit, require=require,
@@ -279,23 +295,16 @@ class Verifier:
                 notify: bool) -> None:
         now = self._now()
         fresh: list[Credential] = []
+        table = self._table
         for cred in credentials:
-            old = self._by_id.get(cred.id)
-            if old is not None and old.seq > cred.seq:
+            row = table.row_of_id(cred.id)
+            if row is not None and table.seq(row) > cred.seq:
                 continue  # an older snapshot of it: what is held is newer
             fresh.append(cred)
-            self._verdicts.pop(cred.id, None)
-            if old is not None:
-                if old.last_used_at is not None:  # a use this process noted, maybe unsaved
-                    note_use(cred, old.last_used_at)
-                self._by_digest.pop(old.digest, None)
-                if old.node_id is not None:
-                    self._set_node_records(old.node_id, tuple(
-                        c for c in self._node_records(old.node_id) if c is not old))
-            self._by_id[cred.id] = cred
-            self._by_digest[cred.digest] = cred
-            if cred.node_id is not None:
-                self._set_node_records(cred.node_id, (*self._node_records(cred.node_id), cred))
+            if not self._shared:  # the memory store's save has put it already
+                row = table.put(cred)  # keeps a later use this process noted, maybe unsaved
+            if row is not None:
+                self._verdicts.pop(row, None)
             ends = cred.ends_at()
             if ends is not None and ends > now:
                 heapq.heappush(self._ends, (ends, cred.id))
@@ -306,16 +315,6 @@ class Verifier:
         if notify and fresh:
             self._tell(fresh)
 
-    def _node_records(self, node_id: str) -> tuple[Credential, ...]:
-        held = self._by_node.get(node_id, ())
-        return (held,) if isinstance(held, Credential) else held
-
-    def _set_node_records(self, node_id: str, records: tuple[Credential, ...]) -> None:
-        if not records:
-            self._by_node.pop(node_id, None)
-        else:
-            self._by_node[node_id] = records[0] if len(records) == 1 else records
-
     async def _end_due(self) -> None:
         """Tell the listeners of every credential whose revocation, grace or expiry has just
         passed; an expiry is also audited (a revocation was, when it was made)."""
@@ -323,7 +322,7 @@ class Verifier:
         ended: dict[str, Credential] = {}
         while self._ends and self._ends[0][0] <= now:
             _, cred_id = heapq.heappop(self._ends)
-            cred = self._by_id.get(cred_id)
+            cred = self._table.get(cred_id)
             if cred is not None and not cred.valid_at(now):
                 ended[cred.id] = cred
         if not ended:

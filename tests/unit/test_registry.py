@@ -36,6 +36,18 @@ def test_first_registration_is_an_online_transition_without_previous_state(
     assert len(registry) == 1
 
 
+def test_a_new_node_keeps_the_equal_id_held_elsewhere_instead_of_its_own_copy(
+    clock: FakeClock,
+) -> None:
+    held = "".join(["microclaw-", "esp32-f4cfa210"])  # built: not the interned literal
+    registry = Registry(30, held_id=lambda node_id: held if node_id == held else node_id)
+    node = registry.register(NODE, reg(), clock.now()).node
+    other = registry.register("other-1", reg(), clock.now()).node
+
+    assert node.id is held
+    assert other.id == "other-1"
+
+
 def test_registration_defaults_name_to_id_and_interval_to_the_managers(clock: FakeClock) -> None:
     registry = Registry(30)
     node = registry.register(NODE, reg(), clock.now()).node
