@@ -88,6 +88,21 @@ def _check_expiry(doc: dict[str, Any]) -> None:
         assert 0 <= r["lateness_p50_s"] <= r["lateness_p99_s"] <= r["lateness_max_s"] < 2
 
 
+def _check_partition_sim(doc: dict[str, Any]) -> None:
+    assert doc["simulation"] is True
+    runs = {(r["change"], r["scheme"].split()[0]): r for r in doc["results"]}
+    assert len(runs) == 6
+    for change in ("a member leaves (4 -> 3)", "a member joins (4 -> 5)"):
+        modulo, ring, buckets = (runs[change, s] for s in ("modulo", "consistent", "64"))
+        assert 0 < buckets["moved"] < modulo["moved"] < doc["nodes"]
+        assert 0 < ring["moved"] < modulo["moved"]
+        for r in (modulo, ring, buckets):  # the grace holds a verdict at most an interval more
+            assert 0 <= r["held_p50_s"] <= r["held_max_s"] <= doc["interval_s"] + r["takeover_s"]
+    for r in doc["round_robin"]:
+        assert 0 < r["nodes_falsely_offline_share"] <= 1
+        _positive(r, "false_verdicts_per_node_per_hour", "analytic_run_share")
+
+
 def _check_expiry_serve(doc: dict[str, Any]) -> None:
     assert [r["scenario"] for r in doc["results"]] == ["paced", "storm"]
     for r in doc["results"]:
@@ -247,6 +262,11 @@ BENCHES = {
         ("bench/expiry.py", "--nodes", "2000", "--spread", "1", "--timeout", "5"),
         "expiry.json", ("deadlines over 1 s", "all deadlines at once"), _check_expiry,
         mosquitto=False),
+    "partition-sim": Bench(
+        ("bench/partition_sim.py", "--nodes", "2000", "--rr-nodes", "200", "--samples", "500",
+         "--vnodes", "16"),
+        "partition_sim.json", ("SIMULATION", "a member leaves (4 -> 3)", "round robin"),
+        _check_partition_sim, mosquitto=False),
     "expiry-serve": Bench(
         ("bench/expiry_serve.py", "--nodes", "2000", "--offline-after", "8", "--rate", "1000"),
         "expiry_serve.json", ("paced", "storm"), _check_expiry_serve),
