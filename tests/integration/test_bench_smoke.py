@@ -94,6 +94,21 @@ def _check_scrape(doc: dict[str, Any]) -> None:
         _positive(r, "render_p50_us", "render_max_us", "bytes")
 
 
+def _check_partition_sim(doc: dict[str, Any]) -> None:
+    assert doc["simulation"] is True
+    runs = {(r["change"], r["scheme"].split()[0]): r for r in doc["results"]}
+    assert len(runs) == 6
+    for change in ("a member leaves (4 -> 3)", "a member joins (4 -> 5)"):
+        modulo, ring, buckets = (runs[change, s] for s in ("modulo", "consistent", "64"))
+        assert 0 < buckets["moved"] < modulo["moved"] < doc["nodes"]
+        assert 0 < ring["moved"] < modulo["moved"]
+        for r in (modulo, ring, buckets):  # the grace holds a verdict at most an interval more
+            assert 0 <= r["held_p50_s"] <= r["held_max_s"] <= doc["interval_s"] + r["takeover_s"]
+    for r in doc["round_robin"]:
+        assert 0 < r["nodes_falsely_offline_share"] <= 1
+        _positive(r, "false_verdicts_per_node_per_hour", "analytic_run_share")
+
+
 def _check_expiry_serve(doc: dict[str, Any]) -> None:
     assert [r["scenario"] for r in doc["results"]] == ["paced", "storm"]
     for r in doc["results"]:
@@ -256,6 +271,11 @@ BENCHES = {
     "scrape": Bench(
         ("bench/scrape.py", "--nodes", "2000", "--rounds", "20"),
         "scrape.json", ("render p50",), _check_scrape, mosquitto=False),
+    "partition-sim": Bench(
+        ("bench/partition_sim.py", "--nodes", "2000", "--rr-nodes", "200", "--samples", "500",
+         "--vnodes", "16"),
+        "partition_sim.json", ("SIMULATION", "a member leaves (4 -> 3)", "round robin"),
+        _check_partition_sim, mosquitto=False),
     "expiry-serve": Bench(
         ("bench/expiry_serve.py", "--nodes", "2000", "--offline-after", "8", "--rate", "1000"),
         "expiry_serve.json", ("paced", "storm"), _check_expiry_serve),
