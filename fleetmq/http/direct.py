@@ -4,7 +4,7 @@ handler without aiohttp's router and middleware chain; every other request goes 
 Per request aiohttp's ``Application._handle`` resolves the route (a coroutine), builds and
 freezes a match info, and with any middleware at all wraps the handler in its own
 ``current_app`` middleware as well as ours: three coroutines and about 5 us before the
-handler runs, 7% of a heartbeat (bench/README.md section 19). Here a request whose method and
+handler runs, 7% of a heartbeat (bench/README.md section 21). Here a request whose method and
 raw path are exactly a direct route's goes straight to the API's guard (the middleware's own
 body: in-flight count, token gate, JSON errors) with that route, so it is answered exactly as
 through the router. It must not decide anything else: a path spelled any other way
