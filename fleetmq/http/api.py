@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 from pydantic import ValidationError
 
 from fleetmq.aio import wait_set
@@ -43,6 +44,7 @@ from fleetmq.errors import StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.http.access import AccessRoutes
 from fleetmq.http.auth import RestAccess
+from fleetmq.http.direct import RequestHandler, direct
 from fleetmq.http.openapi import openapi_document
 from fleetmq.http.pages import PageCache, PageKey, document
 from fleetmq.http.params import JSON, error_response, json_response, path_id, whole
@@ -59,6 +61,8 @@ if TYPE_CHECKING:  # broker_hooks imports this module's responses
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/v1/fleet"
+DIRECT_PATHS = (f"{PREFIX}/register", f"{PREFIX}/heartbeat")
+"""POST routes served without aiohttp's router and middleware chain (``direct``)."""
 STREAM_CHUNK = 1000
 """Nodes serialized between two yields to the event loop."""
 PAGE_CHUNK = 2000
@@ -139,14 +143,21 @@ class RestApi:
         """Made by ``wait_idle`` (shutdown): until then a request only counts itself."""
 
     @web.middleware
-    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """One middleware, one coroutine (each costs its own per request): requests in
+    def _middleware(self, request: web.Request, handler: Handler
+                    ) -> Awaitable[web.StreamResponse]:
+        """The one middleware: a plain function handing over ``_guard``'s coroutine, so a
+        request costs no coroutine of its own here."""
+        return self._guard(request, handler, request.match_info.route)
+
+    async def _guard(self, request: web.Request, handler: Handler, route: AbstractRoute
+                     ) -> web.StreamResponse:
+        """What every request goes through, the middleware's or ``direct``'s: requests in
         flight are counted for shutdown, the token gate decides before any body is read, and
         every error is answered in the contract's shape."""
         self._in_flight += 1
         try:
             if self._access is not None:
-                refusal = self._access.check(request)
+                refusal = self._access.check(request, route)
                 if refusal is not None:
                     return refusal
             return await handler(request)
@@ -193,6 +204,11 @@ class RestApi:
             self._access_routes.add_to(r)
             self._access.bind(app)
         return app
+
+    def direct(self, app: web.Application, app_handler: RequestHandler) -> RequestHandler:
+        """The server's request handler for ``app`` (from ``build``), with the writes devices
+        make at their own pace handed straight to ``_guard`` (``fleetmq.http.direct``)."""
+        return direct(app, app_handler, self._guard, DIRECT_PATHS, self._middleware)
 
     async def _body(self, request: web.Request) -> bytes:
         content = request.content

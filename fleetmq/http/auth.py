@@ -157,9 +157,10 @@ class RestAccess:
         """Learn the rule of every route of ``app`` (call after its routes are added)."""
         self._rules = rules_for(app.router.routes(), self._settings.metrics_public)
 
-    def check(self, request: web.Request) -> web.Response | None:
-        """None to let the request through, else the refusal to answer with."""
-        rule = self._rules.get(request.match_info.route)
+    def check(self, request: web.Request, route: AbstractRoute) -> web.Response | None:
+        """None to let the request through, else the refusal to answer with. ``route``: the
+        one the request matched (aiohttp's ``SystemRoute`` for a 404 or 405)."""
+        rule = self._rules.get(route)
         if not self.enabled:
             if rule is not None and rule.needs_auth:
                 return error(409, "Auth off", AUTH_OFF_MESSAGE)

@@ -38,14 +38,19 @@ class HttpServer:
                               "pass --http HOST:PORT with a free port")
 
     async def __aenter__(self) -> HttpServer:
+        app = self._api.build()
         runner = web.AppRunner(
-            self._api.build(),
+            app,
             access_log=None,
             keepalive_timeout=self._settings.idle_timeout_s,
             shutdown_timeout=self._settings.shutdown_timeout_s,
             handle_signals=False,
         )
         await runner.setup()
+        server = runner.server
+        assert server is not None  # made by setup
+        # Each connection takes the handler when it opens: set before the site starts.
+        server.request_handler = self._api.direct(app, server.request_handler)
         site = web.TCPSite(runner, self._settings.host, self._settings.port,
                            ssl_context=self._ssl)
         try:

@@ -16,6 +16,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yarl
 
 from fleetmq.app import FleetService
 from fleetmq.http.api import STREAM_ABOVE
@@ -527,6 +528,41 @@ async def test_heartbeat_from_an_unknown_node_is_404_must_register_first(api: Ap
     reply = await api.heartbeat("never-registered", uptime_seconds=1)
     assert_error(reply, 404)
     assert reply.json == {"error": "Node not found", "message": "Node must register first"}
+
+
+@pytest.mark.parametrize("route", ["register", "heartbeat"])
+async def test_a_write_answers_alike_however_its_path_is_spelled(
+    api: Api, http: aiohttp.ClientSession, route: str
+) -> None:
+    """The exact path is served without aiohttp's router (fleetmq.http.direct); a query,
+    percent-encoding or an Expect header go through it. Either way, the same answers."""
+    await api.register("n1", heartbeat_interval_seconds=15)
+    exact = f"{FLEET}/{route}"
+    ways: list[tuple[str, dict[str, Any]]] = [
+        (exact, {}), (f"{exact}?via=router", {}),
+        (f"{FLEET}/%{ord(route[0]):x}{route[1:]}", {}), (exact, {"expect100": True})]
+    bodies = [b'{"node_id": "n1", "node_type": "microclaw", "heartbeat_interval_seconds": 15}',
+              b'{"node_id": "gone"}', b'{"node_id": "n1"', b"[]",
+              b'{"node_id": "n1", "node_type": "sensor"}', b"{}", b"x" * (64 * 1024 + 1)]
+    answers = []
+    for path, options in ways:
+        url = yarl.URL(api.base + path, encoded=True)
+        answered = []
+        for body in bodies:
+            async with http.post(url, data=body, **options) as resp:
+                doc = json.loads(await resp.read())
+                if isinstance(doc, dict):
+                    doc.pop("received", None)  # the moment of each answer
+                    doc.pop("timestamp", None)
+                answered.append((resp.status, resp.headers["Content-Type"], doc))
+        answers.append(answered)
+    first, *others = answers
+    assert {status for status, _, _ in first} >= {200, 400, 413}
+    for other in others:
+        assert other == first
+    if route == "heartbeat":
+        assert first[0] == (200, "application/json", {"node_id": "n1", "next_check_seconds": 15})
+        assert first[1][0] == 404
 
 
 # --- GET /nodes --------------------------------------------------------------------------------
