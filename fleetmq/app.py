@@ -154,6 +154,7 @@ class FleetService:
         self.api = RestApi(self.fleet, self.registry, (self.link, self.out), self.publisher,
                            self.metrics, settings.http, settings.topic_root, self.access,
                            broker_hooks=self.broker_hooks)
+        self.watch = self.api.watch
         self.http = HttpServer(self.api, settings.http)
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -194,6 +195,7 @@ class FleetService:
             self._publisher_task = group.create_task(self.publisher.run(), name="fleetmq-publisher")
             self._tasks.append(group.create_task(self.auth.run(), name="fleetmq-auth"))
             group.create_task(self.writer.run(), name="fleetmq-store")
+            self._tasks.append(group.create_task(self.watch.run(), name="fleetmq-watch"))
             for name, coro in (
                 ("ingest", self.ingest.run()),
                 ("expiry", self._expire_loop()),
@@ -270,6 +272,7 @@ class FleetService:
         started = self.clock.now()
         await self.store.open()
         self._stack.push_async_callback(self._close_store)
+        self.writer.continue_from(self.store.last_event_id)
         nodes: list[Node] = []
         chunks = self.store.load()
         with self._heap.loading():

@@ -29,6 +29,7 @@ from fleetmq.config import (
     parse_store,
 )
 from fleetmq.errors import ConfigError, FleetmqError
+from fleetmq.http.cors import check_origin
 
 log = logging.getLogger("fleetmq")
 
@@ -149,6 +150,11 @@ def build_parser(env: Mapping[str, str]) -> argparse.ArgumentParser:
         description="Run the fleet manager. Every option can also be set with the environment "
                     "variable shown; flags win over the environment.")
     add_options(serve, SERVE_OPTIONS, env)
+    serve.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                       help="a browser origin (scheme://host[:port]) that may call the REST API "
+                            "and the watch stream; repeatable (default: none) "
+                            "[env: FLEETMQ_CORS_ORIGIN, comma-separated]")
+    serve.set_defaults(cors_origin_env=env.get("FLEETMQ_CORS_ORIGIN", ""))
     serve.set_defaults(run=run_serve)
     for name in COMMAND_MODULES:
         # Imported here, not at the top: command modules use this module's helpers.
@@ -195,7 +201,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         broker_tls=parse_broker_tls(args.broker_tls, args.broker_tls_cert, args.broker_tls_key),
         broker_ws=parse_broker_ws(args.broker_ws, broker),
         http=HttpSettings(host=host, port=port, tls_cert=args.http_tls_cert or None,
-                          tls_key=args.http_tls_key or None),
+                          tls_key=args.http_tls_key or None,
+                          cors_origins=tuple(map(check_origin, args.cors_origin or [
+                              o.strip() for o in args.cors_origin_env.split(",") if o.strip()]))),
         auth=_auth_settings(args),
         store=parse_store(args.store, _float("--flush-interval")(args.flush_interval),
                           _float("--history-days")(args.history_days)),

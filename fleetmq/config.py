@@ -55,6 +55,10 @@ class HttpSettings:
     body_timeout_s: float = 15.0
     idle_timeout_s: float = 60.0
     shutdown_timeout_s: float = 10.0
+    watch_keepalive_s: float = 15.0
+    """A comment line on a quiet watch stream this often keeps proxies from closing it."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins allowed to call the API (``--cors-origin``); none by default."""
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):

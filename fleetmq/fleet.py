@@ -75,7 +75,7 @@ class Fleet:
     def delete(self, node_id: str) -> None:
         """Raises StoreUnavailableError while the store is down, NodeNotFoundError."""
         self.writer.check_available()
-        self._emit(self.registry.delete(node_id))
+        self._emit(self.registry.delete(node_id, self.clock.now()))
         log.info("node_deleted node_id=%s", node_id)
 
     def expire(self, limit: float | None, max_events: int | None = None,

@@ -14,6 +14,7 @@ from fleetmq.core.clock import format_timestamp
 from fleetmq.core.events import NodeTransitioned
 from fleetmq.core.models import Rejection
 from fleetmq.core.registry import Node
+from fleetmq.store.base import HistoryEvent
 
 MSG_REGISTERED = "Node successfully registered"
 MSG_UPDATED = "Node registration updated"
@@ -63,6 +64,21 @@ def node_json(node: Node) -> bytes:
         if len(_kept) > VIEWS_KEPT:
             _kept.popleft().view = None
     return view
+
+
+def event_document(event: HistoryEvent) -> dict[str, Any]:
+    """An event as the history route and the watch stream show it (contract section 9)."""
+    return {
+        "id": event.id,
+        "node_id": event.node_id,
+        "node_type": event.node_type,
+        "location": event.location,
+        "from": event.from_status,
+        "to": event.to_status,
+        "reason": event.reason,
+        "at": format_timestamp(event.at),
+        "last_seen": None if event.last_seen is None else format_timestamp(event.last_seen),
+    }
 
 
 def status_payload(node_id: str, status: str, reason: str, since: float, last_seen: float) -> bytes:

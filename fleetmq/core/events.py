@@ -1,5 +1,8 @@
 """What the registry reports back: one event per transition or removal.
 
+Each carries the node as it was then (type, location, last_seen): the history and the watch
+stream keep it after the node has changed or gone (contract section 9).
+
 Events are plain immutable records (named tuples: a mass expiry makes a million of them, and a
 tuple is built in a third of the time of a frozen dataclass); publishers (retained status,
 store, metrics) consume them and never write back to the registry.
@@ -22,12 +25,20 @@ class NodeTransitioned(NamedTuple):
     last_seen: float
     previous: Status | None
     """The state before, None for a node registered for the first time."""
+    node_type: str
+    location: str | None
 
 
 class NodeDeleted(NamedTuple):
     """A node was decommissioned: its retained status is cleared."""
 
     node_id: str
+    previous: Status
+    """Its state when deleted."""
+    at: float
+    last_seen: float
+    node_type: str
+    location: str | None
 
 
 Event = NodeTransitioned | NodeDeleted

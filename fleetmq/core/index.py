@@ -117,6 +117,14 @@ class StatusIndex:
         return sum(n for s in statuses for kind, n in self._types[s].items()
                    if kind.casefold() == want)
 
+    def by_type(self) -> dict[str, int]:
+        """Nodes by type as registered (every status): O(types)."""
+        counts: dict[str, int] = {}
+        for types in self._types.values():
+            for kind, n in types.items():
+                counts[kind] = counts.get(kind, 0) + n
+        return counts
+
     def ids_after(self, status: Status, after: str | None) -> Iterator[str]:
         """Ids of the nodes with ``status``, sorted, greater than ``after``.
 

@@ -175,6 +175,10 @@ class Registry:
         """How many nodes have that status and type (case-insensitive), kept as they change."""
         return self._index.count(status, node_type)
 
+    def counts_by_type(self) -> dict[str, int]:
+        """How many nodes of each type (as registered), kept as they change: O(types)."""
+        return self._index.by_type()
+
     def ids(self) -> list[str]:
         """Every id, in no particular order (cheaper than ``sorted_ids``)."""
         return list(self._nodes)
@@ -294,7 +298,7 @@ class Registry:
         self._removed = set()
         self.version += 1
 
-    def delete(self, node_id: str) -> list[Event]:
+    def delete(self, node_id: str, now: Instant) -> list[Event]:
         node = self._nodes.pop(node_id, None)
         if node is None:
             raise NodeNotFoundError(node_id)
@@ -305,7 +309,8 @@ class Registry:
             self._added.discard(node_id)
         else:
             self._removed.add(node_id)
-        return [NodeDeleted(node_id)]
+        return [NodeDeleted(node_id, node.status, now.wall, node.last_seen, node.type,
+                            node.location)]
 
     def expire(
         self, now: Instant, limit: float | None = None, max_events: int | None = None,
@@ -400,7 +405,8 @@ class Registry:
         node.status_reason = reason
         node.status_since = now.wall
         node.view = None
-        return NodeTransitioned(node.id, status, reason, now.wall, node.last_seen, previous)
+        return NodeTransitioned(node.id, status, reason, now.wall, node.last_seen, previous,
+                                node.type, node.location)
 
     def _schedule(self, node: Node) -> None:
         node.deadline = node.seen_mono + node.timeout_s

@@ -22,7 +22,6 @@ from pydantic import ValidationError
 
 from fleetmq.aio import wait_set
 from fleetmq.config import HttpSettings
-from fleetmq.core.clock import format_timestamp
 from fleetmq.core.models import (
     MAX_PAYLOAD_BYTES,
     STATUSES,
@@ -44,16 +43,25 @@ from fleetmq.errors import StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.http.access import AccessRoutes
 from fleetmq.http.auth import RestAccess
+from fleetmq.http.cors import Cors
 from fleetmq.http.direct import RequestHandler, direct
 from fleetmq.http.openapi import openapi_document
 from fleetmq.http.pages import PageCache, PageKey, document
 from fleetmq.http.params import JSON, error_response, json_response, path_id, whole
+from fleetmq.http.watch import WatchHub
 from fleetmq.metrics import CONTENT_TYPE, Metrics, Readings, exposition, render
 from fleetmq.mqtt.link import MqttLink
 from fleetmq.mqtt.publisher import Publisher
 from fleetmq.rates import RateLimitedError
 from fleetmq.store.writer import StoreUnavailableError, StoreWriter
-from fleetmq.views import dumps, heartbeat_reply, node_json, node_views, register_reply
+from fleetmq.views import (
+    dumps,
+    event_document,
+    heartbeat_reply,
+    node_json,
+    node_views,
+    register_reply,
+)
 
 if TYPE_CHECKING:  # broker_hooks imports this module's responses
     from fleetmq.http.broker_hooks import BrokerHooks
@@ -114,10 +122,14 @@ class RestApi:
     def __init__(self, fleet: Fleet, registry: Registry, links: tuple[MqttLink, ...],
                  publisher: Publisher, metrics: Metrics, settings: HttpSettings,
                  topic_root: str, access: RestAccess | None = None,
-                 broker_hooks: BrokerHooks | None = None) -> None:
+                 broker_hooks: BrokerHooks | None = None, watch: WatchHub | None = None
+                 ) -> None:
         """``access``: the bearer-token gate and the access-control routes (None: neither);
-        ``broker_hooks``: the HTTP auth hooks a broker calls."""
+        ``broker_hooks``: the HTTP auth hooks a broker calls; ``watch``: the watch stream's
+        hub (None: a hub of this API's own, its fan-out run by whoever runs ``watch.run``)."""
         self._broker_hooks = broker_hooks
+        self.watch = watch if watch is not None else WatchHub(
+            fleet.writer, settings.watch_keepalive_s)
         self._fleet = fleet
         self._access = access
         self._access_routes = None if access is None else AccessRoutes(
@@ -135,6 +147,7 @@ class RestApi:
         self._settings = settings
         self._topic_root = topic_root
         self._openapi = b""
+        self._cors = Cors(settings.cors_origins) if settings.cors_origins else None
         self._pages = PageCache()
         """Answers of GET /nodes (whole fleet, pages, filters) as of the registry's version
         (dashboards poll them; each is rebuilt after any change)."""
@@ -156,6 +169,10 @@ class RestApi:
         every error is answered in the contract's shape."""
         self._in_flight += 1
         try:
+            if self._cors is not None:
+                preflight = self._cors.preflight(request)
+                if preflight is not None:
+                    return preflight
             if self._access is not None:
                 refusal = self._access.check(request, route)
                 if refusal is not None:
@@ -172,7 +189,9 @@ class RestApi:
                 self._idle.set()
 
     async def wait_idle(self, timeout_s: float) -> bool:
-        """Wait until no request is in flight (shutdown); False on timeout."""
+        """Wait until no request is in flight (shutdown), watch streams ended; False on
+        timeout."""
+        self.watch.close()
         if not self._in_flight:
             return True
         self._idle = asyncio.Event()  # a new one each time: requests never clear it
@@ -187,6 +206,8 @@ class RestApi:
             metrics_public=access is not None and access.metrics_public))
         app = web.Application(middlewares=[self._middleware],
                               client_max_size=MAX_PAYLOAD_BYTES)
+        if self._cors is not None:
+            app.on_response_prepare.append(self._cors.on_prepare)
         r = app.router
         r.add_post(f"{PREFIX}/register", self.register)
         r.add_post(f"{PREFIX}/heartbeat", self.heartbeat)
@@ -194,6 +215,8 @@ class RestApi:
         r.add_get(f"{PREFIX}/nodes/{{node_id}}", self.get_node)
         r.add_delete(f"{PREFIX}/nodes/{{node_id}}", self.delete_node)
         r.add_get(f"{PREFIX}/nodes/{{node_id}}/events", self.node_events)
+        r.add_get(f"{PREFIX}/summary", self.summary)
+        r.add_get(f"{PREFIX}/watch", self.watch.handle)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
@@ -311,10 +334,22 @@ class RestApi:
         more = len(events) > limit
         events = events[:limit]
         return json_response({
-            "events": [{"id": e.id, "node_id": e.node_id, "from": e.from_status,
-                        "to": e.to_status, "reason": e.reason, "at": format_timestamp(e.at)}
-                       for e in events],
+            "events": [event_document(e) for e in events],
             "next": events[-1].id if more else None,
+        })
+
+    def _event_id(self) -> str:
+        """The last event the registry's state includes, as the watch stream names it."""
+        return f"{self._writer.store.store_id}.{self._writer.last_event_id}"
+
+    async def summary(self, _request: web.Request) -> web.Response:
+        """Counts kept by the registry's index: O(types), whatever the fleet's size."""
+        registry = self._registry
+        return json_response({
+            "total": len(registry),
+            "by_status": {status: registry.count(status) for status in STATUSES},
+            "by_type": registry.counts_by_type(),
+            "event_id": self._event_id(),
         })
 
     async def list_nodes(self, request: web.Request) -> web.StreamResponse:
@@ -326,6 +361,9 @@ class RestApi:
         status = query.get("status")
         prefix = _prefix(query)
         version = self._registry.version
+        # Taken before any node is read: the answer includes at least every event up to it
+        # (a later one may show too; watching from here repeats it, never misses one).
+        event_id = self._event_id()
         key: PageKey = (after, limit_text, query.get("node_type"), status,
                         query.get("location"), prefix)
         body = self._pages.get(key, version)
@@ -334,20 +372,20 @@ class RestApi:
         if status is not None and limit is not None:  # a page of one status: O(limit)
             # _filter checked the value
             body = await self._status_page(cast(Status, status.lower()), query, after, limit,
-                                           match, prefix)
+                                           match, prefix, event_id)
         else:
             ids = self._registry.sorted_ids()  # a snapshot: later changes build a new list
             lo, hi = _prefix_range(ids, prefix)
             start = max(lo, bisect.bisect_right(ids, after)) if after else lo
             if limit is None and hi - start > STREAM_ABOVE:
                 return await self._stream(request, ids, start, hi, match,
-                                          await self._count(ids, match, lo, start))
+                                          await self._count(ids, match, lo, start), event_id)
             if match is _all:
                 parts, next_id = await self._page(ids, start, hi, limit)
             else:
                 parts, next_id = await self._collect(_slices(ids, start, hi), limit, match)
             total = await self._count(ids, match, lo, hi)
-            body = document(parts, total, next_id)
+            body = document(parts, total, next_id, event_id)
         if version == self._registry.version:  # unchanged while collected
             self._pages.put(key, version, body)
         return web.Response(body=body, content_type=JSON)
@@ -369,7 +407,8 @@ class RestApi:
         return parts, (ids[stop - 1] if parts and stop < hi else None)
 
     async def _status_page(self, status: Status, query: Any, after: str | None, limit: int,
-                           match: Callable[[Node], bool], prefix: str | None) -> bytes:
+                           match: Callable[[Node], bool], prefix: str | None,
+                           event_id: str) -> bytes:
         """A page of the nodes with one status, read from the registry's status index; the
         total from its counts by status and type (a location filter or an id prefix is counted
         by walking the nodes of that status that it could match)."""
@@ -379,7 +418,8 @@ class RestApi:
             parts, next_id = await self._collect(_batches(ids), limit, match)
             every = _while_prefixed(self._registry.ids_with_status(status, _below(prefix)),
                                     prefix)
-            return document(parts, await self._matching(_batches(every), match), next_id)
+            return document(parts, await self._matching(_batches(every), match), next_id,
+                            event_id)
         ids = self._registry.ids_with_status(status, after or None)
         parts, next_id = await self._collect(_batches(ids), limit, match)
         if query.get("location") is None:
@@ -387,7 +427,7 @@ class RestApi:
         else:
             total = await self._matching(_batches(self._registry.ids_with_status(status)),
                                          match)
-        return document(parts, total, next_id)
+        return document(parts, total, next_id, event_id)
 
     def _nodes(self, ids: Iterable[str]) -> Iterator[Node]:
         get = self._registry.get
@@ -434,7 +474,8 @@ class RestApi:
         return total
 
     async def _stream(self, request: web.Request, ids: list[str], start: int, stop: int,
-                      match: Callable[[Node], bool], before: int) -> web.StreamResponse:
+                      match: Callable[[Node], bool], before: int, event_id: str
+                      ) -> web.StreamResponse:
         # A large fleet goes out in chunks, yielding between them, so that listing a million
         # nodes never stalls ingest. Each node is read as it is when its chunk is written.
         # ``before``: the matches ahead of ``start`` (a page that began further on).
@@ -449,8 +490,8 @@ class RestApi:
                     await response.write((b"," if count else b"") + b",".join(parts))
                     count += len(parts)
                 await asyncio.sleep(0)
-            await response.write(b'],"count":%d,"total":%d,"next":null}'
-                                 % (count, before + count))
+            await response.write(b'],"count":%d,"total":%d,"next":null,"event_id":%s}'
+                                 % (count, before + count, dumps(event_id)))
             await response.write_eof()
         except ConnectionResetError:
             log.debug("http_client_gone path=%s sent_nodes=%d", request.path, count)

@@ -78,6 +78,8 @@ RULES: dict[tuple[str, str], RouteRule] = {
     ("GET", _NODE): RouteRule("fleet_read", "path", nodes_may=True),
     ("DELETE", _NODE): RouteRule("delete", "path"),
     ("GET", f"{_NODE}/events"): RouteRule("fleet_read", "path"),
+    ("GET", f"{FLEET}/summary"): RouteRule("fleet_read"),
+    ("GET", f"{FLEET}/watch"): RouteRule("fleet_read"),
     ("POST", f"{_NODE}/credentials"): RouteRule("credentials_issue", "path", nodes_may=True,
                                                 needs_auth=True),
     ("GET", f"{_NODE}/credentials"): RouteRule("credentials_read", "path", needs_auth=True),

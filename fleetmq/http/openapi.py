@@ -55,6 +55,40 @@ _EVENT_QUERY = [
 ]
 
 
+_EVENT_POSITION = {
+    "type": "string", "pattern": "^[0-9a-f]{1,32}\\.[0-9]{1,18}$",
+    "example": "3f9a1c2b7d4e5f60.1042",
+    "description": "<store id>.<event id>: the last event this answer includes; watch from "
+                   "here (?since= or Last-Event-ID) to miss nothing",
+}
+_WATCH = {"get": {
+    "summary": "Watch the fleet: committed events as Server-Sent Events",
+    "description": (
+        "text/event-stream. 'event: transition', 'data' an Event, 'id' <store id>.<event "
+        "id>. With Last-Event-ID (or ?since=) every later event comes first, then live ones: "
+        "nothing missed, nothing repeated; without either the stream starts at the next "
+        "event. 'event: reset' (data {reason: gone | another_store | future, event_id}): that "
+        "position cannot be resumed, reload the list; the stream goes on from event_id. "
+        "'event: overflow' (data {reason, event_id}): the client fell more than 10,000 events "
+        "behind; the stream closes, resume from the last id received. A comment line every "
+        "15 s while quiet; while the store is unavailable the stream pauses."),
+    "parameters": [
+        {"name": "since", "in": "query", "required": False, "schema": _EVENT_POSITION},
+        {"name": "Last-Event-ID", "in": "header", "required": False,
+         "schema": _EVENT_POSITION, "description": "wins over since"},
+        *({"name": name, "in": "query", "required": False, "schema": {"type": "string"},
+           "description": description}
+          for name, description in (
+              ("node_type", "only events of nodes of this type (case-insensitive)"),
+              ("location", "only events of nodes at this location (case-insensitive)"),
+              ("node_id", "only this node's events"))),
+    ],
+    "responses": {"200": {"description": "The stream",
+                          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                  "400": _error("A since or Last-Event-ID that is not an event id")},
+}}
+
+
 _JSON_TYPES = {str: "string", int: "integer", bool: "boolean"}
 
 
@@ -175,14 +209,28 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "Event": {
-            "type": "object", "required": ["id", "node_id", "from", "to", "reason", "at"],
+            "type": "object",
+            "description": "A transition, a registration or a deletion, with the node as it "
+                           "was then (contract section 9)",
+            "required": ["id", "node_id", "node_type", "location", "from", "to", "reason", "at",
+                         "last_seen"],
             "properties": {
-                "id": {"type": "integer", "minimum": 1},
+                "id": {"type": "integer", "minimum": 1,
+                       "description": "increasing within one store"},
                 "node_id": {"type": "string", "pattern": NODE_ID_PATTERN},
+                "node_type": {"type": ["string", "null"],
+                              "description": "null only for an event stored before fleetmq "
+                                             "kept it, whose node is gone"},
+                "location": {"type": ["string", "null"]},
                 "from": {"enum": ["online", "degraded", "offline", None],
                          "description": "null for a first registration"},
-                "to": {"enum": ["online", "degraded", "offline"]},
-                "reason": {"type": "string"}, "at": _TS,
+                "to": {"enum": ["online", "degraded", "offline", "deleted"]},
+                "reason": {"type": "string",
+                           "description": "'deleted' for a deletion"},
+                "at": _TS,
+                "last_seen": {**_TS, "type": ["string", "null"],
+                              "description": "null only for an event stored before fleetmq "
+                                             "kept it"},
             },
         },
         "EventList": {
@@ -194,11 +242,26 @@ def _schemas() -> dict[str, Any]:
             },
         },
         "NodeList": {
-            "type": "object", "required": ["nodes", "count", "total", "next"],
+            "type": "object", "required": ["nodes", "count", "total", "next", "event_id"],
             "properties": {
                 "nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}},
                 "count": {"type": "integer"}, "total": {"type": "integer"},
                 "next": {"type": ["string", "null"]},
+                "event_id": _EVENT_POSITION,
+            },
+        },
+        "Summary": {
+            "type": "object", "required": ["total", "by_status", "by_type", "event_id"],
+            "properties": {
+                "total": {"type": "integer", "minimum": 0},
+                "by_status": {"type": "object",
+                              "required": ["online", "degraded", "offline"],
+                              "properties": {s: {"type": "integer", "minimum": 0}
+                                             for s in ("online", "degraded", "offline")}},
+                "by_type": {"type": "object",
+                            "additionalProperties": {"type": "integer", "minimum": 1},
+                            "description": "nodes by type as registered"},
+                "event_id": _EVENT_POSITION,
             },
         },
     }
@@ -277,14 +340,19 @@ def _document(topic_root: str) -> dict[str, Any]:
                                          "503": _STORE_DOWN}},
             },
             "/api/v1/fleet/nodes/{node_id}/events": {"get": {
-                "summary": "A node's status history (its transitions), newest first; a "
-                           "deleted node's history stays readable until pruned",
+                "summary": "A node's history (registrations, transitions, its deletion), "
+                           "newest first; a deleted node's history stays readable until pruned",
                 "parameters": [_NODE_ID_PARAM, *_EVENT_QUERY],
                 "responses": {"200": _ok("Events", "EventList"),
                               "400": _error("Invalid node id, limit or before"),
                               "404": _error("No node with that id, and no history"),
                               "503": _error("The store cannot be read")},
             }},
+            "/api/v1/fleet/summary": {"get": {
+                "summary": "Counts by status and type, and the last event they include",
+                "responses": {"200": _ok("The counts", "Summary")},
+            }},
+            "/api/v1/fleet/watch": _WATCH,
             "/healthz": {"get": {"summary": "Liveness",
                                  "responses": {"200": {"description": "The process serves"}}}},
             "/readyz": {"get": {"summary": "Readiness: broker connected, subscriptions acked, "

@@ -64,9 +64,12 @@ class PageCache:
         self._version = version
 
 
-def document(parts: list[bytes], total: int, next_id: str | None = None) -> bytes:
-    """``{"nodes": [...], "count", "total", "next"}`` around the nodes' JSON, copied once."""
-    tail = b"]," + dumps({"count": len(parts), "total": total, "next": next_id})[1:]
+def document(parts: list[bytes], total: int, next_id: str | None = None,
+             event_id: str | None = None) -> bytes:
+    """``{"nodes": [...], "count", "total", "next", "event_id"}`` around the nodes' JSON,
+    copied once."""
+    tail = b"]," + dumps({"count": len(parts), "total": total, "next": next_id,
+                          "event_id": event_id})[1:]
     if not parts:
         return b'{"nodes":[' + tail
     if len(parts) == 1:

@@ -14,9 +14,10 @@ from typing import Any, NamedTuple, Protocol
 from fleetmq.core.clock import Instant
 from fleetmq.core.registry import Node
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 """Bumped with every change of the tables; each store migrates older versions on open and
-refuses newer ones."""
+refuses newer ones. 2: events keep the node's type, location and last_seen, take their id from
+the manager, and the store has an id of its own (``fleetmq_store``)."""
 
 NODE_COLUMNS: tuple[str, ...] = (
     "id", "type", "name", "capabilities", "location", "metadata", "interval_s",
@@ -36,27 +37,33 @@ TouchRow = tuple[Any, ...]
 
 
 class HistoryEvent(NamedTuple):
-    """One transition, as it is kept: ``from_status`` is None for a first registration. The
-    fields are in the order of SQLite's insert (sqlite.py writes these tuples as they are)."""
+    """One event as it is kept and served (contract section 9): a transition, a registration
+    (``from_status`` None the first time) or a deletion (``to_status`` and ``reason``
+    ``"deleted"``), with the node's type, location and last_seen as they were then. ``id`` is
+    drawn by the manager (``StoreWriter``), increasing within one store: writing a batch twice
+    (its commit was in doubt) keeps one copy. Events migrated from schema version 1 may lack
+    ``node_type``, ``location`` and ``last_seen`` (None). The fields are in the order of
+    ``EVENT_COLUMNS``, SQLite's insert (sqlite.py writes these tuples as they are)."""
 
-    node_id: str
-    from_status: str | None
-    to_status: str
-    reason: str
-    at: float
-    key: int | None = None
-    """Unique per event written by the manager: a batch written twice (after a commit whose
-    outcome was unknown) keeps one copy."""
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
     id: int
     node_id: str
+    node_type: str | None
+    location: str | None
     from_status: str | None
     to_status: str
     reason: str
     at: float
+    last_seen: float | None
+
+
+StoredEvent = HistoryEvent
+"""The same record, read back."""
+
+EVENT_COLUMNS: tuple[str, ...] = (
+    "id", "node_id", "node_type", "location", "from_status", "to_status", "reason", "at",
+    "last_seen",
+)
+"""The order of an event row, in every store (``HistoryEvent``'s fields)."""
 
 
 @dataclass(slots=True)
@@ -103,11 +110,26 @@ class Store(Protocol):
     async def write(self, batch: Batch) -> None:
         """Apply the batch in one transaction, durable (synced) when this returns."""
 
+    store_id: str
+    """Drawn when the store was created and kept in it (``memory://``: one per process), so
+    that event ids of another store are recognised; known once open. Hex digits only."""
+    last_event_id: int
+    """The highest event id the store has ever held, as found at ``open`` (0: none yet): the
+    manager numbers the next events from there."""
+
     async def events(self, node_id: str, limit: int, before: int | None) -> list[StoredEvent]:
         """A node's events, newest first, with ids below ``before`` when given."""
 
+    async def events_after(self, after: int, upto: int, limit: int) -> list[StoredEvent]:
+        """Every node's events with ids above ``after`` and at most ``upto``, oldest first, at
+        most ``limit`` (the watch stream's backlog)."""
+
+    async def first_event_id(self) -> int | None:
+        """The oldest event id kept, None while there is none."""
+
     async def prune(self, older_than: float) -> int:
-        """Drop events before that wall-clock moment; returns how many."""
+        """Drop events before that wall-clock moment, except the newest event of all (it keeps
+        ``last_event_id`` across a restart); returns how many."""
 
     async def ping(self) -> None:
         """Raise StoreError unless the store answers now."""

@@ -16,6 +16,7 @@ import asyncpg
 
 from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.store.base import (
+    EVENT_COLUMNS,
     LOAD_CHUNK,
     NODE_COLUMNS,
     SCHEMA_VERSION,
@@ -48,6 +49,9 @@ _TYPES: dict[str, str] = {
 }
 _NULLABLE = {"location", "session", "uptime_seconds", "free_memory_kb", "sensors_active"}
 
+_NEW_STORE_ID = "substr(md5(random()::text || clock_timestamp()::text), 1, 16)"
+"""16 hex digits, drawn by the server (no extension needed)."""
+
 SCHEMA = (
     "CREATE TABLE nodes (\n    "
     + ",\n    ".join(
@@ -58,20 +62,35 @@ SCHEMA = (
     # index covers, so those updates stay on the page (HOT) and leave the index alone.
     + "\n) WITH (fillfactor = 70);\n"
     "CREATE TABLE events (\n"
-    "    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,\n"
+    "    id bigint PRIMARY KEY,\n"
     "    node_id text NOT NULL,\n"
+    "    node_type text,\n"
+    "    location text,\n"
     "    from_status text,\n"
     "    to_status text NOT NULL,\n"
     "    reason text NOT NULL,\n"
     "    at double precision NOT NULL,\n"
-    "    key bigint UNIQUE\n"
+    "    last_seen double precision\n"
     ");\n"
     "CREATE INDEX events_by_node ON events (node_id, id);\n"
     "CREATE INDEX events_by_time ON events (at);\n"
+    "CREATE TABLE fleetmq_store (id text NOT NULL);\n"
+    f"INSERT INTO fleetmq_store (id) VALUES ({_NEW_STORE_ID});\n"
 )
 """The same tables and columns as SQLite's; JSON stays text so rows round-trip unchanged."""
 
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: as SQLite's (events keep the node's type, location and last_seen, take the
+    # manager's ids, lose the dedup key; the store draws its id).
+    1: "ALTER TABLE events ADD COLUMN node_type text, ADD COLUMN location text, "
+       "ADD COLUMN last_seen double precision;\n"
+       "UPDATE events SET node_type = n.type, location = n.location FROM nodes n "
+       "WHERE n.id = events.node_id;\n"
+       "ALTER TABLE events DROP COLUMN key;\n"
+       "ALTER TABLE events ALTER COLUMN id DROP IDENTITY;\n"
+       "CREATE TABLE fleetmq_store (id text NOT NULL);\n"
+       f"INSERT INTO fleetmq_store (id) VALUES ({_NEW_STORE_ID});\n",
+}
 """SQL that takes the schema from version N to N + 1."""
 
 
@@ -93,10 +112,11 @@ _TOUCH = (
 )
 _DELETE = "DELETE FROM nodes WHERE id = ANY($1::text[])"
 _EVENTS = (
-    "INSERT INTO events (node_id, from_status, to_status, reason, at, key) "
-    "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[], "
-    "$6::int8[]) ON CONFLICT (key) DO NOTHING"
+    f"INSERT INTO events ({', '.join(EVENT_COLUMNS)}) "
+    "SELECT * FROM unnest($1::int8[], $2::text[], $3::text[], $4::text[], $5::text[], "
+    "$6::text[], $7::text[], $8::float8[], $9::float8[]) ON CONFLICT (id) DO NOTHING"
 )
+_SELECT_EVENTS = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events"
 _DECLARED = NODE_COLUMNS.index("declared_interval")
 
 # What asyncpg raises when the server, the network or the connection fails.
@@ -116,6 +136,8 @@ class PostgresStore:
         self._pool: Any = None
         self._lock_conn: Any = None
         self._lock_guard = asyncio.Lock()
+        self.store_id = ""
+        self.last_event_id = 0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -124,6 +146,10 @@ class PostgresStore:
             self._lock_conn = await self._connect()
             await self._take_lock(self._lock_conn)
             await self._migrate(self._lock_conn)
+            self.store_id = str(await self._guard(self._lock_conn.fetchval(
+                "SELECT id FROM fleetmq_store"), "cannot open store"))
+            self.last_event_id = int(await self._guard(self._lock_conn.fetchval(
+                "SELECT coalesce(max(id), 0) FROM events"), "cannot open store"))
             self._pool = await self._guard(asyncpg.create_pool(
                 self.dsn, min_size=POOL_MIN, max_size=POOL_MAX, timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
@@ -240,27 +266,37 @@ class PostgresStore:
                     rows = list({row[-1]: row for row in batch.touches}.values())
                     await conn.execute(_TOUCH, *(list(c) for c in zip(*rows, strict=True)))
                 if batch.events:
-                    events = batch.events
                     await conn.execute(
-                        _EVENTS, [e.node_id for e in events], [e.from_status for e in events],
-                        [e.to_status for e in events], [e.reason for e in events],
-                        [e.at for e in events], [e.key for e in events])
+                        _EVENTS, *(list(c) for c in zip(*batch.events, strict=True)))
         await self._with_conn(apply, "writing")
 
     async def events(self, node_id: str, limit: int, before: int | None) -> list[StoredEvent]:
         async def query(conn: Any) -> list[StoredEvent]:
             rows = await conn.fetch(
-                "SELECT id, node_id, from_status, to_status, reason, at FROM events "
-                "WHERE node_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
+                f"{_SELECT_EVENTS} WHERE node_id = $1 AND id < $2 ORDER BY id DESC LIMIT $3",
                 node_id, before if before is not None else 2**63 - 1, limit)
             return [StoredEvent(*row) for row in rows]
+        return await self._with_conn(query, "reading events")
+
+    async def events_after(self, after: int, upto: int, limit: int) -> list[StoredEvent]:
+        async def query(conn: Any) -> list[StoredEvent]:
+            rows = await conn.fetch(
+                f"{_SELECT_EVENTS} WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
+                after, upto, limit)
+            return [StoredEvent(*row) for row in rows]
+        return await self._with_conn(query, "reading events")
+
+    async def first_event_id(self) -> int | None:
+        async def query(conn: Any) -> int | None:
+            first = await conn.fetchval("SELECT min(id) FROM events")
+            return None if first is None else int(first)
         return await self._with_conn(query, "reading events")
 
     async def prune(self, older_than: float) -> int:
         async def chunk(conn: Any) -> int:
             status = await conn.execute(
-                "DELETE FROM events WHERE id IN "
-                "(SELECT id FROM events WHERE at < $1 LIMIT $2)", older_than, PRUNE_CHUNK)
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < $1 AND "
+                "id < (SELECT max(id) FROM events) LIMIT $2)", older_than, PRUNE_CHUNK)
             return int(str(status).rsplit(" ", 1)[-1])  # "DELETE <count>"
         total = 0
         while (dropped := await self._with_conn(chunk, "pruning")) > 0:  # short transactions

@@ -20,6 +20,7 @@ import orjson
 
 from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.store.base import (
+    EVENT_COLUMNS,
     LOAD_CHUNK,
     NODE_COLUMNS,
     SCHEMA_VERSION,
@@ -53,19 +54,49 @@ CREATE TABLE nodes (
     sensors_active INTEGER
 ) WITHOUT ROWID;
 CREATE TABLE events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id INTEGER PRIMARY KEY,
     node_id TEXT NOT NULL,
+    node_type TEXT,
+    location TEXT,
     from_status TEXT,
     to_status TEXT NOT NULL,
     reason TEXT NOT NULL,
     at REAL NOT NULL,
-    key INTEGER UNIQUE
+    last_seen REAL
 );
 CREATE INDEX events_by_node ON events (node_id, id);
 CREATE INDEX events_by_time ON events (at);
+CREATE TABLE fleetmq_store (id TEXT NOT NULL);
+INSERT INTO fleetmq_store (id) VALUES (lower(hex(randomblob(8))));
 """
 
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: events keep the node's type, location and last_seen and take the manager's ids
+    # (the dedup key goes); the store draws its id. Old events get the type and location of
+    # their node as it is now (None once deleted) and no last_seen: nobody kept them.
+    1: """
+CREATE TABLE events_v2 (
+    id INTEGER PRIMARY KEY,
+    node_id TEXT NOT NULL,
+    node_type TEXT,
+    location TEXT,
+    from_status TEXT,
+    to_status TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    at REAL NOT NULL,
+    last_seen REAL
+);
+INSERT INTO events_v2 (id, node_id, node_type, location, from_status, to_status, reason, at)
+    SELECT e.id, e.node_id, n.type, n.location, e.from_status, e.to_status, e.reason, e.at
+    FROM events e LEFT JOIN nodes n ON n.id = e.node_id;
+DROP TABLE events;
+ALTER TABLE events_v2 RENAME TO events;
+CREATE INDEX events_by_node ON events (node_id, id);
+CREATE INDEX events_by_time ON events (at);
+CREATE TABLE fleetmq_store (id TEXT NOT NULL);
+INSERT INTO fleetmq_store (id) VALUES (lower(hex(randomblob(8))));
+""",
+}
 """SQL that takes the schema from version N to N + 1."""
 
 PRUNE_CHUNK = 10_000
@@ -80,8 +111,9 @@ _TOUCH = f"UPDATE nodes SET {', '.join(f'{c} = ?' for c in TOUCH_COLUMNS)} WHERE
 _REALS = ("timeout_s", "registered_at", "last_seen", "status_since")
 _JSON_COLUMNS = [c for c in NODE_COLUMNS if c not in _REALS]
 _LOAD = f"SELECT json_array({', '.join(_JSON_COLUMNS)}), {', '.join(_REALS)} FROM nodes"
-_EVENT = ("INSERT OR IGNORE INTO events (node_id, from_status, to_status, reason, at, key) "
-          "VALUES (?, ?, ?, ?, ?, ?)")
+_EVENT = (f"INSERT OR IGNORE INTO events ({', '.join(EVENT_COLUMNS)}) "
+          f"VALUES ({', '.join('?' * len(EVENT_COLUMNS))})")
+_SELECT_EVENTS = f"SELECT {', '.join(EVENT_COLUMNS)} FROM events"
 
 
 class SqliteStore:
@@ -94,6 +126,8 @@ class SqliteStore:
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._lock: IO[bytes] | None = None
+        self.store_id = ""
+        self.last_event_id = 0
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -104,6 +138,7 @@ class SqliteStore:
         try:
             self._wconn = await self._write(self._connect)
             await self._write(self._migrate)
+            self.store_id, self.last_event_id = await self._write(self._identity)
             self._rconn = await self._run(self._reader, self._connect)
         except StoreError as exc:
             await self.close()
@@ -167,6 +202,12 @@ class SqliteStore:
                 conn.execute("ROLLBACK")
             raise
 
+    def _identity(self) -> tuple[str, int]:
+        conn = self._conn()
+        store_id = conn.execute("SELECT id FROM fleetmq_store").fetchone()[0]
+        last = conn.execute("SELECT max(id) FROM events").fetchone()[0]
+        return str(store_id), int(last or 0)
+
     async def close(self) -> None:
         for executor, conn in ((self._reader, self._rconn), (self._writer, self._wconn)):
             if conn is not None:
@@ -229,17 +270,32 @@ class SqliteStore:
         def query() -> list[StoredEvent]:
             assert self._rconn is not None
             rows = self._rconn.execute(
-                "SELECT id, node_id, from_status, to_status, reason, at FROM events "
-                "WHERE node_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                f"{_SELECT_EVENTS} WHERE node_id = ? AND id < ? ORDER BY id DESC LIMIT ?",
                 (node_id, before if before is not None else 2**63 - 1, limit)).fetchall()
             return [StoredEvent(*row) for row in rows]
+        return await self._run(self._reader, query)
+
+    async def events_after(self, after: int, upto: int, limit: int) -> list[StoredEvent]:
+        def query() -> list[StoredEvent]:
+            assert self._rconn is not None
+            rows = self._rconn.execute(
+                f"{_SELECT_EVENTS} WHERE id > ? AND id <= ? ORDER BY id LIMIT ?",
+                (after, upto, limit)).fetchall()
+            return [StoredEvent(*row) for row in rows]
+        return await self._run(self._reader, query)
+
+    async def first_event_id(self) -> int | None:
+        def query() -> int | None:
+            assert self._rconn is not None
+            first = self._rconn.execute("SELECT min(id) FROM events").fetchone()[0]
+            return None if first is None else int(first)
         return await self._run(self._reader, query)
 
     async def prune(self, older_than: float) -> int:
         def chunk() -> int:
             cursor = self._conn().execute(
-                "DELETE FROM events WHERE id IN "
-                "(SELECT id FROM events WHERE at < ? LIMIT ?)", (older_than, PRUNE_CHUNK))
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < ? AND "
+                "id < (SELECT max(id) FROM events) LIMIT ?)", (older_than, PRUNE_CHUNK))
             return cursor.rowcount
         total = 0
         while (dropped := await self._write(chunk)) > 0:  # short transactions between batches

@@ -9,6 +9,10 @@ go out at most ``flush_interval_s`` later, never one write per heartbeat.
 
 When the store fails, everything stays queued and the writer retries with a backoff; the
 registry keeps working in memory, and ``available`` tells writers that need the store to refuse.
+
+Events are numbered here, as they are recorded (so a reader of the registry knows the last
+event its state includes), and handed to ``on_commit`` listeners (the watch stream) in that
+order once committed.
 """
 
 from __future__ import annotations
@@ -17,11 +21,10 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import secrets
 from collections import deque
 from collections.abc import Callable
 
-from fleetmq.core.events import Event, NodeTransitioned
+from fleetmq.core.events import Event, NodeDeleted, NodeTransitioned
 from fleetmq.core.registry import Registry
 from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.store.base import Batch, HistoryEvent, Store, node_row, touch_row
@@ -65,10 +68,13 @@ class StoreWriter:
         self._recorded = 0
         self._committed = 0
         """Every record() up to this number is in the store."""
-        self._run_key = secrets.randbits(31) << 32
-        """Events carry ``run_key | n``: a batch written twice (its commit was in doubt) does
-        not duplicate them."""
-        self._event_count = 0
+        self.last_event_id = 0
+        """The id of the last event recorded (committed or not): what the registry's state
+        includes. Continues from the store's (``continue_from``)."""
+        self.committed_event_id = 0
+        """The id of the last event committed and handed to the listeners."""
+        self._listeners: list[Callable[[list[HistoryEvent]], None]] = []
+        self._rejected: set[int] = set()
         self._callbacks: deque[tuple[int, Callable[[], None]]] = deque()
         self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._wake = asyncio.Event()
@@ -99,12 +105,22 @@ class StoreWriter:
         if self._failure is not None:
             raise StoreUnavailableError(self._failure)
 
+    def continue_from(self, last_event_id: int) -> None:
+        """Number events after the store's last one (once it is open, before any record)."""
+        self.last_event_id = self.committed_event_id = last_event_id
+
+    def on_commit(self, listener: Callable[[list[HistoryEvent]], None]) -> None:
+        """Call ``listener`` with the events of each commit, in id order, once committed. It
+        runs in the writer's task: it must be quick and must not raise."""
+        self._listeners.append(listener)
+
     def record(self, events: list[Event]) -> None:
         """Registrations, transitions and deletes: durable with the next commit."""
         if self._sync_memory:
             assert isinstance(self.store, MemoryStore)
-            self.store.append(Batch(events=[self._history(e) for e in events
-                                            if type(e) is NodeTransitioned]))
+            history = [self._history(e) for e in events]
+            self.store.append(Batch(events=history))
+            self._announce(history)
             return
         # One pass, no list in between: this runs once per registration (bench/README.md
         # section 20).
@@ -116,11 +132,7 @@ class StoreWriter:
             node_id = event.node_id
             dirty.pop(node_id, None)
             dirty[node_id] = seq
-            if type(event) is NodeTransitioned:
-                self._event_count += 1
-                queue.append((seq, HistoryEvent(node_id, event.previous, event.status,
-                                                event.reason, event.since,
-                                                self._run_key | self._event_count)))
+            queue.append((seq, self._history(event)))
         if len(self._events) > MAX_QUEUED_EVENTS:
             overflow = len(self._events) - MAX_QUEUED_EVENTS
             for _ in range(overflow):
@@ -128,10 +140,16 @@ class StoreWriter:
             self.events_dropped += overflow
         self._wake.set()
 
-    def _history(self, event: NodeTransitioned) -> HistoryEvent:
-        self._event_count += 1
-        return HistoryEvent(event.node_id, event.previous, event.status, event.reason,
-                            event.since, self._run_key | self._event_count)
+    def _history(self, event: Event) -> HistoryEvent:
+        """The event as it is kept, numbered after the last one recorded."""
+        self.last_event_id = event_id = self.last_event_id + 1
+        if type(event) is NodeTransitioned:
+            return HistoryEvent(event_id, event.node_id, event.node_type, event.location,
+                                event.previous, event.status, event.reason, event.since,
+                                event.last_seen)
+        assert isinstance(event, NodeDeleted)
+        return HistoryEvent(event_id, event.node_id, event.node_type, event.location,
+                            event.previous, "deleted", "deleted", event.at, event.last_seen)
 
     def touch(self, node_id: str) -> None:
         """A heartbeat changed ``last_seen`` and telemetry: written behind."""
@@ -231,6 +249,7 @@ class StoreWriter:
         try:
             await self._build(batch, [node_id for node_id, _ in taken], touched)
             if len(batch):
+                self._rejected.clear()
                 await self._write_isolating(batch)
         except BaseException:
             # Nothing is lost: put it all back, in front, for the next attempt (the nodes'
@@ -244,6 +263,10 @@ class StoreWriter:
             raise
         self.commits += 1
         self.rows_written += len(batch)
+        if batch.events:
+            rejected = self._rejected
+            self._announce([e for e in batch.events if e.id not in rejected] if rejected
+                            else batch.events)
         # Everything recorded before the oldest change still queued is in the store now.
         oldest = min((seq for seq in (next(iter(self._dirty.values()), None),
                                       self._events[0][0] if self._events else None)
@@ -261,11 +284,23 @@ class StoreWriter:
         except StoreDataError as exc:
             if len(batch) == 1:
                 self.rows_rejected += 1
+                if batch.events:
+                    self._rejected.add(batch.events[0].id)
                 log.error("store_row_rejected store=%s error=%s batch=%r", self.store.url, exc,
                           batch)
                 return
             for half in batch.halves():
                 await self._write_isolating(half)
+
+    def _announce(self, events: list[HistoryEvent]) -> None:
+        if not events:
+            return
+        self.committed_event_id = events[-1].id
+        for listener in self._listeners:
+            try:
+                listener(events)
+            except Exception:
+                log.exception("store_commit_listener_failed")
 
     def stop(self) -> None:
         """Let ``run`` return after the batch in hand (cancelling it mid-write could write a

@@ -83,11 +83,15 @@ async def test_acknowledged_changes_survive_a_restart(
         assert (after["status"], after["status_reason"]) == ("degraded", "low_battery")
         assert (after["location"], after["metadata"], after["uptime_seconds"]) == (
             "roof", {"fw": "2.1", "rev": 3}, 77)
-        # The deleted node's history stays readable.
+        # The deleted node's history stays readable, its deletion the last event (contract
+        # section 9), each with the node as it was.
         status, doc = await events(http, svc, "gone")
         assert status == 200
-        assert [(e["from"], e["to"], e["reason"]) for e in doc["events"]] == [
-            (None, "online", "registered")]
+        assert [(e["from"], e["to"], e["reason"], e["node_type"]) for e in doc["events"]] == [
+            ("online", "deleted", "deleted", "picclaw"), (None, "online", "registered", "picclaw")]
+        status, doc = await events(http, svc, "gw-1")
+        assert [(e["to"], e["reason"], e["location"]) for e in doc["events"]] == [
+            ("degraded", "low_battery", "roof"), ("online", "registered", "roof")]
 
 
 async def test_a_node_deleted_and_registered_again_starts_without_its_old_telemetry(
@@ -149,7 +153,8 @@ async def test_events_route_pages_newest_first_and_checks_its_parameters(
         assert [e["to"] for e in page["events"]] == ["online", "degraded"]
         assert page["next"] == page["events"][-1]["id"]
         first = page["events"][0]
-        assert set(first) == {"id", "node_id", "from", "to", "reason", "at"}
+        assert set(first) == {"id", "node_id", "node_type", "location", "from", "to", "reason",
+                              "at", "last_seen"}
         async with http.get(api(svc, "/api/v1/openapi.json")) as resp:
             schemas = (await resp.json())["components"]["schemas"]
         jsonschema.validate(page, {**schemas["EventList"], "components": {"schemas": schemas}})
@@ -236,6 +241,8 @@ class FlakyStore:
         self.gate = asyncio.Event()
         self.gate.set()
         self.poison: str | None = None
+        self.store_id = ""
+        self.last_event_id = 0
 
     def _check(self) -> None:
         if self.broken:
@@ -243,6 +250,8 @@ class FlakyStore:
 
     async def open(self) -> None:
         await self.inner.open()
+        self.store_id = self.inner.store_id
+        self.last_event_id = self.inner.last_event_id
 
     def load(self) -> AsyncGenerator[list[NodeRow], None]:
         return self.inner.load()
@@ -257,6 +266,14 @@ class FlakyStore:
     async def events(self, node_id: str, limit: int, before: int | None) -> list[StoredEvent]:
         self._check()
         return await self.inner.events(node_id, limit, before)
+
+    async def events_after(self, after: int, upto: int, limit: int) -> list[StoredEvent]:
+        self._check()
+        return await self.inner.events_after(after, upto, limit)
+
+    async def first_event_id(self) -> int | None:
+        self._check()
+        return await self.inner.first_event_id()
 
     async def prune(self, older_than: float) -> int:
         return await self.inner.prune(older_than)
@@ -404,8 +421,10 @@ async def test_history_older_than_history_days_is_pruned(
     await store.open()
     now = time.time()
     await store.write(Batch(events=[
-        HistoryEvent("n1", None, "online", "registered", now - 40 * 86_400),
-        HistoryEvent("n1", "online", "offline", "reported", now - 20 * 86_400)]))
+        HistoryEvent(1, "n1", "gw", None, None, "online", "registered", now - 40 * 86_400,
+                     now - 40 * 86_400),
+        HistoryEvent(2, "n1", "gw", None, "online", "offline", "reported", now - 20 * 86_400,
+                     now - 40 * 86_400)]))
     await store.close()
     async with running(make_settings(mosquitto.url, root, store=store_settings)) as svc:
 

@@ -7,6 +7,8 @@ Stores are built the way the manager builds them: ``make_store(parse_store(url))
 from __future__ import annotations
 
 import asyncio
+import itertools
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +25,7 @@ from fleetmq.core.models import HeartbeatRequest, RegisterRequest
 from fleetmq.core.registry import Node, Registry
 from fleetmq.errors import StoreDataError, StoreError
 from fleetmq.store import SCHEMA_VERSION, Batch, HistoryEvent, Store, make_store
+from fleetmq.store import sqlite as sqlite_store
 from fleetmq.store.base import (
     LOAD_CHUNK,
     NODE_COLUMNS,
@@ -131,9 +134,14 @@ def fleet() -> list[Node]:
     return [full, bare, third]
 
 
+_event_ids = itertools.count(1)
+
+
 def event(node_id: str, at: float, to: str = "online", frm: str | None = None,
           reason: str = "registered") -> HistoryEvent:
-    return HistoryEvent(node_id, frm, to, reason, at)
+    """An event as the writer numbers them (increasing; a fresh store per test)."""
+    return HistoryEvent(next(_event_ids), node_id, "microclaw", "north", frm, to, reason, at,
+                        at - 1)
 
 
 def same_node(a: Node, b: Node) -> bool:
@@ -290,6 +298,81 @@ async def test_a_batch_deletes_before_it_upserts_and_the_last_upsert_wins(
         assert await load_all(store) == [second]
 
 
+# Version 1's events table, as fleetmq wrote it before events kept the node (its nodes table
+# is today's).
+_V1_EVENTS = {
+    "sqlite": "CREATE TABLE events (id INTEGER PRIMARY KEY AUTOINCREMENT, node_id TEXT NOT NULL, "
+              "from_status TEXT, to_status TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL, "
+              "key INTEGER UNIQUE);"
+              "CREATE INDEX events_by_node ON events (node_id, id);"
+              "CREATE INDEX events_by_time ON events (at);",
+    "postgresql": "CREATE TABLE events (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, "
+                  "node_id text NOT NULL, from_status text, to_status text NOT NULL, "
+                  "reason text NOT NULL, at double precision NOT NULL, key bigint UNIQUE);"
+                  "CREATE INDEX events_by_node ON events (node_id, id);"
+                  "CREATE INDEX events_by_time ON events (at);",
+}
+_V1_EVENT_ROWS = [("esp32-a", None, "online", "registered", WALL, 11),
+                  ("gone-1", None, "online", "registered", WALL + 1, 12),
+                  ("esp32-a", "online", "offline", "heartbeat_timeout", WALL + 2, 13)]
+
+
+async def make_version_1(url: str, node: NodeRow) -> None:
+    """A store as fleetmq left it at schema version 1: one node, three events."""
+    if url.startswith("sqlite:"):
+        nodes_ddl = sqlite_store.SCHEMA.split("CREATE TABLE events")[0]
+        conn = sqlite3.connect(parse_store(url).location)
+        conn.executescript(nodes_ddl + _V1_EVENTS["sqlite"]
+                           + "CREATE TABLE fleetmq_schema (version INTEGER NOT NULL);"
+                           "INSERT INTO fleetmq_schema VALUES (1);")
+        with conn:
+            conn.execute(f"INSERT INTO nodes VALUES ({', '.join('?' * len(node))})", node)
+            conn.executemany("INSERT INTO events (node_id, from_status, to_status, reason, at, "
+                             "key) VALUES (?, ?, ?, ?, ?, ?)", _V1_EVENT_ROWS)
+        conn.close()
+        return
+    from fleetmq.store import postgres
+    pg = await asyncpg.connect(url)
+    try:
+        await pg.execute(postgres.SCHEMA.split("CREATE TABLE events")[0] + _V1_EVENTS["postgresql"]
+                         + "CREATE TABLE fleetmq_schema (version integer NOT NULL);"
+                         "INSERT INTO fleetmq_schema VALUES (1);")
+        row = list(node)
+        row[7] = bool(row[7])
+        await pg.execute(f"INSERT INTO nodes VALUES "
+                         f"({', '.join(f'${i}' for i in range(1, len(row) + 1))})", *row)
+        await pg.executemany("INSERT INTO events (node_id, from_status, to_status, reason, at, "
+                             "key) VALUES ($1, $2, $3, $4, $5, $6)", _V1_EVENT_ROWS)
+    finally:
+        await pg.close()
+
+
+@durable_only
+async def test_a_version_1_store_upgrades_in_place(store_url: str) -> None:
+    node = fleet()[0]  # esp32-a, a microclaw in "north"
+    await make_version_1(store_url, node_row(node))
+    async with opened(store_url) as store:
+        assert await schema_version(store_url) == SCHEMA_VERSION == 2
+        assert await load_all(store) == [node_row(node)]
+        assert store.last_event_id == 3
+        store_id = store.store_id
+        assert re.fullmatch("[0-9a-f]{16}", store_id)
+        # Old events keep their ids and get their node's type and location as it is now;
+        # nobody kept last_seen. A deleted node's events know neither.
+        assert await store.events_after(0, 100, 100) == [
+            HistoryEvent(1, "esp32-a", "microclaw", "north", None, "online", "registered",
+                         WALL, None),
+            HistoryEvent(2, "gone-1", None, None, None, "online", "registered", WALL + 1, None),
+            HistoryEvent(3, "esp32-a", "microclaw", "north", "online", "offline",
+                         "heartbeat_timeout", WALL + 2, None)]
+        later = HistoryEvent(4, "esp32-a", "microclaw", "north", "offline", "online",
+                             "heartbeat", WALL + 3, WALL + 3)
+        await store.write(Batch(events=[later]))
+    async with opened(store_url) as store:  # upgraded once: the same store from now on
+        assert (store.store_id, store.last_event_id) == (store_id, 4)
+        assert (await store.events("esp32-a", 1, None)) == [later]
+
+
 # --- history ---------------------------------------------------------------------------------
 
 
@@ -319,14 +402,54 @@ async def test_events_come_newest_first_in_pages(store_url: str) -> None:
 
 @durable_only
 async def test_an_event_written_twice_is_kept_once(store_url: str) -> None:
-    """A batch whose commit was in doubt is written again: its events carry keys."""
+    """A batch whose commit was in doubt is written again: its events keep their ids."""
     async with opened(store_url) as store:
-        twice = HistoryEvent("a", None, "online", "registered", WALL, key=(7 << 32) | 1)
-        other = HistoryEvent("a", "online", "offline", "reported", WALL + 1, key=(7 << 32) | 2)
+        twice = event("a", WALL)
+        other = event("a", WALL + 1, "offline", "online", "reported")
         await store.write(Batch(events=[twice]))
         await store.write(Batch(events=[twice, other]))
-        assert [e.reason for e in await store.events("a", 10, None)] == ["reported",
-                                                                         "registered"]
+        assert await store.events("a", 10, None) == [other, twice]
+
+
+@every
+async def test_events_keep_the_node_as_it_was_and_read_back_in_id_order(store_url: str
+                                                                         ) -> None:
+    async with opened(store_url) as store:
+        assert store.last_event_id == 0
+        assert await store.first_event_id() is None
+        assert re.fullmatch("[0-9a-f]{16}", store.store_id)
+        written = [event(f"n{i % 3}", WALL + i) for i in range(7)]
+        gone = HistoryEvent(next(_event_ids), "n0", "picclaw", None, "offline", "deleted",
+                            "deleted", WALL + 8, WALL + 2.5)
+        await store.write(Batch(events=[*written[:4]]))
+        await store.write(Batch(events=[*written[4:], gone]))
+        every_event = [*written, gone]
+        assert await store.events_after(0, 2**62, 100) == every_event
+        assert await store.events_after(written[2].id, written[5].id, 100) == written[3:6]
+        assert await store.events_after(written[2].id, 2**62, 2) == written[3:5]
+        assert await store.events_after(gone.id, 2**62, 100) == []
+        assert await store.first_event_id() == written[0].id
+        assert await store.events("n0", 1, None) == [gone]
+
+
+@durable_only
+async def test_the_store_keeps_its_id_and_last_event_id_across_a_reopen(store_url: str
+                                                                        ) -> None:
+    async with opened(store_url) as store:
+        store_id = store.store_id
+        first = event("a", WALL - 1)
+        last = event("a", WALL)
+        await store.write(Batch(events=[first, last]))
+    async with opened(store_url) as store:
+        assert (store.store_id, store.last_event_id) == (store_id, last.id)
+        assert await store.prune(WALL + 10) == 1  # the newest event stays: ids keep rising
+    async with opened(store_url) as store:
+        assert store.last_event_id == last.id
+        assert await store.first_event_id() == last.id
+
+
+def test_each_memory_store_has_its_own_id() -> None:
+    assert make("memory://").store_id != make("memory://").store_id
 
 
 def test_halves_split_a_batch_without_losing_a_row() -> None:

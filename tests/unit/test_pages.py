@@ -48,7 +48,7 @@ def test_the_document_is_the_contract_shape_whatever_the_count() -> None:
     for count in (0, 1, 2, 5):
         parts = [orjson.dumps({"id": f"n{i}"}) for i in range(count)]
         kept = list(parts)
-        body = orjson.loads(document(parts, 9, "n1" if count else None))
+        body = orjson.loads(document(parts, 9, "n1" if count else None, "ab12.7"))
         assert body == {"nodes": [{"id": f"n{i}"} for i in range(count)], "count": count,
-                        "total": 9, "next": "n1" if count else None}
+                        "total": 9, "next": "n1" if count else None, "event_id": "ab12.7"}
         assert parts == kept  # the caller's list is left as it was

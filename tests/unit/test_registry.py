@@ -28,7 +28,7 @@ def test_first_registration_is_an_online_transition_without_previous_state(
 
     assert result.created is True
     assert result.events == [
-        NodeTransitioned(NODE, "online", "registered", now.wall, now.wall, None)
+        NodeTransitioned(NODE, "online", "registered", now.wall, now.wall, None, "microclaw", None)
     ]
     node = node_of(registry)
     assert (node.status, node.status_reason) == ("online", "registered")
@@ -90,7 +90,8 @@ def test_reregistering_replaces_description_and_keeps_registered_at_and_telemetr
 
     assert result.created is False
     assert result.events == [
-        NodeTransitioned(NODE, "online", "registered", later.wall, later.wall, "online")
+        NodeTransitioned(NODE, "online", "registered", later.wall, later.wall, "online",
+            "microclaw", None)
     ]
     node = result.node
     assert node.registered_at == first.wall
@@ -115,7 +116,7 @@ def test_reregistering_makes_a_node_online_again(
     result = registry.register(NODE, reg(), now)
 
     assert result.events == [
-        NodeTransitioned(NODE, "online", "registered", now.wall, now.wall, state)
+        NodeTransitioned(NODE, "online", "registered", now.wall, now.wall, state, "microclaw", None)
     ]
     assert node_of(registry).status == "online"
 
@@ -206,10 +207,12 @@ def test_degraded_and_back_to_online_are_heartbeat_transitions(
     recovered = registry.heartbeat(NODE, hb(), t3)
 
     assert degraded.events == [
-        NodeTransitioned(NODE, "degraded", "heartbeat", t1.wall, t1.wall, "online")]
+        NodeTransitioned(NODE, "degraded", "heartbeat", t1.wall, t1.wall, "online",
+            "microclaw", None)]
     assert again.events == []
     assert recovered.events == [
-        NodeTransitioned(NODE, "online", "heartbeat", t3.wall, t3.wall, "degraded")]
+        NodeTransitioned(NODE, "online", "heartbeat", t3.wall, t3.wall, "degraded",
+            "microclaw", None)]
     node = node_of(registry)
     assert (node.status, node.status_reason, node.status_since) == ("online", "heartbeat", t3.wall)
 
@@ -229,12 +232,15 @@ def test_a_degraded_node_s_reason_is_its_status_reason_and_a_new_one_is_an_event
     fine = registry.heartbeat(NODE, hb(reason="ignored_when_online"), t5)
 
     assert low.events == [
-        NodeTransitioned(NODE, "degraded", "low_battery", t1.wall, t1.wall, "online")]
+        NodeTransitioned(NODE, "degraded", "low_battery", t1.wall, t1.wall, "online",
+            "microclaw", None)]
     assert same.events == silent.events == []  # no reason says nothing new: it stays
     assert hot.events == [
-        NodeTransitioned(NODE, "degraded", "overheating", t4.wall, t4.wall, "degraded")]
+        NodeTransitioned(NODE, "degraded", "overheating", t4.wall, t4.wall, "degraded",
+            "microclaw", None)]
     assert fine.events == [
-        NodeTransitioned(NODE, "online", "heartbeat", t5.wall, t5.wall, "degraded")]
+        NodeTransitioned(NODE, "online", "heartbeat", t5.wall, t5.wall, "degraded",
+            "microclaw", None)]
     assert node_of(registry).status_reason == "heartbeat"
 
 
@@ -247,13 +253,15 @@ def test_delete_removes_the_node_and_a_second_delete_is_not_found(
     registry.register("a", reg(), clock.now())
     registry.register(NODE, reg(), clock.now())
 
-    assert registry.delete(NODE) == [NodeDeleted(NODE)]
+    gone = clock.now()
+    assert registry.delete(NODE, gone) == [
+        NodeDeleted(NODE, "online", gone.wall, gone.wall, "microclaw", None)]
     assert registry.get(NODE) is None
     assert registry.sorted_ids() == ["a"]
     assert registry.ids() == ["a"]
     assert len(registry) == 1
     with pytest.raises(NodeNotFoundError):
-        registry.delete(NODE)
+        registry.delete(NODE, clock.now())
     with pytest.raises(NodeNotFoundError):
         registry.heartbeat(NODE, hb(), clock.now())
 
@@ -263,14 +271,14 @@ def test_deleted_node_can_register_again_as_another_type(
 ) -> None:
     first = clock.now()
     registry.register(NODE, reg("microclaw"), first)
-    registry.delete(NODE)
+    registry.delete(NODE, clock.now())
     later = clock.advance(1)
 
     result = registry.register(NODE, reg("picclaw"), later)
 
     assert result.created is True
     assert result.events[0] == NodeTransitioned(
-        NODE, "online", "registered", later.wall, later.wall, None)
+        NODE, "online", "registered", later.wall, later.wall, None, "picclaw", None)
     assert (result.node.type, result.node.registered_at) == ("picclaw", later.wall)
 
 
@@ -285,7 +293,7 @@ def test_sorted_ids_stay_sorted_across_inserts_and_deletes(
         expected.add(node_id)
         if rng.random() < 0.3:
             victim = rng.choice(sorted(expected))
-            registry.delete(victim)
+            registry.delete(victim, clock.now())
             expected.discard(victim)
         assert registry.sorted_ids() == sorted(expected)
     assert len(registry) == len(expected)

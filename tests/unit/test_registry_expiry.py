@@ -52,7 +52,8 @@ def test_node_goes_offline_exactly_at_last_seen_plus_its_timeout(
 
     now = clock.advance(EPS)
     assert registry.expire(now) == [
-        NodeTransitioned("n1", "offline", "heartbeat_timeout", now.wall, start.wall, "online")
+        NodeTransitioned("n1", "offline", "heartbeat_timeout", now.wall, start.wall, "online",
+            "microclaw", None)
     ]
     node = node_of(registry, "n1")
     assert (node.status, node.status_reason, node.status_since) == (
@@ -70,7 +71,8 @@ def test_expired_event_carries_the_last_heartbeat_as_last_seen(clock: FakeClock)
     (event,) = registry.expire(clock.advance(30))
 
     assert event == NodeTransitioned(
-        "n1", "offline", "heartbeat_timeout", clock.now().wall, seen.wall, "degraded")
+        "n1", "offline", "heartbeat_timeout", clock.now().wall, seen.wall, "degraded",
+            "microclaw", None)
 
 
 def test_heartbeat_pushes_the_deadline_back(clock: FakeClock) -> None:
@@ -110,7 +112,8 @@ def test_node_back_after_a_timeout_gets_a_fresh_deadline(clock: FakeClock) -> No
     result = registry.heartbeat("n1", hb(), back)
 
     assert result.events == [
-        NodeTransitioned("n1", "online", "heartbeat", back.wall, back.wall, "offline")]
+        NodeTransitioned("n1", "online", "heartbeat", back.wall, back.wall, "offline",
+            "microclaw", None)]
     assert registry.next_deadline() == back.mono + 30
     assert registry.expire(clock.advance(30 - EPS)) == []
     assert expired_ids(registry, clock.advance(EPS)) == ["n1"]
@@ -141,7 +144,7 @@ def test_reregistering_without_an_interval_falls_back_to_the_default_timeout(
 def test_deleted_node_never_expires(clock: FakeClock) -> None:
     registry = Registry(10)
     registry.register("n1", reg(), clock.now())
-    registry.delete("n1")
+    registry.delete("n1", clock.now())
 
     assert registry.next_deadline() is None
     assert registry.expire(clock.advance(100)) == []
@@ -232,7 +235,7 @@ def test_next_deadline_is_the_earliest_over_all_timeouts(clock: FakeClock) -> No
     registry.heartbeat("b", hb(), clock.advance(1))  # b now due at +33
     assert registry.next_deadline() == start.mono + 32
 
-    registry.delete("c")
+    registry.delete("c", clock.now())
     assert registry.next_deadline() == start.mono + 33
 
 
@@ -342,7 +345,8 @@ def test_held_node_expires_once_its_message_turned_out_not_to_refresh_it(
     # The message was refused (bad payload, rate limit): nothing of n1 waits any more.
     now = clock.advance(0.2)
     assert registry.expire(now, waiting=waiting_for({})) == [
-        NodeTransitioned("n1", "offline", "heartbeat_timeout", now.wall, start.wall, "online")]
+        NodeTransitioned("n1", "offline", "heartbeat_timeout", now.wall, start.wall, "online",
+            "microclaw", None)]
     assert registry.next_deadline() is None
     assert registry.expire(clock.advance(100)) == []
 
@@ -357,7 +361,7 @@ def test_held_node_changed_meanwhile_is_not_lost_nor_expired_twice(
     registry.expire(clock.advance(40), waiting=waiting_for({"n1": start.mono}))
 
     if change == "delete":
-        registry.delete("n1")
+        registry.delete("n1", clock.now())
     elif change == "report_offline":
         registry.heartbeat("n1", hb(status="offline"), clock.now())
     else:

@@ -77,7 +77,7 @@ def test_ids_and_counts_by_status_follow_every_change(
         elif action < 0.7:
             registry.heartbeat(node_id, hb(status="offline"), clock.now())
         elif action < 0.8:
-            registry.delete(node_id)
+            registry.delete(node_id, clock.now())
             if rng.random() < 0.5:
                 types.pop(node_id)  # may come back as another type
         else:
@@ -113,7 +113,7 @@ def test_a_reader_gets_each_node_as_it_is_when_reached(clock: FakeClock) -> None
     reader = registry.ids_with_status("degraded", "n2")
     assert next(reader) == "n3"
     registry.heartbeat("n4", hb(), clock.now())  # leaves "degraded" before it is reached
-    registry.delete("n5")
+    registry.delete("n5", clock.now())
     registry.register("n55", reg(), clock.now())
     registry.heartbeat("n55", hb(status="degraded"), clock.now())  # came after the snapshot
     assert list(reader) == ["n6", "n7", "n8", "n9"]

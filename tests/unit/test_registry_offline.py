@@ -27,7 +27,8 @@ def test_offline_report_takes_the_payload_reason_else_reported(
     result = registry.heartbeat(NODE, hb(status="offline", reason=reason), now)
 
     assert result.events == [
-        NodeTransitioned(NODE, "offline", expected, now.wall, start.wall, "online")]
+        NodeTransitioned(NODE, "offline", expected, now.wall, start.wall, "online",
+            "microclaw", None)]
     assert node_of(registry).status_reason == expected
 
 
@@ -70,7 +71,8 @@ def test_heartbeat_after_an_offline_report_brings_the_node_back_online(
     result = registry.heartbeat(NODE, hb(), now)
 
     assert result.events == [
-        NodeTransitioned(NODE, "online", "heartbeat", now.wall, now.wall, "offline")]
+        NodeTransitioned(NODE, "online", "heartbeat", now.wall, now.wall, "offline",
+            "microclaw", None)]
 
 
 # --- sessions and late wills (contract §5) ------------------------------------------------
@@ -102,7 +104,8 @@ def test_will_from_the_current_session_is_accepted(registry: Registry, clock: Fa
 
     assert result.ignored is None
     assert result.events == [
-        NodeTransitioned(NODE, "offline", "connection_lost", now.wall, start.wall, "online")]
+        NodeTransitioned(NODE, "offline", "connection_lost", now.wall, start.wall, "online",
+            "microclaw", None)]
 
 
 @pytest.mark.parametrize("status", ["online", "degraded"])

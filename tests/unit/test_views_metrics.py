@@ -181,7 +181,7 @@ def test_reregistration_shows_the_new_description_in_json() -> None:
 
 def test_status_payload_has_the_contract_fields() -> None:
     event = NodeTransitioned("n1", "offline", "heartbeat_timeout", 1771230780.0, 1771230600.0,
-                             "online")
+                             "online", "microclaw", None)
 
     assert json.loads(transition_payload(event)) == {
         "node_id": "n1", "status": "offline", "reason": "heartbeat_timeout",
