@@ -9,7 +9,11 @@ degraded/online with each heartbeat, so that share of the messages are transitio
 to every watcher. The rate is the manager's applied rate from /metrics, as bench/ingest.py
 measures it.
 
+With ``--rate N`` the heartbeats come from one process paced at N a second for ``--seconds``
+(the lag target: a transition seen within 100 ms, p99, at 10,000 heartbeats/s).
+
     python bench/watch.py --nodes 20000 --messages 300000 --watchers 0 100 --rounds 2
+    python bench/watch.py --nodes 20000 --watchers 100 --rate 10000 --seconds 20 --rounds 1
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from bench.common import (
     add_pin_option,
     machine,
     metric,
+    paced,
     print_rows,
     settle,
     start_manager,
@@ -65,6 +70,37 @@ def _publish(port: int, root: str, first: int, count: int, nodes: int, changing:
     info.wait_for_publish(60)
     client.disconnect()
     client.loop_stop()
+
+
+def _paced_publish(port: int, root: str, rate: int, nodes: int, changing: int, stop: Any,
+                   sent: Any) -> None:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-watch-paced")
+    client.max_inflight_messages_set(1000)
+    client.connect("127.0.0.1", port, keepalive=120)
+    client.loop_start()
+    plain = json.dumps({"uptime_seconds": 1234, "free_memory_kb": 200}).encode()
+    flips = [json.dumps({"status": s, "uptime_seconds": 1234}).encode()
+             for s in ("degraded", "online")]
+
+    def publish(i: int) -> None:
+        node = i % nodes
+        payload = flips[(i // nodes) % 2] if node < changing else plain
+        client.publish(f"{root}/node-{node:07d}/heartbeat", payload, qos=0)
+
+    paced(rate, stop, sent, publish)
+    client.disconnect()
+    client.loop_stop()
+
+
+def _paced(port: int, root: str, args: argparse.Namespace) -> int:
+    stop, sent = mp.Event(), mp.Value("q", 0)
+    proc = mp.Process(target=_paced_publish, args=(
+        port, root, args.rate, args.nodes, int(args.nodes * args.transitions), stop, sent))
+    proc.start()
+    time.sleep(args.seconds)
+    stop.set()
+    proc.join()
+    return int(sent.value)
 
 
 def _blast(port: int, root: str, args: argparse.Namespace) -> int:
@@ -151,7 +187,7 @@ def one_run(broker: Mosquitto, root: str, watchers: int, args: argparse.Namespac
         base = metric(http_port, "fleetmq_mqtt_messages_applied_total")
         samples: list[tuple[float, float]] = [(time.monotonic(), 0.0)]
         started = time.monotonic()
-        published = _blast(broker.port, root, args)
+        published = (_paced if args.rate else _blast)(broker.port, root, args)
 
         def applied() -> float:
             samples.append((time.monotonic(),
@@ -197,6 +233,10 @@ def main() -> None:
                         help="share of the nodes whose every heartbeat is a transition")
     parser.add_argument("--rounds", type=int, default=2,
                         help="each count of watchers this many times, interleaved")
+    parser.add_argument("--rate", type=int, default=0,
+                        help="heartbeats a second from one paced publisher (0: as fast as "
+                             "--publishers go)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="with --rate")
     parser.add_argument("--store", default="sqlite")
     add_pin_option(parser)
     args = parser.parse_args()

@@ -253,7 +253,9 @@ class WatchHub:
         store_id = self._store.store_id.encode()
         match = watcher.match
         position = after
-        while position < watcher.start and not self._closed and not watcher.overflowed:
+        while position < watcher.start:
+            if self._closed or watcher.overflowed:
+                return position  # the client has what came before, no more
             page: list[HistoryEvent] = await self._reading(
                 response, watcher, functools.partial(self._store.events_after, position,
                                                      watcher.start, BACKLOG_PAGE))

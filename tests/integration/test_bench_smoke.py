@@ -198,6 +198,18 @@ class Bench:
     mosquitto: bool = True
 
 
+def _check_watch(doc: dict[str, Any]) -> None:
+    quiet, watched = doc["runs"]
+    assert (quiet["watchers"], watched["watchers"]) == (0, 3)
+    for run in (quiet, watched):
+        _positive(run, "applied_per_s", "published", "degraded_transitions")
+        assert run["applied"] == run["published"], run
+    # Every watcher got every event: the transitions of the watched run (a degraded and an
+    # online for each changing node and pass), none lost.
+    assert watched["events_min"] == watched["events_max"] > 0
+    assert watched["lag_p50_ms"] <= watched["lag_p99_ms"]
+
+
 def _check_dynsec(doc: dict[str, Any]) -> None:
     [size] = doc["sizes"]
     assert size["clients"] == 200
@@ -284,6 +296,10 @@ BENCHES = {
          "--revocations", "2", "--concurrency", "8"),
         "hooks.json", ("reconnect storm: 200 logins", "authorize: 300 calls",
                        "revocation by the CLI path"), _check_hooks),
+    "watch": Bench(
+        ("bench/watch.py", "--nodes", "100", "--messages", "1000", "--publishers", "1",
+         "--watchers", "0", "3", "--rounds", "1", "--transitions", "0.1"),
+        "watch.json", ("0 watchers", "3 watchers"), _check_watch),
     "dynsec": Bench(
         ("bench/dynsec.py", "--sizes", "200", "--puts", "2", "--revokes", "1"),
         "dynsec.json", ("clients", "revoke ms median"), _check_dynsec),
