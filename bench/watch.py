@@ -33,6 +33,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
+    PINNING,
     add_pin_option,
     machine,
     metric,
@@ -240,6 +241,7 @@ def main() -> None:
     parser.add_argument("--store", default="sqlite")
     add_pin_option(parser)
     args = parser.parse_args()
+    PINNING.start(args.pin)
     runs = []
     with tempfile.TemporaryDirectory(prefix="fleetmq-bench-") as tmp:
         broker = Mosquitto(Path(tmp))
@@ -251,6 +253,7 @@ def main() -> None:
         finally:
             broker.stop()
     rows = [("machine", f"{machine()['cores']} cores, python {machine()['python']}"),
+            ("pinned", PINNING.describe()),
             ("nodes, heartbeats", f"{args.nodes:,}, {runs[0]['published']:,} (QoS {args.qos}), "
                                   f"{args.transitions:.0%} of them transitions")]
     for run in runs:
