@@ -188,6 +188,7 @@ class StoreWriter:
         delay = RETRY_FIRST_S
         last_flush = last_ping = self._monotonic()
         while not self._stop.is_set():
+            touches = False
             try:
                 now = self._monotonic()
                 if now - last_ping >= PING_EVERY_S:
@@ -210,8 +211,14 @@ class StoreWriter:
                             async with asyncio.timeout(wait):
                                 await self._wake.wait()
                         continue
+                # A commit for registrations and transitions carries the heartbeats' touches
+                # only once they are due: writing every touched node with each one made it
+                # take tens of milliseconds under load, and an acknowledgement (or the watch
+                # stream) waits for it.
+                touches = (self._committed >= self._recorded
+                           or now - last_flush >= self._flush_interval_s)
                 async with asyncio.timeout(WRITE_DEADLINE_S):
-                    await self.flush_once()
+                    await self.flush_once(touches)
             except (StoreError, TimeoutError) as exc:
                 self._failed(exc if isinstance(exc, StoreError) else StoreError(
                     f"store {self.store.url} did not answer within {WRITE_DEADLINE_S:g} s"))
@@ -222,7 +229,8 @@ class StoreWriter:
                 continue
             self._recovered()
             delay = RETRY_FIRST_S
-            last_flush = self._monotonic()
+            if touches:
+                last_flush = self._monotonic()
 
     def _failed(self, exc: StoreError) -> None:
         self.failures += 1
@@ -236,15 +244,17 @@ class StoreWriter:
             log.warning("store_recovered store=%s", self.store.url)
             self._failure = None
 
-    async def flush_once(self) -> None:
-        """Write one batch of what is queued (dirty nodes, events, touched nodes)."""
+    async def flush_once(self, touches: bool = True) -> None:
+        """Write one batch of what is queued: dirty nodes, events and, with ``touches``, the
+        touched nodes."""
         target = self._recorded
         taken = list(itertools.islice(self._dirty.items(), MAX_BATCH))
         for node_id, _ in taken:
             del self._dirty[node_id]
         events = [self._events.popleft() for _ in range(min(MAX_BATCH, len(self._events)))]
-        touched = self._touched
-        self._touched = set()
+        touched: set[str] = set()
+        if touches:
+            touched, self._touched = self._touched, touched
         batch = Batch(events=[e for _, e in events])
         try:
             await self._build(batch, [node_id for node_id, _ in taken], touched)
