@@ -1,7 +1,7 @@
 """What every node store offers, and how a node becomes a row and back.
 
-A store keeps the registry across restarts: one row per node and one row per transition
-(the history). It never decides anything: the registry does, and ``StoreWriter`` hands the
+A store keeps the registry across restarts: one row per node and one row per event (the
+history: registrations, transitions, deletions). It never decides anything: the registry does, and ``StoreWriter`` hands the
 store what changed, in batches, one transaction each.
 """
 
