@@ -1,8 +1,8 @@
 """What every node store offers, and how a node becomes a row and back.
 
 A store keeps the registry across restarts: one row per node and one row per event (the
-history: registrations, transitions, deletions). It never decides anything: the registry does, and ``StoreWriter`` hands the
-store what changed, in batches, one transaction each.
+history: registrations, transitions, deletions). It never decides anything: the registry does,
+and ``StoreWriter`` hands the store what changed, in batches, one transaction each.
 """
 
 from __future__ import annotations
