@@ -117,7 +117,7 @@ def test_node_gauges_by_status_follow_the_registry(clock: FakeClock) -> None:
     registry.heartbeat("node-1", hb(status="degraded", reason="battery low"), clock.now())
     registry.heartbeat("node-2", hb(status="offline"), clock.now())
     registry.heartbeat("node-3", hb(status="offline"), clock.now())
-    registry.delete("node-4")
+    registry.delete("node-4", clock.now())
     _, samples, _ = scrape(Metrics(), registry)
 
     assert [s.labels["status"] for s in samples["fleetmq_nodes"]] == list(STATUSES)
