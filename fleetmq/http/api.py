@@ -43,6 +43,7 @@ from fleetmq.errors import StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.http.access import AccessRoutes
 from fleetmq.http.auth import RestAccess
+from fleetmq.http.dashboard import Dashboard
 from fleetmq.http.openapi import openapi_document
 from fleetmq.http.pages import PageCache, PageKey, document
 from fleetmq.http.params import JSON, error_response, json_response, path_id, whole
@@ -183,6 +184,7 @@ class RestApi:
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/v1/openapi.json", self.openapi)
+        Dashboard().add_routes(r)
         if self._broker_hooks is not None:
             self._broker_hooks.add_routes(r)
         if self._access is not None and self._access_routes is not None:
