@@ -26,6 +26,7 @@ const state = {
   refreshDue: false,
   streamAbort: null,
   keyPrompt: null,          // the pending key prompt (one at a time)
+  metricsRefusedTo: null,   // the key /metrics refused (none: "" before one is given)
 };
 
 // --- the API ------------------------------------------------------------------------------
@@ -456,8 +457,18 @@ async function watch() {
       if (!response.ok || !response.body) throw new Error(`the stream answered ${response.status}`);
       setPill("stream", "ok", "live");
       wait = RECONNECT_MIN_MS;
-      await readEvents(response.body, quiet);
-      setPill("stream", "warn", "reconnecting …");  // the manager closed it (overflow, restart)
+      const ended = await readEvents(response.body, quiet);
+      clearTimeout(silence);
+      if (ended === "reset") {
+        // Our position is gone (pruned, another store): read everything again, then watch
+        // from the summary's position.
+        setPill("stream", "warn", "reloading …");
+        state.lastEventId = null;
+        await reloadAll();
+        continue;
+      }
+      if (ended === "overflow") continue;  // too far behind: resume from the last event seen
+      setPill("stream", "warn", "reconnecting …");  // the manager closed it (a restart?)
     } catch (error) {
       setPill("stream", "down", `reconnecting … (${error.message || error})`);
     } finally {
@@ -475,7 +486,7 @@ async function readEvents(body, quiet) {
   let event = { type: "message", data: [], id: null };
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) return;
+    if (done) return null;
     quiet();
     buffer += decoder.decode(value, { stream: true });
     const lines = buffer.split(/\r\n|\r|\n/);
@@ -483,9 +494,10 @@ async function readEvents(body, quiet) {
     for (const line of lines) {
       if (line === "") {
         if (event.data.length || event.type !== "message") {
-          if (dispatch(event) === "reconnect") {
+          const ended = dispatch(event);
+          if (ended) {
             reader.cancel().catch(() => {});
-            return;
+            return ended;
           }
         }
         event = { type: "message", data: [], id: null };
@@ -513,13 +525,8 @@ function dispatch(event) {
       return null;
     }
     applyEvent(data);
-  } else if (event.type === "reset") {
-    // Our position is gone (pruned, another store): read everything again, watch from there.
-    state.lastEventId = null;
-    reloadAll().then(() => {});
-    return "reconnect";
-  } else if (event.type === "overflow") {
-    return "reconnect";  // too far behind: resume from the last event we have
+  } else if (event.type === "reset" || event.type === "overflow") {
+    return event.type;
   }
   return null;
 }
@@ -594,9 +601,11 @@ async function presence() {
     setPill("store", "unknown", "store ?");
     return;
   }
+  if (state.metricsRefusedTo === state.key) return;  // asked already: not with this key
   try {
     const metrics = await fetch("/metrics", { headers: authHeaders(), cache: "no-store" });
     if (metrics.status !== 200) {
+      state.metricsRefusedTo = state.key;
       $("store").hidden = true;  // the key may not read metrics: say nothing rather than guess
       return;
     }
