@@ -44,6 +44,7 @@ from fleetmq.fleet import Fleet
 from fleetmq.http.access import AccessRoutes
 from fleetmq.http.auth import RestAccess
 from fleetmq.http.cors import Cors
+from fleetmq.http.dashboard import Dashboard
 from fleetmq.http.direct import RequestHandler, direct
 from fleetmq.http.openapi import openapi_document
 from fleetmq.http.pages import PageCache, PageKey, document
@@ -221,6 +222,7 @@ class RestApi:
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
         r.add_get("/api/v1/openapi.json", self.openapi)
+        Dashboard().add_routes(r)
         if self._broker_hooks is not None:
             self._broker_hooks.add_routes(r)
         if self._access is not None and self._access_routes is not None:

@@ -71,6 +71,9 @@ RULES: dict[tuple[str, str], RouteRule] = {
     ("GET", "/healthz"): OPEN,
     ("GET", "/readyz"): OPEN,
     ("GET", "/api/v1/openapi.json"): OPEN,
+    # The dashboard's page and files hold no fleet data: the page asks for a key.
+    ("GET", "/"): OPEN,
+    ("GET", "/dashboard/{name}"): OPEN,
     ("GET", "/metrics"): RouteRule("metrics"),
     ("POST", f"{FLEET}/register"): RouteRule("register", "body", nodes_may=True),
     ("POST", f"{FLEET}/heartbeat"): RouteRule("heartbeat", "body", nodes_may=True),
