@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -135,6 +137,61 @@ async def test_nodes_limit_shows_the_first_n_and_how_many_match(
             assert (code, out) == (2, ""), bad
             assert err.strip() == f"fleetmq: error: --limit {bad!r} is not a whole number " \
                                   "of nodes from 1 up"
+
+
+async def test_nodes_watch_keeps_the_table_live_and_ctrl_c_ends_it(
+    mosquitto: Any, root: str, http: aiohttp.ClientSession
+) -> None:
+    async with running(make_settings(mosquitto.url, root)) as service:
+        port = service.http_port
+        for node_id in ("w-1", "w-2"):
+            await post(http, port, "register", {"node_id": node_id, "node_type": "sensor",
+                                                "location": "lab"})
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETMQ_")}
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fleetmq", "nodes", "--watch", "--api",
+            f"http://127.0.0.1:{port}", cwd=REPO, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            tables = _tables(proc.stdout)
+            first = await asyncio.wait_for(anext(tables), CLI_TIMEOUT_S)
+            assert table_rows(first)["w-1"][2] == "online"
+            assert first.splitlines()[-1] == "2 nodes: 2 online, 0 degraded, 0 offline"
+
+            await post(http, port, "heartbeat", {"node_id": "w-1", "status": "offline"})
+            async with asyncio.timeout(3):
+                async for table in tables:
+                    if table_rows(table)["w-1"][2] == "offline":
+                        break
+            assert table.splitlines()[-1] == "2 nodes: 1 online, 0 degraded, 1 offline"
+
+            await post(http, port, "register", {"node_id": "w-0", "node_type": "sensor"})
+            async with asyncio.timeout(3):
+                async for table in tables:
+                    if "w-0" in table_rows(table):
+                        break
+            assert list(table_rows(table)) == ["w-0", "w-1", "w-2"]
+
+            proc.send_signal(signal.SIGINT)
+            assert await asyncio.wait_for(proc.wait(), CLI_TIMEOUT_S) == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+
+
+async def _tables(stream: asyncio.StreamReader) -> AsyncIterator[str]:
+    """Each table the command prints (not a terminal: one after the other, a blank line
+    after each)."""
+    lines: list[str] = []
+    while line := (await stream.readline()).decode():
+        if line == "\n":
+            if lines:
+                yield "".join(lines)
+            lines = []
+        else:
+            lines.append(line)
 
 
 async def test_nodes_on_an_empty_fleet_says_so(
