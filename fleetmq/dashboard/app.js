@@ -99,6 +99,7 @@ function askForKey(message) {
       state.keyPrompt = null;
       $("forget-key").hidden = false;
       describeKey();
+      presence();  // the store's gauge, which /metrics may now show this key
       resolve();
     };
     form.addEventListener("submit", submit);
@@ -210,10 +211,10 @@ function setFilter(name, value) {
 }
 
 function syncFilterControls() {
-  $("q").value = state.filters.q;
+  // The text boxes (q, location) are only ever typed in: left alone, so that a change made
+  // elsewhere while their debounce waits does not put back what was there before.
   $("status").value = state.filters.status;
   $("type").value = state.filters.node_type;
-  $("location").value = state.filters.location;
   for (const card of document.querySelectorAll(".card")) {
     card.setAttribute("aria-pressed", String(card.dataset.status === state.filters.status));
   }
