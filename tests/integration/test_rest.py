@@ -959,8 +959,8 @@ async def test_delete_removes_the_node_then_404s(api: Api) -> None:
 # --- routing, service routes -------------------------------------------------------------------
 
 @pytest.mark.parametrize("path", [
-    "/", "/nope", "/api/v1/fleet", "/api/v1/fleet/", "/api/v1/fleet/nodes/a/b",
-    "/api/v1/fleet/nodes/",
+    "/nope", "/dashboard/nope.js", "/dashboard/", "/api/v1/fleet", "/api/v1/fleet/",
+    "/api/v1/fleet/nodes/a/b", "/api/v1/fleet/nodes/",
     "/api/v2/fleet/nodes", "/api/v1/fleet/registerx",
 ])
 async def test_an_unknown_route_is_a_404_json_error(api: Api, path: str) -> None:
