@@ -41,40 +41,70 @@ class WatchedFleet:
 
     def __init__(self, filters: Mapping[str, str], limit: int | None) -> None:
         self._status = filters.get("status", "").lower() or None
+        self._type = filters.get("node_type", "").casefold() or None
+        self._location = filters.get("location", "").casefold() or None
         self._limit = limit
         self.nodes: dict[str, dict[str, Any]] = {}
         self.total: int | None = None
         self.position: str | None = None
+        self.lock = threading.Lock()
+        """Held while the nodes change or are drawn (the drawing timer has its own thread)."""
 
     def load(self, listing: NodeListing) -> None:
-        self.nodes = {node["id"]: node for node in listing}
-        self.total = listing.total
-        self.position = listing.event_id
+        nodes = {node["id"]: node for node in listing}
+        with self.lock:
+            self.nodes = nodes
+            self.total = listing.total
+            self.position = listing.event_id
 
-    def apply(self, event: Mapping[str, Any]) -> None:
+    def apply(self, event: Mapping[str, Any]) -> bool:
+        """Applies the event; False when a table of the first N can no longer tell which
+        nodes it holds (one came or went): it must be listed again."""
         node_id = event.get("node_id")
         if not isinstance(node_id, str):
-            return
+            return True
         to = event.get("to")
-        if to == "deleted" or (self._status is not None and to != self._status):
-            self.nodes.pop(node_id, None)
-            return
-        node = self.nodes.get(node_id)
-        if node is None:
-            if self._limit is not None and len(self.nodes) >= self._limit:
-                return  # a table of the first N keeps its N
-            node = self.nodes[node_id] = {"id": node_id}
-        node.update(
-            type=event.get("node_type", node.get("type")), status=to,
-            status_reason=event.get("reason"),
-            last_seen=event.get("last_seen") or node.get("last_seen"),
-            location=event.get("location", node.get("location")))
+        with self.lock:
+            node = self.nodes.get(node_id)
+            if to == "deleted" or not self._matches(event):
+                if node is not None:
+                    del self.nodes[node_id]
+                    return self._limit is None
+                return True
+            if node is None:
+                if self._limit is not None:
+                    # Past the table's last id with the table full: not among the first N.
+                    full = len(self.nodes) >= self._limit
+                    return full and bool(self.nodes) and node_id > max(self.nodes)
+                node = self.nodes[node_id] = {"id": node_id}
+            node.update(
+                type=event.get("node_type", node.get("type")), status=to,
+                status_reason=event.get("reason"),
+                last_seen=event.get("last_seen") or node.get("last_seen"),
+                location=event.get("location", node.get("location")))
+            return True
+
+    def _matches(self, event: Mapping[str, Any]) -> bool:
+        """The list's filters, on the node as the event leaves it (the stream is not filtered
+        by location: a node that moves away must leave the table)."""
+        location = event.get("location")
+        node_type = event.get("node_type")
+        return ((self._status is None or event.get("to") == self._status)
+                and (self._type is None or (isinstance(node_type, str)
+                                            and node_type.casefold() == self._type))
+                and (self._location is None or (isinstance(location, str)
+                                                and location.casefold() == self._location)))
 
     def render(self, now: float) -> str:
-        rows = [row_of(self.nodes[node_id], now) for node_id in sorted(self.nodes)]
+        with self.lock:
+            rows = [row_of(node, now) for _, node in sorted(self.nodes.items())]
+            total = self.total
         counts: dict[str, int] = {}
         for row in rows:
             counts[row[2]] = counts.get(row[2], 0) + 1
+        if self._limit is not None and total is not None and total > len(rows):
+            return render_table(rows) + f"first {len(rows)} of {total} nodes " \
+                f"(--limit {self._limit})\n"
         return render_table(rows) + summary(len(rows), counts) + "\n"
 
 
@@ -89,7 +119,10 @@ def watch(api: str, filters: Mapping[str, str], token: str | None, limit: int | 
     draw = _Drawing(out, fleet, clock)
     draw.now()
     pause = RECONNECT_MIN_S
-    stream_filters = {k: v for k, v in filters.items() if k in ("node_type", "location")}
+    # A node's type never changes (a delete comes first), so the stream may filter on it; a
+    # location does, so the table checks that itself.
+    stream_filters = {k: v for k, v in filters.items() if k == "node_type"}
+    listed_at = time.monotonic()
     try:
         while True:
             try:
@@ -97,7 +130,14 @@ def watch(api: str, filters: Mapping[str, str], token: str | None, limit: int | 
                                                     stream_filters):
                     pause = RECONNECT_MIN_S
                     if kind == "transition" and data is not None:
-                        fleet.apply(data)
+                        if not fleet.apply(data):
+                            # Which N are first changed: list again (at most twice a second),
+                            # then watch from that list's position.
+                            time.sleep(max(0.0, listed_at + REDRAW_EVERY_S - time.monotonic()))
+                            fleet.load(NodeListing(api, filters, token, limit))
+                            listed_at = time.monotonic()
+                            draw.soon()
+                            break
                         if event_id:
                             fleet.position = event_id
                     elif kind == "reset":

@@ -38,11 +38,28 @@ def test_a_registration_adds_its_node_and_a_status_filter_keeps_only_its_state()
     assert list(fleet.nodes) == ["n"]
 
 
-def test_a_limited_table_keeps_its_size() -> None:
+def test_a_table_of_the_first_n_asks_to_be_listed_again_when_they_change() -> None:
     fleet = WatchedFleet({}, 2)
-    fleet.nodes = {"a": {"id": "a"}, "b": {"id": "b"}}
-    fleet.apply(event("c", "online", reason="registered"))
-    assert sorted(fleet.nodes) == ["a", "b"]
+    fleet.nodes = {"a": {"id": "a"}, "c": {"id": "c"}}
+    assert fleet.apply(event("d", "online", reason="registered"))  # past the last: not shown
+    assert fleet.apply(event("a", "offline"))  # a change within the table
+    assert sorted(fleet.nodes) == ["a", "c"]
+    assert fleet.nodes["a"]["status"] == "offline"
+    assert not fleet.apply(event("b", "online", reason="registered"))  # now among the first 2
+    assert not fleet.apply(event("a", "deleted", reason="deleted"))  # a gap to fill
+    unlimited = WatchedFleet({}, None)
+    unlimited.nodes = {"a": {"id": "a"}}
+    assert unlimited.apply(event("a", "deleted", reason="deleted"))
+    assert unlimited.apply(event("b", "online", reason="registered"))
+    assert sorted(unlimited.nodes) == ["b"]
+
+
+def test_a_node_that_moves_away_from_the_location_shown_leaves_the_table() -> None:
+    fleet = WatchedFleet({"location": "Lab"}, None)
+    fleet.nodes = {"a": {"id": "a", "location": "lab"}}
+    fleet.apply(event("b", "online", reason="registered", location="LAB"))
+    fleet.apply(event("a", "online", reason="registered", location="roof"))
+    assert list(fleet.nodes) == ["b"]
 
 
 def test_control_characters_in_node_data_are_escaped_not_sent_to_the_terminal() -> None:
