@@ -385,6 +385,7 @@ async function loadEvents(id, before) {
 
 function eventItem(event) {
   const li = document.createElement("li");
+  li.dataset.eventId = String(event.id);
   li.className = STATUSES.includes(event.to) ? event.to : "deleted";
   const at = document.createElement("span");
   at.className = "at";
@@ -490,8 +491,10 @@ async function readEvents(body, quiet) {
     if (done) return null;
     quiet();
     buffer += decoder.decode(value, { stream: true });
-    const lines = buffer.split(/\r\n|\r|\n/);
-    buffer = lines.pop();
+    // A CR at the end may be half of a CRLF split across two reads: keep it for the next.
+    const held = buffer.endsWith("\r") ? 1 : 0;
+    const lines = buffer.slice(0, buffer.length - held).split(/\r\n|\r|\n/);
+    buffer = lines.pop() + (held ? "\r" : "");
     for (const line of lines) {
       if (line === "") {
         if (event.data.length || event.type !== "message") {
@@ -552,7 +555,9 @@ function applyEvent(event) {
   }
   if (state.nodeShown === event.node_id) {
     loadNode(event.node_id);
-    $("node-history").prepend(eventItem(event));
+    const list = $("node-history");
+    const shown = [...list.children].some((li) => li.dataset.eventId === String(event.id));
+    if (!shown) list.prepend(eventItem(event));  // the history read may already hold it
   }
   scheduleRefresh();
 }
