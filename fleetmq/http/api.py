@@ -386,7 +386,11 @@ class RestApi:
                 parts, next_id = await self._page(ids, start, hi, limit)
             else:
                 parts, next_id = await self._collect(_slices(ids, start, hi), limit, match)
-            total = await self._count(ids, match, lo, hi)
+            if prefix is None and query.get("location") is None and status is None:
+                # All, or one type: from the counts kept by type, O(types).
+                total = self._registry.count(None, query.get("node_type"))
+            else:
+                total = await self._count(ids, match, lo, hi)
             body = document(parts, total, next_id, event_id)
         if version == self._registry.version:  # unchanged while collected
             self._pages.put(key, version, body)
