@@ -131,6 +131,8 @@ class RestApi:
         self._broker_hooks = broker_hooks
         self.watch = watch if watch is not None else WatchHub(
             fleet.writer, settings.watch_keepalive_s)
+        if access is not None:
+            self.watch.allowed = access.still_valid
         self._fleet = fleet
         self._access = access
         self._access_routes = None if access is None else AccessRoutes(

@@ -178,6 +178,20 @@ class RestAccess:
             return None
         return self._authorize(request, rule)
 
+    def still_valid(self, request: web.Request) -> bool:
+        """Whether the token a long request (the watch stream) was let in with is still
+        valid: revoked or expired, its stream ends. Counts nothing and takes no rate."""
+        if not self.enabled:
+            return True
+        header = request.headers.get("Authorization")
+        verdict = self._accepted_before(request, header)
+        if verdict is None:
+            verdict = self.auth.verify(bearer_token(header))
+            if verdict.principal is None:
+                return False
+            self._accept(request, header, verdict)
+        return True
+
     def _authorize(self, request: web.Request, rule: RouteRule) -> web.Response | None:
         assert rule.action is not None
         header = request.headers.get("Authorization")

@@ -58,12 +58,12 @@ class Cors:
 
     async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
         """Every answer to an allowed origin says so (``on_response_prepare``: streams too)."""
-        origin = request.headers.get("Origin")
-        if origin is None or origin not in self._origins:
-            return
         headers = response.headers
-        headers["Access-Control-Allow-Origin"] = origin
-        headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+        origin = request.headers.get("Origin")
+        if origin is not None and origin in self._origins:
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+        # Whatever the origin (or none): a cache must not serve one origin's answer to another.
         vary = headers.get("Vary")
         if vary is None:
             headers["Vary"] = "Origin"

@@ -58,10 +58,14 @@ Frame = tuple[int, bytes]
 class Watcher:
     """One client's place in the stream: its filter, its buffer and how it is doing."""
 
-    __slots__ = ("frames", "joined", "match", "overflowed", "start", "wake")
+    __slots__ = ("frames", "joined", "match", "overflowed", "start", "transport", "wake")
 
-    def __init__(self, match: Match | None) -> None:
+    def __init__(self, match: Match | None, transport: asyncio.Transport | None = None
+                 ) -> None:
         self.match = match
+        self.transport = transport
+        """Its connection: aborted at shutdown, so a client that stopped reading (a write
+        waiting for it to drain) cannot hold the manager's stop."""
         self.frames: list[Frame] = []
         self.wake = asyncio.Event()
         self.joined = asyncio.Event()
@@ -85,6 +89,9 @@ class WatchHub:
         self.fanned_id = 0
         """The last committed event every watcher has been handed (or would have been)."""
         self.overflows = 0
+        self.allowed: Callable[[web.Request], bool] | None = None
+        """Whether a stream's token is still valid (auth on): checked at each wake and
+        keep-alive, so a revoked or expired key's stream ends within a keep-alive."""
         writer.on_commit(self.publish)
 
     @property
@@ -150,6 +157,8 @@ class WatchHub:
         for watcher in (*self._watchers, *self._joining):
             watcher.joined.set()
             watcher.wake.set()
+            if watcher.transport is not None:
+                watcher.transport.abort()
 
     def _activate(self) -> None:
         for watcher in self._joining:
@@ -171,16 +180,15 @@ class WatchHub:
                 if watcher.overflowed:
                     continue
                 match = watcher.match
-                if match is None:
-                    watcher.frames += everything
-                else:
-                    watcher.frames += [frame for e, frame in framed if match(e)]
-                if len(watcher.frames) > BUFFER_EVENTS:
-                    watcher.overflowed = True
-                    watcher.frames = []
-                    self.overflows += 1
-                watcher.wake.set()
                 work += len(chunk)
+                mine = everything if match is None else [f for e, f in framed if match(e)]
+                if mine:  # else no wake: others' news must not put off its keep-alive
+                    watcher.frames += mine
+                    if len(watcher.frames) > BUFFER_EVENTS:
+                        watcher.overflowed = True
+                        watcher.frames = []
+                        self.overflows += 1
+                    watcher.wake.set()
                 if work >= FAN_OUT_WORK:
                     work = 0
                     await asyncio.sleep(0)
@@ -206,7 +214,9 @@ class WatchHub:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         since = _since(request)
-        watcher = Watcher(_match(request.query))
+        transport = request.transport
+        watcher = Watcher(_match(request.query),
+                          transport if isinstance(transport, asyncio.Transport) else None)
         self._join(watcher)
         try:
             await watcher.joined.wait()  # at most until the commit being fanned out is done
@@ -241,6 +251,8 @@ class WatchHub:
             return "another_store"
         if event_id > self._writer.last_event_id:
             return "future"
+        if self._writer.stored_event_id < event_id < self._writer.run_start_id:
+            return "gone"  # handed out by a run before this one, never committed: lost
         first = await self._reading(response, watcher, self._store.first_event_id)
         if first is not None and event_id < first - 1:
             return "gone"
@@ -282,9 +294,13 @@ class WatchHub:
 
     async def _live(self, request: web.Request, response: web.StreamResponse,
                     watcher: Watcher, last: int) -> None:
+        allowed = self.allowed
         while not self._closed:
             transport = request.transport
             if transport is None or transport.is_closing():
+                return
+            if allowed is not None and not allowed(request):
+                log.info("watch_token_ended")  # revoked or expired meanwhile
                 return
             if watcher.overflowed:
                 log.info("watch_overflow buffer=%d last_event=%d", BUFFER_EVENTS, last)

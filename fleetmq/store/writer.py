@@ -52,6 +52,10 @@ class StoreUnavailableError(Exception):
         self.reason = reason
 
 
+RUN_IDS = 1_000_000_000
+"""Each run of a durable store numbers its events from a fresh multiple of this."""
+
+
 class StoreWriter:
     def __init__(self, store: Store, registry: Registry, monotonic: Callable[[], float],
                  flush_interval_s: float = 1.0) -> None:
@@ -73,6 +77,11 @@ class StoreWriter:
         includes. Continues from the store's (``continue_from``)."""
         self.committed_event_id = 0
         """The id of the last event committed and handed to the listeners."""
+        self.stored_event_id = 0
+        """The store's last event when it was opened: ids between it and this run's first
+        were handed out by a run before and lost (``continue_from``)."""
+        self.run_start_id = 0
+        """Where this run's ids start: its first event is the one after."""
         self._listeners: list[Callable[[list[HistoryEvent]], None]] = []
         self._rejected: set[int] = set()
         self._callbacks: deque[tuple[int, Callable[[], None]]] = deque()
@@ -106,8 +115,16 @@ class StoreWriter:
             raise StoreUnavailableError(self._failure)
 
     def continue_from(self, last_event_id: int) -> None:
-        """Number events after the store's last one (once it is open, before any record)."""
-        self.last_event_id = self.committed_event_id = last_event_id
+        """Number this run's events after the store's last one (once it is open, before any
+        record), from the next multiple of ``RUN_IDS``: a run before may have handed out ids
+        past the store's last (``GET /nodes``'s ``event_id`` counts events not yet committed)
+        and lost them in a stop or a crash; never used again, a client that holds one is told
+        its position is gone rather than silently skipping the events that now bear it.
+        ``memory://`` starts a new store with each process: no run came before."""
+        self.stored_event_id = last_event_id
+        if not self._sync_memory:
+            last_event_id = (last_event_id // RUN_IDS + 1) * RUN_IDS
+        self.last_event_id = self.committed_event_id = self.run_start_id = last_event_id
 
     def on_commit(self, listener: Callable[[list[HistoryEvent]], None]) -> None:
         """Call ``listener`` with the events of each commit, in id order, once committed. It

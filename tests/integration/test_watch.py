@@ -24,6 +24,7 @@ from fleetmq.config import AuthSettings, HttpSettings, Settings, StoreSettings, 
 from fleetmq.core.models import RegisterRequest
 from fleetmq.http.watch import BUFFER_EVENTS
 from fleetmq.store import Batch, HistoryEvent, make_store
+from fleetmq.store.writer import RUN_IDS
 from tests.conftest import eventually, make_settings, running
 from tests.integration.mqtt_support import api
 from tests.integration.test_durability import FlakyStore, post
@@ -234,7 +235,12 @@ async def test_a_client_resumes_across_a_manager_restart_missing_nothing(
             assert await stream.quiet(0.3)
     assert [(e["data"]["node_id"], e["data"]["to"]) for e in resumed] == [
         ("n0", "degraded"), ("n1", "deleted"), ("n3", "online"), ("n4", "online")]
-    assert [event_number(e) for e in seen + resumed] == list(range(1, 8))
+    numbers = [event_number(e) for e in seen + resumed]
+    assert numbers == sorted(set(numbers))  # increasing within the store, never reused
+    # Each run numbers from a fresh block: ids the first run may have handed out past its
+    # last commit are never given to other events.
+    assert numbers[:5] == list(range(RUN_IDS + 1, RUN_IDS + 6))
+    assert numbers[5:] == [2 * RUN_IDS + 1, 2 * RUN_IDS + 2]
 
 
 async def test_positions_that_cannot_be_resumed_get_a_reset(
@@ -253,21 +259,24 @@ async def test_positions_that_cannot_be_resumed_get_a_reset(
         async def pruned() -> bool:
             return await svc.store.first_event_id() == 5  # the newest is always kept
         await eventually(pruned)
-        cases = ((f"{store_id}.3", "gone"), ("0123456789abcdef.5", "another_store"),
-                 (f"{store_id}.99", "future"))
+        # 99: past the store's last event and before this run's first, so handed out by a
+        # run before whose events were lost: gone as well.
+        cases = ((f"{store_id}.3", "gone"), (f"{store_id}.99", "gone"),
+                 ("0123456789abcdef.5", "another_store"),
+                 (f"{store_id}.{2 * RUN_IDS}", "future"))
         for done, (since, reason) in enumerate(cases):
             async with watching(http, svc, f"?since={since}") as stream:
                 reset = await stream.next()
-                position = f"{store_id}.{5 + done}"  # each case adds one event below
+                position = f"{store_id}.{RUN_IDS + done}"  # each case adds one event below
                 assert (reset["event"], reset["data"]) == (
                     "reset", {"reason": reason, "event_id": position}), since
                 assert reset["id"] == position
-                await register(http, svc, f"after-{reason}")  # the stream goes on from there
-                assert (await stream.next())["data"]["node_id"] == f"after-{reason}"
+                await register(http, svc, f"after-{done}")  # the stream goes on from there
+                assert (await stream.next())["data"]["node_id"] == f"after-{done}"
         # The position just before the oldest kept misses nothing: no reset.
         async with watching(http, svc, f"?since={store_id}.4") as stream:
-            assert [e["data"]["node_id"] for e in await stream.take(4)] == [
-                "n5", "after-gone", "after-another_store", "after-future"]
+            assert [e["data"]["node_id"] for e in await stream.take(5)] == [
+                "n5", "after-0", "after-1", "after-2", "after-3"]
 
 
 # --- slow clients ------------------------------------------------------------------------------
@@ -362,7 +371,7 @@ async def test_the_stream_pauses_while_the_store_is_down_and_continues_in_order(
     async with FleetService(settings, store=flaky) as svc:
         await eventually(lambda: svc.ready, timeout=10)
         await register(http, svc, "a")
-        first = f"{svc.store.store_id}.1"
+        first = f"{svc.store.store_id}.{RUN_IDS + 1}"
         async with watching(http, svc) as live:
             flaky.broken = True
             for status in ("degraded", "online", "degraded"):  # applied in memory, queued
@@ -378,7 +387,8 @@ async def test_the_stream_pauses_while_the_store_is_down_and_continues_in_order(
                 for stream in (live, resuming):
                     events = await stream.take(3, timeout=15)
                     assert [(e["data"]["from"], e["data"]["to"]) for e in events] == expected
-                    assert [event_number(e) for e in events] == [2, 3, 4]
+                    assert [event_number(e) for e in events] == [
+                        RUN_IDS + 2, RUN_IDS + 3, RUN_IDS + 4]
 
 
 def guarded_settings(mosquitto: Mosquitto, root: str, tmp_path: Path) -> Settings:
@@ -428,3 +438,61 @@ async def test_the_stream_and_summary_need_a_read_key_and_cors_preflights_need_n
                             headers={**read, "Origin": "https://evil.example.com"}) as resp:
             assert resp.status == 200
             assert "Access-Control-Allow-Origin" not in resp.headers
+
+
+async def test_a_filtered_stream_gets_its_keep_alive_while_other_nodes_change(
+    mosquitto: Mosquitto, root: str, http: aiohttp.ClientSession
+) -> None:
+    settings = make_settings(mosquitto.url, root)
+    settings = replace(settings, http=replace(settings.http, watch_keepalive_s=0.5))
+    async with running(settings) as svc, watching(http, svc, "?node_id=quiet") as filtered:
+        await register(http, svc, "busy")
+        for i in range(12):  # a change every 0.15 s: none of them the filter's
+            status = "degraded" if i % 2 == 0 else "online"
+            await post(http, svc, "heartbeat", {"node_id": "busy", "status": status})
+            await asyncio.sleep(0.15)
+        assert await filtered.quiet(0.2)
+        assert filtered.comments.count("keep-alive") >= 2  # about 1.8 s at one per 0.5 s
+
+
+async def test_a_revoked_key_s_open_stream_ends_and_gets_nothing_after(
+    mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    async with running(guarded_settings(mosquitto, root, tmp_path)) as svc:
+        admin = {"Authorization": f"Bearer {(tmp_path / 'admin.token').read_text().strip()}"}
+        async with http.post(api(svc, "/api/v1/keys"), json={"role": "read"},
+                             headers=admin) as resp:
+            key = await resp.json()
+        async with watching(http, svc, headers={"Authorization": f"Bearer {key['token']}"}
+                            ) as stream:
+            async with http.delete(api(svc, f"/api/v1/keys/{key['id']}"),
+                                   headers=admin) as resp:
+                assert resp.status == 204
+            async with http.post(api(svc, "/api/v1/fleet/register"), headers=admin,
+                                 json={"node_id": "secret", "node_type": "gw",
+                                       "location": "vault"}) as resp:
+                assert resp.status == 200
+            with pytest.raises(EOFError):  # ended at that commit's wake, before sending it
+                await stream.next(timeout=5)
+
+
+async def test_shutdown_does_not_wait_for_a_watch_client_that_stopped_reading(
+    mosquitto: Mosquitto, root: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    stalled: socket.socket | None = None
+    try:
+        async with FleetService(make_settings(mosquitto.url, root)) as svc:
+            await eventually(lambda: svc.ready, timeout=10)
+            stalled = await open_slow_watch(svc.http_port)
+            await eventually(lambda: svc.watch.watchers == 1)
+            request = RegisterRequest.model_validate({"node_type": "gw", "location": "x" * 64})
+            for i in range(30_000):  # far more than its socket's buffers hold
+                svc.fleet.register(f"n{i:05d}", request)
+            await eventually(lambda: svc.watch.fanned_id >= 30_000, timeout=20)
+            stopping = loop.time()
+        # Its write waits for a drain that never comes: shutdown aborts it, not the 10 s wait.
+        assert loop.time() - stopping < 5
+    finally:
+        if stalled is not None:
+            stalled.close()
