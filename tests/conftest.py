@@ -27,7 +27,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from fleetmq.app import FleetService
-from fleetmq.config import BrokerSettings, HttpSettings, Settings, StoreSettings
+from fleetmq.config import BrokerSettings, HttpSettings, Settings, StoreSettings, parse_store
 from tests.support import Mosquitto, free_port
 
 
@@ -280,3 +280,13 @@ def postgres_store_url(postgres_server: Postgres) -> Iterator[str]:
         yield postgres_server.url(name)
     finally:
         postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def durable_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
+    """Each test that takes this runs on a SQLite file of its own and on a fresh PostgreSQL
+    database (flushing every 0.2 s)."""
+    if request.param == "sqlite":
+        return parse_store(f"sqlite:///{tmp_path / 'f.db'}", flush_interval_s=0.2)
+    url: str = request.getfixturevalue("postgres_store_url")
+    return parse_store(url, flush_interval_s=0.2)

@@ -48,14 +48,6 @@ async def events(http: aiohttp.ClientSession, svc: FleetService, node_id: str,
         return resp.status, await resp.json()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def durable_store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
-    if request.param == "sqlite":
-        return sqlite_settings(tmp_path / "f.db")
-    url: str = request.getfixturevalue("postgres_store_url")
-    return parse_store(url, flush_interval_s=0.2)
-
-
 async def test_acknowledged_changes_survive_a_restart(
     mosquitto: Mosquitto, root: str, durable_store: StoreSettings, http: aiohttp.ClientSession
 ) -> None:

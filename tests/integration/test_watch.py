@@ -204,18 +204,10 @@ async def test_list_then_watch_misses_nothing_and_the_summary_counts_match_the_l
             assert event_number(await stream.next()) == 12
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def durable(request: pytest.FixtureRequest, tmp_path: Path) -> StoreSettings:
-    if request.param == "sqlite":
-        return parse_store(f"sqlite:///{tmp_path / 'f.db'}", flush_interval_s=0.2)
-    url: str = request.getfixturevalue("postgres_store_url")
-    return parse_store(url, flush_interval_s=0.2)
-
-
 async def test_a_client_resumes_across_a_manager_restart_missing_nothing(
-    mosquitto: Mosquitto, root: str, durable: StoreSettings, http: aiohttp.ClientSession
+    mosquitto: Mosquitto, root: str, durable_store: StoreSettings, http: aiohttp.ClientSession
 ) -> None:
-    settings = make_settings(mosquitto.url, root, store=durable)
+    settings = make_settings(mosquitto.url, root, store=durable_store)
     async with running(settings) as svc:
         store_id = svc.store.store_id
         async with watching(http, svc) as stream:
