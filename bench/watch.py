@@ -25,6 +25,7 @@ import multiprocessing as mp
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,21 +52,37 @@ from tests.support import Mosquitto
 WATCH = "/api/v1/fleet/watch"
 
 
-def _publish(port: int, root: str, first: int, count: int, nodes: int, changing: int,
-             qos: int) -> None:
-    """Heartbeats for every node in turn; the first ``changing`` nodes flip between degraded
-    and online with each pass over the fleet (each of their heartbeats is a transition)."""
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-watch-pub-{first}")
+def _connected(port: int, client_id: str) -> paho.Client:
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
     client.max_inflight_messages_set(1000)
     client.connect("127.0.0.1", port, keepalive=120)
     client.loop_start()
+    return client
+
+
+def _heartbeats(root: str, nodes: int, changing: int) -> Callable[[int], tuple[str, bytes]]:
+    """The i-th heartbeat's topic and payload: every node in turn; the first ``changing``
+    nodes flip between degraded and online with each pass over the fleet (each of their
+    heartbeats is a transition)."""
     plain = json.dumps({"uptime_seconds": 1234, "free_memory_kb": 200}).encode()
     flips = [json.dumps({"status": s, "uptime_seconds": 1234}).encode()
              for s in ("degraded", "online")]
-    for i in range(first, first + count):
+
+    def heartbeat(i: int) -> tuple[str, bytes]:
         node = i % nodes
-        payload = flips[(i // nodes) % 2] if node < changing else plain
-        info = client.publish(f"{root}/node-{node:07d}/heartbeat", payload, qos=qos)
+        return (f"{root}/node-{node:07d}/heartbeat",
+                flips[(i // nodes) % 2] if node < changing else plain)
+
+    return heartbeat
+
+
+def _publish(port: int, root: str, first: int, count: int, nodes: int, changing: int,
+             qos: int) -> None:
+    """Heartbeats ``first`` to ``first + count`` (``_heartbeats``), as fast as they go."""
+    client = _connected(port, f"bench-watch-pub-{first}")
+    heartbeat = _heartbeats(root, nodes, changing)
+    for i in range(first, first + count):
+        info = client.publish(*heartbeat(i), qos=qos)
         if i % 1000 == 0:
             info.wait_for_publish(30)
     info.wait_for_publish(60)
@@ -75,18 +92,10 @@ def _publish(port: int, root: str, first: int, count: int, nodes: int, changing:
 
 def _paced_publish(port: int, root: str, rate: int, nodes: int, changing: int, stop: Any,
                    sent: Any) -> None:
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id="bench-watch-paced")
-    client.max_inflight_messages_set(1000)
-    client.connect("127.0.0.1", port, keepalive=120)
-    client.loop_start()
-    plain = json.dumps({"uptime_seconds": 1234, "free_memory_kb": 200}).encode()
-    flips = [json.dumps({"status": s, "uptime_seconds": 1234}).encode()
-             for s in ("degraded", "online")]
-
+    client = _connected(port, "bench-watch-paced")
+    heartbeat = _heartbeats(root, nodes, changing)
     def publish(i: int) -> None:
-        node = i % nodes
-        payload = flips[(i // nodes) % 2] if node < changing else plain
-        client.publish(f"{root}/node-{node:07d}/heartbeat", payload, qos=0)
+        client.publish(*heartbeat(i), qos=0)
 
     paced(rate, stop, sent, publish)
     client.disconnect()
