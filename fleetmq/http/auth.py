@@ -183,28 +183,29 @@ class RestAccess:
         valid: revoked or expired, its stream ends. Counts nothing and takes no rate."""
         if not self.enabled:
             return True
-        header = request.headers.get("Authorization")
+        return self._verified(request, request.headers.get("Authorization")).principal \
+            is not None
+
+    def _verified(self, request: web.Request, header: str | None) -> Verdict:
+        """The header's verdict: the connection's accepted one while it is trusted, else a
+        full verification (an accepting one is then trusted on this connection)."""
         verdict = self._accepted_before(request, header)
         if verdict is None:
             verdict = self.auth.verify(bearer_token(header))
-            if verdict.principal is None:
-                return False
-            self._accept(request, header, verdict)
-        return True
+            if verdict.principal is not None:
+                self._accept(request, header, verdict)
+        return verdict
 
     def _authorize(self, request: web.Request, rule: RouteRule) -> web.Response | None:
         assert rule.action is not None
         header = request.headers.get("Authorization")
-        verdict = self._accepted_before(request, header)
-        if verdict is None:
+        verdict = self._verified(request, header)
+        if verdict.principal is None:
             token = bearer_token(header)
-            verdict = self.auth.verify(token)
-            if verdict.principal is None:
-                failure = verdict.failure or "unknown"
-                if header is not None and token is None:
-                    failure = "malformed"  # another scheme, or a bearer without a token
-                return self._unauthorized(request, header, token, failure)
-            self._accept(request, header, verdict)
+            failure = verdict.failure or "unknown"
+            if header is not None and token is None:
+                failure = "malformed"  # another scheme, or a bearer without a token
+            return self._unauthorized(request, header, token, failure)
         principal = verdict.principal
         assert principal is not None
         request[PRINCIPAL] = principal
