@@ -148,7 +148,7 @@ def watch(api: str, filters: Mapping[str, str], token: str | None, limit: int | 
                         break
                     draw.soon()
             except (ApiError, OSError, TimeoutError) as exc:
-                draw.note(f"reconnecting in {pause:.0f} s: {exc}")
+                draw.now(f"reconnecting in {pause:.0f} s: {exc}")
                 time.sleep(pause)
                 pause = min(pause * 2, RECONNECT_MAX_S)
     except KeyboardInterrupt:
@@ -192,9 +192,6 @@ class _Drawing:
         text = self._fleet.render(self._clock()) + (note + "\n" if note else "")
         self._out.write((CLEAR + text) if self._tty else text + "\n")
         self._out.flush()
-
-    def note(self, text: str) -> None:
-        self.now(text)
 
 
 def _events(api: str, token: str | None, since: str | None,
