@@ -11,6 +11,7 @@ from __future__ import annotations
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -75,6 +76,14 @@ class NodeListing:
 
 def render_table(rows: list[tuple[str, ...]]) -> str:
     return table(HEADERS, rows) if rows else ""
+
+
+def last_line(rows: list[tuple[str, ...]], total: int | None, limit: int | None) -> str:
+    """The line under the table: the nodes in each state, or, for the first ``limit`` of more,
+    how many match in all."""
+    if limit is not None and total is not None and total > len(rows):
+        return f"first {len(rows)} of {total} nodes (--limit {limit})"
+    return summary(len(rows), Counter(row[2] for row in rows))
 
 
 def summary(total: int, counts: Mapping[str, int]) -> str:

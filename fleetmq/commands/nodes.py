@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,9 +13,9 @@ from fleetmq.commands.fleet_table import (
     DEFAULT_API,
     NodeListing,
     base_url,
+    last_line,
     render_table,
     row_of,
-    summary,
 )
 from fleetmq.commands.nodes_watch import watch
 from fleetmq.core.clock import SystemClock
@@ -57,14 +56,9 @@ def run(args: argparse.Namespace) -> int:
     now = SystemClock().now().wall
     listing = NodeListing(api, filters, args.token, limit)
     rows = [row_of(node, now) for node in listing]
-    counts = Counter(row[2] for row in rows)
-    if limit is not None and listing.total is not None and listing.total > len(rows):
-        last = f"first {len(rows)} of {listing.total} nodes (--limit {limit})"
-    else:
-        last = summary(len(rows), counts)
     try:
         sys.stdout.write(render_table(rows))
-        sys.stdout.write(last + "\n")
+        sys.stdout.write(last_line(rows, listing.total, limit) + "\n")
         sys.stdout.flush()
     except BrokenPipeError:  # `fleetmq nodes | head`: the reader has all it wanted
         return 0

@@ -23,9 +23,9 @@ import orjson
 from fleetmq.commands.fleet_table import (
     ApiError,
     NodeListing,
+    last_line,
     render_table,
     row_of,
-    summary,
 )
 
 REDRAW_EVERY_S = 0.5
@@ -99,13 +99,7 @@ class WatchedFleet:
         with self.lock:
             rows = [row_of(node, now) for _, node in sorted(self.nodes.items())]
             total = self.total
-        counts: dict[str, int] = {}
-        for row in rows:
-            counts[row[2]] = counts.get(row[2], 0) + 1
-        if self._limit is not None and total is not None and total > len(rows):
-            return render_table(rows) + f"first {len(rows)} of {total} nodes " \
-                f"(--limit {self._limit})\n"
-        return render_table(rows) + summary(len(rows), counts) + "\n"
+        return render_table(rows) + last_line(rows, total, self._limit) + "\n"
 
 
 def watch(api: str, filters: Mapping[str, str], token: str | None, limit: int | None,
