@@ -25,7 +25,7 @@ from fleetmq.auth.store import (
     outbox_plan,
 )
 from fleetmq.errors import FencedError, StoreError
-from fleetmq.store.lease import check_epoch
+from fleetmq.store.lease import check_epoch, server_settings
 
 T = TypeVar("T")
 
@@ -109,7 +109,7 @@ class PostgresAuthStore:
             self._pool = await asyncpg.create_pool(
                 self.dsn, min_size=1, max_size=2, timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
-                server_settings={"application_name": "fleetmq-auth"})
+                server_settings=server_settings("fleetmq-auth"))
         except _FAILURES as exc:
             raise StoreError(f"cannot open store {self.url}: {exc}; pass --store with a "
                              "reachable postgresql:// URL") from exc

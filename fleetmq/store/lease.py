@@ -39,6 +39,15 @@ POLL_S = 0.25
 STATEMENT_TIMEOUT_S = 2.0
 """A lease statement that takes longer counts as failed (the renewal is tried again)."""
 CONNECT_TIMEOUT_S = 5.0
+IDLE_IN_TRANSACTION_MS = 3000
+
+
+def server_settings(application: str) -> dict[str, str]:
+    """Settings of every connection of a manager to a shared store: the server ends a
+    transaction whose client went quiet for 3 s, since a manager paused in the middle of a
+    write (SIGSTOP) would hold the lease row's share lock and the takeover would wait for it."""
+    return {"application_name": application,
+            "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)}
 
 _ROW = "SELECT holder, epoch, expires_at < now(), advertise_url, locked FROM fleetmq_lease " \
        "WHERE name = 'active'"
@@ -152,6 +161,7 @@ class PostgresLease:
         self.active_url: str | None = None
         self._lost = asyncio.Event()
         self._lost_why = ""
+        self._failing = False
 
     @property
     def acting(self) -> bool:
@@ -206,13 +216,18 @@ class PostgresLease:
 
     async def acquire(self) -> bool:
         try:
-            return await self._acquire()
-        except StoreError as exc:
-            log.warning("lease_unavailable error=%s", exc)
-        except Exception as exc:  # asyncpg's errors: the next attempt reconnects
-            log.warning("lease_attempt_failed error=%s", exc)
+            taken = await self._acquire()
+        except Exception as exc:  # StoreError, asyncpg's: the next attempt reconnects
+            if not self._failing:  # once per outage, not four times a second
+                log.warning("lease_unavailable store=%s error=%s (trying again every %g s)",
+                            self.url, exc, POLL_S)
+            self._failing = True
             await self._drop_connection()
-        return False
+            return False
+        if self._failing:
+            log.info("lease_reachable store=%s", self.url)
+            self._failing = False
+        return taken
 
     async def _acquire(self) -> bool:
         conn = await self._connection()

@@ -26,7 +26,7 @@ from fleetmq.store.base import (
     NodeRow,
     StoredEvent,
 )
-from fleetmq.store.lease import LOCK_KEY, check_epoch
+from fleetmq.store.lease import LOCK_KEY, check_epoch, server_settings
 
 T = TypeVar("T")
 
@@ -172,7 +172,7 @@ class PostgresStore:
             self._pool = await self._guard(asyncpg.create_pool(
                 self.dsn, min_size=POOL_MIN, max_size=POOL_MAX, timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
-                server_settings={"application_name": "fleetmq"}), "cannot open store")
+                server_settings=server_settings("fleetmq")), "cannot open store")
         except BaseException:
             await self.close()
             raise
@@ -186,7 +186,7 @@ class PostgresStore:
         try:
             return await asyncpg.connect(
                 self.dsn, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S,
-                server_settings={"application_name": "fleetmq"})
+                server_settings=server_settings("fleetmq"))
         except asyncpg.InvalidCatalogNameError as exc:
             raise StoreError(f"cannot open store {self.url}: {exc}; create the database "
                              f"(createdb) or {fix}") from exc
