@@ -246,14 +246,16 @@ class FleetService:
                     f"{self.lease.active_url or 'unknown'}): a standby needs an external "
                     "broker the active shares (--broker mqtt://HOST:PORT), since the embedded "
                     "one dies with its manager; or give this manager its own --store")
-            if active:
-                if not self.lease.follows:
-                    await self._open_store()
-                await self._take_over(at_start=True)
-                await stack.enter_async_context(self._duties())
+            if active and not self.lease.follows:
+                await self._open_store()
             self._group = await stack.enter_async_context(asyncio.TaskGroup())
             stack.push_async_callback(self._stop_role)
-            self._role_task = self._group.create_task(self._play(active), name="fleetmq-role")
+            # The lease is renewed from the moment it is held, whatever starting takes.
+            self._role_task = self._group.create_task(
+                self._hold() if active else self._play(), name="fleetmq-role")
+            if active:
+                await self._take_over(at_start=True)
+                await stack.enter_async_context(self._duties())
             await stack.enter_async_context(self.http)
         except BaseException:
             await stack.aclose()
@@ -293,16 +295,21 @@ class FleetService:
             self.metrics.lease_epoch = self.lease.epoch or 0
             yield
 
-    async def _play(self, active: bool) -> None:
-        """The role: standby until the lease is this manager's, then active until it is lost
-        (or the service stops)."""
-        if not active:
-            self.role = "standby"
-            log.info("standby store=%s active=%s", self.store.url, self.lease.active_url)
-            await self._wait_for_lease()
-            opened_here = not self.lease.follows
+    async def _hold(self) -> None:
+        """Renew the lease until it is lost, then step down."""
+        self._step_down(await self.lease.hold())
+
+    async def _play(self) -> None:
+        """A standby's life: wait for the lease (following the store), then take the duties
+        of the active until the lease is lost or the service stops."""
+        self.role = "standby"
+        log.info("standby store=%s active=%s", self.store.url, self.lease.active_url)
+        await self._wait_for_lease()
+        started = self.clock.now().mono
+        opened_here = not self.lease.follows  # SQLite: the store opens with its lock
+        async with asyncio.TaskGroup() as group:
+            holding = group.create_task(self._hold(), name="fleetmq-lease")
             try:
-                started = self.clock.now().mono
                 if opened_here:
                     await self._open_store(own=False)
                 await self._take_over(at_start=False)
@@ -310,12 +317,11 @@ class FleetService:
                 async with self._duties():
                     log.info("takeover_ready epoch=%s seconds=%.2f", self.lease.epoch,
                              self.clock.now().mono - started)
-                    self._step_down(await self.lease.hold())
+                    await self.deposed.wait()
             finally:
+                holding.cancel()  # deposed by a refused write: nothing left to renew
                 if opened_here:
                     await self._close_store()
-            return
-        self._step_down(await self.lease.hold())
 
     async def _wait_for_lease(self) -> None:
         """Poll the lease; meanwhile follow what the active stores (PostgreSQL)."""
