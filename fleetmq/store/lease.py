@@ -266,8 +266,11 @@ class PostgresLease:
         gone, or no renewal for lease - 2 s."""
         every = self.lease_s / 4
         while True:
+            # Awake at the next renewal, or the moment acting ends if renewals keep failing:
+            # a lapsed active steps down (and lets go of the broker) at once.
+            wait = max(0.0, min(every, self._until - self._monotonic()))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(every):
+                async with asyncio.timeout(wait):
                     await self._lost.wait()
             if self._lost.is_set():
                 return self._lost_why
