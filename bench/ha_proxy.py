@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import print_table, stop_process, wait_for
+from bench.common import machine, print_table, stop_process, wait_for, write_result
 from tests.support import Mosquitto, Postgres, free_port, postgres_bindir
 
 REPO = Path(__file__).resolve().parent.parent
@@ -172,6 +172,10 @@ def main() -> None:
     print(f"outage: until a prompt 200 (within {SLOW_S:g} s) after an error or a slow answer")
     print_table(("proxy", "the active", "outage (s)", "slowest answer (s)",
                  "answers meanwhile"), rows)
+    write_result("ha_proxy", {"machine": machine(), "lease_s": float(args.lease), "results": [
+        {"proxy": proxy, "event": event, "outage_s": float(outage_s),
+         "slowest_s": float(slowest_s), "answers": answers}
+        for proxy, event, outage_s, slowest_s, answers in rows]})
 
 
 if __name__ == "__main__":
