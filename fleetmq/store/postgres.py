@@ -118,8 +118,14 @@ _UPSERT = (
     f"INSERT INTO nodes ({', '.join(NODE_COLUMNS)}) SELECT * FROM unnest("
     + ", ".join(f"${i}::{_array_type(c)}" for i, c in enumerate(NODE_COLUMNS, 1))
     + ") ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in NODE_COLUMNS if c != "id")
+    + ", ".join(f"{c} = EXCLUDED.{c}" if c not in TOUCH_COLUMNS else
+                f"{c} = CASE WHEN EXCLUDED.last_seen >= nodes.last_seen THEN EXCLUDED.{c} "
+                f"ELSE nodes.{c} END"
+                for c in NODE_COLUMNS if c != "id")
 )
+"""A node's row as the registry has it, except that ``last_seen`` and telemetry never go
+back: a manager that took over knows them as of its last follow (heartbeats are written
+behind, not followed), and the store may hold newer ones."""
 _TOUCH_ORDER = (*TOUCH_COLUMNS, "id")  # a touch row ends with the id
 _TOUCH = (
     f"UPDATE nodes SET {', '.join(f'{c} = t.{c}' for c in TOUCH_COLUMNS)} FROM unnest("
@@ -153,6 +159,8 @@ class PostgresStore:
         self.epoch: int | None = None
         """The lease's epoch this manager holds: every write checks it first (None: no
         lease, for the CLI's own writes and tests)."""
+        self.on_fenced: Callable[[str], None] = lambda _why: None
+        """Told when a write was refused for its epoch (the manager steps down)."""
         self.store_id = ""
         self.last_event_id = 0
 
@@ -357,7 +365,8 @@ class PostgresStore:
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
                 return await fn(conn)
-        except FencedError:
+        except FencedError as exc:
+            self.on_fenced(str(exc))
             raise
         except asyncpg.DataError as exc:  # a value it refuses: retrying cannot help
             raise StoreDataError(f"store {self.url} refused a value {doing}: {exc}") from exc
