@@ -279,7 +279,8 @@ class FleetService:
             if self._manager_logins:
                 self.dynsec = await stack.enter_async_context(DynsecMirror(
                     self.auth, check_admin_url(self.settings.auth.broker_admin),
-                    self.settings.topic_root, self._manager_logins, self.clock))
+                    self.settings.topic_root, self._manager_logins, self.clock,
+                    may_act=self._acting))
             await stack.enter_async_context(self.out)
             await stack.enter_async_context(self.link)
             stack.push_async_callback(self._say_goodbye)
