@@ -57,7 +57,7 @@ from fleetmq.rates import CUT_OFF_S, NodeRates
 from fleetmq.store import SqliteStore, make_auth_store, make_store
 from fleetmq.store.base import SharedStore, Store, nodes_from_rows
 from fleetmq.store.lease import POLL_S, FileLease, Lease, PostgresLease, SoleLease
-from fleetmq.store.writer import StoreWriter
+from fleetmq.store.writer import RUN_IDS, StoreWriter
 from fleetmq.views import manager_status_payload
 
 log = logging.getLogger(__name__)
@@ -388,7 +388,8 @@ class FleetService:
                 self.auth.store.epoch = epoch
             last = await self.shared.max_event_id()
             await self._follow(upto=last)
-            self.writer.continue_from(last)
+            block = await self.shared.reserve_run(last // RUN_IDS + 1)
+            self.writer.continue_from(last, run_block=block)
         await self.auth.store.set_mirror(bool(self._manager_logins))
         if not at_start:
             self.fleet.grant_grace()

@@ -62,8 +62,10 @@ _LEASE_TABLE = (
     "    advertise_url text,\n"
     "    locked boolean NOT NULL\n"
     ");\n"
+    "ALTER TABLE fleetmq_store ADD COLUMN run_block bigint NOT NULL DEFAULT 0;\n"
 )
-"""Which manager is active (``fleetmq.store.lease``): one row, ``name = 'active'``."""
+"""Which manager is active (``fleetmq.store.lease``): one row, ``name = 'active'``; and the
+last block of event ids a run took (``reserve_run``)."""
 
 SCHEMA = (
     "CREATE TABLE nodes (\n    "
@@ -348,6 +350,18 @@ class PostgresStore:
             found = {row[0] for row in rows}
             return int(events[-1][0]), rows, [i for i in ids if i not in found]
         return await self._with_conn(read, "following")
+
+    async def reserve_run(self, at_least: int) -> int:
+        """The block of event ids this run numbers from: the next one after any run before
+        took, and at least ``at_least``. Kept in the store, fenced: a run that committed
+        nothing before it was deposed still used its block (its ids may have been shown)."""
+        async def take(conn: Any) -> int:
+            async with conn.transaction():
+                await check_epoch(conn, self.epoch)
+                return int(await conn.fetchval(
+                    "UPDATE fleetmq_store SET run_block = greatest(run_block + 1, $1) "
+                    "RETURNING run_block", at_least))
+        return await self._with_conn(take, "reserving event ids")
 
     async def max_event_id(self) -> int:
         """The store's last event id now (a new active numbers its events after it)."""

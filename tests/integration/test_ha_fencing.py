@@ -17,6 +17,7 @@ from fleetmq.errors import FencedError
 from fleetmq.store.base import Batch
 from fleetmq.store.lease import LOCK_KEY
 from fleetmq.store.postgres import PostgresStore
+from fleetmq.store.writer import RUN_IDS
 from tests.conftest import MqttClient, eventually, make_settings, running
 from tests.integration.mqtt_support import api, readyz
 from tests.support import Mosquitto
@@ -151,3 +152,14 @@ async def test_a_manager_from_before_the_lease_keeps_a_new_one_standby_until_it_
     finally:
         if not old.is_closed():
             await old.close()
+
+
+async def test_each_run_takes_a_block_of_event_ids_even_if_it_committed_nothing(
+    mosquitto: Mosquitto, root: str, postgres_store_url: str
+) -> None:
+    """A run may show ids of its block (``event_id`` in ``GET /nodes``) before it commits any:
+    the next active must not number other events with them."""
+    settings = settings_on(mosquitto, root, postgres_store_url)
+    for run in (1, 2, 3):
+        async with running(settings) as svc:
+            assert svc.writer.run_start_id == run * RUN_IDS
