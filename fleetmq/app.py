@@ -231,8 +231,10 @@ class FleetService:
         if isinstance(store, SqliteStore):
             return FileLease(store.try_lock)
         if self.shared is not None:
+            elapsed = (self.clock.since_boot if isinstance(self.clock, SystemClock)
+                       else self.clock.monotonic)  # a test's FakeClock drives both
             return PostgresLease(self.shared.dsn, store.url, self.settings.lease_s,
-                                 self.settings.advertise_url, self.clock.monotonic)
+                                 self.settings.advertise_url, elapsed)
         return SoleLease()
 
     async def __aenter__(self) -> FleetService:
