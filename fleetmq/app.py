@@ -83,10 +83,13 @@ and no offline presence flashes (contract section 10)."""
 
 class FleetService:
     def __init__(self, settings: Settings, clock: Clock | None = None,
-                 store: Store | None = None, auth_store: AuthStore | None = None) -> None:
+                 store: Store | None = None, auth_store: AuthStore | None = None, *,
+                 port_shared: bool = False) -> None:
         """``store`` and ``auth_store`` replace the ones ``settings.store`` names (tests pass
-        their own)."""
+        their own). ``port_shared``: this process already answers on the HTTP port (a start
+        again after a step-down): no check that it is free."""
         self.settings = settings
+        self._port_shared = port_shared
         self.clock = clock or SystemClock()
         self.topics = Topics(settings.topic_root)
         self.rules = TopicRules(settings.topic_root)
@@ -240,7 +243,8 @@ class FleetService:
     async def __aenter__(self) -> FleetService:
         stack = self._stack
         try:
-            self.http.check_port_free()
+            if not self._port_shared:
+                self.http.check_port_free()
             await self._open_auth()
             broker = self.settings.broker
             if broker.embedded:
@@ -525,7 +529,8 @@ class FleetService:
         for task in self._tasks:
             task.cancel()
         if self._publisher_task is not None:
-            drained = await self.publisher.drain(GOODBYE_TIMEOUT_S)
+            # A deposed manager publishes nothing: no drain to wait for.
+            drained = not self._acting() or await self.publisher.drain(GOODBYE_TIMEOUT_S)
             if not drained:
                 log.warning("publisher_not_drained backlog=%d", self.publisher.backlog)
             self._publisher_task.cancel()
