@@ -1,0 +1,638 @@
+"""High availability (contract section 10): several ``fleetmq serve`` on one store and one
+Mosquitto; the active killed, paused or cut off from PostgreSQL while simulated nodes
+heartbeat, and a standby that takes over without losing anything acknowledged or taking any
+node offline.
+
+Everything is real: PostgreSQL (a fresh database per test), a Mosquitto of the test's own from
+the repo's mosquitto.conf (its queue settings, persistence on), the managers and
+``fleetmq simulate`` as subprocesses, each killed at the end. Only the outside is read: /readyz,
+REST, /metrics, the logs, MQTT, the broker's log and the store's tables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import re
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import _require_mosquitto, eventually
+from tests.integration.ha_support import (
+    SIM_TYPE,
+    HaManager,
+    RoleMonitor,
+    StatusWatch,
+    manager_connections,
+    manager_disconnects,
+    messages,
+    query,
+    retained_statuses,
+    wall,
+)
+from tests.integration.test_cli import managers  # noqa: F401 (a fixture)
+from tests.integration.test_simulate import simulation
+from tests.support import Mosquitto, Postgres, free_port
+
+RUN_IDS = 1_000_000_000
+"""Each run of a manager numbers its events from a fresh block of this many (the store
+writer's ``RUN_IDS``)."""
+LEASE_S = 4
+"""The shortest lease (--lease): a paused or cut-off active is replaced after it."""
+SIM_INTERVAL_S = 1
+SIM_TIMEOUT_S = 3 * SIM_INTERVAL_S
+KILL_TAKEOVER_S = 2.0
+"""A standby is active within this of the active's kill -9."""
+
+
+# --- fixtures ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    """A Mosquitto of this test's own, with the repo's queue settings and persistence on."""
+    _require_mosquitto()
+    workdir = tmp_path / "broker"
+    workdir.mkdir()
+    mosquitto = Mosquitto(workdir, persistence=True)
+    mosquitto.start()
+    try:
+        yield mosquitto
+    finally:
+        mosquitto.stop()
+
+
+@pytest.fixture
+def start_manager(managers: Any, broker: Mosquitto, root: str) -> Any:  # noqa: F811
+    """``start_manager(name, store, lease=..., advertise=...)``: a ``fleetmq serve`` of the
+    group, on its own HTTP port; every one is killed at the end of the test."""
+
+    def start(name: str, store: str, *extra: str, lease: int | None = LEASE_S,
+              advertise: bool = True) -> HaManager:
+        port = free_port()
+        args = ["--broker", broker.url, "--http", f"127.0.0.1:{port}", "--topic-root", root,
+                "--store", store, *extra]
+        if lease is not None:
+            args += ["--lease", str(lease)]
+        if advertise:
+            args += ["--advertise-url", f"http://127.0.0.1:{port}"]
+        return HaManager(name, managers(*args), port)
+
+    return start
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        yield session
+
+
+@pytest.fixture
+async def cut_role(postgres_server: Postgres, postgres_store_url: str) -> AsyncIterator[str]:
+    """A login role of this test's own, so one manager can be cut off from PostgreSQL
+    (``NOLOGIN`` and its backends terminated) while the others keep theirs."""
+    role = f"ha_{uuid.uuid4().hex[:10]}"
+    admin = postgres_server.url()
+    await query(admin, f"CREATE ROLE {role} SUPERUSER LOGIN")
+    try:
+        yield role
+    finally:
+        await query(admin, f"ALTER ROLE {role} NOLOGIN")
+        await query(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE usename = $1", role)
+        await query(postgres_store_url, f"REASSIGN OWNED BY {role} TO {postgres_server.user}")
+        await query(admin, f"DROP ROLE {role}")
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+def sim_args(broker: Mosquitto, root: str, nodes: int, connections: int) -> list[str]:
+    return ["--nodes", str(nodes), "--interval", str(SIM_INTERVAL_S), "--connections",
+            str(connections), "--broker", broker.url, "--topic-root", root,
+            "--node-type", SIM_TYPE]
+
+
+async def all_sims_online(http: aiohttp.ClientSession, manager: HaManager, count: int) -> None:
+    async def online() -> bool:
+        return await manager.total(http, node_type=SIM_TYPE, status="online") == count
+    await eventually(online, timeout=15, interval=0.2)
+
+
+def wall_clock(monotonic_at: float) -> float:
+    """A moment of ``time.monotonic()`` as seconds since the epoch."""
+    return time.time() - (time.monotonic() - monotonic_at)
+
+
+async def outlive_grace(http: aiohttp.ClientSession, manager: HaManager, took_over: float,
+                        sims: int) -> None:
+    """Wait until every simulated node was heard after the grace the takeover gave it had run
+    out: had the new active missed their heartbeats, they would have gone offline by then."""
+    after = wall_clock(took_over) + SIM_TIMEOUT_S + 0.5
+
+    async def heard() -> float:
+        nodes = await manager.nodes(http, node_type=SIM_TYPE)
+        assert len(nodes) == sims
+        oldest = min(wall(n["last_seen"]) for n in nodes.values())
+        return oldest > after
+    await eventually(heard, timeout=SIM_TIMEOUT_S + 10, interval=0.25)
+
+
+async def check_fleet(http: aiohttp.ClientSession, manager: HaManager, sims: int,
+                      registered: list[str], doubt: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The manager shows every simulated node and every registered one, all online, and
+    counts them right (GET /nodes, its total, /readyz). Ids that begin with one of ``doubt``
+    may be there unacknowledged (sent when the active was killed)."""
+    nodes = await manager.nodes(http)
+    missing = [n for n in registered if n not in nodes]
+    assert not missing, f"{manager.name} lost acknowledged registrations: {missing}"
+    assert sum(1 for n in nodes.values() if n["type"] == SIM_TYPE) == sims
+    extra = sorted(i for i in set(nodes) - set(registered)
+                   if nodes[i]["type"] != SIM_TYPE and not i.startswith(doubt or ("\0",)))
+    assert not extra, f"{manager.name} shows nodes nobody registered: {extra[:10]}"
+    if not doubt:
+        assert len(nodes) == sims + len(set(registered))
+    not_online = {i: (n["status"], n["status_reason"]) for i, n in nodes.items()
+                  if n["status"] != "online"}
+    assert not not_online, f"{manager.name}: {not_online}"
+    assert await manager.total(http) == len(nodes)
+    answer = await manager.readyz(http)
+    assert answer is not None
+    assert answer[0] == 200, answer
+    assert answer[1]["nodes"] == len(nodes), answer
+    return nodes
+
+
+def epoch_acquired(manager: HaManager, takeover: str) -> int:
+    """The epoch of its ``lease_acquired`` log line with ``takeover=<takeover>``."""
+    found = re.findall(rf"lease_acquired epoch=(\d+) takeover={takeover}", manager.log)
+    assert found, f"no lease_acquired ... takeover={takeover} in {manager.name}'s log:\n" \
+                  f"{manager.log}"
+    return int(found[-1])
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel a load task; a request cut short by a kill is not a failure, anything else is."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
+        await task
+
+
+# --- 1. kill -9 under load ------------------------------------------------------------------------
+
+async def test_kill_9_of_the_active_under_2000_nodes_a_standby_takes_over_in_2_s_losing_nothing(
+    broker: Mosquitto, postgres_store_url: str, root: str, start_manager: Any,
+    http: aiohttp.ClientSession, mqtt_clients: Any, tmp_path: Path
+) -> None:
+    sims = 2000
+    # The default lease (10 s): a takeover within 2 s cannot come from the lease expiring.
+    a = start_manager("A", postgres_store_url, lease=None)
+    await a.wait_role(http, "active")
+    b = start_manager("B", postgres_store_url, lease=None)
+    await b.wait_role(http, "standby")
+    watch = await StatusWatch(mqtt_clients(broker.port), root).start()
+    agent = await mqtt_clients(broker.port, "ha-agent").connect()
+    await agent.subscribe(f"{root}/+/reply")
+    # Nodes that hear from nobody but the test: their telemetry says which heartbeat landed.
+    gap_q1 = [f"gap-q1-{i}" for i in range(3)]
+    gap_q0 = [f"gap-q0-{i}" for i in range(3)]
+    for node_id in gap_q1 + gap_q0:
+        await a.register(http, node_id)
+
+    acked_rest: list[str] = []
+
+    async def rest_registrations() -> None:
+        for i in itertools.count():
+            await a.register(http, f"reg-{i}", location=f"rack-{i}")
+            acked_rest.append(f"reg-{i}")
+
+    async def mqtt_registrations() -> None:
+        for i in itertools.count():
+            body = {"type": "microclaw", "location": f"shelf-{i}",
+                    "heartbeat_interval_seconds": 3600}
+            await agent.publish(f"{root}/mq-{i}/register", json.dumps(body))
+            await asyncio.sleep(0.005)
+
+    def mqtt_acked() -> list[str]:
+        bodies = [json.loads(m.payload) for m in messages(agent) if m.topic.endswith("/reply")]
+        return [b["node_id"] for b in bodies if b.get("status") == "registered"]
+
+    async with simulation(tmp_path, *sim_args(broker, root, sims, 20)), \
+            RoleMonitor(http, [a, b]) as roles:
+        await all_sims_online(http, a, sims)
+        loads = [asyncio.create_task(rest_registrations()),
+                 asyncio.create_task(mqtt_registrations())]
+        await eventually(lambda: len(acked_rest) >= 50 and len(mqtt_acked()) >= 20, timeout=10)
+
+        disconnects = manager_disconnects(broker, root)
+        killed_at = time.monotonic()
+        a.kill()
+        for task in loads:
+            await stop_task(task)
+        # During the gap: the broker queues these for the manager's persistent session.
+        await eventually(lambda: manager_disconnects(broker, root) > disconnects, timeout=5)
+        in_gap = roles.became_active("B", killed_at) is None
+        for i, node_id in enumerate(gap_q1):
+            await agent.publish(f"{root}/{node_id}/heartbeat",
+                                json.dumps({"uptime_seconds": 900_000 + i,
+                                            "free_memory_kb": 500 + i}), qos=1)
+        for i, node_id in enumerate(gap_q0):
+            await agent.publish(f"{root}/{node_id}/heartbeat",
+                                json.dumps({"uptime_seconds": 910_000 + i,
+                                            "free_memory_kb": 600 + i}), qos=0)
+        assert in_gap, "B was active before the gap heartbeats went out: they test no queue"
+
+        _, took = await roles.next_active([b], killed_at, timeout=10)
+        assert took <= KILL_TAKEOVER_S, f"B took over {took:.2f}s after kill -9\n{b.log}"
+        took_over = killed_at + took
+
+        async def gap_applied() -> bool:
+            for i, node_id in enumerate(gap_q1):
+                node = await b.node(http, node_id)
+                if node is None or (node["uptime_seconds"], node["free_memory_kb"]) != (
+                        900_000 + i, 500 + i):
+                    return False
+            for i, node_id in enumerate(gap_q0):
+                node = await b.node(http, node_id)
+                if node is None or (node["uptime_seconds"], node["free_memory_kb"]) != (
+                        910_000 + i, 600 + i):
+                    return False
+            return True
+        try:
+            await eventually(gap_applied, timeout=5, interval=0.1)
+        except AssertionError:
+            shown = {n: (await b.node(http, n)) for n in gap_q1 + gap_q0}
+            raise AssertionError(f"heartbeats sent during the gap not applied: {shown}") \
+                from None
+
+        nodes = await b.nodes(http)
+        lost = [n for n in acked_rest if n not in nodes]
+        assert not lost, f"acknowledged REST registrations lost in the takeover: {lost}"
+        assert all(nodes[f"reg-{i}"]["location"] == f"rack-{i}" for i in range(len(acked_rest)))
+        lost = [n for n in mqtt_acked() if n not in nodes]
+        assert not lost, f"registrations answered over MQTT lost in the takeover: {lost}"
+
+        await outlive_grace(http, b, took_over, sims)
+        nodes = await check_fleet(http, b, sims, [*acked_rest, *mqtt_acked(),
+                                                  *gap_q1, *gap_q0], doubt=("reg-", "mq-"))
+        assert watch.offline() == [], "a node or the manager went offline in the takeover"
+        assert not roles.two_actives(), roles.two_actives()
+
+    retained = await retained_statuses(mqtt_clients(broker.port), root,
+                                       lambda found: set(found) >= set(nodes))
+    missing = set(nodes) - set(retained)
+    assert not missing, f"no retained status for {sorted(missing)[:10]} ({len(missing)})"
+    assert {retained[n]["status"] for n in nodes} == {"online"}
+    samples = await b.metrics(http)
+    assert samples["fleetmq_active"] == 1
+    assert samples["fleetmq_takeovers_total"] == 1
+
+
+# --- 2. SIGSTOP past the lease, then SIGCONT -----------------------------------------------------
+
+async def test_a_paused_active_is_replaced_after_its_lease_and_once_resumed_steps_down_silently(
+    broker: Mosquitto, postgres_store_url: str, root: str, start_manager: Any,
+    http: aiohttp.ClientSession, mqtt_clients: Any, tmp_path: Path
+) -> None:
+    sims = 300
+    a = start_manager("A", postgres_store_url)
+    await a.wait_role(http, "active")
+    b = start_manager("B", postgres_store_url)
+    await b.wait_role(http, "standby")
+    watch = await StatusWatch(mqtt_clients(broker.port), root).start()
+    agent = await mqtt_clients(broker.port, "ha-agent").connect()
+    for node_id in ("keep-x", "keep-d", "keep-t"):
+        await a.register(http, node_id)
+
+    async with simulation(tmp_path, *sim_args(broker, root, sims, 6)), \
+            RoleMonitor(http, [a, b]) as roles:
+        await all_sims_online(http, a, sims)
+        a_epoch = epoch_acquired(a, "no")
+        a_block = (await query(postgres_store_url, "SELECT max(id) AS m FROM events"))[0]["m"] \
+            // RUN_IDS
+        # A applies this heartbeat and is paused before (most likely) writing it out: once
+        # resumed, it must not write it over what the new active wrote meanwhile.
+        await agent.publish(f"{root}/keep-t/heartbeat", json.dumps({"uptime_seconds": 111}))
+
+        async def applied() -> bool:
+            node = await a.node(http, "keep-t")
+            return node is not None and node["uptime_seconds"] == 111
+        await eventually(applied, timeout=5, interval=0.01)
+        a.signal(signal.SIGSTOP)
+        paused_at = time.monotonic()
+
+        _, took = await roles.next_active([b], paused_at, timeout=LEASE_S + 5)
+        # Not before the paused one's lease ran out (renewed every lease/4), nor long after.
+        assert LEASE_S * 3 / 4 - 0.2 <= took <= LEASE_S + 1.5, f"took over after {took:.2f}s"
+        takeover = watch.mark()
+        a_events = {r["id"] for r in await query(postgres_store_url, "SELECT id FROM events")
+                    if r["id"] // RUN_IDS == a_block}
+
+        # Changes only the new active makes: a paused one that acted would undo them.
+        async with http.delete(f"{b.api}/nodes/keep-x") as resp:
+            assert resp.status == 204, await resp.text()
+        for body in ({"node_id": "keep-d", "status": "degraded", "reason": "low_battery"},
+                     {"node_id": "keep-t", "uptime_seconds": 222}):
+            async with http.post(f"{b.api}/heartbeat", json=body) as resp:
+                assert resp.status == 200, await resp.text()
+
+        async def stored() -> bool:
+            rows = {r["id"]: r for r in await query(
+                postgres_store_url, "SELECT id, status, uptime_seconds FROM nodes "
+                "WHERE id = ANY($1::text[])", ["keep-x", "keep-d", "keep-t"])}
+            return ("keep-x" not in rows and rows["keep-d"]["status"] == "degraded"
+                    and rows["keep-t"]["uptime_seconds"] == 222)
+        await eventually(stored, timeout=5, interval=0.1)
+        await eventually(lambda: ("keep-x", None) in watch.since(takeover), timeout=5)
+        connections = manager_connections(broker, root)
+
+        a.signal(signal.SIGCONT)
+        resumed_at = time.monotonic()
+        await a.wait_role(http, "standby", timeout=LEASE_S + 5)
+        await eventually(lambda: "stepping_down" in a.log and "standby store=" in a.log,
+                         timeout=5)
+        answer = await a.readyz(http)
+        assert answer == (503, {"status": "standby", "active": b.url}), answer
+        assert a.alive()
+        # A barrier: a status the new active publishes after the old one stepped down; what the
+        # old one published before it is in by then.
+        await b.register(http, "keep-barrier")
+        await eventually(lambda: any(n == "keep-barrier" for n, _ in watch.since(takeover)),
+                         timeout=5)
+
+        assert "active" not in roles.roles("A", after=resumed_at), \
+            "the resumed active answered /readyz 200"
+        assert not roles.two_actives(), roles.two_actives()
+        after = watch.since(takeover)
+        x_at = after.index(("keep-x", None))
+        assert [m for m in after[x_at + 1:] if m[0] == "keep-x"] == [], \
+            "a status of the deleted node was published after it was cleared"
+        d_statuses = [body["status"] for node, body in after if node == "keep-d" and body]
+        assert d_statuses == ["degraded"], d_statuses
+        assert watch.offline() == [], watch.offline()
+        new_connections = manager_connections(broker, root)[len(connections):]
+        assert new_connections == [], \
+            f"a manager client id connected again after the takeover: {new_connections}"
+        assert "broker_disconnected" not in b.log, b.log
+        nodes = await b.nodes(http)
+        assert "keep-x" not in nodes
+        assert len(nodes) == sims + 3
+        assert {i: n["status"] for i, n in nodes.items() if n["status"] != "online"} == {
+            "keep-d": "degraded"}
+
+    # The store: nothing from A after the takeover.
+    rows = {r["id"]: r for r in await query(
+        postgres_store_url, "SELECT id, status, uptime_seconds FROM nodes "
+        "WHERE id = ANY($1::text[])", ["keep-x", "keep-d", "keep-t"])}
+    assert "keep-x" not in rows, "the deleted node's row came back"
+    assert rows["keep-d"]["status"] == "degraded"
+    assert rows["keep-t"]["uptime_seconds"] == 222, "the old active wrote its telemetry"
+    ids = {r["id"] for r in await query(postgres_store_url, "SELECT id FROM events")}
+    late = {i for i in ids if i // RUN_IDS == a_block} - a_events
+    assert not late, f"events of the old active's run written after the takeover: {late}"
+    newer = sorted(i for i in ids if i // RUN_IDS != a_block)
+    assert newer, "the new active recorded no event"
+    assert all(i // RUN_IDS > a_block for i in newer), newer[:5]
+    offline = await query(postgres_store_url,
+                          "SELECT node_id, reason FROM events WHERE to_status = 'offline'")
+    assert offline == [], offline
+    lease = (await query(postgres_store_url, "SELECT epoch, advertise_url FROM fleetmq_lease "
+                         "WHERE name = 'active'"))[0]
+    assert (lease["epoch"], lease["advertise_url"]) == (a_epoch + 1, b.url)
+    assert epoch_acquired(b, "yes") == a_epoch + 1
+
+
+# --- 3. cut off from PostgreSQL ------------------------------------------------------------------
+
+async def test_an_active_cut_off_from_postgresql_stops_within_the_lease_and_a_standby_takes_over(
+    cut_role: str, broker: Mosquitto, postgres_server: Postgres, postgres_store_url: str,
+    root: str, start_manager: Any, http: aiohttp.ClientSession, mqtt_clients: Any,
+    tmp_path: Path
+) -> None:
+    sims = 300
+    own_url = postgres_store_url.replace(f"//{postgres_server.user}@", f"//{cut_role}@", 1)
+    assert own_url != postgres_store_url
+    a = start_manager("A", own_url)
+    await a.wait_role(http, "active")
+    b = start_manager("B", postgres_store_url)
+    await b.wait_role(http, "standby")
+    watch = await StatusWatch(mqtt_clients(broker.port), root).start()
+    admin = postgres_server.url()
+
+    async with simulation(tmp_path, *sim_args(broker, root, sims, 6)), \
+            RoleMonitor(http, [a, b]) as roles:
+        await all_sims_online(http, a, sims)
+        backends = await query(admin, "SELECT pid, client_port FROM pg_stat_activity "
+                                      "WHERE usename = $1", cut_role)
+        assert backends, "A has no PostgreSQL backend of its role"
+        # Cut: A can neither keep its backends nor open new ones.
+        await query(admin, f"ALTER ROLE {cut_role} NOLOGIN")
+        cut_at = time.monotonic()
+        ended = await query(admin, "SELECT pg_terminate_backend(pid) AS ok FROM "
+                                   "pg_stat_activity WHERE usename = $1", cut_role)
+        assert ended
+        assert all(r["ok"] for r in ended)
+
+        _, took = await roles.next_active([b], cut_at, timeout=LEASE_S + 5)
+        assert took <= LEASE_S + 1.5, f"B took over {took:.2f}s after the cut\n{b.log}"
+        took_over = cut_at + took
+        await eventually(lambda: any(s[0] > took_over and s[2] == "A" for s in roles.samples),
+                         timeout=5)
+        last_active = max((answered for sent, answered, who, role in roles.samples
+                           if who == "A" and role == "active"), default=0.0)
+        assert last_active <= cut_at + LEASE_S, \
+            f"A still active {last_active - cut_at:.2f}s after the cut\n{a.log}"
+        assert not roles.two_actives(), roles.two_actives()
+        # Let B publish (and connect its publishing client) before counting connections.
+        await b.register(http, "after-cut")
+        await eventually(lambda: any(n == "after-cut" for n, _ in watch.since()), timeout=5)
+        connections = manager_connections(broker, root)
+
+        await query(admin, f"ALTER ROLE {cut_role} LOGIN")
+        await a.wait_role(http, "standby", timeout=LEASE_S + 10)
+        assert "stepping_down" in a.log, a.log
+        answer = await a.readyz(http)
+        assert answer == (503, {"status": "standby", "active": b.url}), answer
+
+        await outlive_grace(http, b, took_over, sims)
+        await check_fleet(http, b, sims, ["after-cut"])
+        assert watch.offline() == [], watch.offline()
+        assert not roles.two_actives(), roles.two_actives()
+        new_connections = manager_connections(broker, root)[len(connections):]
+        assert new_connections == [], \
+            f"a manager client id connected again after the takeover: {new_connections}"
+        assert "broker_disconnected" not in b.log, b.log
+    offline = await query(postgres_store_url,
+                          "SELECT node_id, reason FROM events WHERE to_status = 'offline'")
+    assert offline == [], offline
+
+
+# --- 4. three managers, two kills ----------------------------------------------------------------
+
+async def test_three_managers_the_active_killed_twice_the_fleet_stays_correct(
+    broker: Mosquitto, postgres_store_url: str, root: str, start_manager: Any,
+    http: aiohttp.ClientSession, mqtt_clients: Any, tmp_path: Path
+) -> None:
+    sims = 500
+    a = start_manager("A", postgres_store_url)
+    await a.wait_role(http, "active")
+    b = start_manager("B", postgres_store_url)
+    c = start_manager("C", postgres_store_url)
+    await b.wait_role(http, "standby")
+    await c.wait_role(http, "standby")
+    watch = await StatusWatch(mqtt_clients(broker.port), root).start()
+    registered: list[str] = []
+
+    async def register(manager: HaManager, tag: str) -> None:
+        for i in range(20):
+            await manager.register(http, f"{tag}-{i}", location=tag)
+            registered.append(f"{tag}-{i}")
+
+    async with simulation(tmp_path, *sim_args(broker, root, sims, 10)), \
+            RoleMonitor(http, [a, b, c]) as roles:
+        await all_sims_online(http, a, sims)
+        await register(a, "first")
+        await check_fleet(http, a, sims, registered)
+        a_epoch = epoch_acquired(a, "no")
+
+        killed_at = time.monotonic()
+        a.kill()
+        second, took = await roles.next_active([b, c], killed_at, timeout=10)
+        assert took <= KILL_TAKEOVER_S, f"{second.name} took over {took:.2f}s after kill -9"
+        other = c if second is b else b
+
+        async def points_at(standby: HaManager, active: HaManager) -> bool:
+            answer = await standby.readyz(http)
+            return answer == (503, {"status": "standby", "active": active.url})
+        await eventually(lambda: points_at(other, second), timeout=5)
+        await check_fleet(http, second, sims, registered)
+        await register(second, "second")
+        await check_fleet(http, second, sims, registered)
+        assert watch.offline() == [], watch.offline()
+
+        killed_at = time.monotonic()
+        second.kill()
+        third, took = await roles.next_active([other], killed_at, timeout=10)
+        assert took <= KILL_TAKEOVER_S, f"{third.name} took over {took:.2f}s after kill -9"
+        await check_fleet(http, third, sims, registered)
+        await register(third, "third")
+        await outlive_grace(http, third, killed_at + took, sims)
+        await check_fleet(http, third, sims, registered)
+        assert watch.offline() == [], watch.offline()
+        assert not roles.two_actives(), roles.two_actives()
+
+    assert epoch_acquired(second, "yes") == a_epoch + 1
+    assert epoch_acquired(third, "yes") == a_epoch + 2
+    samples = await third.metrics(http)
+    assert samples["fleetmq_active"] == 1
+    assert samples["fleetmq_takeovers_total"] == 1
+    assert samples["fleetmq_lease_epoch"] == a_epoch + 2
+
+
+# --- 5. what a standby answers; the metrics ------------------------------------------------------
+
+async def test_a_standby_answers_503_naming_the_active_and_the_metrics_tell_the_roles(
+    broker: Mosquitto, postgres_store_url: str, root: str, start_manager: Any,
+    http: aiohttp.ClientSession
+) -> None:
+    a = start_manager("A", postgres_store_url)
+    await a.wait_role(http, "active")
+    b = start_manager("B", postgres_store_url)
+    await b.wait_role(http, "standby")
+
+    assert await b.readyz(http) == (503, {"status": "standby", "active": a.url})
+    async with http.get(f"{b.url}/healthz") as resp:
+        assert resp.status == 200
+    routes = [("GET", "/api/v1/fleet/nodes", None), ("GET", "/api/v1/fleet/nodes/n-1", None),
+              ("GET", "/api/v1/fleet/nodes/n-1/events", None),
+              ("POST", "/api/v1/fleet/register", {"node_id": "n-1", "node_type": "picclaw"}),
+              ("POST", "/api/v1/fleet/heartbeat", {"node_id": "n-1"}),
+              ("DELETE", "/api/v1/fleet/nodes/n-1", None), ("GET", "/api/v1/openapi.json", None)]
+    for method, path, body in routes:
+        async with http.request(method, f"{b.url}{path}", json=body) as resp:
+            answer = await resp.json(content_type=None)
+            assert resp.status == 503, (method, path, resp.status, answer)
+        assert set(answer) == {"error", "message", "active"}, (path, answer)
+        assert answer["error"] == "Standby"
+        assert answer["active"] == a.url
+        assert isinstance(answer["message"], str), answer
+        assert answer["message"], answer
+
+    status, ready = (await a.readyz(http)) or (0, {})
+    assert status == 200, ready
+    assert {k: ready.get(k) for k in ("status", "role", "nodes")} == {
+        "status": "ready", "role": "active", "nodes": 0}
+    assert ready.get("mqtt_protocol"), ready
+    a_epoch = epoch_acquired(a, "no")
+    samples = await a.metrics(http)
+    assert (samples["fleetmq_active"], samples["fleetmq_takeovers_total"],
+            samples["fleetmq_lease_epoch"]) == (1, 0, a_epoch)
+    samples = await b.metrics(http)
+    assert (samples["fleetmq_active"], samples["fleetmq_takeovers_total"]) == (0, 0)
+    assert "standby store=" in b.log, b.log
+    assert f"active={a.url}" in b.log, b.log
+    assert "lease_acquired" not in b.log, b.log
+    lease = (await query(postgres_store_url, "SELECT epoch, advertise_url FROM fleetmq_lease "
+                         "WHERE name = 'active'"))[0]
+    assert (lease["epoch"], lease["advertise_url"]) == (a_epoch, a.url)
+
+    await a.register(http, "n-1")
+    killed_at = time.monotonic()
+    a.kill()
+    await b.wait_role(http, "active", timeout=10)
+    assert time.monotonic() - killed_at <= KILL_TAKEOVER_S + 0.5  # the poll's own delay
+    status, ready = (await b.readyz(http)) or (0, {})
+    assert (status, ready.get("role"), ready.get("nodes")) == (200, "active", 1), ready
+    samples = await b.metrics(http)
+    assert (samples["fleetmq_active"], samples["fleetmq_takeovers_total"],
+            samples["fleetmq_lease_epoch"]) == (1, 1, a_epoch + 1)
+    assert epoch_acquired(b, "yes") == a_epoch + 1
+    assert re.search(rf"takeover_ready epoch={a_epoch + 1} seconds=", b.log), b.log
+    assert await b.node(http, "n-1") is not None
+
+    c = start_manager("C", postgres_store_url)
+    await c.wait_role(http, "standby")
+    assert await c.readyz(http) == (503, {"status": "standby", "active": b.url})
+    lease = (await query(postgres_store_url, "SELECT epoch, advertise_url FROM fleetmq_lease "
+                         "WHERE name = 'active'"))[0]
+    assert (lease["epoch"], lease["advertise_url"]) == (a_epoch + 1, b.url)
+
+
+# --- 6. SQLite: a standby on the same host -------------------------------------------------------
+
+async def test_a_second_manager_on_the_same_sqlite_file_waits_and_takes_over_when_the_first_dies(
+    broker: Mosquitto, root: str, start_manager: Any, http: aiohttp.ClientSession,
+    mqtt_clients: Any, tmp_path: Path
+) -> None:
+    sims = 300
+    store = f"sqlite:///{tmp_path / 'fleet.db'}"
+    a = start_manager("A", store, lease=None, advertise=False)
+    await a.wait_role(http, "active")
+    b = start_manager("B", store, lease=None, advertise=False)
+    await b.wait_role(http, "standby")
+    assert await b.readyz(http) == (503, {"status": "standby", "active": None})
+    watch = await StatusWatch(mqtt_clients(broker.port), root).start()
+    registered = [f"file-{i}" for i in range(20)]
+
+    async with simulation(tmp_path, *sim_args(broker, root, sims, 6)), \
+            RoleMonitor(http, [a, b]) as roles:
+        await all_sims_online(http, a, sims)
+        for node_id in registered:
+            await a.register(http, node_id)
+        assert await b.role(http) == "standby"
+
+        killed_at = time.monotonic()
+        a.kill()
+        _, took = await roles.next_active([b], killed_at, timeout=10)
+        assert took <= KILL_TAKEOVER_S, f"B took over {took:.2f}s after kill -9\n{b.log}"
+        await check_fleet(http, b, sims, registered)
+        await outlive_grace(http, b, killed_at + took, sims)
+        await check_fleet(http, b, sims, registered)
+        assert watch.offline() == [], watch.offline()
