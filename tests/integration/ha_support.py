@@ -24,6 +24,9 @@ from tests.support import Mosquitto, metric_samples
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=0.5)
 """A paused (SIGSTOP) manager never answers: every probe gives up quickly."""
 SIM_TYPE = "simulated"
+SIM_INTERVAL_S = 1
+SIM_TIMEOUT_S = 3 * SIM_INTERVAL_S
+"""The simulated nodes' timeout: a takeover gives each this much grace."""
 QUIET_INTERVAL_S = 3600
 """The interval of the nodes the tests register themselves: they never time out in a test."""
 
@@ -202,6 +205,79 @@ class RoleMonitor:
                           for sent, _, who, role in self.samples
                           if who == older and role == "active" and sent > newer_at]
         return found
+
+
+# --- the fleet, seen through the active ---------------------------------------------------------
+
+def sim_args(broker: Mosquitto, root: str, nodes: int, connections: int) -> list[str]:
+    return ["--nodes", str(nodes), "--interval", str(SIM_INTERVAL_S), "--connections",
+            str(connections), "--broker", broker.url, "--topic-root", root,
+            "--node-type", SIM_TYPE]
+
+
+async def all_sims_online(http: aiohttp.ClientSession, manager: HaManager, count: int) -> None:
+    async def online() -> bool:
+        return await manager.total(http, node_type=SIM_TYPE, status="online") == count
+    await eventually(online, timeout=15, interval=0.2)
+
+
+def wall_clock(monotonic_at: float) -> float:
+    """A moment of ``time.monotonic()`` as seconds since the epoch."""
+    return time.time() - (time.monotonic() - monotonic_at)
+
+
+async def outlive_grace(http: aiohttp.ClientSession, manager: HaManager, took_over: float,
+                        sims: int) -> None:
+    """Wait until every simulated node was heard after the grace the takeover gave it had run
+    out: had the new active missed their heartbeats, they would have gone offline by then."""
+    after = wall_clock(took_over) + SIM_TIMEOUT_S + 0.5
+
+    async def heard() -> float:
+        nodes = await manager.nodes(http, node_type=SIM_TYPE)
+        assert len(nodes) == sims
+        oldest = min(wall(n["last_seen"]) for n in nodes.values())
+        return oldest > after
+    await eventually(heard, timeout=SIM_TIMEOUT_S + 10, interval=0.25)
+
+
+async def check_fleet(http: aiohttp.ClientSession, manager: HaManager, sims: int,
+                      registered: list[str], doubt: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The manager shows every simulated node and every registered one, all online, and
+    counts them right (GET /nodes, its total, /readyz). Ids that begin with one of ``doubt``
+    may be there unacknowledged (sent when the active was killed)."""
+    nodes = await manager.nodes(http)
+    missing = [n for n in registered if n not in nodes]
+    assert not missing, f"{manager.name} lost acknowledged registrations: {missing}"
+    assert sum(1 for n in nodes.values() if n["type"] == SIM_TYPE) == sims
+    extra = sorted(i for i in set(nodes) - set(registered)
+                   if nodes[i]["type"] != SIM_TYPE and not i.startswith(doubt or ("\0",)))
+    assert not extra, f"{manager.name} shows nodes nobody registered: {extra[:10]}"
+    if not doubt:
+        assert len(nodes) == sims + len(set(registered))
+    not_online = {i: (n["status"], n["status_reason"]) for i, n in nodes.items()
+                  if n["status"] != "online"}
+    assert not not_online, f"{manager.name}: {not_online}"
+    assert await manager.total(http) == len(nodes)
+    answer = await manager.readyz(http)
+    assert answer is not None
+    assert answer[0] == 200, answer
+    assert answer[1]["nodes"] == len(nodes), answer
+    return nodes
+
+
+def epoch_acquired(manager: HaManager, takeover: str) -> int:
+    """The epoch of its ``lease_acquired`` log line with ``takeover=<takeover>``."""
+    found = re.findall(rf"lease_acquired epoch=(\d+) takeover={takeover}", manager.log)
+    assert found, f"no lease_acquired ... takeover={takeover} in {manager.name}'s log:\n" \
+                  f"{manager.log}"
+    return int(found[-1])
+
+
+async def stop_task(task: asyncio.Task[Any]) -> None:
+    """Cancel a load task; a request cut short by a kill is not a failure, anything else is."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
+        await task
 
 
 # --- what the broker shows -----------------------------------------------------------------------

@@ -12,7 +12,6 @@ REST, /metrics, the logs, MQTT, the broker's log and the store's tables.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import re
@@ -28,16 +27,20 @@ import pytest
 
 from tests.conftest import _require_mosquitto, eventually
 from tests.integration.ha_support import (
-    SIM_TYPE,
     HaManager,
     RoleMonitor,
     StatusWatch,
+    all_sims_online,
+    check_fleet,
+    epoch_acquired,
     manager_connections,
     manager_disconnects,
     messages,
+    outlive_grace,
     query,
     retained_statuses,
-    wall,
+    sim_args,
+    stop_task,
 )
 from tests.integration.test_cli import managers  # noqa: F401 (a fixture)
 from tests.integration.test_simulate import simulation
@@ -48,8 +51,6 @@ RUN_IDS = 1_000_000_000
 writer's ``RUN_IDS``)."""
 LEASE_S = 4
 """The shortest lease (--lease): a paused or cut-off active is replaced after it."""
-SIM_INTERVAL_S = 1
-SIM_TIMEOUT_S = 3 * SIM_INTERVAL_S
 KILL_TAKEOVER_S = 2.0
 """A standby is active within this of the active's kill -9."""
 
@@ -110,79 +111,6 @@ async def cut_role(postgres_server: Postgres, postgres_store_url: str) -> AsyncI
                            "WHERE usename = $1", role)
         await query(postgres_store_url, f"REASSIGN OWNED BY {role} TO {postgres_server.user}")
         await query(admin, f"DROP ROLE {role}")
-
-
-# --- helpers -------------------------------------------------------------------------------------
-
-def sim_args(broker: Mosquitto, root: str, nodes: int, connections: int) -> list[str]:
-    return ["--nodes", str(nodes), "--interval", str(SIM_INTERVAL_S), "--connections",
-            str(connections), "--broker", broker.url, "--topic-root", root,
-            "--node-type", SIM_TYPE]
-
-
-async def all_sims_online(http: aiohttp.ClientSession, manager: HaManager, count: int) -> None:
-    async def online() -> bool:
-        return await manager.total(http, node_type=SIM_TYPE, status="online") == count
-    await eventually(online, timeout=15, interval=0.2)
-
-
-def wall_clock(monotonic_at: float) -> float:
-    """A moment of ``time.monotonic()`` as seconds since the epoch."""
-    return time.time() - (time.monotonic() - monotonic_at)
-
-
-async def outlive_grace(http: aiohttp.ClientSession, manager: HaManager, took_over: float,
-                        sims: int) -> None:
-    """Wait until every simulated node was heard after the grace the takeover gave it had run
-    out: had the new active missed their heartbeats, they would have gone offline by then."""
-    after = wall_clock(took_over) + SIM_TIMEOUT_S + 0.5
-
-    async def heard() -> float:
-        nodes = await manager.nodes(http, node_type=SIM_TYPE)
-        assert len(nodes) == sims
-        oldest = min(wall(n["last_seen"]) for n in nodes.values())
-        return oldest > after
-    await eventually(heard, timeout=SIM_TIMEOUT_S + 10, interval=0.25)
-
-
-async def check_fleet(http: aiohttp.ClientSession, manager: HaManager, sims: int,
-                      registered: list[str], doubt: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The manager shows every simulated node and every registered one, all online, and
-    counts them right (GET /nodes, its total, /readyz). Ids that begin with one of ``doubt``
-    may be there unacknowledged (sent when the active was killed)."""
-    nodes = await manager.nodes(http)
-    missing = [n for n in registered if n not in nodes]
-    assert not missing, f"{manager.name} lost acknowledged registrations: {missing}"
-    assert sum(1 for n in nodes.values() if n["type"] == SIM_TYPE) == sims
-    extra = sorted(i for i in set(nodes) - set(registered)
-                   if nodes[i]["type"] != SIM_TYPE and not i.startswith(doubt or ("\0",)))
-    assert not extra, f"{manager.name} shows nodes nobody registered: {extra[:10]}"
-    if not doubt:
-        assert len(nodes) == sims + len(set(registered))
-    not_online = {i: (n["status"], n["status_reason"]) for i, n in nodes.items()
-                  if n["status"] != "online"}
-    assert not not_online, f"{manager.name}: {not_online}"
-    assert await manager.total(http) == len(nodes)
-    answer = await manager.readyz(http)
-    assert answer is not None
-    assert answer[0] == 200, answer
-    assert answer[1]["nodes"] == len(nodes), answer
-    return nodes
-
-
-def epoch_acquired(manager: HaManager, takeover: str) -> int:
-    """The epoch of its ``lease_acquired`` log line with ``takeover=<takeover>``."""
-    found = re.findall(rf"lease_acquired epoch=(\d+) takeover={takeover}", manager.log)
-    assert found, f"no lease_acquired ... takeover={takeover} in {manager.name}'s log:\n" \
-                  f"{manager.log}"
-    return int(found[-1])
-
-
-async def stop_task(task: asyncio.Task[Any]) -> None:
-    """Cancel a load task; a request cut short by a kill is not a failure, anything else is."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, aiohttp.ClientError, OSError):
-        await task
 
 
 # --- 1. kill -9 under load ------------------------------------------------------------------------
@@ -335,7 +263,11 @@ async def test_a_paused_active_is_replaced_after_its_lease_and_once_resumed_step
         a_events = {r["id"] for r in await query(postgres_store_url, "SELECT id FROM events")
                     if r["id"] // RUN_IDS == a_block}
 
-        # Changes only the new active makes: a paused one that acted would undo them.
+        # The new active republishes every status; then come changes only it makes (a paused
+        # one that acted would undo them).
+        everyone = set(await b.nodes(http))
+        await eventually(lambda: everyone <= {n for n, _ in watch.since(takeover)}, timeout=10)
+        changes = watch.mark()
         async with http.delete(f"{b.api}/nodes/keep-x") as resp:
             assert resp.status == 204, await resp.text()
         for body in ({"node_id": "keep-d", "status": "degraded", "reason": "low_battery"},
@@ -350,7 +282,7 @@ async def test_a_paused_active_is_replaced_after_its_lease_and_once_resumed_step
             return ("keep-x" not in rows and rows["keep-d"]["status"] == "degraded"
                     and rows["keep-t"]["uptime_seconds"] == 222)
         await eventually(stored, timeout=5, interval=0.1)
-        await eventually(lambda: ("keep-x", None) in watch.since(takeover), timeout=5)
+        await eventually(lambda: ("keep-x", None) in watch.since(changes), timeout=5)
         connections = manager_connections(broker, root)
 
         a.signal(signal.SIGCONT)
@@ -370,7 +302,7 @@ async def test_a_paused_active_is_replaced_after_its_lease_and_once_resumed_step
         assert "active" not in roles.roles("A", after=resumed_at), \
             "the resumed active answered /readyz 200"
         assert not roles.two_actives(), roles.two_actives()
-        after = watch.since(takeover)
+        after = watch.since(changes)
         x_at = after.index(("keep-x", None))
         assert [m for m in after[x_at + 1:] if m[0] == "keep-x"] == [], \
             "a status of the deleted node was published after it was cleared"
