@@ -267,7 +267,7 @@ async def check_fleet(http: aiohttp.ClientSession, manager: HaManager, sims: int
 
 def epoch_acquired(manager: HaManager, takeover: str) -> int:
     """The epoch of its ``lease_acquired`` log line with ``takeover=<takeover>``."""
-    found = re.findall(rf"lease_acquired epoch=(\d+) takeover={takeover}", manager.log)
+    found = re.findall(rf"lease_acquired epoch=(\d+)[^\n]*? takeover={takeover}\b", manager.log)
     assert found, f"no lease_acquired ... takeover={takeover} in {manager.name}'s log:\n" \
                   f"{manager.log}"
     return int(found[-1])

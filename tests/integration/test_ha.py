@@ -255,18 +255,24 @@ async def test_a_paused_active_is_replaced_after_its_lease_and_once_resumed_step
         await eventually(applied, timeout=5, interval=0.01)
         a.signal(signal.SIGSTOP)
         paused_at = time.monotonic()
+        takeover = watch.mark()  # the paused one publishes nothing: what follows is B's
 
         _, took = await roles.next_active([b], paused_at, timeout=LEASE_S + 5)
         # Not before the paused one's lease ran out (renewed every lease/4), nor long after.
         assert LEASE_S * 3 / 4 - 0.2 <= took <= LEASE_S + 1.5, f"took over after {took:.2f}s"
-        takeover = watch.mark()
         a_events = {r["id"] for r in await query(postgres_store_url, "SELECT id FROM events")
                     if r["id"] // RUN_IDS == a_block}
 
         # The new active republishes every status; then come changes only it makes (a paused
         # one that acted would undo them).
         everyone = set(await b.nodes(http))
-        await eventually(lambda: everyone <= {n for n, _ in watch.since(takeover)}, timeout=10)
+        try:
+            await eventually(lambda: everyone <= {n for n, _ in watch.since(takeover)},
+                             timeout=10)
+        except AssertionError:
+            missing = everyone - {n for n, _ in watch.since(takeover)}
+            raise AssertionError(f"no status republished after the takeover for {len(missing)}"
+                                 f" nodes: {sorted(missing)[:5]}\nB's log:\n{b.log}") from None
         changes = watch.mark()
         async with http.delete(f"{b.api}/nodes/keep-x") as resp:
             assert resp.status == 204, await resp.text()
