@@ -91,7 +91,8 @@ class HaManager:
                         timeout: float = 20.0) -> None:
         async def reached() -> bool:
             if not self.alive():
-                raise AssertionError(f"{self.name} exited:\n{self.log}")
+                code = self.manager.proc.poll() if self.manager.proc else None
+                raise AssertionError(f"{self.name} exited with status {code}")
             return await self.role(http) == role
 
         try:
