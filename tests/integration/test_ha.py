@@ -442,10 +442,28 @@ async def test_three_managers_the_active_killed_twice_the_fleet_stays_correct(
     watch = await StatusWatch(mqtt_clients(broker.port), root).start()
     registered: list[str] = []
 
+    deleted: list[str] = []
+
     async def register(manager: HaManager, tag: str) -> None:
         for i in range(20):
             await manager.register(http, f"{tag}-{i}", location=tag)
             registered.append(f"{tag}-{i}")
+
+    async def delete(manager: HaManager, tag: str) -> None:
+        """Delete five of ``tag``'s nodes: the kill follows at once."""
+        for i in range(5):
+            async with http.delete(f"{manager.api}/nodes/{tag}-{i}") as resp:
+                assert resp.status == 204, await resp.text()
+            registered.remove(f"{tag}-{i}")
+            deleted.append(f"{tag}-{i}")
+
+    def deletes_kept(manager: HaManager, nodes: dict[str, Any]) -> None:
+        """Every acknowledged delete holds: gone from REST, its retained status still cleared
+        (a takeover's republish must not bring it back)."""
+        assert not [n for n in deleted if n in nodes], f"{manager.name} shows deleted nodes"
+        last = dict(watch.since())  # each node's last message
+        assert {n: last.get(n, "never seen") for n in deleted} == dict.fromkeys(deleted), \
+            "a deleted node's status came back"
 
     async with simulation(tmp_path, *sim_args(broker, root, sims, 10)), \
             RoleMonitor(http, [a, b, c]) as roles:
@@ -454,6 +472,7 @@ async def test_three_managers_the_active_killed_twice_the_fleet_stays_correct(
         await check_fleet(http, a, sims, registered)
         a_epoch = epoch_acquired(a, "no")
 
+        await delete(a, "first")
         killed_at = time.monotonic()
         a.kill()
         second, took = await roles.next_active([b, c], killed_at, timeout=10)
@@ -464,21 +483,27 @@ async def test_three_managers_the_active_killed_twice_the_fleet_stays_correct(
             answer = await standby.readyz(http)
             return answer == (503, {"status": "standby", "active": active.url})
         await eventually(lambda: points_at(other, second), timeout=5)
-        await check_fleet(http, second, sims, registered)
+        deletes_kept(second, await check_fleet(http, second, sims, registered))
         await register(second, "second")
         await check_fleet(http, second, sims, registered)
         assert watch.offline() == [], watch.offline()
 
+        await delete(second, "second")
         killed_at = time.monotonic()
         second.kill()
         third, took = await roles.next_active([other], killed_at, timeout=10)
         assert took <= KILL_TAKEOVER_S, f"{third.name} took over {took:.2f}s after kill -9"
-        await check_fleet(http, third, sims, registered)
+        deletes_kept(third, await check_fleet(http, third, sims, registered))
         await register(third, "third")
         await outlive_grace(http, third, killed_at + took, sims)
-        await check_fleet(http, third, sims, registered)
+        nodes = await check_fleet(http, third, sims, registered)
+        deletes_kept(third, nodes)
         assert watch.offline() == [], watch.offline()
         assert not roles.two_actives(), roles.two_actives()
+
+    retained = await retained_statuses(mqtt_clients(broker.port), root,
+                                       lambda found: set(found) - {"_manager"} == set(nodes))
+    assert set(retained) - {"_manager"} == set(nodes)
 
     assert epoch_acquired(second, "yes") == a_epoch + 1
     assert epoch_acquired(third, "yes") == a_epoch + 2
@@ -555,6 +580,24 @@ async def test_a_standby_answers_503_naming_the_active_and_the_metrics_tell_the_
     lease = (await query(postgres_store_url, "SELECT epoch, advertise_url FROM fleetmq_lease "
                          "WHERE name = 'active'"))[0]
     assert (lease["epoch"], lease["advertise_url"]) == (a_epoch + 1, b.url)
+
+
+async def test_with_the_embedded_broker_a_second_manager_on_the_store_is_refused(
+    postgres_store_url: str, root: str, managers: Any, http: aiohttp.ClientSession  # noqa: F811
+) -> None:
+    def start(port: int) -> Any:
+        return managers("--broker", f"embedded://127.0.0.1:{free_port()}", "--broker-ws", "off",
+                        "--http", f"127.0.0.1:{port}", "--topic-root", root, "--store",
+                        postgres_store_url)
+
+    first_port = free_port()
+    await start(first_port).wait_ready(first_port, http)
+    second = start(free_port())
+    assert await second.wait_exit(timeout=30) == 1, second.log
+    assert "--broker mqtt://" in second.log, second.log
+    assert "Traceback" not in second.log, second.log
+    async with http.get(f"http://127.0.0.1:{first_port}/readyz") as resp:
+        assert resp.status == 200  # the first one is untouched
 
 
 # --- 6. SQLite: a standby on the same host -------------------------------------------------------
