@@ -426,6 +426,48 @@ async def test_an_active_cut_off_from_postgresql_stops_within_the_lease_and_a_st
     assert offline == [], offline
 
 
+async def test_postgresql_lost_for_everyone_the_manager_waits_and_takes_the_lease_again(
+    cut_role: str, broker: Mosquitto, postgres_server: Postgres, postgres_store_url: str,
+    root: str, start_manager: Any, http: aiohttp.ClientSession, mqtt_clients: Any,
+    tmp_path: Path
+) -> None:
+    """A lone manager whose PostgreSQL goes away (a restart, a failover) steps down, waits, and
+    takes the lease again with the next epoch once PostgreSQL is back; no node went offline."""
+    sims = 200
+    own_url = postgres_store_url.replace(f"//{postgres_server.user}@", f"//{cut_role}@", 1)
+    a = start_manager("A", own_url)
+    await a.wait_role(http, "active")
+    watch = await StatusWatch(mqtt_clients(broker.port), root).start()
+    admin = postgres_server.url()
+
+    async with simulation(tmp_path, *sim_args(broker, root, sims, 4)), \
+            RoleMonitor(http, [a]) as roles:
+        await all_sims_online(http, a, sims)
+        a_epoch = epoch_acquired(a, "no")
+        await query(admin, f"ALTER ROLE {cut_role} NOLOGIN")
+        cut_at = time.monotonic()
+        await query(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                           "WHERE usename = $1", cut_role)
+        await eventually(lambda: "stepping_down" in a.log, timeout=LEASE_S + 2)
+
+        def refused_since_stepping_down() -> bool:
+            """PostgreSQL turned away one of its attempts after it stepped down."""
+            return "not permitted to log in" in a.log.split("stepping_down", 1)[1]
+        await eventually(refused_since_stepping_down, timeout=10)
+        await query(admin, f"ALTER ROLE {cut_role} LOGIN")
+
+        def leased_again() -> bool:
+            assert a.alive(), f"A exited with status {a.manager.proc and a.manager.proc.poll()}"
+            return f"lease_acquired epoch={a_epoch + 1} " in a.log
+        await eventually(leased_again, timeout=LEASE_S + 10)
+        await a.wait_role(http, "active", timeout=5)
+        back_at = roles.became_active("A", cut_at)
+        assert back_at is not None
+        await outlive_grace(http, a, back_at, sims)
+        await check_fleet(http, a, sims, [])
+        assert watch.offline() == [], watch.offline()
+
+
 # --- 4. three managers, two kills ----------------------------------------------------------------
 
 async def test_three_managers_the_active_killed_twice_the_fleet_stays_correct(
