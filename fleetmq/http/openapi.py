@@ -241,7 +241,9 @@ def _schemas() -> dict[str, Any]:
         "StandbyStatus": {
             "type": "object", "required": ["status", "active"],
             "description": "503: a standby; a load balancer sends it nothing",
-            "properties": {"status": {"const": "standby"}, "active": _ACTIVE_URL},
+            "properties": {"status": {"const": "standby"}, "active": _ACTIVE_URL,
+                           "message": {"type": "string", "description":
+                                       "while it starts again as a standby: why"}},
         },
         "RegisterResponse": {
             "type": "object", "required": ["node_id", "status", "message", "timestamp"],
