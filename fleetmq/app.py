@@ -5,6 +5,13 @@ loaded, REST bound; the broker connection comes up in the background and ``/read
 it). Shutdown runs in reverse: REST stops taking requests and finishes those in flight, the
 loops stop, the manager publishes its offline status and disconnects cleanly, the store gets
 what is still queued, then the embedded broker (if any) stops.
+
+High availability (contract section 10): the store's lease (``fleetmq.store.lease``) decides
+whether this manager is the active one. A standby serves ``/healthz`` and 503s, keeps the fleet
+loaded and follows the store (PostgreSQL) or waits for the file's lock (SQLite); once it holds
+the lease it takes the duties of the active (``_duties``: the broker connections and every
+loop). A manager that loses its lease acts no more and sets ``deposed``: its owner ends it and
+starts it again as a standby (``fleetmq serve`` does).
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import replace
 from typing import Any
@@ -47,8 +54,9 @@ from fleetmq.mqtt.ingest import MqttIngest, waiting_in
 from fleetmq.mqtt.link import MqttLink, Will
 from fleetmq.mqtt.publisher import Publisher
 from fleetmq.rates import CUT_OFF_S, NodeRates
-from fleetmq.store import make_auth_store, make_store
-from fleetmq.store.base import Store, nodes_from_rows
+from fleetmq.store import SqliteStore, make_auth_store, make_store
+from fleetmq.store.base import SharedStore, Store, nodes_from_rows
+from fleetmq.store.lease import POLL_S, FileLease, Lease, PostgresLease, SoleLease
 from fleetmq.store.writer import StoreWriter
 from fleetmq.views import manager_status_payload
 
@@ -63,6 +71,14 @@ queued first."""
 GOODBYE_TIMEOUT_S = 3.0
 STORE_CLOSE_TIMEOUT_S = 10.0
 PRUNE_EVERY_S = 3600.0
+STALL_S = 1.0
+"""An event-loop stall longer than this gives every node grace (contract section 11)."""
+FOLLOW_EVERY_S = 0.5
+"""How often a standby reads what the active stored."""
+FOLLOW_BATCH = 10_000
+WILL_DELAY_S = 5
+"""The manager's MQTT 5 will waits this long: a standby taking over sooner resumes the session
+and no offline presence flashes (contract section 10)."""
 
 
 class FleetService:
@@ -103,45 +119,24 @@ class FleetService:
                               if settings.auth.broker_auth == "external"
                               and not settings.broker.embedded
                               and settings.broker.username is None else None)
-        broker = settings.broker
-        if broker.embedded:
-            broker = replace(broker, username=MANAGER_USERNAME, password=self._broker_secret)
-        elif self.manager_login is not None:
-            log.info("manager_broker_login username=%s: a secret of this process that only "
-                     "fleetmq's HTTP auth hooks accept", self.manager_login.username)
-            broker = replace(broker, username=self.manager_login.username,
-                             password=self.manager_login.password)
-        self.link = MqttLink(
-            login_for(broker, self._manager_logins, settings.mqtt_client_id),
-            settings.mqtt_client_id,
-            subscriptions=[self.topics.register_filter, self.topics.heartbeat_filter],
-            will=None,
-            keepalive_s=settings.keepalive_s,
-            prefer_mqtt5=prefer_mqtt5,
-            monotonic=self.clock.monotonic,
-            ack_after_apply=settings.puback == "applied",
-        )
-        out_broker = broker
-        if (not broker.embedded and broker.username is not None
-                and broker.username.startswith(CLIENT_ID_PREFIX)):
-            # A broker that makes each username its client id (Mosquitto's
-            # use_username_as_clientid, which `credentials export` relies on) would let two
-            # connections under one username kick each other: the output one gets its own.
-            out_broker = replace(broker, username=broker.username + OUTPUT_USER_SUFFIX)
-        self.out = MqttLink(
-            login_for(out_broker, self._manager_logins, f"{settings.mqtt_client_id}-out"),
-            f"{settings.mqtt_client_id}-out",
-            subscriptions=[],
-            will=Will(self.topics.manager_status,
-                      manager_status_payload("offline", None, "connection_lost")),
-            keepalive_s=settings.keepalive_s,
-            prefer_mqtt5=prefer_mqtt5,
-            monotonic=self.clock.monotonic,
-        )
+        self.link, self.out = self._links(prefer_mqtt5)
         self.publisher = Publisher(self.out, self.topics, self.registry, self.metrics)
+        self.role = "starting"
+        """"standby" or "active" (contract section 10) once started."""
+        self.deposed = asyncio.Event()
+        """Set once this manager lost its lease: it acts no more; end it (and start a new one,
+        which is a standby)."""
+        self.deposed_why = ""
+        self._role_task: asyncio.Task[None] | None = None
+        self._followed = 0
+        """A standby's position in the store's events (``follow``)."""
         self.store = store if store is not None else make_store(settings.store)
+        self.shared = self.store if isinstance(self.store, SharedStore) else None
+        self.lease = self._lease_of(self.store)
         self.writer = StoreWriter(self.store, self.registry, self.clock.monotonic,
-                                  settings.store.flush_interval_s)
+                                  settings.store.flush_interval_s, may_write=self._acting)
+        self.writer.on_fenced = self._fenced
+        self.auth.may_write = self._acting
         self.rates = NodeRates(settings.auth.node_rate, settings.auth.node_burst)
         self.rates.add_flood_listener(self._cut_off)
         self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer,
@@ -155,13 +150,59 @@ class FleetService:
                            self.metrics, settings.http, settings.topic_root, self.access,
                            broker_hooks=self.broker_hooks)
         self.watch = self.api.watch
+        self.api.standby = lambda: self.role != "active"
+        self.api.active_url = lambda: self.lease.active_url
         self.http = HttpServer(self.api, settings.http)
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
         self._group: asyncio.TaskGroup | None = None
+        self._duty_group: asyncio.TaskGroup | None = None
         self._publisher_task: asyncio.Task[None] | None = None
         self._heap = Heap()
         self._reconcile_task: asyncio.Task[bool] | None = None
+
+    def _links(self, prefer_mqtt5: bool) -> tuple[MqttLink, MqttLink]:
+        """Ingest's connection (persistent session, subscriptions) and the output one
+        (statuses, replies, presence and the manager's will), with the manager's logins."""
+        settings = self.settings
+        broker = settings.broker
+        if broker.embedded:
+            broker = replace(broker, username=MANAGER_USERNAME, password=self._broker_secret)
+        elif self.manager_login is not None:
+            log.info("manager_broker_login username=%s: a secret of this process that only "
+                     "fleetmq's HTTP auth hooks accept", self.manager_login.username)
+            broker = replace(broker, username=self.manager_login.username,
+                             password=self.manager_login.password)
+        link = MqttLink(
+            login_for(broker, self._manager_logins, settings.mqtt_client_id),
+            settings.mqtt_client_id,
+            subscriptions=[self.topics.register_filter, self.topics.heartbeat_filter],
+            will=None,
+            keepalive_s=settings.keepalive_s,
+            prefer_mqtt5=prefer_mqtt5,
+            monotonic=self.clock.monotonic,
+            ack_after_apply=settings.puback == "applied",
+            may_act=self._acting,
+        )
+        out_broker = broker
+        if (not broker.embedded and broker.username is not None
+                and broker.username.startswith(CLIENT_ID_PREFIX)):
+            # A broker that makes each username its client id (Mosquitto's
+            # use_username_as_clientid, which `credentials export` relies on) would let two
+            # connections under one username kick each other: the output one gets its own.
+            out_broker = replace(broker, username=broker.username + OUTPUT_USER_SUFFIX)
+        out = MqttLink(
+            login_for(out_broker, self._manager_logins, f"{settings.mqtt_client_id}-out"),
+            f"{settings.mqtt_client_id}-out",
+            subscriptions=[],
+            will=Will(self.topics.manager_status,
+                      manager_status_payload("offline", None, "connection_lost"), WILL_DELAY_S),
+            keepalive_s=settings.keepalive_s,
+            prefer_mqtt5=prefer_mqtt5,
+            monotonic=self.clock.monotonic,
+            may_act=self._acting,
+        )
+        return link, out
 
     @property
     def http_port(self) -> int:
@@ -169,8 +210,22 @@ class FleetService:
 
     @property
     def ready(self) -> bool:
-        """Both broker connections up with their subscriptions acknowledged."""
-        return self.link.connected and self.out.connected
+        """The active manager, both broker connections up with their subscriptions
+        acknowledged."""
+        return self.role == "active" and self.link.connected and self.out.connected
+
+    def _acting(self) -> bool:
+        return self.lease.acting and not self.deposed.is_set()
+
+    def _lease_of(self, store: Store) -> Lease:
+        """PostgreSQL: the lease row and lock; SQLite: the file's lock (a standby waits for
+        it); memory: nobody else can reach the fleet."""
+        if isinstance(store, SqliteStore):
+            return FileLease(store.try_lock)
+        if self.shared is not None:
+            return PostgresLease(self.shared.dsn, store.url, self.settings.lease_s,
+                                 self.settings.advertise_url, self.clock.monotonic)
+        return SoleLease()
 
     async def __aenter__(self) -> FleetService:
         stack = self._stack
@@ -181,7 +236,35 @@ class FleetService:
             if broker.embedded:
                 await stack.enter_async_context(self._embedded_broker())
             self._heap.space_collections()
-            await self._open_store()
+            stack.push_async_callback(self.lease.close)  # after the store's last write
+            if self.lease.follows:
+                await self._open_store()  # a standby keeps the fleet loaded
+            active = await self.lease.acquire()
+            if not active and broker.embedded:
+                raise StoreError(
+                    f"store {self.store.url} is in use by another fleetmq (active: "
+                    f"{self.lease.active_url or 'unknown'}): a standby needs an external "
+                    "broker the active shares (--broker mqtt://HOST:PORT), since the embedded "
+                    "one dies with its manager; or give this manager its own --store")
+            if active:
+                if not self.lease.follows:
+                    await self._open_store()
+                await self._take_over(at_start=True)
+                await stack.enter_async_context(self._duties())
+            self._group = await stack.enter_async_context(asyncio.TaskGroup())
+            stack.push_async_callback(self._stop_role)
+            self._role_task = self._group.create_task(self._play(active), name="fleetmq-role")
+            await stack.enter_async_context(self.http)
+        except BaseException:
+            await stack.aclose()
+            raise
+        return self
+
+    @contextlib.asynccontextmanager
+    async def _duties(self) -> AsyncIterator[None]:
+        """What only the active manager does: the broker connections, ingest, expiry,
+        publishing, writing, pruning, reconciliation and the dynsec mirror."""
+        async with AsyncExitStack() as stack:
             self.fleet.grant_grace()
             if self._manager_logins:
                 self.dynsec = await stack.enter_async_context(DynsecMirror(
@@ -190,7 +273,7 @@ class FleetService:
             await stack.enter_async_context(self.out)
             await stack.enter_async_context(self.link)
             stack.push_async_callback(self._say_goodbye)
-            group = self._group = await stack.enter_async_context(asyncio.TaskGroup())
+            group = await stack.enter_async_context(asyncio.TaskGroup())
             stack.push_async_callback(self._stop_loops)
             self._publisher_task = group.create_task(self.publisher.run(), name="fleetmq-publisher")
             self._tasks.append(group.create_task(self.auth.run(), name="fleetmq-auth"))
@@ -204,11 +287,93 @@ class FleetService:
                 ("output-connection", self._on_each_connection(self.out, self._output_connected)),
             ):
                 self._tasks.append(group.create_task(coro, name=f"fleetmq-{name}"))
-            await stack.enter_async_context(self.http)
-        except BaseException:
-            await stack.aclose()
-            raise
-        return self
+            self._duty_group = group
+            self.role = "active"
+            self.metrics.active = 1
+            self.metrics.lease_epoch = self.lease.epoch or 0
+            yield
+
+    async def _play(self, active: bool) -> None:
+        """The role: standby until the lease is this manager's, then active until it is lost
+        (or the service stops)."""
+        if not active:
+            self.role = "standby"
+            log.info("standby store=%s active=%s", self.store.url, self.lease.active_url)
+            await self._wait_for_lease()
+            opened_here = not self.lease.follows
+            try:
+                started = self.clock.now().mono
+                if opened_here:
+                    await self._open_store(own=False)
+                await self._take_over(at_start=False)
+                self.metrics.takeovers += 1
+                async with self._duties():
+                    log.info("takeover_ready epoch=%s seconds=%.2f", self.lease.epoch,
+                             self.clock.now().mono - started)
+                    self._step_down(await self.lease.hold())
+            finally:
+                if opened_here:
+                    await self._close_store()
+            return
+        self._step_down(await self.lease.hold())
+
+    async def _wait_for_lease(self) -> None:
+        """Poll the lease; meanwhile follow what the active stores (PostgreSQL)."""
+        follow_at = 0.0
+        while not await self.lease.acquire():
+            if self.lease.follows and self.clock.monotonic() >= follow_at:
+                follow_at = self.clock.monotonic() + FOLLOW_EVERY_S
+                await self._follow()
+            await asyncio.sleep(POLL_S)
+
+    async def _follow(self) -> None:
+        """Take in the registrations, transitions and deletions the active stored, and the
+        credentials it changed."""
+        assert self.shared is not None
+        try:
+            while True:
+                after, rows, gone = await self.shared.follow(self._followed, FOLLOW_BATCH)
+                if after == self._followed:
+                    break
+                self.registry.follow(nodes_from_rows(rows, self.clock.now()), gone)
+                self._followed = after
+            await self.auth.refresh()
+        except StoreError as exc:
+            log.warning("standby_follow_failed error=%s", exc)
+
+    async def _take_over(self, *, at_start: bool) -> None:
+        """The lease is this manager's: everything the last active stored is in (its writes
+        are fenced from here on), and this manager's events are numbered after its."""
+        epoch = self.lease.epoch
+        if self.shared is not None:
+            await self._follow()
+            self.writer.continue_from(await self.shared.max_event_id())
+            self.shared.epoch = epoch
+            if hasattr(self.auth.store, "epoch"):  # the same database's access-control tables
+                self.auth.store.epoch = epoch
+        if not at_start:
+            self.fleet.grant_grace()
+
+    def _step_down(self, why: str) -> None:
+        if self.deposed.is_set():
+            return
+        self.deposed_why = why
+        self.deposed.set()
+        self.role = "standby"
+        self.metrics.active = 0
+        self.metrics.lease_epoch = 0
+        log.warning("stepping_down epoch=%s reason=%s", self.lease.epoch, why)
+
+    def _fenced(self, why: str) -> None:
+        """The store refused a write: another manager holds the lease."""
+        self._step_down(why)
+
+    async def _stop_role(self) -> None:
+        task = self._role_task
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self._stack.aclose()
@@ -267,12 +432,15 @@ class FleetService:
             log.warning("auth_last_use_not_written error=%s", exc)
         await self.auth.store.close()
 
-    async def _open_store(self) -> None:
-        """Open the store and load every node into the registry, straight into its objects."""
+    async def _open_store(self, own: bool = True) -> None:
+        """Open the store and load every node into the registry, straight into its objects.
+        ``own``: closed with the service (else by the caller)."""
         started = self.clock.now()
         await self.store.open()
-        self._stack.push_async_callback(self._close_store)
+        if own:
+            self._stack.push_async_callback(self._close_store)
         self.writer.continue_from(self.store.last_event_id)
+        self._followed = self.store.last_event_id
         nodes: list[Node] = []
         chunks = self.store.load()
         with self._heap.loading():
@@ -317,6 +485,8 @@ class FleetService:
         self.writer.stop()
 
     async def _say_goodbye(self) -> None:
+        if not self._acting():
+            return  # deposed: the new active speaks for the fleet now
         payload = manager_status_payload("offline", self.clock.now().wall, "shutdown")
         if self.publisher.publish_presence(payload):
             acked = await self.out.flush(GOODBYE_TIMEOUT_S)
@@ -324,9 +494,15 @@ class FleetService:
 
     async def _expire_loop(self) -> None:
         graced_for = 0
+        tick = self.clock.monotonic()
         while True:
             await asyncio.sleep(EXPIRY_TICK_S)
-            if not self.link.connected:
+            last, tick = tick, self.clock.monotonic()
+            if tick - last > EXPIRY_TICK_S + STALL_S:
+                # Nothing was read meanwhile: like a reconnect, but nothing to republish.
+                log.warning("event_loop_stalled seconds=%.2f", tick - last - EXPIRY_TICK_S)
+                self.fleet.grant_grace()
+            if not self.link.connected or not self._acting():
                 continue  # no heartbeats can be seen: no node goes offline by timeout
             if self.link.connections != graced_for:
                 # A new connection: nobody saw heartbeats while we were away, so every node
@@ -344,6 +520,8 @@ class FleetService:
         keep_s = self.settings.store.history_days * 86_400
         audit_keep_s = self.settings.auth.audit_days * 86_400
         while True:
+            if not self._acting():
+                return  # deposed: the new active prunes
             try:
                 dropped = await self.store.prune(self.clock.now().wall - keep_s)
                 audit_dropped = await self.auth.store.prune_audit(
@@ -389,9 +567,10 @@ class FleetService:
     def _ingest_connected(self) -> None:
         # Reconcile once per process; a run cut short by a lost connection starts again.
         task = self._reconcile_task
-        if (task is not None and (not task.done() or task.result())) or self._group is None:
+        group = self._duty_group
+        if (task is not None and (not task.done() or task.result())) or group is None:
             return
-        self._reconcile_task = self._group.create_task(self._reconcile(),
+        self._reconcile_task = group.create_task(self._reconcile(),
                                                        name="fleetmq-reconcile")
         self._tasks.append(self._reconcile_task)
 

@@ -84,6 +84,13 @@ SERVE_OPTIONS: tuple[tuple[str, str | None, str], ...] = (
     ("--puback", "receipt",
      "when a QoS 1 message is acknowledged: receipt (fastest) or applied (nothing acknowledged "
      "is lost if the manager dies, at about a third of the ingest rate) (default: receipt)"),
+    ("--lease", "10",
+     "seconds of the active manager's lease on a PostgreSQL store: managers sharing one store "
+     "are one active and standbys, and a paused or cut-off active is replaced after this "
+     "(at least 4; default: 10)"),
+    ("--advertise-url", None,
+     "the http(s) URL clients use to reach this manager: standbys name the active's in their "
+     "503 answers (default: none)"),
     ("--log-level", "info", "debug, info, warning or error (default: info)"),
     ("--loop", "auto",
      "the event loop: auto (uvloop when installed, with fleetmq[fast]; else asyncio's own), "
@@ -216,6 +223,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         mqtt_version=args.mqtt_version,
         puback=args.puback,
         log_level=args.log_level.lower(),
+        lease_s=_float("--lease")(args.lease),
+        advertise_url=args.advertise_url or None,
     )
 
 
@@ -259,14 +268,26 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with FleetService(settings) as service:
-        log.info("fleetmq_ready_to_serve version=%s http=%s:%d broker=%s root=%s auth=%s "
-                 "loop=%s", __version__, settings.http.host, service.http_port,
-                 settings.broker.describe(), settings.topic_root,
-                 "on" if service.auth_enabled else "off", loop_name(loop))
-        await stop.wait()
-        log.info("fleetmq_stopping")
+    while not stop.is_set():
+        async with FleetService(settings) as service:
+            log.info("fleetmq_ready_to_serve version=%s http=%s:%d broker=%s root=%s auth=%s "
+                     "loop=%s role=%s", __version__, settings.http.host, service.http_port,
+                     settings.broker.describe(), settings.topic_root,
+                     "on" if service.auth_enabled else "off", loop_name(loop), service.role)
+            await first_set(stop, service.deposed)
+            log.info("fleetmq_stopping reason=%s", "signal" if stop.is_set()
+                     else "deposed, starting again as a standby")
     log.info("fleetmq_stopped")
+
+
+async def first_set(*events: asyncio.Event) -> None:
+    """Wait until one of the events is set."""
+    waits = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -184,6 +184,25 @@ class AuthSettings:
                                   "above 0 and at most 1000000")
 
 
+MIN_LEASE_S = 4.0
+
+
+def check_advertise_url(url: str) -> None:
+    """``--advertise-url``: an absolute http(s) URL without credentials, query or fragment."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"--advertise-url {url[:64]!r} is not a URL ({exc}): give one like "
+                          "http://fleetmq-a.example:8080") from None
+    if (parts.scheme not in ("http", "https") or not parts.hostname or parts.username
+            or parts.password or parts.query or parts.fragment or len(url) > 512
+            or (port is not None and not 0 < port < 65_536)):
+        raise ConfigError(f"--advertise-url {url[:64]!r} must be an http:// or https:// URL "
+                          "with a host and no credentials, query or fragment, like "
+                          "http://fleetmq-a.example:8080")
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     broker: BrokerSettings = BrokerSettings()
@@ -210,6 +229,12 @@ class Settings:
     but not yet applied is lost if the process dies) or "applied" (after it is applied, at
     about a third of the ingest rate: see docs/protocol.md)."""
     log_level: str = "info"
+    lease_s: float = 10.0
+    """High availability (contract section 10): the active's lease on a PostgreSQL store,
+    renewed every quarter of it; a paused or cut-off active is replaced after it."""
+    advertise_url: str | None = None
+    """The URL clients use to reach this manager: the active records it with its lease and
+    standbys name it in their 503s."""
 
     @property
     def default_timeout_s(self) -> float:
@@ -256,6 +281,12 @@ class Settings:
             raise ConfigError(f"--broker-ws is a listener of the embedded broker, but --broker "
                               f"is {self.broker.describe()}: drop --broker-ws (or pass "
                               "--broker-ws off), or configure WebSockets on that broker")
+        if not MIN_LEASE_S <= self.lease_s <= 3_600:
+            raise ConfigError(
+                f"--lease {self.lease_s:g} is out of range: give seconds from {MIN_LEASE_S:g} "
+                "(the active stops acting 2 s before its lease can expire) to 3600")
+        if self.advertise_url is not None:
+            check_advertise_url(self.advertise_url)
         self._check_ports_distinct()
         if self.client_id is not None and not self.client_id.startswith(CLIENT_ID_PREFIX):
             raise ConfigError(

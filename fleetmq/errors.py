@@ -25,3 +25,8 @@ class StoreError(FleetmqError):
 
 class StoreDataError(StoreError):
     """The store refused a value (not an outage): retrying the same row cannot succeed."""
+
+
+class FencedError(StoreError):
+    """A write refused because another manager took the lease (contract section 10): this
+    manager is no longer the active one and must step down, never retry."""

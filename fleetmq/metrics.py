@@ -62,6 +62,12 @@ class Metrics:
         """REST requests refused by access control, by (status, reason)."""
         self.broker_access: BrokerAccessFigures | None = None
         """The embedded broker's refusals and cuts, when it runs with auth."""
+        self.takeovers = 0
+        """Times this process became the active manager of a store another one held."""
+        self.active = 0
+        """1 while this process is the active manager (high availability), else 0."""
+        self.lease_epoch = 0
+        """The lease epoch held while active (PostgreSQL), else 0."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,16 @@ class FleetCollector(Collector):
         yield GaugeMetricFamily("fleetmq_broker_connected",
                                 "1 while every broker connection of the manager is up",
                                 value=int(r.connected()))
+        yield GaugeMetricFamily("fleetmq_active",
+                                "1 while this manager is the active one, 0 while standby "
+                                "(summed over the managers of one store: exactly 1)",
+                                value=m.active)
+        yield GaugeMetricFamily("fleetmq_lease_epoch",
+                                "The lease epoch this manager holds while active (PostgreSQL "
+                                "store), else 0", value=m.lease_epoch)
+        yield _counter("fleetmq_takeovers_total",
+                       "Times this manager became active on a store another one held",
+                       m.takeovers)
         yield GaugeMetricFamily("fleetmq_mqtt_backlog",
                                 "Statuses and replies waiting to be published", value=r.backlog())
         yield _counter("fleetmq_mqtt_messages_received_total",

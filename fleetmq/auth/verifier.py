@@ -71,6 +71,9 @@ class Verifier:
         self._ends: list[tuple[float, str]] = []
         """(end, id) of credentials that will stop working: a heap, checked each poll."""
         self._seq = 0
+        self.may_write: Callable[[], bool] = lambda: True
+        """False while this manager is not the active one: it follows the store, and ends
+        nothing and writes nothing itself (contract section 10)."""
         self.required = False
         """The store requires auth: it has held an admin key (for good)."""
         self._used: dict[int, float] = {}
@@ -109,6 +112,8 @@ class Verifier:
             await asyncio.sleep(self._poll_s)
             try:
                 await self.refresh()
+                if not self.may_write():
+                    continue  # a standby only follows (contract section 10)
                 await self._end_due()
                 since_flush += self._poll_s
                 if since_flush >= USE_FLUSH_S:

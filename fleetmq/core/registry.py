@@ -298,6 +298,40 @@ class Registry:
         self._removed = set()
         self.version += 1
 
+    def follow(self, nodes: Iterable[Node], gone: Iterable[str]) -> None:
+        """A standby takes in what the active stored: nodes as they are stored now (each
+        replaces the one known), and ids no longer stored. No events: they were the active's.
+        A followed node joins the back of its deadline queue (a standby expires nothing; after
+        a takeover the grace covers every node, and heartbeats put them in order again)."""
+        table = self._nodes
+        for node in nodes:
+            known = table.get(node.id)
+            if known is not None:
+                self._unschedule(known)
+                self._index.remove(known, known.status)
+            elif node.id in self._removed:
+                self._removed.discard(node.id)
+            else:
+                self._added.add(node.id)
+            node.deadline = None
+            node.view = None
+            node.timeout_s = self._timeout_of(node.timeout_s)
+            table[node.id] = node
+            self._index.add(node)
+            if node.status != "offline":
+                self._schedule(node)
+        for node_id in gone:
+            known = table.pop(node_id, None)
+            if known is None:
+                continue
+            self._unschedule(known)
+            self._index.remove(known, known.status)
+            if node_id in self._added:
+                self._added.discard(node_id)
+            else:
+                self._removed.add(node_id)
+        self.version += 1
+
     def delete(self, node_id: str, now: Instant) -> list[Event]:
         node = self._nodes.pop(node_id, None)
         if node is None:

@@ -599,6 +599,8 @@ async function presence() {
     const body = await ready.json().catch(() => ({}));
     if (ready.status === 200) {
       setPill("manager", "ok", `manager ${body.status || "ready"}`);
+    } else if (body.status === "standby") {
+      setPill("manager", "warn", `standby manager: the active one is ${body.active || "elsewhere"}`);
     } else {
       setPill("manager", "warn", `manager not ready: ${body.message || body.status || ready.status}`);
     }

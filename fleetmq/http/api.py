@@ -70,6 +70,10 @@ if TYPE_CHECKING:  # broker_hooks imports this module's responses
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/v1/fleet"
+API_ROOT = "/api/"
+STANDBY_MESSAGE = ("this manager is a standby: the active manager serves the API (contract "
+                   "section 10); send requests to it, or through a load balancer that checks "
+                   "/readyz")
 DIRECT_PATHS = (f"{PREFIX}/register", f"{PREFIX}/heartbeat")
 """POST routes served without aiohttp's router and middleware chain (``direct``)."""
 STREAM_CHUNK = 1000
@@ -154,6 +158,10 @@ class RestApi:
         self._pages = PageCache()
         """Answers of GET /nodes (whole fleet, pages, filters) as of the registry's version
         (dashboards poll them; each is rebuilt after any change)."""
+        self.standby: Callable[[], bool] = lambda: False
+        """True while this manager is a standby (contract section 10): ``/api/v1`` answers 503."""
+        self.active_url: Callable[[], str | None] = lambda: None
+        """A standby's view of the active's ``--advertise-url``."""
         self._in_flight = 0
         self._idle: asyncio.Event | None = None
         """Made by ``wait_idle`` (shutdown): until then a request only counts itself."""
@@ -176,6 +184,9 @@ class RestApi:
                 preflight = self._cors.preflight(request)
                 if preflight is not None:
                     return preflight
+            if self.standby() and request.path.startswith(API_ROOT):
+                return json_response({"error": "Standby", "message": STANDBY_MESSAGE,
+                                      "active": self.active_url()}, 503)
             if self._access is not None:
                 refusal = self._access.check(request, route)
                 if refusal is not None:
@@ -511,14 +522,17 @@ class RestApi:
         return json_response({"status": "ok"})
 
     async def readyz(self, _request: web.Request) -> web.Response:
+        """A ``{"status": ...}`` object in every state (contract section 11)."""
+        if self.standby():
+            return json_response({"status": "standby", "active": self.active_url()}, 503)
         down = [link for link in self._links if not link.connected]
         if down:
-            return error_response(503, "Not ready",
-                                  f"broker connection is down: {down[0].last_error}")
+            return json_response({"status": "not_ready", "message":
+                                  f"broker connection is down: {down[0].last_error}"}, 503)
         if self._writer.failure is not None:
-            return error_response(503, "Not ready",
-                                  f"the node store is unavailable: {self._writer.failure}")
-        return json_response({"status": "ready", "nodes": len(self._registry),
+            return json_response({"status": "not_ready", "message":
+                                  f"the node store is unavailable: {self._writer.failure}"}, 503)
+        return json_response({"status": "ready", "role": "active", "nodes": len(self._registry),
                               "mqtt_protocol": self._links[0].protocol_name})
 
     async def metrics(self, _request: web.Request) -> web.Response:

@@ -172,7 +172,21 @@ def _schemas() -> dict[str, Any]:
         "HeartbeatRequest": _rest_request(HeartbeatRequest, {}),
         "Error": {
             "type": "object", "required": ["error", "message"],
-            "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
+            "properties": {"error": {"type": "string"}, "message": {"type": "string"},
+                           "active": {"type": ["string", "null"],
+                                      "description": "Standby 503s: the active's URL"}},
+        },
+        "Readiness": {
+            "type": "object", "required": ["status"],
+            "properties": {
+                "status": {"enum": ["ready", "not_ready", "standby"]},
+                "role": {"const": "active"},
+                "nodes": {"type": "integer", "minimum": 0},
+                "mqtt_protocol": {"type": "string"},
+                "message": {"type": "string", "description": "not_ready: why"},
+                "active": {"type": ["string", "null"],
+                           "description": "standby: the active manager's --advertise-url"},
+            },
         },
         "RegisterResponse": {
             "type": "object", "required": ["node_id", "status", "message", "timestamp"],
@@ -300,7 +314,9 @@ def _document(topic_root: str) -> dict[str, Any]:
                 "REST facade of the fleetmq node registry. The same registry is fed over MQTT "
                 f"({topic_root}/<id>/register, {topic_root}/<id>/heartbeat); request bodies are "
                 "JSON whatever the Content-Type says, unknown fields are ignored, bodies over "
-                "64 KiB get 413."
+                "64 KiB get 413. A standby manager (high availability) answers every /api/v1 "
+                "route 503 with {\"error\": \"Standby\", \"message\", \"active\": the active "
+                "manager's advertised URL or null}."
             ),
         },
         "paths": {
@@ -355,10 +371,12 @@ def _document(topic_root: str) -> dict[str, Any]:
             "/api/v1/fleet/watch": _WATCH,
             "/healthz": {"get": {"summary": "Liveness",
                                  "responses": {"200": {"description": "The process serves"}}}},
-            "/readyz": {"get": {"summary": "Readiness: broker connected, subscriptions acked, "
-                                           "store available",
-                                "responses": {"200": {"description": "Ready"},
-                                              "503": _error("Not ready, with the reason")}}},
+            "/readyz": {"get": {"summary": "Readiness: the active manager, broker connected, "
+                                           "subscriptions acked, store available",
+                                "responses": {"200": _ok("Ready", "Readiness"),
+                                              "503": _ok("Not ready (with the reason), or a "
+                                                         "standby (with the active's URL)",
+                                                         "Readiness")}}},
             "/api/v1/openapi.json": {"get": {
                 "summary": "This OpenAPI document",
                 "responses": {"200": {"description": "The OpenAPI 3 document",

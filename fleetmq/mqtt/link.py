@@ -68,6 +68,8 @@ _UNSUPPORTED_PROTOCOL = (1, 132)  # CONNACK codes: 3.1.1 "unacceptable protocol"
 class Will:
     topic: str
     payload: bytes
+    delay_s: int = 0
+    """MQTT 5's will delay: a session resumed within it (a standby taking over) sends none."""
 
 
 class MqttLink:
@@ -88,8 +90,13 @@ class MqttLink:
         prefer_mqtt5: bool = True,
         monotonic: Callable[[], float],
         ack_after_apply: bool | None = None,
+        may_act: Callable[[], bool] = lambda: True,
     ) -> None:
         self._broker = broker
+        self._may_act = may_act
+        """Checked before every connect and publish: False once this manager is no longer
+        the active one (contract section 10), so a deposed manager never takes its client id
+        back from the new active."""
         self._tls = broker_context(broker)  # files read now: a wrong path fails the start
         self._client_id = client_id
         self._subscriptions = subscriptions
@@ -144,7 +151,9 @@ class MqttLink:
     def _new_client(self) -> Any:
         will = None
         if self._will is not None:
-            will = Message(self._will.topic, self._will.payload, qos=1, retain=True)
+            delay = ({"will_delay_interval": self._will.delay_s}
+                     if self._version == MQTTv50 and self._will.delay_s else {})
+            will = Message(self._will.topic, self._will.payload, qos=1, retain=True, **delay)
         props: dict[str, Any] = {}
         if self._version == MQTTv50:
             # Resume the session on every connect, the first included: registrations queued
@@ -176,6 +185,10 @@ class MqttLink:
         while not self._closing:
             if delay_s > 0:
                 await asyncio.sleep(delay_s)
+            if not self._may_act():
+                self._note_error("not connecting: this manager is not the active one")
+                delay_s = self._next_backoff()
+                continue
             if self._client is None:
                 self._client = self._new_client()
             self._lost.clear()
@@ -409,7 +422,8 @@ class MqttLink:
         is queued then). A QoS 1 publish the connection loses on the way is sent again when
         the broker resumes the session."""
         client = self._client
-        if client is None or not self.connected or (qos and self.in_flight >= self._window):
+        if (client is None or not self.connected or (qos and self.in_flight >= self._window)
+                or not self._may_act()):
             return False
         try:
             if qos == 1:

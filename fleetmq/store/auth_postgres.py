@@ -24,7 +24,8 @@ from fleetmq.auth.store import (
     credential_row,
     outbox_plan,
 )
-from fleetmq.errors import StoreError
+from fleetmq.errors import FencedError, StoreError
+from fleetmq.store.lease import check_epoch, server_settings
 
 T = TypeVar("T")
 
@@ -99,13 +100,16 @@ class PostgresAuthStore:
         self.dsn = dsn
         self.url = url
         self._pool: Any = None
+        self.epoch: int | None = None
+        """The lease's epoch this manager holds: every write checks it first (None: the CLI,
+        which holds no lease)."""
 
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
                 self.dsn, min_size=1, max_size=2, timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
-                server_settings={"application_name": "fleetmq-auth"})
+                server_settings=server_settings("fleetmq-auth"))
         except _FAILURES as exc:
             raise StoreError(f"cannot open store {self.url}: {exc}; pass --store with a "
                              "reachable postgresql:// URL") from exc
@@ -161,7 +165,7 @@ class PostgresAuthStore:
                     raise LastAdminError("that would leave no valid admin key")
                 await _add_outbox(conn, outbox)
             return seq
-        return await self._with(write, "writing credentials to")
+        return await self._write(write, "writing credentials to")
 
     # --- the broker mirror's outbox ---------------------------------------------------------
 
@@ -172,13 +176,13 @@ class PostgresAuthStore:
                                    int(active))
                 if not active:
                     await conn.execute("DELETE FROM broker_outbox")
-        await self._with(write, "writing to")
+        await self._write(write, "writing to")
 
     async def outbox_add(self, rows: Sequence[OutboxRow]) -> None:
         async def write(conn: Any) -> None:
             async with conn.transaction():
                 await _add_outbox(conn, rows)
-        await self._with(write, "writing the broker outbox to")
+        await self._write(write, "writing the broker outbox to")
 
     async def outbox(self, limit: int) -> list[OutboxRow]:
         async def read(conn: Any) -> list[OutboxRow]:
@@ -191,7 +195,7 @@ class PostgresAuthStore:
         async def write(conn: Any) -> None:
             await conn.execute("DELETE FROM broker_outbox WHERE id = ANY($1::bigint[])",
                                list(ids))
-        await self._with(write, "writing the broker outbox to")
+        await self._write(write, "writing the broker outbox to")
 
     async def outbox_due(self, cred_ids: Sequence[str], at: float) -> int:
         async def write(conn: Any) -> int:
@@ -199,14 +203,14 @@ class PostgresAuthStore:
                 "UPDATE broker_outbox SET not_before = $1 WHERE action = 'put' "
                 "AND cred_id = ANY($2::text[]) AND not_before > $1", at, list(cred_ids))
             return int(status.split()[-1])
-        return await self._with(write, "writing the broker outbox to")
+        return await self._write(write, "writing the broker outbox to")
 
     async def record_use(self, used: list[tuple[str, float]]) -> None:
         async def write(conn: Any) -> None:
             await conn.executemany("UPDATE credentials SET last_used_at = $1 WHERE id = $2 "
                                    "AND (last_used_at IS NULL OR last_used_at < $1)",
                                    [(at, cred_id) for cred_id, at in used])
-        await self._with(write, "writing to")
+        await self._write(write, "writing to")
 
     async def audit(self, limit: int, before: int | None) -> list[AuditEntry]:
         async def read(conn: Any) -> list[AuditEntry]:
@@ -221,7 +225,15 @@ class PostgresAuthStore:
         async def write(conn: Any) -> int:
             status = await conn.execute("DELETE FROM audit WHERE at < $1", older_than)
             return int(status.split()[-1])
-        return await self._with(write, "pruning the audit log of")
+        return await self._write(write, "pruning the audit log of")
+
+    async def _write(self, fn: Callable[[Any], Awaitable[T]], doing: str) -> T:
+        """A write transaction, refused once another manager holds the lease (``epoch``)."""
+        async def fenced(conn: Any) -> T:
+            async with conn.transaction():
+                await check_epoch(conn, self.epoch)
+                return await fn(conn)
+        return await self._with(fenced, doing)
 
     async def _with(self, fn: Callable[[Any], Awaitable[T]], doing: str) -> T:
         if self._pool is None:
@@ -229,7 +241,7 @@ class PostgresAuthStore:
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
                 return await fn(conn)
-        except LastAdminError:
+        except (LastAdminError, FencedError):
             raise
         except _FAILURES as exc:
             raise StoreError(f"store {self.url} failed {doing}: {exc}") from exc

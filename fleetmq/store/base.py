@@ -9,15 +9,16 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from fleetmq.core.clock import Instant
 from fleetmq.core.registry import Node
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 """Bumped with every change of the tables; each store migrates older versions on open and
 refuses newer ones. 2: events keep the node's type, location and last_seen, take their id from
-the manager, and the store has an id of its own (``fleetmq_store``)."""
+the manager, and the store has an id of its own (``fleetmq_store``). 3: PostgreSQL's lease
+(``fleetmq_lease``, high availability); nothing changes in SQLite."""
 
 NODE_COLUMNS: tuple[str, ...] = (
     "id", "type", "name", "capabilities", "location", "metadata", "interval_s",
@@ -135,6 +136,23 @@ class Store(Protocol):
         """Raise StoreError unless the store answers now."""
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class SharedStore(Protocol):
+    """A store several managers share (PostgreSQL): one active, standbys following it."""
+
+    dsn: str
+    url: str
+    epoch: int | None
+    """The lease epoch this manager holds: every write checks it first."""
+
+    async def follow(self, after: int, limit: int) -> tuple[int, list[NodeRow], list[str]]:
+        """What changed after event ``after``: the last event id seen, the rows of the nodes
+        touched as they are now, and the ids of those no longer stored."""
+
+    async def max_event_id(self) -> int:
+        """The store's last event id now."""
 
 
 def node_row(node: Node) -> NodeRow:

@@ -1,9 +1,10 @@
 """``postgresql://user@host/db``: the production store, on asyncpg (the ``postgres`` extra).
 
 A small pool serves batches, loading, pruning and the events route; every commit is durable
-with PostgreSQL's default ``synchronous_commit = on`` (never turned off here). One more
-connection, held for the store's lifetime, keeps a session advisory lock: two managers must
-never share one fleet, so a second one on the same database is refused at start.
+with PostgreSQL's default ``synchronous_commit = on`` (never turned off here). Several managers
+may open one store: the lease (``fleetmq.store.lease``) says which one is active, and every
+write transaction of the active first checks that the lease still holds its epoch
+(``epoch``). A standby reads only: the fleet at start, then what changed (``follow``).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, TypeVar
 
 import asyncpg
 
-from fleetmq.errors import StoreDataError, StoreError
+from fleetmq.errors import FencedError, StoreDataError, StoreError
 from fleetmq.store.base import (
     EVENT_COLUMNS,
     LOAD_CHUNK,
@@ -25,6 +26,7 @@ from fleetmq.store.base import (
     NodeRow,
     StoredEvent,
 )
+from fleetmq.store.lease import LOCK_KEY, check_epoch, server_settings
 
 T = TypeVar("T")
 
@@ -35,7 +37,6 @@ CLOSE_TIMEOUT_S = 5.0
 POOL_MIN, POOL_MAX = 1, 4
 PRUNE_CHUNK = 10_000
 
-LOCK_KEY = 0x666C6565746D71  # "fleetmq": held while a manager uses the database
 MIGRATE_KEY = LOCK_KEY + 1  # held by the transaction that creates or migrates the schema
 # Advisory locks are scoped to one database: managers on other databases do not conflict.
 
@@ -51,6 +52,18 @@ _NULLABLE = {"location", "session", "uptime_seconds", "free_memory_kb", "sensors
 
 _NEW_STORE_ID = "substr(md5(random()::text || clock_timestamp()::text), 1, 16)"
 """16 hex digits, drawn by the server (no extension needed)."""
+
+_LEASE_TABLE = (
+    "CREATE TABLE fleetmq_lease (\n"
+    "    name text PRIMARY KEY,\n"
+    "    holder text NOT NULL,\n"
+    "    epoch bigint NOT NULL,\n"
+    "    expires_at timestamptz NOT NULL,\n"
+    "    advertise_url text,\n"
+    "    locked boolean NOT NULL\n"
+    ");\n"
+)
+"""Which manager is active (``fleetmq.store.lease``): one row, ``name = 'active'``."""
 
 SCHEMA = (
     "CREATE TABLE nodes (\n    "
@@ -76,6 +89,7 @@ SCHEMA = (
     "CREATE INDEX events_by_time ON events (at);\n"
     "CREATE TABLE fleetmq_store (id text NOT NULL);\n"
     f"INSERT INTO fleetmq_store (id) VALUES ({_NEW_STORE_ID});\n"
+    + _LEASE_TABLE
 )
 """The same tables and columns as SQLite's; JSON stays text so rows round-trip unchanged."""
 
@@ -90,6 +104,8 @@ MIGRATIONS: dict[int, str] = {
        "ALTER TABLE events ALTER COLUMN id DROP IDENTITY;\n"
        "CREATE TABLE fleetmq_store (id text NOT NULL);\n"
        f"INSERT INTO fleetmq_store (id) VALUES ({_NEW_STORE_ID});\n",
+    # 2 -> 3: the lease of high availability (contract section 10).
+    2: _LEASE_TABLE,
 }
 """SQL that takes the schema from version N to N + 1."""
 
@@ -134,8 +150,9 @@ class PostgresStore:
         self.url = url
         """The DSN without its password: for logs and errors."""
         self._pool: Any = None
-        self._lock_conn: Any = None
-        self._lock_guard = asyncio.Lock()
+        self.epoch: int | None = None
+        """The lease's epoch this manager holds: every write checks it first (None: no
+        lease, for the CLI's own writes and tests)."""
         self.store_id = ""
         self.last_event_id = 0
 
@@ -143,27 +160,33 @@ class PostgresStore:
 
     async def open(self) -> None:
         try:
-            self._lock_conn = await self._connect()
-            await self._take_lock(self._lock_conn)
-            await self._migrate(self._lock_conn)
-            self.store_id = str(await self._guard(self._lock_conn.fetchval(
-                "SELECT id FROM fleetmq_store"), "cannot open store"))
-            self.last_event_id = int(await self._guard(self._lock_conn.fetchval(
-                "SELECT coalesce(max(id), 0) FROM events"), "cannot open store"))
+            setup = await self._connect()
+            try:
+                await self._migrate(setup)
+                self.store_id = str(await self._guard(setup.fetchval(
+                    "SELECT id FROM fleetmq_store"), "cannot open store"))
+                self.last_event_id = await self._guard(self._max_event_id(setup),
+                                                       "cannot open store")
+            finally:
+                await setup.close(timeout=CLOSE_TIMEOUT_S)
             self._pool = await self._guard(asyncpg.create_pool(
                 self.dsn, min_size=POOL_MIN, max_size=POOL_MAX, timeout=CONNECT_TIMEOUT_S,
                 command_timeout=COMMAND_TIMEOUT_S,
-                server_settings={"application_name": "fleetmq"}), "cannot open store")
+                server_settings=server_settings("fleetmq")), "cannot open store")
         except BaseException:
             await self.close()
             raise
+
+    @staticmethod
+    async def _max_event_id(conn: Any) -> int:
+        return int(await conn.fetchval("SELECT coalesce(max(id), 0) FROM events"))
 
     async def _connect(self) -> Any:
         fix = "pass --store with a reachable postgresql:// URL"
         try:
             return await asyncpg.connect(
                 self.dsn, timeout=CONNECT_TIMEOUT_S, command_timeout=COMMAND_TIMEOUT_S,
-                server_settings={"application_name": "fleetmq"})
+                server_settings=server_settings("fleetmq"))
         except asyncpg.InvalidCatalogNameError as exc:
             raise StoreError(f"cannot open store {self.url}: {exc}; create the database "
                              f"(createdb) or {fix}") from exc
@@ -181,13 +204,6 @@ class PostgresStore:
             raise StoreError(f"cannot open store {self.url}: {exc}; {fix}") from exc
         except _FAILURES as exc:
             raise StoreError(f"cannot open store {self.url}: {exc}; {fix}") from exc
-
-    async def _take_lock(self, conn: Any) -> None:
-        taken = await self._guard(conn.fetchval("SELECT pg_try_advisory_lock($1::bigint)",
-                                                LOCK_KEY), "cannot lock store")
-        if not taken:
-            raise StoreError(f"store {self.url} is in use by another fleetmq: each manager "
-                             "needs its own --store (database)")
 
     async def _migrate(self, conn: Any) -> None:
         async def migrate() -> None:
@@ -224,17 +240,11 @@ class PostgresStore:
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
-        conn, self._lock_conn = self._lock_conn, None
         if pool is not None:
             try:
                 await asyncio.wait_for(pool.close(), CLOSE_TIMEOUT_S)
             except _FAILURES:  # wait_for's TimeoutError too
                 pool.terminate()  # a hung or broken server: nothing left to save
-        if conn is not None:  # last: the lock is released once the pool is gone
-            try:
-                await asyncio.wait_for(conn.close(timeout=CLOSE_TIMEOUT_S), CLOSE_TIMEOUT_S)
-            except _FAILURES:  # wait_for's TimeoutError too
-                conn.terminate()
 
     # --- reading and writing ---------------------------------------------------------------
 
@@ -253,6 +263,7 @@ class PostgresStore:
     async def write(self, batch: Batch) -> None:
         async def apply(conn: Any) -> None:
             async with conn.transaction():
+                await check_epoch(conn, self.epoch)
                 if batch.deletes:
                     await conn.execute(_DELETE, batch.deletes)
                 if batch.upserts:
@@ -294,9 +305,11 @@ class PostgresStore:
 
     async def prune(self, older_than: float) -> int:
         async def chunk(conn: Any) -> int:
-            status = await conn.execute(
-                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < $1 AND "
-                "id < (SELECT max(id) FROM events) LIMIT $2)", older_than, PRUNE_CHUNK)
+            async with conn.transaction():
+                await check_epoch(conn, self.epoch)
+                status = await conn.execute(
+                    "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE at < $1 AND "
+                    "id < (SELECT max(id) FROM events) LIMIT $2)", older_than, PRUNE_CHUNK)
             return int(str(status).rsplit(" ", 1)[-1])  # "DELETE <count>"
         total = 0
         while (dropped := await self._with_conn(chunk, "pruning")) > 0:  # short transactions
@@ -307,29 +320,30 @@ class PostgresStore:
         async def one(conn: Any) -> None:
             await conn.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT_S)
         await self._with_conn(one, "answering")
-        await self._keep_lock()
 
-    async def _keep_lock(self) -> None:
-        """The lock goes with its connection: take it again when that was lost, unless
-        another manager has taken it meanwhile."""
-        async with self._lock_guard:
-            self._open_pool()  # closed meanwhile: no lock to keep
-            conn = self._lock_conn
-            if conn is not None and not conn.is_closed():
-                try:
-                    await conn.fetchval("SELECT 1", timeout=CONNECT_TIMEOUT_S)
-                    return
-                except _FAILURES:
-                    conn.terminate()
-            self._lock_conn = None
-            conn = await self._connect()
-            try:
-                await self._take_lock(conn)
-                self._open_pool()  # closed while reconnecting: let the lock go
-            except BaseException:
-                conn.terminate()
-                raise
-            self._lock_conn = conn
+    # --- following (a standby) ---------------------------------------------------------------
+
+    async def follow(self, after: int, limit: int) -> tuple[int, list[NodeRow], list[str]]:
+        """What registrations, transitions and deletions changed after event ``after``: the
+        last event id seen, the rows of the nodes they touched as they are now, and the ids of
+        those no longer stored. A node row and its events commit together, so a node read
+        here is at least as new as the events seen."""
+        async def read(conn: Any) -> tuple[int, list[NodeRow], list[str]]:
+            events = await conn.fetch(
+                "SELECT id, node_id FROM events WHERE id > $1 ORDER BY id LIMIT $2",
+                after, limit)
+            if not events:
+                return after, [], []
+            ids = list({row[1]: None for row in events})
+            rows = [tuple(r) for r in await conn.fetch(
+                f"SELECT {', '.join(NODE_COLUMNS)} FROM nodes WHERE id = ANY($1::text[])", ids)]
+            found = {row[0] for row in rows}
+            return int(events[-1][0]), rows, [i for i in ids if i not in found]
+        return await self._with_conn(read, "following")
+
+    async def max_event_id(self) -> int:
+        """The store's last event id now (a new active numbers its events after it)."""
+        return await self._with_conn(self._max_event_id, "reading events")
 
     # --- plumbing --------------------------------------------------------------------------
 
@@ -343,6 +357,8 @@ class PostgresStore:
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
                 return await fn(conn)
+        except FencedError:
+            raise
         except asyncpg.DataError as exc:  # a value it refuses: retrying cannot help
             raise StoreDataError(f"store {self.url} refused a value {doing}: {exc}") from exc
         except _FAILURES as exc:

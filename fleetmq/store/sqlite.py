@@ -96,6 +96,8 @@ CREATE INDEX events_by_time ON events (at);
 CREATE TABLE fleetmq_store (id TEXT NOT NULL);
 INSERT INTO fleetmq_store (id) VALUES (lower(hex(randomblob(8))));
 """,
+    # 2 -> 3: PostgreSQL's lease table; a SQLite store's lease is its file lock.
+    2: "",
 }
 """SQL that takes the schema from version N to N + 1."""
 
@@ -149,6 +151,16 @@ class SqliteStore:
             raise
 
     def _take_lock(self) -> None:
+        if not self.try_lock():
+            raise StoreError(f"store {self.url} is in use by another fleetmq: each manager "
+                             "needs its own --store (a standby on the same file needs an "
+                             "external broker, --broker mqtt://HOST:PORT)")
+
+    def try_lock(self) -> bool:
+        """Take the file's lock if it is free (kept until ``close``): False while another
+        process holds it. A standby on the same host waits here (``FileLease``)."""
+        if self._lock is not None:
+            return True
         directory = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(directory):
             raise StoreError(f"cannot open store {self.url}: directory {directory!r} does not "
@@ -161,9 +173,9 @@ class SqliteStore:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             lock.close()
-            raise StoreError(f"store {self.url} is in use by another fleetmq: each manager "
-                             "needs its own --store") from None
+            return False
         self._lock = lock
+        return True
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

@@ -9,6 +9,8 @@ go out at most ``flush_interval_s`` later, never one write per heartbeat.
 
 When the store fails, everything stays queued and the writer retries with a backoff; the
 registry keeps working in memory, and ``available`` tells writers that need the store to refuse.
+A write refused by fencing (another manager took the lease, contract section 10) is never
+retried: the writer stops, tells ``on_fenced``, and what was queued is this manager's no more.
 
 Events are numbered here, as they are recorded (so a reader of the registry knows the last
 event its state includes), and handed to ``on_commit`` listeners (the watch stream) in that
@@ -26,7 +28,7 @@ from collections.abc import Callable
 
 from fleetmq.core.events import Event, NodeDeleted, NodeTransitioned
 from fleetmq.core.registry import Registry
-from fleetmq.errors import StoreDataError, StoreError
+from fleetmq.errors import FencedError, StoreDataError, StoreError
 from fleetmq.store.base import Batch, HistoryEvent, Store, node_row, touch_row
 from fleetmq.store.memory import MemoryStore
 
@@ -58,8 +60,14 @@ RUN_IDS = 1_000_000_000
 
 class StoreWriter:
     def __init__(self, store: Store, registry: Registry, monotonic: Callable[[], float],
-                 flush_interval_s: float = 1.0) -> None:
+                 flush_interval_s: float = 1.0, may_write: Callable[[], bool] = lambda: True
+                 ) -> None:
         self.store = store
+        self._may_write = may_write
+        """The lease still held (checked before every batch; the store checks the epoch)."""
+        self.fenced: str | None = None
+        """Why writing stopped for good (deposed), None while this manager may write."""
+        self.on_fenced: Callable[[str], None] = lambda _why: None
         self._registry = registry
         self._monotonic = monotonic
         self._flush_interval_s = flush_interval_s
@@ -234,8 +242,13 @@ class StoreWriter:
                 # stream) waits for it.
                 touches = (self._committed >= self._recorded
                            or now - last_flush >= self._flush_interval_s)
+                if not self._may_write():
+                    raise FencedError("the lease lapsed before this write")
                 async with asyncio.timeout(WRITE_DEADLINE_S):
                     await self.flush_once(touches)
+            except FencedError as exc:
+                self._fence(str(exc))
+                return
             except (StoreError, TimeoutError) as exc:
                 self._failed(exc if isinstance(exc, StoreError) else StoreError(
                     f"store {self.store.url} did not answer within {WRITE_DEADLINE_S:g} s"))
@@ -248,6 +261,13 @@ class StoreWriter:
             delay = RETRY_FIRST_S
             if touches:
                 last_flush = self._monotonic()
+
+    def _fence(self, why: str) -> None:
+        self.fenced = why
+        log.warning("store_writes_fenced store=%s backlog=%d reason=%s", self.store.url,
+                    self.backlog, why)
+        self._failed(StoreError(f"this manager is no longer the active one: {why}"))
+        self.on_fenced(why)
 
     def _failed(self, exc: StoreError) -> None:
         self.failures += 1
@@ -339,6 +359,11 @@ class StoreWriter:
         """Write everything still queued (shutdown); False if that failed or took too long."""
         if self._sync_memory:
             return True
+        if self.fenced is not None or not self._may_write():
+            if self.backlog:
+                log.warning("store_not_flushed store=%s backlog=%d reason=not the active "
+                            "manager any more", self.store.url, self.backlog)
+            return False
         try:
             async with asyncio.timeout(timeout_s):
                 while self._dirty or self._events or self._touched:

@@ -87,7 +87,6 @@ async def tab(browser: Any) -> AsyncIterator[Tab]:
 
 
 async def screenshot(tab: Tab, name: str) -> Path:
-    """Saved for a person to look at (Playwright makes the folder)."""
     """Saved for a person to look at; the page makes the folder (Playwright does)."""
     path = ARTIFACTS / f"{name}.png"
     await tab.page.screenshot(path=str(path), full_page=True)

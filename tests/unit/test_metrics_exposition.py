@@ -25,6 +25,9 @@ from tests.unit.conftest import hb, reg
 FAMILIES = {
     "fleetmq_nodes": "gauge",
     "fleetmq_broker_connected": "gauge",
+    "fleetmq_active": "gauge",
+    "fleetmq_lease_epoch": "gauge",
+    "fleetmq_takeovers_total": "counter",
     "fleetmq_mqtt_backlog": "gauge",
     "fleetmq_mqtt_messages_received_total": "counter",
     "fleetmq_mqtt_messages_applied_total": "counter",

@@ -13,6 +13,7 @@ from fleetmq.core import index
 from fleetmq.core.clock import FakeClock
 from fleetmq.core.models import STATUSES, Status
 from fleetmq.core.registry import Registry
+from fleetmq.store.base import node_row, nodes_from_rows
 from tests.unit.conftest import hb, reg
 
 TYPES = ("microclaw", "MicroClaw", "picclaw", "nanoclaw")
@@ -139,3 +140,41 @@ def test_restore_indexes_every_node_by_its_status(clock: FakeClock) -> None:
     restored.register("n00", reg("microclaw"), clock.now())
     assert "n00" in list(restored.ids_with_status("online"))
     assert "n00" not in list(restored.ids_with_status("offline"))
+
+
+def test_a_standby_following_the_store_matches_the_active(clock: FakeClock) -> None:
+    """``Registry.follow`` (contract section 10): what the active stored, node by node,
+    replaces what the standby knew; deleted nodes go; counts, ids and deadlines stay exact."""
+    active, standby = Registry(60), Registry(60)
+    for i in range(30):
+        active.register(f"n{i:02d}", reg(TYPES[i % 4]), clock.now())
+    standby.restore(nodes_from_rows([node_row(active.get(i))  # type: ignore[arg-type]
+                                     for i in active.ids()], clock.now()))
+    changed = ["n00", "n01", "n02", "n40"]
+    active.heartbeat("n00", hb(status="offline"), clock.now())
+    active.heartbeat("n01", hb(status="degraded", reason="hot"), clock.now())
+    active.delete("n02", clock.now())
+    active.register("n40", reg("picclaw"), clock.now())
+    rows = [node_row(node) for i in changed if (node := active.get(i)) is not None]
+    gone = [i for i in changed if active.get(i) is None]
+    standby.follow(nodes_from_rows(rows, clock.now()), gone)
+
+    assert sorted(standby.ids()) == sorted(active.ids())
+    for status in STATUSES:
+        assert list(standby.ids_with_status(status)) == list(active.ids_with_status(status))
+        for node_type in TYPES:
+            assert standby.count(status, node_type) == active.count(status, node_type)
+    followed = standby.get("n01")
+    assert followed is not None
+    assert (followed.status, followed.status_reason) == ("degraded", "hot")
+    offline = standby.get("n00")
+    assert offline is not None
+    assert offline.deadline is None  # offline: nothing to expire
+    check(standby, random.Random(1))
+    # Following the same change again changes nothing; a deletion of an unknown id is a no-op.
+    standby.follow(nodes_from_rows(rows, clock.now()), ["n02", "never-there"])
+    assert sorted(standby.ids()) == sorted(active.ids())
+    check(standby, random.Random(2))
+    # After a takeover the standby is the registry that changes, as any other.
+    standby.heartbeat("n00", hb(), clock.now())
+    assert "n00" in list(standby.ids_with_status("online"))

@@ -419,3 +419,30 @@ def test_broker_ws_on_the_port_of_another_own_listener_is_refused(
 def test_own_listeners_may_share_a_port_on_different_addresses() -> None:
     settings = settings_for(["--broker-ws", "127.0.0.2:8080"])
     assert settings.broker_ws == BrokerWsSettings("127.0.0.2", 8080)
+
+
+@pytest.mark.parametrize("lease", [0.0, 3.9, 3_601.0])
+def test_a_lease_out_of_range_is_refused(lease: float) -> None:
+    with pytest.raises(ConfigError, match="--lease"):
+        Settings(lease_s=lease)
+
+
+@pytest.mark.parametrize("url", [
+    "fleetmq-a:8080", "ftp://fleetmq-a", "http://", "http://user:pw@fleetmq-a:8080",
+    "http://fleetmq-a:8080/?x=1", "http://fleetmq-a:8080/#top", "http://fleetmq-a:99999",
+])
+def test_an_advertise_url_that_is_not_a_plain_http_url_is_refused(url: str) -> None:
+    with pytest.raises(ConfigError, match="--advertise-url"):
+        Settings(advertise_url=url)
+
+
+def test_lease_and_advertise_url_come_from_flags_or_the_environment() -> None:
+    env = {"FLEETMQ_LEASE": "6", "FLEETMQ_ADVERTISE_URL": "http://fleetmq-b:8080"}
+    settings = settings_from(build_parser(env).parse_args(["serve"]))
+    assert (settings.lease_s, settings.advertise_url) == (6.0, "http://fleetmq-b:8080")
+    settings = settings_from(build_parser(env).parse_args(
+        ["serve", "--lease", "12", "--advertise-url", "https://fleetmq-a.example/fleet"]))
+    assert (settings.lease_s, settings.advertise_url) == (12.0,
+                                                           "https://fleetmq-a.example/fleet")
+    assert Settings().lease_s == 10.0
+    assert Settings().advertise_url is None
