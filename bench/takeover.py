@@ -14,9 +14,10 @@ a free port), a Mosquitto of its own per run (the repo's mosquitto.conf, a free 
   republished statuses; once they are all in, A gets ``kill -9``. From that moment: B's
   ``/readyz`` 200 (polled every 10 ms), the first node status and the first
   ``_manager/status`` message B publishes (an ``offline`` one would be the killed active's
-  will: its 5 s delay should keep it from ever being sent), every status republished, and B's
-  own ``takeover_ready`` figure from its log. Each manager's start (process start -> ready or
-  standby with the fleet loaded), its ``store_loaded`` figure and its RSS are reported too.
+  will: its 5 s delay should keep it from ever being sent), every status republished; and B's
+  own ``takeover_ready`` figure from its log (from taking the lease to its duties started).
+  Each manager's start (process start -> ready, or standby with the fleet loaded), its
+  ``store_loaded`` figure and its RSS are reported too.
 - **follow**: ``--follow-nodes`` nodes in the store, A active and B standby, then
   ``--rate`` heartbeats/s (``--publishers`` processes, QoS 0) over those nodes and
   ``--registrations`` registrations/s of new nodes. After ``--warmup`` s, the CPU seconds of
@@ -490,8 +491,6 @@ def print_takeovers(results: list[dict[str, Any]]) -> None:
     row("B: store_loaded", "standby_load_s", lambda v: _opt(v, " s"))
     row("B: RSS as standby", "standby_rss_mb", lambda v: _opt(v, " MB", 0))
     row("kill -9 A -> B /readyz 200", "kill_to_ready_s", lambda v: _opt(v, " s", 3))
-    row("kill -> B's takeover_ready (its log)", "takeover_ready_logged_s",
-        lambda v: _opt(v, " s", 3))
     row("kill -> first node status from B", "kill_to_first_status_s",
         lambda v: _opt(v, " s", 3))
     row("kill -> _manager/status online", "kill_to_manager_online_s",
@@ -500,6 +499,8 @@ def print_takeovers(results: list[dict[str, Any]]) -> None:
         lambda v: "never" if v is None else _opt(v, " s", 3))
     row("kill -> every status republished", "kill_to_all_statuses_s",
         lambda v: _opt(v, " s", 1))
+    row("B: lease -> takeover_ready (its log)", "takeover_ready_logged_s",
+        lambda v: _opt(v, " s", 2))
     row("statuses received after the kill", "statuses_received", lambda v: f"{v:,}")
     row("B: RSS as active, after the republish", "new_active_rss_mb",
         lambda v: _opt(v, " MB", 0))
@@ -520,8 +521,8 @@ def print_follow(r: dict[str, Any], args: argparse.Namespace) -> None:
          f"{loaded['active_cpu_pct']:.1f}% of one core"),
         (f"B's CPU ({loaded['window_s']:g} s window)",
          f"{loaded['standby_cpu_pct']:.1f}% of one core ({loaded['standby_cpu_s']:.2f} CPU s)"),
-        ("B's fleet after the load", f"{r['nodes'] + r['registered']:,} nodes, "
-                                      f"caught up {r['standby_caught_up_s']:.2f} s after A"),
+        ("B's fleet after the load", f"{r['nodes'] + r['registered']:,} nodes, as A's "
+                                      f"within {r['standby_caught_up_s']:.2f} s"),
         ("RSS A / B", f"{r['active_rss_mb']:,} / {r['standby_rss_mb']:,} MB"),
     ])
 
