@@ -46,10 +46,13 @@ import urllib.error
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import (
     PINNING,
@@ -76,6 +79,9 @@ INTERVAL_S = 3600
 READY_TIMEOUT_S = 180
 POLL_S = 0.01
 TICK_S = os.sysconf("SC_CLK_TCK")
+KEEP_LOGS: Path | None = None
+"""Where the managers' logs are copied when they stop (``--logs``); else they go with the
+bench's temporary directory."""
 
 
 def node_id(i: int) -> str:
@@ -176,6 +182,9 @@ class Manager:
 
     def stop(self) -> None:
         stop_process(self.proc)
+        if KEEP_LOGS is not None:
+            KEEP_LOGS.mkdir(parents=True, exist_ok=True)
+            (KEEP_LOGS / self.log.name).write_bytes(self.log.read_bytes())
 
 
 class Watch:
@@ -325,12 +334,17 @@ def takeover(postgres: Postgres, nodes: int, workdir: Path,
     return result
 
 
+def logged_at(asctime: str) -> float:
+    """The wall-clock moment of a log line (``logging``'s asctime, local time)."""
+    return datetime.strptime(asctime, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
 def kill_and_follow(a: Manager, b: Manager, watch: Watch, nodes: int) -> dict[str, Any]:
     a.alive()
     b_code, b_body = readyz(b.http_port)
     if b_code != 503 or b_body.get("status") != "standby":
         raise RuntimeError(f"B is not standby before the kill: {b_code} {b_body}")
-    killed = time.monotonic()
+    killed, killed_wall = time.monotonic(), time.time()
     watch.arm(killed)
     os.kill(a.proc.pid, signal.SIGKILL)
     a.proc.wait()
@@ -348,6 +362,7 @@ def kill_and_follow(a: Manager, b: Manager, watch: Watch, nodes: int) -> dict[st
     received = int(settle(lambda: watch.after.value, nodes, 5.0, 900,
                           "B's republished statuses"))
     own = b.logged(r"takeover_ready .*seconds=([\d.]+)")
+    finished = b.logged(r"\n(\S+ \S+) INFO \S+ republish_finished")
 
     def since_kill(moment: float) -> float | None:
         return round(moment - killed, 3) if moment else None
@@ -360,6 +375,8 @@ def kill_and_follow(a: Manager, b: Manager, watch: Watch, nodes: int) -> dict[st
         "kill_to_all_statuses_s": since_kill(watch.last_node.value) if received >= nodes
         else None,
         "statuses_received": received,
+        "kill_to_republish_finished_logged_s":
+            round(logged_at(finished.group(1)) - killed_wall, 2) if finished else None,
         "takeover_ready_logged_s": float(own.group(1)) if own else None,
         "new_active_rss_mb": round(b.rss_mb()),
         "takeovers_total": metric(b.http_port, "fleetmq_takeovers_total"),
@@ -401,21 +418,69 @@ def _registrations(port: int, root: str, rate: int, stop: Any, sent: Any) -> Non
     client.loop_stop()
 
 
-def cpu_window(a: Manager, b: Manager, seconds: float) -> dict[str, float]:
-    """Both managers' CPU share of one core, and A's applied messages/s, over ``seconds``."""
+def dropped(http_port: int) -> dict[str, float]:
+    """The messages a manager dropped, by reason."""
+    text = request(f"http://127.0.0.1:{http_port}/metrics").decode()
+    return {sample.labels.get("reason", ""): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == "fleetmq_mqtt_messages_dropped_total" and sample.value}
+
+
+def metric_or_none(http_port: int, name: str) -> float | None:
+    """None while the manager does not answer (one that steps down serves again shortly)."""
+    try:
+        return metric(http_port, name)
+    except (urllib.error.URLError, OSError, KeyError):
+        return None
+
+
+def roles_held(a: Manager, b: Manager) -> bool:
+    """A active, B standby and never taken over."""
+    return (metric_or_none(a.http_port, "fleetmq_active") == 1
+            and metric_or_none(b.http_port, "fleetmq_active") == 0
+            and metric_or_none(b.http_port, "fleetmq_takeovers_total") == 0)
+
+
+def cpu_window(a: Manager, b: Manager, seconds: float) -> dict[str, Any]:
+    """Both managers' CPU share of one core and A's applied messages/s over ``seconds``, and
+    whether (and when) the roles changed meanwhile (checked every second)."""
     t0 = time.monotonic()
     a0, b0 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid)
     applied0 = metric(a.http_port, "fleetmq_mqtt_messages_applied_total")
-    time.sleep(seconds)  # the window itself, not a synchronisation
+    changed_at: float | None = None
+    held = (t0, b0)  # the last check that found the roles held, and B's CPU then
+    end = t0 + seconds
+    while (now := time.monotonic()) < end:
+        time.sleep(min(1.0, end - now))  # the window's pace, not a synchronisation
+        if changed_at is None:
+            b_cpu = cpu_seconds(b.proc.pid)
+            if roles_held(a, b):
+                held = (time.monotonic(), b_cpu)
+            else:
+                changed_at = round(time.monotonic() - t0, 1)
     t1 = time.monotonic()
     a1, b1 = cpu_seconds(a.proc.pid), cpu_seconds(b.proc.pid)
-    applied1 = metric(a.http_port, "fleetmq_mqtt_messages_applied_total")
+    applied1 = metric_or_none(a.http_port, "fleetmq_mqtt_messages_applied_total")
     span = t1 - t0
     return {"window_s": round(span, 1),
             "active_cpu_pct": round(100 * (a1 - a0) / span, 1),
             "standby_cpu_pct": round(100 * (b1 - b0) / span, 1),
             "standby_cpu_s": round(b1 - b0, 2),
-            "active_applied_per_s": round((applied1 - applied0) / span)}
+            "active_applied_per_s": None if changed_at is not None or applied1 is None
+            else round((applied1 - applied0) / span),
+            "roles_changed_at_s": changed_at,
+            # B's share while it was still standby (the whole window if nothing changed).
+            "standby_cpu_pct_as_standby": round(100 * (held[1] - b0) / (held[0] - t0), 1)
+            if held[0] > t0 else None}
+
+
+def lease_trouble(a: Manager) -> dict[str, Any]:
+    """What A's log says about its lease: failed renewals, and why it stepped down."""
+    text = a.log_text()
+    down = re.search(r"stepping_down epoch=\S+ reason=(.*)", text)
+    return {"renewals_failed": text.count("lease_renewal_failed"),
+            "stepped_down": down.group(1) if down else None}
 
 
 def follow(postgres: Postgres, args: argparse.Namespace, workdir: Path,
@@ -459,14 +524,23 @@ def follow(postgres: Postgres, args: argparse.Namespace, workdir: Path,
                 for proc in procs:
                     proc.join(30)
             result["loaded"] = loaded
-            registered = registered_sent.value
-            wait_for(lambda: nodes_loaded(a.http_port) >= nodes + registered, 60,
-                     "A registered every new node")
+            result["registrations_sent"] = registered_sent.value
+            result["lease"] = lease_trouble(a)
+            # Whichever is active now (A, unless it stepped down) holds the fleet; what it has
+            # not registered once its count stops moving was lost (the table says how many,
+            # and /metrics why). The other, standby, must then hold as much.
+            wait_for(lambda: 200 in (readyz(a.http_port)[0], readyz(b.http_port)[0]), 60,
+                     "a manager active after the load")
+            active, standby = (a, b) if readyz(a.http_port)[0] == 200 else (b, a)
+            held = int(settle(lambda: nodes_loaded(active.http_port),
+                              nodes + registered_sent.value, 5.0, 120, "registrations"))
             stopped = time.monotonic()
-            wait_for(lambda: nodes_loaded(b.http_port) >= nodes + registered, 60,
-                     "B followed every registration")
-            result["registered"] = registered
+            wait_for(lambda: nodes_loaded(standby.http_port) >= held, 60,
+                     "the standby followed every registration the active took")
             result["standby_caught_up_s"] = round(time.monotonic() - stopped, 2)
+            result["registered"] = held - nodes
+            result["active_at_end"] = active.name
+            result["active_dropped"] = dropped(active.http_port)
             result["standby_rss_mb"] = round(b.rss_mb())
             result["active_rss_mb"] = round(a.rss_mb())
     print(f"follow: {result}", flush=True)
@@ -499,6 +573,8 @@ def print_takeovers(results: list[dict[str, Any]]) -> None:
         lambda v: "never" if v is None else _opt(v, " s", 3))
     row("kill -> every status republished", "kill_to_all_statuses_s",
         lambda v: _opt(v, " s", 1))
+    row("kill -> B's republish_finished (its log)", "kill_to_republish_finished_logged_s",
+        lambda v: _opt(v, " s", 1))
     row("B: lease -> takeover_ready (its log)", "takeover_ready_logged_s",
         lambda v: _opt(v, " s", 2))
     row("statuses received after the kill", "statuses_received", lambda v: f"{v:,}")
@@ -516,13 +592,24 @@ def print_follow(r: dict[str, Any], args: argparse.Namespace) -> None:
         ("load offered", f"{loaded['heartbeats_sent_per_s']:,} heartbeats/s (QoS 0, "
                          f"{args.publishers} publishers) + "
                          f"{loaded['registrations_sent_per_s']:g} registrations/s (QoS 1)"),
-        ("A applied", f"{loaded['active_applied_per_s']:,} messages/s"),
+        ("A applied", "-" if loaded["active_applied_per_s"] is None
+         else f"{loaded['active_applied_per_s']:,} messages/s"),
+        ("roles", "A active, B standby throughout" if loaded["roles_changed_at_s"] is None
+         else f"CHANGED {loaded['roles_changed_at_s']:g} s into the window; active at the end: "
+              f"{r['active_at_end']}"),
+        ("A's lease", f"{r['lease']['renewals_failed']} renewals failed; "
+                      + (f"stepped down: {r['lease']['stepped_down']}"
+                         if r["lease"]["stepped_down"] else "held")),
         (f"A's CPU ({loaded['window_s']:g} s window)",
          f"{loaded['active_cpu_pct']:.1f}% of one core"),
         (f"B's CPU ({loaded['window_s']:g} s window)",
-         f"{loaded['standby_cpu_pct']:.1f}% of one core ({loaded['standby_cpu_s']:.2f} CPU s)"),
-        ("B's fleet after the load", f"{r['nodes'] + r['registered']:,} nodes, as A's "
-                                      f"within {r['standby_caught_up_s']:.2f} s"),
+         f"{loaded['standby_cpu_pct']:.1f}% of one core ({loaded['standby_cpu_s']:.2f} CPU s)"
+         + ("" if loaded["roles_changed_at_s"] is None else
+            f"; {_opt(loaded['standby_cpu_pct_as_standby'], '%', 1)} while still standby")),
+        ("registrations", f"{r['registrations_sent']:,} sent, {r['registered']:,} "
+                          f"registered; the active dropped {r['active_dropped'] or 'nothing'}"),
+        ("standby's fleet after the load", f"{r['nodes'] + r['registered']:,} nodes, as the "
+                                            f"active's within {r['standby_caught_up_s']:.2f} s"),
         ("RSS A / B", f"{r['active_rss_mb']:,} / {r['standby_rss_mb']:,} MB"),
     ])
 
@@ -546,8 +633,12 @@ def main() -> None:
     parser.add_argument("--mqtt-version", default="5", choices=("5", "3.1.1"))
     parser.add_argument("--lease", type=float, default=None,
                         help="the managers' --lease (default: theirs)")
+    parser.add_argument("--logs", type=Path, default=None,
+                        help="copy the managers' logs into this directory")
     add_pin_option(parser)
     args = parser.parse_args()
+    global KEEP_LOGS  # noqa: PLW0603 (one setting of the run, read by Manager.stop)
+    KEEP_LOGS = args.logs
     if node_rows(7, 1, 0.0)[0][0] != node_id(7):
         raise SystemExit("bench/startup.py's node ids changed: update node_id()")
     PINNING.start(args.pin)
