@@ -587,7 +587,7 @@ def print_follow(r: dict[str, Any], args: argparse.Namespace) -> None:
     idle, loaded = r["idle"], r["loaded"]
     print_rows([
         ("fleet in the store", f"{r['nodes']:,} nodes; A active, B standby"),
-        (f"idle ({idle['window_s']:g} s)",
+        (f"idle ({args.idle_window:g} s)",
          f"A {idle['active_cpu_pct']:.1f}%, B {idle['standby_cpu_pct']:.1f}% of one core"),
         ("load offered", f"{loaded['heartbeats_sent_per_s']:,} heartbeats/s (QoS 0, "
                          f"{args.publishers} publishers) + "
@@ -600,9 +600,9 @@ def print_follow(r: dict[str, Any], args: argparse.Namespace) -> None:
         ("A's lease", f"{r['lease']['renewals_failed']} renewals failed; "
                       + (f"stepped down: {r['lease']['stepped_down']}"
                          if r["lease"]["stepped_down"] else "held")),
-        (f"A's CPU ({loaded['window_s']:g} s window)",
+        (f"A's CPU ({args.window:g} s window)",
          f"{loaded['active_cpu_pct']:.1f}% of one core"),
-        (f"B's CPU ({loaded['window_s']:g} s window)",
+        (f"B's CPU ({args.window:g} s window)",
          f"{loaded['standby_cpu_pct']:.1f}% of one core ({loaded['standby_cpu_s']:.2f} CPU s)"
          + ("" if loaded["roles_changed_at_s"] is None else
             f"; {_opt(loaded['standby_cpu_pct_as_standby'], '%', 1)} while still standby")),
