@@ -40,7 +40,7 @@ from fleetmq.config import CLIENT_ID_PREFIX, OUTPUT_USER_SUFFIX, Settings
 from fleetmq.core.clock import Clock, SystemClock
 from fleetmq.core.registry import Node, Registry
 from fleetmq.core.topics import Topics
-from fleetmq.errors import BrokerError, StoreError
+from fleetmq.errors import BrokerError, FencedError, StoreError
 from fleetmq.fleet import Fleet
 from fleetmq.heap import Heap
 from fleetmq.http.api import RestApi
@@ -57,7 +57,7 @@ from fleetmq.rates import CUT_OFF_S, NodeRates
 from fleetmq.store import SqliteStore, make_auth_store, make_store
 from fleetmq.store.base import SharedStore, Store, nodes_from_rows
 from fleetmq.store.lease import POLL_S, FileLease, Lease, PostgresLease, SoleLease
-from fleetmq.store.writer import StoreWriter
+from fleetmq.store.writer import RUN_IDS, StoreWriter
 from fleetmq.views import manager_status_payload
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,13 @@ and no offline presence flashes (contract section 10)."""
 
 class FleetService:
     def __init__(self, settings: Settings, clock: Clock | None = None,
-                 store: Store | None = None, auth_store: AuthStore | None = None) -> None:
+                 store: Store | None = None, auth_store: AuthStore | None = None, *,
+                 port_shared: bool = False) -> None:
         """``store`` and ``auth_store`` replace the ones ``settings.store`` names (tests pass
-        their own)."""
+        their own). ``port_shared``: this process already answers on the HTTP port (a start
+        again after a step-down): no check that it is free."""
         self.settings = settings
+        self._port_shared = port_shared
         self.clock = clock or SystemClock()
         self.topics = Topics(settings.topic_root)
         self.rules = TopicRules(settings.topic_root)
@@ -130,13 +133,12 @@ class FleetService:
         self._role_task: asyncio.Task[None] | None = None
         self._followed = 0
         """A standby's position in the store's events (``follow``)."""
+        self._follow_failing = False
         self.store = store if store is not None else make_store(settings.store)
         self.shared = self.store if isinstance(self.store, SharedStore) else None
         self.lease = self._lease_of(self.store)
         self.writer = StoreWriter(self.store, self.registry, self.clock.monotonic,
                                   settings.store.flush_interval_s, may_write=self._acting)
-        self.writer.on_fenced = self._fenced
-        self.auth.may_write = self._acting
         self.rates = NodeRates(settings.auth.node_rate, settings.auth.node_burst)
         self.rates.add_flood_listener(self._cut_off)
         self.fleet = Fleet(self.registry, self.clock, self.publisher, self.metrics, self.writer,
@@ -150,9 +152,8 @@ class FleetService:
                            self.metrics, settings.http, settings.topic_root, self.access,
                            broker_hooks=self.broker_hooks)
         self.watch = self.api.watch
-        self.api.standby = lambda: self.role != "active"
-        self.api.active_url = lambda: self.lease.active_url
         self.http = HttpServer(self.api, settings.http)
+        self._wire_role()
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[Any]] = []
         self._group: asyncio.TaskGroup | None = None
@@ -214,6 +215,16 @@ class FleetService:
         acknowledged."""
         return self.role == "active" and self.link.connected and self.out.connected
 
+    def _wire_role(self) -> None:
+        """Who asks whether this manager is the active one, and who tells it it is not."""
+        self.writer.on_fenced = self._fenced
+        self.auth.may_write = self._acting
+        for fenced in (self.store, self.auth.store):
+            if hasattr(fenced, "on_fenced"):  # PostgreSQL's: any write refused steps down
+                fenced.on_fenced = self._fenced
+        self.api.standby = lambda: self.role != "active"
+        self.api.active_url = lambda: self.lease.active_url
+
     def _acting(self) -> bool:
         return self.lease.acting and not self.deposed.is_set()
 
@@ -223,14 +234,17 @@ class FleetService:
         if isinstance(store, SqliteStore):
             return FileLease(store.try_lock)
         if self.shared is not None:
+            elapsed = (self.clock.since_boot if isinstance(self.clock, SystemClock)
+                       else self.clock.monotonic)  # a test's FakeClock drives both
             return PostgresLease(self.shared.dsn, store.url, self.settings.lease_s,
-                                 self.settings.advertise_url, self.clock.monotonic)
+                                 self.settings.advertise_url, elapsed)
         return SoleLease()
 
     async def __aenter__(self) -> FleetService:
         stack = self._stack
         try:
-            self.http.check_port_free()
+            if not self._port_shared:
+                self.http.check_port_free()
             await self._open_auth()
             broker = self.settings.broker
             if broker.embedded:
@@ -246,14 +260,16 @@ class FleetService:
                     f"{self.lease.active_url or 'unknown'}): a standby needs an external "
                     "broker the active shares (--broker mqtt://HOST:PORT), since the embedded "
                     "one dies with its manager; or give this manager its own --store")
-            if active:
-                if not self.lease.follows:
-                    await self._open_store()
-                await self._take_over(at_start=True)
-                await stack.enter_async_context(self._duties())
+            if active and not self.lease.follows:
+                await self._open_store()
             self._group = await stack.enter_async_context(asyncio.TaskGroup())
             stack.push_async_callback(self._stop_role)
-            self._role_task = self._group.create_task(self._play(active), name="fleetmq-role")
+            # The lease is renewed from the moment it is held, whatever starting takes.
+            self._role_task = self._group.create_task(
+                self._hold() if active else self._play(), name="fleetmq-role")
+            if active:
+                await self._take_over(at_start=True)
+                await stack.enter_async_context(self._duties())
             await stack.enter_async_context(self.http)
         except BaseException:
             await stack.aclose()
@@ -269,7 +285,8 @@ class FleetService:
             if self._manager_logins:
                 self.dynsec = await stack.enter_async_context(DynsecMirror(
                     self.auth, check_admin_url(self.settings.auth.broker_admin),
-                    self.settings.topic_root, self._manager_logins, self.clock))
+                    self.settings.topic_root, self._manager_logins, self.clock,
+                    may_act=self._acting))
             await stack.enter_async_context(self.out)
             await stack.enter_async_context(self.link)
             stack.push_async_callback(self._say_goodbye)
@@ -293,29 +310,41 @@ class FleetService:
             self.metrics.lease_epoch = self.lease.epoch or 0
             yield
 
-    async def _play(self, active: bool) -> None:
-        """The role: standby until the lease is this manager's, then active until it is lost
-        (or the service stops)."""
-        if not active:
-            self.role = "standby"
-            log.info("standby store=%s active=%s", self.store.url, self.lease.active_url)
-            await self._wait_for_lease()
-            opened_here = not self.lease.follows
+    async def _hold(self) -> None:
+        """Renew the lease until it is lost, then step down and let go of the broker at once:
+        what arrives from here on waits in the manager's session for the new active."""
+        self._step_down(await self.lease.hold())
+        for link in (self.link, self.out):
+            await link.let_go()
+
+    async def _play(self) -> None:
+        """A standby's life: wait for the lease (following the store), then take the duties
+        of the active until the lease is lost or the service stops."""
+        self.role = "standby"
+        log.info("standby store=%s active=%s", self.store.url, self.lease.active_url)
+        await self._wait_for_lease()
+        started = self.clock.now().mono
+        opened_here = not self.lease.follows  # SQLite: the store opens with its lock
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._hold(), name="fleetmq-lease")
             try:
-                started = self.clock.now().mono
                 if opened_here:
                     await self._open_store(own=False)
                 await self._take_over(at_start=False)
                 self.metrics.takeovers += 1
                 async with self._duties():
-                    log.info("takeover_ready epoch=%s seconds=%.2f", self.lease.epoch,
+                    log.info("takeover_started epoch=%s seconds=%.2f", self.lease.epoch,
                              self.clock.now().mono - started)
-                    self._step_down(await self.lease.hold())
+                    await self.deposed.wait()
+            except Exception as exc:
+                # A takeover that cannot finish (the store failing as it started, say) gives
+                # the lease up: a fresh standby tries again, and another manager may be
+                # quicker.
+                log.exception("takeover_failed epoch=%s", self.lease.epoch)
+                self.lease.lose(f"the takeover failed: {exc}")
             finally:
                 if opened_here:
                     await self._close_store()
-            return
-        self._step_down(await self.lease.hold())
 
     async def _wait_for_lease(self) -> None:
         """Poll the lease; meanwhile follow what the active stores (PostgreSQL)."""
@@ -326,31 +355,48 @@ class FleetService:
                 await self._follow()
             await asyncio.sleep(POLL_S)
 
-    async def _follow(self) -> None:
+    async def _follow(self, upto: int | None = None) -> None:
         """Take in the registrations, transitions and deletions the active stored, and the
-        credentials it changed."""
+        credentials it changed. ``upto``: at a takeover, every event up to that id must be
+        in, or StoreError (a standby's regular follow only logs, once per outage)."""
         assert self.shared is not None
         try:
-            while True:
+            while upto is None or self._followed < upto:
                 after, rows, gone = await self.shared.follow(self._followed, FOLLOW_BATCH)
                 if after == self._followed:
+                    if upto is not None:  # the store has fewer events than it said
+                        raise StoreError(f"store {self.store.url}: events up to {upto} were "
+                                         f"announced, found up to {after}")
                     break
                 self.registry.follow(nodes_from_rows(rows, self.clock.now()), gone)
                 self._followed = after
             await self.auth.refresh()
         except StoreError as exc:
-            log.warning("standby_follow_failed error=%s", exc)
+            if upto is not None:
+                raise
+            if not self._follow_failing:
+                log.warning("standby_follow_failed error=%s (trying again every %g s)", exc,
+                            FOLLOW_EVERY_S)
+            self._follow_failing = True
+            return
+        if self._follow_failing:
+            log.info("standby_follow_recovered")
+        self._follow_failing = False
 
     async def _take_over(self, *, at_start: bool) -> None:
         """The lease is this manager's: everything the last active stored is in (its writes
-        are fenced from here on), and this manager's events are numbered after its."""
+        are fenced from here on), and this manager's events are numbered after its. Raises
+        StoreError when that cannot be known: a takeover never starts on a partial fleet."""
         epoch = self.lease.epoch
         if self.shared is not None:
-            await self._follow()
-            self.writer.continue_from(await self.shared.max_event_id())
             self.shared.epoch = epoch
             if hasattr(self.auth.store, "epoch"):  # the same database's access-control tables
                 self.auth.store.epoch = epoch
+            last = await self.shared.max_event_id()
+            await self._follow(upto=last)
+            block = await self.shared.reserve_run(last // RUN_IDS + 1)
+            self.writer.continue_from(last, run_block=block)
+        await self.auth.store.set_mirror(bool(self._manager_logins))
         if not at_start:
             self.fleet.grant_grace()
 
@@ -367,6 +413,7 @@ class FleetService:
     def _fenced(self, why: str) -> None:
         """The store refused a write: another manager holds the lease."""
         self._step_down(why)
+        self.lease.lose(why)
 
     async def _stop_role(self) -> None:
         task = self._role_task
@@ -376,7 +423,10 @@ class FleetService:
                 await task
 
     async def __aexit__(self, *exc_info: object) -> None:
-        await self._stack.aclose()
+        try:
+            await self._stack.aclose()
+        finally:
+            self._heap.thaw()
 
     async def _open_auth(self) -> None:
         """Credentials loaded, the first admin key adopted, the mode decided: all before any
@@ -385,8 +435,10 @@ class FleetService:
         self._stack.push_async_callback(self._close_auth)
         await self.auth.load()
         # With a dynsec mirror, tokens made from here on (the admin token file's too) wait in
-        # the outbox for it; without one, no token may wait there.
-        await self.auth.store.set_mirror(bool(self._manager_logins))
+        # the outbox for it; without one, no token may wait there (said again, fenced, when
+        # this manager becomes active: a standby never empties the active's outbox).
+        if self._manager_logins:
+            await self.auth.store.set_mirror(True)
         if self.settings.auth.admin_token_file is not None:
             await adopt_admin_token_file(self.auth, self.settings.auth.admin_token_file)
         self.auth_enabled = decide_mode(self.settings, self.auth)
@@ -427,7 +479,8 @@ class FleetService:
 
     async def _close_auth(self) -> None:
         try:
-            await self.auth.flush_uses()
+            if self._acting():  # a standby writes nothing
+                await self.auth.flush_uses()
         except StoreError as exc:
             log.warning("auth_last_use_not_written error=%s", exc)
         await self.auth.store.close()
@@ -476,7 +529,8 @@ class FleetService:
         for task in self._tasks:
             task.cancel()
         if self._publisher_task is not None:
-            drained = await self.publisher.drain(GOODBYE_TIMEOUT_S)
+            # A deposed manager publishes nothing: no drain to wait for.
+            drained = not self._acting() or await self.publisher.drain(GOODBYE_TIMEOUT_S)
             if not drained:
                 log.warning("publisher_not_drained backlog=%d", self.publisher.backlog)
             self._publisher_task.cancel()
@@ -526,6 +580,8 @@ class FleetService:
                 dropped = await self.store.prune(self.clock.now().wall - keep_s)
                 audit_dropped = await self.auth.store.prune_audit(
                     self.clock.now().wall - audit_keep_s)
+            except FencedError:
+                return  # deposed (the store told ``_fenced``): the new active prunes
             except Exception:
                 log.exception("history_prune_failed")
             else:

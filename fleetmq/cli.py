@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from fleetmq import __version__
@@ -28,8 +30,10 @@ from fleetmq.config import (
     parse_hostport,
     parse_store,
 )
-from fleetmq.errors import ConfigError, FleetmqError
+from fleetmq.errors import ConfigError, FleetmqError, StoreError
 from fleetmq.http.cors import check_origin
+from fleetmq.http.server import HttpServer
+from fleetmq.http.waiting import WaitingApi
 
 log = logging.getLogger("fleetmq")
 
@@ -263,20 +267,53 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
+RESTART_FIRST_S = 1.0
+RESTART_MAX_S = 30.0
+
+
 async def serve(settings: Settings) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    while not stop.is_set():
-        async with FleetService(settings) as service:
-            log.info("fleetmq_ready_to_serve version=%s http=%s:%d broker=%s root=%s auth=%s "
-                     "loop=%s role=%s", __version__, settings.http.host, service.http_port,
-                     settings.broker.describe(), settings.topic_root,
-                     "on" if service.auth_enabled else "off", loop_name(loop), service.role)
-            await first_set(stop, service.deposed)
-            log.info("fleetmq_stopping reason=%s", "signal" if stop.is_set()
-                     else "deposed, starting again as a standby")
+    started = False
+    restarts = 0
+    async with contextlib.AsyncExitStack() as waiting:
+        # Between a step-down and the start again as a standby (which may have to wait for
+        # the store), a placeholder answers on the same port: /healthz 200, /readyz 503.
+        placeholder = WaitingApi()
+        while not stop.is_set():
+            try:
+                async with FleetService(settings, port_shared=started) as service:
+                    await waiting.aclose()
+                    if not started:  # the port really bound (0 asks for any): kept for good
+                        settings = replace(settings, http=replace(settings.http,
+                                                                  port=service.http_port))
+                    started, restarts = True, 0
+                    log.info("fleetmq_ready_to_serve version=%s http=%s:%d broker=%s root=%s "
+                             "auth=%s loop=%s role=%s", __version__, settings.http.host,
+                             service.http_port, settings.broker.describe(),
+                             settings.topic_root, "on" if service.auth_enabled else "off",
+                             loop_name(loop), service.role)
+                    await first_set(stop, service.deposed)
+                    if not stop.is_set():
+                        placeholder.reason = f"stepped down: {service.deposed_why}"
+                        await waiting.enter_async_context(HttpServer(placeholder,
+                                                                     settings.http))
+                    log.info("fleetmq_stopping reason=%s", "signal" if stop.is_set()
+                             else "deposed, starting again as a standby")
+            except StoreError as exc:
+                if not started:
+                    raise  # the first start: the error, exit 1
+                # A deposed manager's store may be what failed (PostgreSQL cut off): it keeps
+                # trying as a standby rather than leave the pair one short.
+                delay = min(RESTART_MAX_S, RESTART_FIRST_S * 2 ** min(restarts, 5))
+                restarts += 1
+                placeholder.reason = f"waiting for the store: {exc}"
+                log.warning("standby_restart_failed error=%s retry_in_s=%g", exc, delay)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await stop.wait()
     log.info("fleetmq_stopped")
 
 

@@ -62,3 +62,10 @@ class Heap:
         self.frozen_at = nodes
         log.info("heap_frozen nodes=%d", nodes)
         return True
+
+    def thaw(self) -> None:
+        """The fleet is let go (its service ended): what was frozen may be collected again
+        (a manager started anew in the same process, as after a step-down, must not keep
+        the last one's fleet forever)."""
+        gc.unfreeze()
+        self.frozen_at = 0

@@ -29,11 +29,20 @@ class Clock(Protocol):
         ...
 
 
+def _since_boot() -> float:
+    """Seconds that keep counting while the host is suspended (Linux ``CLOCK_BOOTTIME``;
+    elsewhere the monotonic clock)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
 class SystemClock:
     def now(self) -> Instant:
         return Instant(time.monotonic(), time.time())
 
     monotonic = staticmethod(time.monotonic)
+    since_boot = staticmethod(_since_boot if hasattr(time, "CLOCK_BOOTTIME") else time.monotonic)
+    """For the lease's deadline: a host that wakes from a suspend longer than the lease finds
+    it passed (the monotonic clock stands still while suspended)."""
 
 
 class FakeClock:

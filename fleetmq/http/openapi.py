@@ -46,6 +46,33 @@ _NODE_ID_PARAM = {"name": "node_id", "in": "path", "required": True,
 
 
 _STORE_DOWN = _error("The node store is unavailable: the change was not acknowledged, retry")
+_ACTIVE_URL = {"type": ["string", "null"],
+               "description": "the active manager's --advertise-url; null if it has none"}
+_STANDBY_TEXT = ("this manager is a standby (contract section 10): nothing was done; send the "
+                 "request to the active manager, or through a load balancer that checks /readyz")
+
+
+def _ref(schema: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{schema}"}
+
+
+def _answer_standby(document: dict[str, Any]) -> None:
+    """Every /api/v1 operation answers 503 Standby on a standby (before access control).
+    Beside a 503 it already has (the store is unavailable), either body may come."""
+    for path, item in document["paths"].items():
+        if not path.startswith("/api/v1/"):
+            continue
+        for operation in item.values():
+            responses = operation.setdefault("responses", {})
+            other = responses.get("503")
+            if other is None:
+                responses["503"] = {"description": _STANDBY_TEXT[0].upper() + _STANDBY_TEXT[1:],
+                                    "content": {"application/json": {"schema": _ref("Standby")}}}
+            else:
+                responses["503"] = {
+                    "description": f"{other['description']}; or {_STANDBY_TEXT}",
+                    "content": {"application/json": {"schema": {
+                        "anyOf": [_ref("Error"), _ref("Standby")]}}}}
 _EVENT_QUERY = [
     {"name": "limit", "in": "query", "required": False,
      "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
@@ -86,6 +113,22 @@ _WATCH = {"get": {
     "responses": {"200": {"description": "The stream",
                           "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                   "400": _error("A since or Last-Event-ID that is not an event id")},
+}}
+
+
+_READYZ = {"get": {
+    "summary": "Readiness: the active manager, broker connected, subscriptions acked, store "
+               "available",
+    "description": "A load balancer that checks this sends traffic to the active manager only. "
+                   "Every answer is a status object, never an Error (contract section 11).",
+    "responses": {
+        "200": {"description": "Ready: the active manager",
+                "content": {"application/json": {"schema": _ref("Ready")}}},
+        "503": {"description": "Not ready (the active, with the reason), or a standby (with "
+                               "the active's URL)",
+                "content": {"application/json": {"schema": {
+                    "oneOf": [_ref("NotReady"), _ref("StandbyStatus")]}}}},
+    },
 }}
 
 
@@ -172,21 +215,33 @@ def _schemas() -> dict[str, Any]:
         "HeartbeatRequest": _rest_request(HeartbeatRequest, {}),
         "Error": {
             "type": "object", "required": ["error", "message"],
-            "properties": {"error": {"type": "string"}, "message": {"type": "string"},
-                           "active": {"type": ["string", "null"],
-                                      "description": "Standby 503s: the active's URL"}},
+            "properties": {"error": {"type": "string"}, "message": {"type": "string"}},
         },
-        "Readiness": {
-            "type": "object", "required": ["status"],
-            "properties": {
-                "status": {"enum": ["ready", "not_ready", "standby"]},
-                "role": {"const": "active"},
-                "nodes": {"type": "integer", "minimum": 0},
-                "mqtt_protocol": {"type": "string"},
-                "message": {"type": "string", "description": "not_ready: why"},
-                "active": {"type": ["string", "null"],
-                           "description": "standby: the active manager's --advertise-url"},
-            },
+        "Standby": {
+            "type": "object", "required": ["error", "message", "active"],
+            "description": "A standby's answer to every /api/v1 route",
+            "properties": {"error": {"const": "Standby"}, "message": {"type": "string"},
+                           "active": _ACTIVE_URL},
+        },
+        "Ready": {
+            "type": "object", "required": ["status", "role", "nodes", "mqtt_protocol"],
+            "description": "200: the active manager, broker connected, subscriptions "
+                           "acknowledged, store available",
+            "properties": {"status": {"const": "ready"}, "role": {"const": "active"},
+                           "nodes": {"type": "integer", "minimum": 0},
+                           "mqtt_protocol": {"enum": ["5", "3.1.1"]}},
+        },
+        "NotReady": {
+            "type": "object", "required": ["status", "message"],
+            "description": "503: the active manager while its broker connection or store is "
+                           "down",
+            "properties": {"status": {"const": "not_ready"},
+                           "message": {"type": "string", "description": "why"}},
+        },
+        "StandbyStatus": {
+            "type": "object", "required": ["status", "active"],
+            "description": "503: a standby; a load balancer sends it nothing",
+            "properties": {"status": {"const": "standby"}, "active": _ACTIVE_URL},
         },
         "RegisterResponse": {
             "type": "object", "required": ["node_id", "status", "message", "timestamp"],
@@ -287,6 +342,7 @@ def openapi_document(topic_root: str, *, auth: bool = False,
     document = _document(topic_root)
     document["paths"].update(access_paths())
     document["components"]["schemas"].update(access_schemas())
+    _answer_standby(document)
     return secure(document, metrics_public) if auth else document
 
 
@@ -371,12 +427,7 @@ def _document(topic_root: str) -> dict[str, Any]:
             "/api/v1/fleet/watch": _WATCH,
             "/healthz": {"get": {"summary": "Liveness",
                                  "responses": {"200": {"description": "The process serves"}}}},
-            "/readyz": {"get": {"summary": "Readiness: the active manager, broker connected, "
-                                           "subscriptions acked, store available",
-                                "responses": {"200": _ok("Ready", "Readiness"),
-                                              "503": _ok("Not ready (with the reason), or a "
-                                                         "standby (with the active's URL)",
-                                                         "Readiness")}}},
+            "/readyz": _READYZ,
             "/api/v1/openapi.json": {"get": {
                 "summary": "This OpenAPI document",
                 "responses": {"200": {"description": "The OpenAPI 3 document",

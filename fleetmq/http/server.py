@@ -1,25 +1,41 @@
 """The HTTP listener of the REST facade: binds (HTTPS when given a certificate), reports the
-port it really bound, and on shutdown lets requests in flight finish before it closes."""
+port it really bound, and on shutdown lets requests in flight finish before it closes.
+
+The socket is bound with ``SO_REUSEPORT``: within one process, the service stopping after a
+step-down, the placeholder that answers meanwhile (``fleetmq.http.waiting``) and the service
+starting again as a standby share the port, so it never goes unanswered. Another process is
+still refused: ``check_port_free`` runs before the first bind."""
 
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from aiohttp import web
 
 from fleetmq.config import HttpSettings
 from fleetmq.errors import ConfigError
-from fleetmq.http.api import RestApi
+from fleetmq.http.direct import RequestHandler
 from fleetmq.ports import address_in_use
 from fleetmq.tls import HTTP_OPTIONS, server_context
 
 log = logging.getLogger(__name__)
 
 
+class Served(Protocol):
+    """What the listener serves: the REST facade (``RestApi``) or the placeholder."""
+
+    def build(self) -> web.Application: ...
+
+    def direct(self, app: web.Application, app_handler: RequestHandler) -> RequestHandler: ...
+
+    async def wait_idle(self, timeout_s: float) -> bool: ...
+
+
 class HttpServer:
     """Serves the REST facade; reports the port it really bound (ask for 0 in tests)."""
 
-    def __init__(self, api: RestApi, settings: HttpSettings) -> None:
+    def __init__(self, api: Served, settings: HttpSettings) -> None:
         self._api = api
         self._settings = settings
         self._runner: web.AppRunner | None = None
@@ -52,7 +68,7 @@ class HttpServer:
         # Each connection takes the handler when it opens: set before the site starts.
         server.request_handler = self._api.direct(app, server.request_handler)
         site = web.TCPSite(runner, self._settings.host, self._settings.port,
-                           ssl_context=self._ssl)
+                           ssl_context=self._ssl, reuse_port=True)
         try:
             await site.start()
         except OSError as exc:

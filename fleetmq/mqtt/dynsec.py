@@ -72,9 +72,13 @@ class DynsecAdmin:
 
     def __init__(self, admin: BrokerSettings, client_id: str, *,
                  monotonic: Callable[[], float],
-                 timeout_s: float = COMMAND_TIMEOUT_S) -> None:
+                 timeout_s: float = COMMAND_TIMEOUT_S,
+                 may_act: Callable[[], bool] = lambda: True) -> None:
+        """``may_act``: False once the manager is not the active one (contract section 10):
+        no command is sent, and the admin's client id is left to the new active."""
         self.link = MqttLink(admin, client_id, subscriptions=[RESPONSE_TOPIC], will=None,
-                             keepalive_s=30, prefer_mqtt5=True, monotonic=monotonic)
+                             keepalive_s=30, prefer_mqtt5=True, monotonic=monotonic,
+                             may_act=may_act)
         self._timeout_s = timeout_s
         self._lock = asyncio.Lock()
         self._waiting: dict[str, asyncio.Future[Json]] = {}

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import replace
 
 from fleetmq.auth.dynsec_acls import (
@@ -51,10 +52,12 @@ class DynsecMirror(DynsecOutbox):
 
     def __init__(self, auth: AuthService, admin: BrokerSettings, root: str,
                  manager_logins: dict[str, str], clock: Clock, *,
-                 reconcile_every_s: float = RECONCILE_EVERY_S) -> None:
-        """``manager_logins``: the manager's client ids and this start's passwords."""
+                 reconcile_every_s: float = RECONCILE_EVERY_S,
+                 may_act: Callable[[], bool] = lambda: True) -> None:
+        """``manager_logins``: the manager's client ids and this start's passwords;
+        ``may_act``: False once this manager is not the active one (nothing more is sent)."""
         super().__init__(auth, admin, root, clock,
-                         client_id=f"{next(iter(manager_logins))}-dynsec")
+                         client_id=f"{next(iter(manager_logins))}-dynsec", may_act=may_act)
         self._managers = dict(manager_logins)
         self._reconcile_every_s = reconcile_every_s
         self._provisioned_for = 0

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from fleetmq.auth.dynsec_acls import key_acls, marker, node_acls, role_name
@@ -56,11 +56,11 @@ class DynsecOutbox:
     manager's own clients and reconciliation."""
 
     def __init__(self, auth: AuthService, admin: BrokerSettings, root: str, clock: Clock, *,
-                 client_id: str) -> None:
-        """``client_id``: the admin connection's own."""
+                 client_id: str, may_act: Callable[[], bool] = lambda: True) -> None:
+        """``client_id``: the admin connection's own; ``may_act``: see ``DynsecAdmin``."""
         self.auth = auth
         self.root = root
-        self.admin = DynsecAdmin(admin, client_id, monotonic=clock.monotonic)
+        self.admin = DynsecAdmin(admin, client_id, monotonic=clock.monotonic, may_act=may_act)
         self._broker = admin
         """The broker itself, where a removed identity's session is discarded."""
         self._tls = broker_context(admin)

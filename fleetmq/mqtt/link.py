@@ -481,6 +481,16 @@ class MqttLink:
         async with asyncio.timeout(timeout_s):
             await fut
 
+    async def let_go(self) -> None:
+        """Disconnect now and stay away (a deposed manager, contract section 10): the session
+        stays with the broker, and what arrives waits there for the next holder of this
+        client id."""
+        client = self._client
+        if client is not None and client.is_connected_safe():
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                    await client.disconnect()
+
     async def flush(self, timeout_s: float) -> bool:
         """Wait until every QoS 1 publish so far is acknowledged; False on timeout."""
         with contextlib.suppress(TimeoutError):

@@ -103,6 +103,8 @@ class PostgresAuthStore:
         self.epoch: int | None = None
         """The lease's epoch this manager holds: every write checks it first (None: the CLI,
         which holds no lease)."""
+        self.on_fenced: Callable[[str], None] = lambda _why: None
+        """Told when a write was refused for its epoch (the manager steps down)."""
 
     async def open(self) -> None:
         try:
@@ -241,7 +243,10 @@ class PostgresAuthStore:
         try:
             async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
                 return await fn(conn)
-        except (LastAdminError, FencedError):
+        except FencedError as exc:
+            self.on_fenced(str(exc))
+            raise
+        except LastAdminError:
             raise
         except _FAILURES as exc:
             raise StoreError(f"store {self.url} failed {doing}: {exc}") from exc

@@ -154,6 +154,9 @@ class SharedStore(Protocol):
     async def max_event_id(self) -> int:
         """The store's last event id now."""
 
+    async def reserve_run(self, at_least: int) -> int:
+        """The block of event ids a new active numbers from (never one a run before took)."""
+
 
 def node_row(node: Node) -> NodeRow:
     return (

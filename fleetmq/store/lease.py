@@ -57,9 +57,15 @@ _TAKE = (
     "ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, "
     "epoch = fleetmq_lease.epoch + 1, expires_at = EXCLUDED.expires_at, "
     "advertise_url = EXCLUDED.advertise_url, locked = EXCLUDED.locked "
-    "WHERE fleetmq_lease.epoch = $5 AND (fleetmq_lease.expires_at < now() OR $6) "
+    "WHERE fleetmq_lease.epoch = $5 "
+    "AND (fleetmq_lease.expires_at < now() OR (fleetmq_lease.locked AND $6)) "
     "RETURNING epoch"
 )
+_WAIT_FOR_WRITERS = "SELECT 1 FROM fleetmq_lease WHERE name = 'active' FOR UPDATE"
+"""Taken before the epoch moves: waits for the write transactions the old holder has open
+(each holds the row ``FOR KEY SHARE``; a paused one is ended by the server, see
+``server_settings``)."""
+TAKE_TIMEOUT_S = IDLE_IN_TRANSACTION_MS / 1000 + STATEMENT_TIMEOUT_S
 _RENEW = (
     "UPDATE fleetmq_lease SET expires_at = now() + make_interval(secs => $1), locked = $2, "
     "advertise_url = $3 WHERE name = 'active' AND holder = $4 AND epoch = $5 RETURNING epoch"
@@ -67,13 +73,15 @@ _RENEW = (
 
 
 async def check_epoch(conn: Any, epoch: int | None) -> None:
-    """First statement of a write transaction: the lease still holds this manager's epoch
-    (``FOR SHARE``: a takeover waits for this transaction, and later ones see the new epoch).
-    None: no lease taken (a CLI command, or tests of the store alone)."""
+    """First statement of a write transaction: the lease still holds this manager's epoch.
+    ``FOR KEY SHARE``: a takeover (which locks the row ``FOR UPDATE`` first) waits for this
+    transaction and later ones see the new epoch, while the holder's own renewals (a plain
+    ``UPDATE``) do not wait for its writes. None: no lease taken (a CLI command, or tests of
+    the store alone)."""
     if epoch is None:
         return
     found = await conn.fetchval(
-        "SELECT epoch FROM fleetmq_lease WHERE name = 'active' FOR SHARE")
+        "SELECT epoch FROM fleetmq_lease WHERE name = 'active' FOR KEY SHARE")
     if found != epoch:
         raise FencedError(f"the lease is at epoch {found}, not this manager's {epoch}: "
                           "another manager took over; this one steps down")
@@ -97,6 +105,9 @@ class Lease(Protocol):
     async def hold(self) -> str:
         """Keep the lease until it is lost; returns why (never returns for a sole store)."""
 
+    def lose(self, why: str) -> None:
+        """A write was refused by fencing: ``hold`` returns with this reason."""
+
     async def close(self) -> None: ...
 
 
@@ -108,34 +119,34 @@ class SoleLease:
     follows = False
     acting = True
 
+    def __init__(self) -> None:
+        self._lost = asyncio.Event()
+        self._why = ""
+
     async def acquire(self) -> bool:
         return True
 
     async def hold(self) -> str:
-        await asyncio.Event().wait()
-        return "unreachable"
+        await self._lost.wait()  # no fencing without a lease: only an explicit lose()
+        return self._why
+
+    def lose(self, why: str) -> None:
+        self._why = why
+        self._lost.set()
 
     async def close(self) -> None:
         return None
 
 
-class FileLease:
+class FileLease(SoleLease):
     """SQLite: the store's exclusive lock on its file, held for the process's lifetime."""
 
-    epoch: int | None = None
-    active_url: str | None = None
-    follows = False
-    acting = True
-
     def __init__(self, try_lock: Callable[[], bool]) -> None:
+        super().__init__()
         self._try_lock = try_lock
 
     async def acquire(self) -> bool:
         return self._try_lock()
-
-    async def hold(self) -> str:
-        await asyncio.Event().wait()  # the lock goes with the process
-        return "unreachable"
 
     async def close(self) -> None:
         return None  # the store lets the lock go when it closes
@@ -162,6 +173,9 @@ class PostgresLease:
         self._lost = asyncio.Event()
         self._lost_why = ""
         self._failing = False
+        self._warned_unleased = False
+        self._connect_timeout_s = min(CONNECT_TIMEOUT_S, (lease_s - SAFETY_S) / 2)
+        """A reconnect of the lease's connection must fit in the time the active may act."""
 
     @property
     def acting(self) -> bool:
@@ -179,7 +193,7 @@ class PostgresLease:
         self._conn = None
         self._locked = False
         try:
-            conn = await asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT_S,
+            conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s,
                                          command_timeout=STATEMENT_TIMEOUT_S,
                                          server_settings={"application_name": "fleetmq-lease"})
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -197,6 +211,7 @@ class PostgresLease:
             self._lose("the lease connection to PostgreSQL was lost (the advisory lock with it)")
 
     def _lose(self, why: str) -> None:
+        self.active_url = None  # not this one any more; unknown until a standby reads
         if not self._lost.is_set():
             self._lost_why = why
             self._lost.set()
@@ -233,7 +248,18 @@ class PostgresLease:
         conn = await self._connection()
         locked = await self._try_lock(conn)
         row = await conn.fetchrow(_ROW)
-        if row is not None:
+        if row is None:
+            if not locked:
+                # The lock without a lease: a fleetmq from before high availability holds
+                # the store, and checks no epoch. Never active beside it.
+                if not self._warned_unleased:
+                    log.warning("lease_waiting store=%s reason=another fleetmq holds the "
+                                "store without a lease (a version before high availability?)"
+                                "; this one stays a standby until it stops", self.url)
+                    self._warned_unleased = True
+                return False
+            holder, previous = None, 0
+        else:
             holder, epoch, expired, url, holder_locked = row
             self.active_url = url
             if not expired and not (locked and holder_locked):
@@ -243,12 +269,12 @@ class PostgresLease:
                     await self._unlock(conn)
                 return False
             previous = int(epoch)
-        else:
-            holder, previous = None, 0
         started = self._monotonic()
-        epoch = await conn.fetchval(_TAKE, self.holder, self.lease_s, self.advertise_url,
-                                    locked, previous, locked)
-        if epoch is None:  # another standby was quicker
+        async with conn.transaction():
+            await conn.execute(_WAIT_FOR_WRITERS, timeout=TAKE_TIMEOUT_S)
+            epoch = await conn.fetchval(_TAKE, self.holder, self.lease_s, self.advertise_url,
+                                        locked, previous, locked, timeout=TAKE_TIMEOUT_S)
+        if epoch is None:  # another standby was quicker, or the holder renewed meanwhile
             await self._unlock(conn)
             return False
         self.epoch = int(epoch)
@@ -259,6 +285,11 @@ class PostgresLease:
                  self.epoch, "yes" if holder is not None else "no", holder, locked)
         return True
 
+    def lose(self, why: str) -> None:
+        """This manager is not the active one any more (a write was refused): ``hold``
+        returns at once."""
+        self._lose(why)
+
     # --- active ------------------------------------------------------------------------------
 
     async def hold(self) -> str:
@@ -266,8 +297,11 @@ class PostgresLease:
         gone, or no renewal for lease - 2 s."""
         every = self.lease_s / 4
         while True:
+            # Awake at the next renewal, or the moment acting ends if renewals keep failing:
+            # a lapsed active steps down (and lets go of the broker) at once.
+            wait = max(0.0, min(every, self._until - self._monotonic()))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(every):
+                async with asyncio.timeout(wait):
                     await self._lost.wait()
             if self._lost.is_set():
                 return self._lost_why

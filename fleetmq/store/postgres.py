@@ -62,8 +62,10 @@ _LEASE_TABLE = (
     "    advertise_url text,\n"
     "    locked boolean NOT NULL\n"
     ");\n"
+    "ALTER TABLE fleetmq_store ADD COLUMN run_block bigint NOT NULL DEFAULT 0;\n"
 )
-"""Which manager is active (``fleetmq.store.lease``): one row, ``name = 'active'``."""
+"""Which manager is active (``fleetmq.store.lease``): one row, ``name = 'active'``; and the
+last block of event ids a run took (``reserve_run``)."""
 
 SCHEMA = (
     "CREATE TABLE nodes (\n    "
@@ -118,8 +120,14 @@ _UPSERT = (
     f"INSERT INTO nodes ({', '.join(NODE_COLUMNS)}) SELECT * FROM unnest("
     + ", ".join(f"${i}::{_array_type(c)}" for i, c in enumerate(NODE_COLUMNS, 1))
     + ") ON CONFLICT (id) DO UPDATE SET "
-    + ", ".join(f"{c} = EXCLUDED.{c}" for c in NODE_COLUMNS if c != "id")
+    + ", ".join(f"{c} = EXCLUDED.{c}" if c not in TOUCH_COLUMNS else
+                f"{c} = CASE WHEN EXCLUDED.last_seen >= nodes.last_seen THEN EXCLUDED.{c} "
+                f"ELSE nodes.{c} END"
+                for c in NODE_COLUMNS if c != "id")
 )
+"""A node's row as the registry has it, except that ``last_seen`` and telemetry never go
+back: a manager that took over knows them as of its last follow (heartbeats are written
+behind, not followed), and the store may hold newer ones."""
 _TOUCH_ORDER = (*TOUCH_COLUMNS, "id")  # a touch row ends with the id
 _TOUCH = (
     f"UPDATE nodes SET {', '.join(f'{c} = t.{c}' for c in TOUCH_COLUMNS)} FROM unnest("
@@ -153,6 +161,8 @@ class PostgresStore:
         self.epoch: int | None = None
         """The lease's epoch this manager holds: every write checks it first (None: no
         lease, for the CLI's own writes and tests)."""
+        self.on_fenced: Callable[[str], None] = lambda _why: None
+        """Told when a write was refused for its epoch (the manager steps down)."""
         self.store_id = ""
         self.last_event_id = 0
 
@@ -341,6 +351,18 @@ class PostgresStore:
             return int(events[-1][0]), rows, [i for i in ids if i not in found]
         return await self._with_conn(read, "following")
 
+    async def reserve_run(self, at_least: int) -> int:
+        """The block of event ids this run numbers from: the next one after any run before
+        took, and at least ``at_least``. Kept in the store, fenced: a run that committed
+        nothing before it was deposed still used its block (its ids may have been shown)."""
+        async def take(conn: Any) -> int:
+            async with conn.transaction():
+                await check_epoch(conn, self.epoch)
+                return int(await conn.fetchval(
+                    "UPDATE fleetmq_store SET run_block = greatest(run_block + 1, $1) "
+                    "RETURNING run_block", at_least))
+        return await self._with_conn(take, "reserving event ids")
+
     async def max_event_id(self) -> int:
         """The store's last event id now (a new active numbers its events after it)."""
         return await self._with_conn(self._max_event_id, "reading events")
@@ -357,7 +379,8 @@ class PostgresStore:
         try:
             async with pool.acquire(timeout=CONNECT_TIMEOUT_S) as conn:
                 return await fn(conn)
-        except FencedError:
+        except FencedError as exc:
+            self.on_fenced(str(exc))
             raise
         except asyncpg.DataError as exc:  # a value it refuses: retrying cannot help
             raise StoreDataError(f"store {self.url} refused a value {doing}: {exc}") from exc

@@ -128,6 +128,7 @@ class SqliteStore:
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._lock: IO[bytes] | None = None
+        self._lock_file: IO[bytes] | None = None
         self.store_id = ""
         self.last_event_id = 0
 
@@ -161,20 +162,22 @@ class SqliteStore:
         process holds it. A standby on the same host waits here (``FileLease``)."""
         if self._lock is not None:
             return True
-        directory = os.path.dirname(os.path.abspath(self.path))
-        if not os.path.isdir(directory):
-            raise StoreError(f"cannot open store {self.url}: directory {directory!r} does not "
-                             "exist; create it or pass --store with another path")
+        if self._lock_file is None:
+            # Opened once and kept while waiting: closing a descriptor of the file would drop
+            # this process's POSIX locks on it (SQLite's own, on the auth store's connections).
+            directory = os.path.dirname(os.path.abspath(self.path))
+            if not os.path.isdir(directory):
+                raise StoreError(f"cannot open store {self.url}: directory {directory!r} does "
+                                 "not exist; create it or pass --store with another path")
+            try:
+                self._lock_file = open(self.path, "ab")  # noqa: SIM115 (held until close)
+            except OSError as exc:
+                raise StoreError(f"cannot open store {self.url}: {exc.strerror}") from exc
         try:
-            lock = open(self.path, "ab")  # noqa: SIM115 (held for the process's lifetime)
-        except OSError as exc:
-            raise StoreError(f"cannot open store {self.url}: {exc.strerror}") from exc
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            lock.close()
             return False
-        self._lock = lock
+        self._lock = self._lock_file
         return True
 
     def _connect(self) -> sqlite3.Connection:
@@ -227,9 +230,9 @@ class SqliteStore:
                     await self._run(executor, conn.close)
             executor.shutdown(wait=True)
         self._rconn = self._wconn = None
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        if self._lock_file is not None:
+            self._lock_file.close()  # the lock with it
+        self._lock = self._lock_file = None
 
     # --- reading and writing ---------------------------------------------------------------
 

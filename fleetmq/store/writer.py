@@ -122,15 +122,18 @@ class StoreWriter:
         if self._failure is not None:
             raise StoreUnavailableError(self._failure)
 
-    def continue_from(self, last_event_id: int) -> None:
+    def continue_from(self, last_event_id: int, run_block: int | None = None) -> None:
         """Number this run's events after the store's last one (once it is open, before any
         record), from the next multiple of ``RUN_IDS``: a run before may have handed out ids
         past the store's last (``GET /nodes``'s ``event_id`` counts events not yet committed)
         and lost them in a stop or a crash; never used again, a client that holds one is told
         its position is gone rather than silently skipping the events that now bear it.
-        ``memory://`` starts a new store with each process: no run came before."""
+        ``memory://`` starts a new store with each process: no run came before. ``run_block``:
+        the block the store reserved for this run (a shared store, ``reserve_run``)."""
         self.stored_event_id = last_event_id
-        if not self._sync_memory:
+        if run_block is not None:
+            last_event_id = run_block * RUN_IDS
+        elif not self._sync_memory:
             last_event_id = (last_event_id // RUN_IDS + 1) * RUN_IDS
         self.last_event_id = self.committed_event_id = self.run_start_id = last_event_id
 

@@ -15,7 +15,9 @@ from fleetmq.app import FleetService
 from fleetmq.config import parse_store
 from fleetmq.errors import FencedError
 from fleetmq.store.base import Batch
+from fleetmq.store.lease import LOCK_KEY
 from fleetmq.store.postgres import PostgresStore
+from fleetmq.store.writer import RUN_IDS
 from tests.conftest import MqttClient, eventually, make_settings, running
 from tests.integration.mqtt_support import api, readyz
 from tests.support import Mosquitto
@@ -130,3 +132,34 @@ async def test_a_deposed_active_refuses_its_own_late_writes_and_steps_down(
         await store.close()
     assert await stored_ids(postgres_store_url) == {"before"}
     assert holder
+
+
+async def test_a_manager_from_before_the_lease_keeps_a_new_one_standby_until_it_stops(
+    mosquitto: Mosquitto, root: str, postgres_store_url: str, http: aiohttp.ClientSession
+) -> None:
+    """A fleetmq from before high availability holds the store's advisory lock and keeps no
+    lease: a new manager beside it must not become a second active."""
+    old = await asyncpg.connect(postgres_store_url)
+    try:
+        assert await old.fetchval("SELECT pg_try_advisory_lock($1::bigint)", LOCK_KEY)
+        async with FleetService(settings_on(mosquitto, root, postgres_store_url)) as svc:
+            assert svc.role == "standby"
+            status, body = await readyz(http, svc)
+            assert (status, body["status"]) == (503, "standby")
+            await old.close()  # the old manager stops: its lock goes with it
+            await eventually(lambda: svc.ready, timeout=5.0)
+            assert (await lease_row(postgres_store_url))[1] == 1
+    finally:
+        if not old.is_closed():
+            await old.close()
+
+
+async def test_each_run_takes_a_block_of_event_ids_even_if_it_committed_nothing(
+    mosquitto: Mosquitto, root: str, postgres_store_url: str
+) -> None:
+    """A run may show ids of its block (``event_id`` in ``GET /nodes``) before it commits any:
+    the next active must not number other events with them."""
+    settings = settings_on(mosquitto, root, postgres_store_url)
+    for run in (1, 2, 3):
+        async with running(settings) as svc:
+            assert svc.writer.run_start_id == run * RUN_IDS

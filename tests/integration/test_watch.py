@@ -235,6 +235,44 @@ async def test_a_client_resumes_across_a_manager_restart_missing_nothing(
     assert numbers[5:] == [2 * RUN_IDS + 1, 2 * RUN_IDS + 2]
 
 
+async def test_a_client_resumes_on_the_standby_that_took_over_missing_nothing(
+    mosquitto: Mosquitto, root: str, postgres_store_url: str, http: aiohttp.ClientSession
+) -> None:
+    """High availability (contract section 10): the active stops, the standby takes over, and
+    a watch client that resumes there with its Last-Event-ID misses nothing and sees nothing
+    twice."""
+    settings = make_settings(mosquitto.url, root, lease_s=4.0,
+                             store=parse_store(postgres_store_url, flush_interval_s=0.2))
+    async with contextlib.AsyncExitStack() as stack:
+        first = contextlib.AsyncExitStack()  # the active, stopped on purpose below
+        stack.push_async_callback(first.aclose)
+        active = await first.enter_async_context(running(settings))
+        standby = await stack.enter_async_context(FleetService(settings))
+        assert (active.role, standby.role) == ("active", "standby")
+        async with watching(http, active) as stream:
+            for i in range(3):
+                await register(http, active, f"n{i}")
+            seen = await stream.take(3)
+        last = seen[-1]["id"]
+        await post(http, active, "heartbeat", {"node_id": "n0", "status": "degraded"})
+        async with http.delete(api(active, "/api/v1/fleet/nodes/n1")) as resp:
+            assert resp.status == 204
+        await first.aclose()  # a clean stop: its lock goes at once
+        await eventually(lambda: standby.ready, timeout=5.0)
+        assert standby.metrics.takeovers == 1
+        await register(http, standby, "n3")
+        async with watching(http, standby, headers={"Last-Event-ID": last}) as stream:
+            await register(http, standby, "n4")
+            resumed = await stream.take(4)
+            assert await stream.quiet(0.3)
+    assert [(e["data"]["node_id"], e["data"]["to"]) for e in resumed] == [
+        ("n0", "degraded"), ("n1", "deleted"), ("n3", "online"), ("n4", "online")]
+    numbers = [event_number(e) for e in seen + resumed]
+    assert numbers == sorted(set(numbers))
+    assert numbers[:5] == list(range(RUN_IDS + 1, RUN_IDS + 6))
+    assert numbers[5:] == [2 * RUN_IDS + 1, 2 * RUN_IDS + 2]  # the new active's own block
+
+
 async def test_positions_that_cannot_be_resumed_get_a_reset(
     mosquitto: Mosquitto, root: str, tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:
