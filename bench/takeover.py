@@ -15,7 +15,7 @@ a free port), a Mosquitto of its own per run (the repo's mosquitto.conf, a free 
   ``/readyz`` 200 (polled every 10 ms), the first node status and the first
   ``_manager/status`` message B publishes (an ``offline`` one would be the killed active's
   will: its 5 s delay should keep it from ever being sent), every status republished; and B's
-  own ``takeover_ready`` figure from its log (from taking the lease to its duties started).
+  own ``takeover_started`` figure from its log (from taking the lease to its duties started).
   Each manager's start (process start -> ready, or standby with the fleet loaded), its
   ``store_loaded`` figure and its RSS are reported too.
 - **follow**: ``--follow-nodes`` nodes in the store, A active and B standby, then
@@ -361,7 +361,7 @@ def kill_and_follow(a: Manager, b: Manager, watch: Watch, nodes: int) -> dict[st
              "B's first node status and its _manager/status online")
     received = int(settle(lambda: watch.after.value, nodes, 5.0, 900,
                           "B's republished statuses"))
-    own = b.logged(r"takeover_ready .*seconds=([\d.]+)")
+    own = b.logged(r"takeover_started .*seconds=([\d.]+)")
     finished = b.logged(r"\n(\S+ \S+) INFO \S+ republish_finished")
 
     def since_kill(moment: float) -> float | None:
@@ -377,7 +377,7 @@ def kill_and_follow(a: Manager, b: Manager, watch: Watch, nodes: int) -> dict[st
         "statuses_received": received,
         "kill_to_republish_finished_logged_s":
             round(logged_at(finished.group(1)) - killed_wall, 2) if finished else None,
-        "takeover_ready_logged_s": float(own.group(1)) if own else None,
+        "takeover_started_logged_s": float(own.group(1)) if own else None,
         "new_active_rss_mb": round(b.rss_mb()),
         "takeovers_total": metric(b.http_port, "fleetmq_takeovers_total"),
     }
@@ -575,7 +575,7 @@ def print_takeovers(results: list[dict[str, Any]]) -> None:
         lambda v: _opt(v, " s", 1))
     row("kill -> B's republish_finished (its log)", "kill_to_republish_finished_logged_s",
         lambda v: _opt(v, " s", 1))
-    row("B: lease -> takeover_ready (its log)", "takeover_ready_logged_s",
+    row("B: lease -> takeover_started (its log)", "takeover_started_logged_s",
         lambda v: _opt(v, " s", 2))
     row("statuses received after the kill", "statuses_received", lambda v: f"{v:,}")
     row("B: RSS as active, after the republish", "new_active_rss_mb",
