@@ -187,6 +187,20 @@ def _check_status_wave(doc: dict[str, Any]) -> None:
     assert doc["offline_nodes"] == doc["offline"] == doc["nodes"] == 2000
 
 
+def _check_takeover(doc: dict[str, Any]) -> None:
+    [run] = doc["takeovers"]
+    assert run["nodes"] == run["active_republished"] == run["statuses_received"] == 2000
+    _positive(run, "active_ready_s", "standby_ready_s", "kill_to_ready_s",
+              "kill_to_first_status_s", "kill_to_manager_online_s", "kill_to_all_statuses_s",
+              "takeovers_total", "active_rss_mb", "standby_rss_mb", "new_active_rss_mb")
+    if run["kill_to_ready_s"] < 4:  # taken over within the will's 5 s delay: no offline flash
+        assert run["kill_to_manager_offline_s"] is None, run
+    follow = doc["follow"]
+    assert follow["registered"] > 0, follow
+    _positive(follow["loaded"], "active_applied_per_s", "heartbeats_sent_per_s")
+    assert follow["loaded"]["standby_cpu_pct"] >= 0  # a short window may fit in one tick
+
+
 @dataclass(frozen=True)
 class Bench:
     argv: tuple[str, ...]
@@ -196,6 +210,7 @@ class Bench:
     """Lines of its table that must be in its output."""
     check: Callable[[dict[str, Any]], None]
     mosquitto: bool = True
+    postgres: bool = False
 
 
 def _check_watch(doc: dict[str, Any]) -> None:
@@ -302,6 +317,12 @@ BENCHES = {
     "dynsec": Bench(
         ("bench/dynsec.py", "--sizes", "200", "--puts", "2", "--revokes", "1"),
         "dynsec.json", ("clients", "revoke ms median"), _check_dynsec),
+    "takeover": Bench(
+        ("bench/takeover.py", "--nodes", "2000", "--follow-nodes", "2000", "--rate", "1000",
+         "--registrations", "20", "--window", "2", "--idle-window", "1", "--warmup", "1"),
+        "takeover.json", ("kill -9 A -> B /readyz 200", "kill -> first node status from B",
+                          "B's CPU (2 s window)"),
+        _check_takeover, postgres=True),
 }
 
 
@@ -345,6 +366,8 @@ def test_bench_runs_and_reports(name: str, tmp_path: Path, request: pytest.Fixtu
     bench = BENCHES[name]
     if bench.mosquitto:
         request.getfixturevalue("mosquitto")  # skips, or fails in CI, without Mosquitto
+    if bench.postgres:
+        request.getfixturevalue("postgres_server")  # the same without PostgreSQL
     if name in ("rest", "auth-cost") and shutil.which("wrk") is None and os.geteuid() != 0:
         pytest.skip("wrk is not installed and bench/rest.py installs it only as root "
                     "(apt-get install wrk)")
