@@ -235,7 +235,7 @@ class PostgresLease:
         except Exception as exc:  # StoreError, asyncpg's: the next attempt reconnects
             if not self._failing:  # once per outage, not four times a second
                 log.warning("lease_unavailable store=%s error=%s (trying again every %g s)",
-                            self.url, exc, POLL_S)
+                            self.url, str(exc) or type(exc).__name__, POLL_S)
             self._failing = True
             await self._drop_connection()
             return False
@@ -315,7 +315,8 @@ class PostgresLease:
                 renewed = await conn.fetchval(_RENEW, self.lease_s, locked, self.advertise_url,
                                               self.holder, self.epoch)
             except Exception as exc:
-                log.warning("lease_renewal_failed epoch=%s error=%s", self.epoch, exc)
+                log.warning("lease_renewal_failed epoch=%s error=%s", self.epoch,
+                            str(exc) or type(exc).__name__)  # a timeout says nothing else
                 continue
             if renewed is None:
                 return "another manager holds the lease now"
