@@ -18,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 from fleetmq import __version__
+from fleetmq.aio import wait_first
 from fleetmq.app import FleetService
 from fleetmq.config import (
     DEFAULT_STORE,
@@ -295,7 +296,7 @@ async def serve(settings: Settings) -> None:
                              service.http_port, settings.broker.describe(),
                              settings.topic_root, "on" if service.auth_enabled else "off",
                              loop_name(loop), service.role)
-                    await first_set(stop, service.deposed)
+                    await wait_first(stop, service.deposed)
                     if not stop.is_set():
                         placeholder.reason = f"stepped down: {service.deposed_why}"
                         await waiting.enter_async_context(HttpServer(placeholder,
@@ -317,14 +318,6 @@ async def serve(settings: Settings) -> None:
     log.info("fleetmq_stopped")
 
 
-async def first_set(*events: asyncio.Event) -> None:
-    """Wait until one of the events is set."""
-    waits = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for wait in waits:
-            wait.cancel()
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fleetmq.agent import DEFAULT_BROKER, Agent
+from fleetmq.aio import wait_first
 from fleetmq.cli import LOG_LEVELS, SERVE_OPTIONS, add_options, configure_logging, env_name
 from fleetmq.errors import ConfigError
 
@@ -145,14 +146,6 @@ async def run_until_signalled(agent: Agent) -> None:
         log.info("agent_stopping node_id=%s", agent.node_id)
 
 
-async def wait_first(*events: asyncio.Event) -> None:
-    waiters = [asyncio.ensure_future(event.wait()) for event in events]
-    try:
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for waiter in waiters:
-            waiter.cancel()
-        await asyncio.gather(*waiters, return_exceptions=True)
 
 
 def run_agent(args: argparse.Namespace) -> int:

@@ -321,30 +321,29 @@ class Registry:
             if node.status != "offline":
                 self._schedule(node)
         for node_id in gone:
-            known = table.pop(node_id, None)
-            if known is None:
-                continue
-            self._unschedule(known)
-            self._index.remove(known, known.status)
-            if node_id in self._added:
-                self._added.discard(node_id)
-            else:
-                self._removed.add(node_id)
+            self._drop(node_id)
         self.version += 1
 
     def delete(self, node_id: str, now: Instant) -> list[Event]:
-        node = self._nodes.pop(node_id, None)
+        node = self._drop(node_id)
         if node is None:
             raise NodeNotFoundError(node_id)
         self.version += 1
+        return [NodeDeleted(node_id, node.status, now.wall, node.last_seen, node.type,
+                            node.location)]
+
+    def _drop(self, node_id: str) -> Node | None:
+        """Take a node out of the table, its deadline queue and the index (None: unknown)."""
+        node = self._nodes.pop(node_id, None)
+        if node is None:
+            return None
         self._unschedule(node)
         self._index.remove(node, node.status)
         if node_id in self._added:
             self._added.discard(node_id)
         else:
             self._removed.add(node_id)
-        return [NodeDeleted(node_id, node.status, now.wall, node.last_seen, node.type,
-                            node.location)]
+        return node
 
     def expire(
         self, now: Instant, limit: float | None = None, max_events: int | None = None,
