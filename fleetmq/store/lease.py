@@ -45,7 +45,8 @@ IDLE_IN_TRANSACTION_MS = 3000
 def server_settings(application: str) -> dict[str, str]:
     """Settings of every connection of a manager to a shared store: the server ends a
     transaction whose client went quiet for 3 s, since a manager paused in the middle of a
-    write (SIGSTOP) would hold the lease row's share lock and the takeover would wait for it."""
+    write (SIGSTOP) would hold the lease row's share lock and the takeover would wait for it
+    (and a standby paused while taking the lease would hold the row from the active)."""
     return {"application_name": application,
             "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_MS)}
 
@@ -195,7 +196,7 @@ class PostgresLease:
         try:
             conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout_s,
                                          command_timeout=STATEMENT_TIMEOUT_S,
-                                         server_settings={"application_name": "fleetmq-lease"})
+                                         server_settings=server_settings("fleetmq-lease"))
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             raise StoreError(f"store {self.url}: cannot reach PostgreSQL for the lease: {exc}"
                              ) from exc
