@@ -296,8 +296,14 @@ async def test_a_paused_active_is_replaced_after_its_lease_and_once_resumed_step
         await a.wait_role(http, "standby", timeout=LEASE_S + 5)
         await eventually(lambda: "stepping_down" in a.log and "standby store=" in a.log,
                          timeout=5)
-        answer = await a.readyz(http)
-        assert answer == (503, {"status": "standby", "active": b.url}), answer
+        # The placeholder answers standby (active unknown) until the standby's own listener
+        # is up; then it names the new active.
+        full = (503, {"status": "standby", "active": b.url})
+
+        async def following() -> bool:
+            return await a.readyz(http) == full
+
+        await eventually(following, timeout=10.0, interval=0.1)
         assert a.alive()
         # A barrier: a status the new active publishes after the old one stepped down; what the
         # old one published before it is in by then.
